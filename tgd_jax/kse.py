@@ -1,0 +1,203 @@
+"""Kernel Sparsity and Entropy (KSE) of a convolution layer, as pure JAX functions.
+
+KSE (Li et al., CVPR 2019) rates each INPUT channel ``c`` of a conv layer from the
+group of 2D kernels that read it, ``{W[n, c] : n = 0 .. N-1}`` (N = output channels):
+
+* sparsity  ``s_c = sum_n |W[n, c]|_1``
+* density   ``dm(W[i, c]) = sum of the Euclidean distances from W[i, c] to its k nearest
+  neighbours among {W[j, c] : j != i}`` (the kernel itself excluded)
+* entropy   ``e_c = -sum_i p_i log2 p_i`` with ``p_i = dm(W[i, c]) / sum_i dm(W[i, c])``
+* score     ``KSE_c = sqrt(s_c' / (1 + alpha * e_c'))`` where ``'`` is min-max
+  normalisation over the layer's channels; the score is min-max normalised again, so in a
+  layer with any spread one channel scores exactly 0 and one exactly 1.
+
+This is the paper's definition (groups share the INPUT channel), not the KSE reference
+code, which reshapes a (C, N, ...) array as (N, C, ...) and so scrambles the groups.
+
+Kernels use Flax's layout ``(*spatial, C_in, C_out)``, e.g. ``(kh, kw, C_in, C_out)``.
+
+Degenerate cases, each defined so that no NaN or inf can appear:
+
+* ``k`` larger than a group allows: ``k_eff = min(k, C_out - 1)``. The DnCNN's last conv has
+  C_out = 3, so it uses k = 2. With C_out = 1 there are no neighbours: dm = 0.
+* ``dm = 0`` (identical kernels): the term ``0 * log 0`` is 0; if every ``dm`` of a group is 0
+  (all its kernels identical, or a single kernel) the group has no diversity and ``e_c = 0``.
+* Normalising a constant vector (max == min, e.g. a single input channel): there is no spread
+  to stretch, so it is divided by its maximum instead, giving all ones for a positive constant
+  and all zeros for zeros. Hence all-zero kernels score 0 ("useless") and a layer whose
+  channels cannot be told apart scores 1 everywhere ("useful", kept frozen by TGD).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "effective_k",
+    "kernel_groups",
+    "kernel_sparsity",
+    "kernel_density",
+    "kernel_entropy",
+    "minmax_normalize",
+    "kse_scores",
+]
+
+Array = jax.Array
+
+# Input channels per vectorised chunk of the pairwise-distance computation: bounds the
+# (chunk, N, N, kh*kw) intermediate (about 24 MB for a 256 -> 256 3x3 layer).
+_DENSITY_CHUNK = 16
+
+# Relative spread under which a vector counts as constant in the normalisation.
+_TIE_RTOL = 1e-5
+
+
+def effective_k(k: int, num_kernels: int) -> int:
+    """The number of neighbours actually used: ``min(k, num_kernels - 1)``, at least 0."""
+    if k < 1:
+        raise ValueError(f"KSE needs k >= 1 nearest neighbours, got k={k}")
+    return max(0, min(k, num_kernels - 1))
+
+
+def kernel_groups(kernel: Array) -> Array:
+    """Regroups a Flax conv kernel by input channel.
+
+    Args:
+      kernel: ``(*spatial, C_in, C_out)`` with at least one spatial dimension.
+
+    Returns:
+      ``(C_in, C_out, prod(spatial))``: row ``[c, n]`` is the flattened 2D kernel W[n, c].
+    """
+    if kernel.ndim < 3:
+        raise ValueError(
+            f"a conv kernel must have shape (*spatial, C_in, C_out), got shape {kernel.shape}"
+        )
+    c_in, c_out = kernel.shape[-2:]
+    flat = jnp.reshape(kernel, (-1, c_in, c_out))  # (K, C_in, C_out)
+    return jnp.transpose(flat, (1, 2, 0))
+
+
+@jax.jit
+def kernel_sparsity(kernel: Array) -> Array:
+    """``s_c = sum_n |W[n, c]|_1``: ``(*spatial, C_in, C_out) -> (C_in,)``."""
+    return jnp.sum(jnp.abs(kernel_groups(kernel)), axis=(1, 2))
+
+
+def _group_density(group: Array, k: int) -> Array:
+    """Density of each kernel of one group: ``(N, K) -> (N,)``."""
+    n = group.shape[0]
+    if k == 0:
+        return jnp.zeros((n,), group.dtype)
+    # Direct differences (not the Gram-matrix trick): identical kernels must give exactly 0.
+    diff = group[:, None, :] - group[None, :, :]
+    dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1))  # (N, N)
+    dist = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, dist)  # exclude the kernel itself
+    nearest = -jax.lax.top_k(-dist, k)[0]  # (N, k) smallest distances
+    return jnp.sum(nearest, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def kernel_density(kernel: Array, *, k: int = 5) -> Array:
+    """``dm(W[i, c])``: ``(*spatial, C_in, C_out) -> (C_in, C_out)``.
+
+    The sum of Euclidean distances from kernel W[i, c] to its ``min(k, C_out - 1)`` nearest
+    neighbours in its input-channel group, itself excluded.
+    """
+    groups = kernel_groups(kernel)
+    k_eff = effective_k(k, groups.shape[1])
+    return jax.lax.map(lambda g: _group_density(g, k_eff), groups, batch_size=_DENSITY_CHUNK)
+
+
+def _xlog1px_minus_x(x: Array) -> Array:
+    """``(1 + x) log(1 + x) - x`` for ``x >= -1``, accurate near 0 (where it is ~x^2 / 2).
+
+    The direct formula cancels to a relative error ~eps / |x| for small |x|; the Taylor
+    series ``sum_{m>=2} (-1)^m x^m / (m (m - 1))`` is used for ``|x| < 0.25`` (14 terms,
+    truncation below 1e-9 relative).
+    """
+    small = jnp.abs(x) < 0.25
+    xs = jnp.where(small, x, 0.0)
+    series = jnp.zeros_like(x)
+    for m in range(15, 1, -1):  # Horner, highest power first
+        series = series * xs + (-1.0) ** m / (m * (m - 1))
+    series = series * xs * xs
+    xd = jnp.where(small, 0.5, x)  # keeps the unused branch finite (and its gradient)
+    direct = jnp.where(xd > -1.0, (1.0 + xd) * jnp.log1p(jnp.maximum(xd, -1.0 + 1e-30)), 0.0)
+    return jnp.where(small, series, direct - xd)
+
+
+def _entropy_deficit(dm: Array) -> Array:
+    """``log2(N) - e_c`` (bits), computed without cancellation: ``(C, N) -> (C,)``.
+
+    Trained layers have entropies that all sit just below ``log2(N)``; their spread is a
+    few thousandths of their size, so float32 ``e_c`` would be mostly rounding noise after
+    min-max normalisation. With ``p_i = (1 + x_i) / N`` and ``sum x_i = 0`` the deficit is
+    ``mean_i[(1 + x_i) log(1 + x_i) - x_i] / ln 2``, which is accurate to float32 precision
+    relative to itself. A group without diversity (all dm = 0) has ``e_c = 0``.
+    """
+    n = dm.shape[1]
+    total = jnp.sum(dm, axis=1, keepdims=True)
+    diverse = total[:, 0] > 0
+    x = (n * dm - total) / jnp.where(total > 0, total, 1.0)  # p_i N - 1, in [-1, N - 1]
+    deficit = jnp.mean(_xlog1px_minus_x(x), axis=1) / jnp.log(2.0)
+    return jnp.where(diverse, deficit, jnp.log2(float(n)))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def kernel_entropy(kernel: Array, *, k: int = 5) -> Array:
+    """``e_c`` in bits: ``(*spatial, C_in, C_out) -> (C_in,)``, each in ``[0, log2(C_out)]``.
+
+    ``0 * log 0`` is 0; a group whose densities are all 0 has entropy 0.
+    """
+    dm = kernel_density(kernel, k=k)
+    return jnp.log2(float(dm.shape[1])) - _entropy_deficit(dm)
+
+
+@jax.jit
+def minmax_normalize(x: Array) -> Array:
+    """``(x - min) / (max - min)`` over a 1-D vector, with a defined constant case.
+
+    A constant vector has no spread; it is divided by its maximum instead: ones for a
+    positive constant, zeros for zeros. A spread below ``1e-5 * max`` counts as constant:
+    float32 sums of equal values in a different order differ in their last bits, and
+    stretching that to [0, 1] would rank channels by rounding noise. Inputs are assumed
+    non-negative (true of every quantity KSE normalises).
+    """
+    lo, hi = jnp.min(x), jnp.max(x)
+    span = hi - lo
+    has_spread = span > _TIE_RTOL * hi
+    spread = (x - lo) / jnp.where(has_spread, span, 1.0)
+    constant = jnp.where(hi > 0, x / jnp.where(hi > 0, hi, 1.0), jnp.zeros_like(x))
+    return jnp.where(has_spread, spread, constant)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
+    """KSE score of each input channel of a conv layer, normalised to ``[0, 1]``.
+
+    Args:
+      kernel: Flax conv kernel ``(*spatial, C_in, C_out)``.
+      alpha: weight of the entropy term (the paper uses 1).
+      k: nearest neighbours in the density; ``min(k, C_out - 1)`` is used.
+
+    Jit-compiled (``k`` static); ``alpha`` may be traced.
+
+    Returns:
+      ``(C_in,)`` float32 array in ``[0, 1]``. Low scores mark input feature maps that carry
+      little information: TGD retrains the kernels of the previous layer that make them.
+    """
+    kernel = jnp.asarray(kernel, jnp.float32)
+    s = minmax_normalize(kernel_sparsity(kernel))
+    deficit = _entropy_deficit(kernel_density(kernel, k=k))
+    entropy = jnp.log2(float(kernel.shape[-1])) - deficit
+    # Min-max is shift-invariant: normalise -deficit (accurate) where entropy has a spread,
+    # and fall back to entropy itself for the constant case (which depends on its value).
+    e = jnp.where(
+        jnp.max(deficit) - jnp.min(deficit) > _TIE_RTOL * jnp.max(deficit),
+        minmax_normalize(jnp.max(deficit) - deficit),
+        minmax_normalize(entropy),
+    )
+    return minmax_normalize(jnp.sqrt(s / (1.0 + alpha * e)))

@@ -1,0 +1,322 @@
+"""From params to TGD mask pytrees (which elements are retrained, which stay frozen).
+
+Conventions:
+
+* A **channel mask** is a ``(C_out,)`` bool array per conv layer (keyed by its path):
+  ``True`` = output channel (feature map) is retrained, ``False`` = frozen.
+* A **mask pytree** mirrors the ``params`` pytree. Its leaves are bool arrays that broadcast
+  against the parameter: ``(1, ..., 1, C_out)`` for a conv kernel, ``(C_out,)`` for a bias
+  and for a BatchNorm ``scale``/``bias``. A leaf no rule touches is ``None``, and
+  **``None`` means frozen**: TGD changes only what a mask explicitly marks retrainable (to
+  train a whole extra leaf, e.g. a user's dense head, set it to ``jnp.ones((), bool)``).
+
+The TGD rule (PAPER_NOTES section 3): output channel ``n`` of a conv (its whole filter, its
+bias, its BatchNorm scale and offset) is retrainable iff the KSE of input channel ``n`` of the
+conv that consumes it is ``< phi``. Layers without a consumer (the DnCNN's last conv, the
+"noise classifier") follow ``last`` (default ``"frozen"``, as in the paper). The first conv
+follows ``first``: ``"kse"`` (default: the same rule as every other layer, so no kernel the
+rule calls useful is ever retrained), ``"frozen"`` or ``"train"``; the paper's figure shows
+TGD layers on conv2..conv7 only and leaves this open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tgd_jax import kse as kse_lib
+from tgd_jax.topology import ConvNode, Topology, get_path, has_path, validate_topology
+
+__all__ = [
+    "LayerPolicy",
+    "TGDMasks",
+    "layer_scores",
+    "channel_masks_from_scores",
+    "expand_channel_masks",
+    "tgd_masks",
+    "gate_variables",
+    "layer_leaves",
+    "mask_summary",
+    "drop_kernels",
+    "freeze_batch_stats",
+    "check_phi",
+]
+
+LayerPolicy = Literal["kse", "frozen", "train"]
+Params = Mapping[str, Any]
+ChannelMasks = dict[str, jax.Array]
+
+
+class TGDMasks(NamedTuple):
+    """Everything the TGD rule decided for one network.
+
+    Attributes:
+      params: mask pytree mirroring params (None = frozen leaf).
+      channels: conv path -> ``(C_out,)`` bool channel mask (True = retrain).
+      scores: conv path -> ``(C_out,)`` KSE of its output channels, rated by the consumer;
+        layers without a consumer have no entry.
+    """
+
+    params: Any
+    channels: ChannelMasks
+    scores: dict[str, jax.Array]
+
+
+def check_phi(phi: float) -> float:
+    phi = float(phi)
+    if not 0.0 <= phi <= 1.0:  # also rejects NaN
+        raise ValueError(f"KSE threshold phi must be in [0, 1] (KSE is normalised), got {phi}")
+    return phi
+
+
+def layer_scores(
+    params: Params, topology: Topology, *, alpha: float = 1.0, k: int = 5
+) -> dict[str, jax.Array]:
+    """KSE of each layer's OUTPUT channels, computed on the kernel of the consuming conv.
+
+    Returns:
+      conv path -> ``(C_out,)`` scores in [0, 1], for every node that has a consumer.
+    """
+    validate_topology(params, topology)
+    return {
+        node.conv: kse_lib.kse_scores(get_path(params, f"{node.consumer}/kernel"), alpha=alpha, k=k)
+        for node in topology
+        if node.consumer is not None
+    }
+
+
+def channel_masks_from_scores(
+    params: Params,
+    topology: Topology,
+    scores: Mapping[str, jax.Array],
+    phi: float,
+    *,
+    first: LayerPolicy = "kse",
+    last: Literal["frozen", "train"] = "frozen",
+) -> ChannelMasks:
+    """Applies the threshold and the first/last-layer policies: conv path -> ``(C_out,)`` bool."""
+    phi = check_phi(phi)
+    _check_policy("first", first, ("kse", "frozen", "train"))
+    _check_policy("last", last, ("frozen", "train"))
+    validate_topology(params, topology)
+    masks: ChannelMasks = {}
+    for i, node in enumerate(topology):
+        c_out = get_path(params, f"{node.conv}/kernel").shape[-1]
+        policy = last if node.consumer is None else first if i == 0 else "kse"
+        if policy == "kse":
+            if node.conv not in scores:
+                raise ValueError(f"no KSE scores for layer '{node.conv}'")
+            score = jnp.asarray(scores[node.conv])
+            if score.shape != (c_out,):
+                raise ValueError(
+                    f"scores for '{node.conv}' have shape {score.shape}, expected ({c_out},)"
+                )
+            masks[node.conv] = score < phi
+        else:
+            masks[node.conv] = jnp.full((c_out,), policy == "train")
+    return masks
+
+
+def layer_leaves(params: Params, node: ConvNode) -> list[str]:
+    """Paths of the param leaves indexed by ``node``'s output channels (those that exist)."""
+    candidates = [f"{node.conv}/kernel", f"{node.conv}/bias"]
+    if node.norm is not None:
+        candidates += [f"{node.norm}/scale", f"{node.norm}/bias"]
+    return [path for path in candidates if has_path(params, path)]
+
+
+def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[str, Any]) -> Any:
+    """Channel masks -> mask pytree mirroring ``params`` (leaves no layer owns are None)."""
+    validate_topology(params, topology)
+    flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
+    mask: dict[str, Any] = dict.fromkeys(flat)
+    for node in topology:
+        if node.conv not in channels:
+            raise ValueError(f"no channel mask for layer '{node.conv}'")
+        channel = jnp.asarray(channels[node.conv], bool)
+        c_out = flat[f"{node.conv}/kernel"].shape[-1]
+        if channel.shape != (c_out,):
+            raise ValueError(
+                f"channel mask for '{node.conv}' has shape {channel.shape}, expected ({c_out},)"
+            )
+        for path in layer_leaves(params, node):
+            ndim = flat[path].ndim
+            mask[path] = jnp.reshape(channel, (1,) * (ndim - 1) + (c_out,))
+    return traverse_util.unflatten_dict(mask, sep="/")
+
+
+def tgd_masks(
+    params: Params,
+    topology: Topology,
+    phi: float,
+    *,
+    alpha: float = 1.0,
+    k: int = 5,
+    first: LayerPolicy = "kse",
+    last: Literal["frozen", "train"] = "frozen",
+) -> TGDMasks:
+    """The whole TGD rule in one call: KSE scores, channel masks and the mask pytree."""
+    check_phi(phi)
+    scores = layer_scores(params, topology, alpha=alpha, k=k)
+    channels = channel_masks_from_scores(params, topology, scores, phi, first=first, last=last)
+    return TGDMasks(expand_channel_masks(params, topology, channels), channels, scores)
+
+
+def gate_variables(
+    topology: Topology,
+    channels: Mapping[str, Any],
+    mode: Literal["paper", "projected"] = "paper",
+) -> dict[str, Any]:
+    """The ``"tgd"`` variable collection read by :class:`tgd_jax.gate.TGDGate` modules.
+
+    In ``"paper"`` mode each gate carries its layer's channel mask, except gates of layers
+    without a consumer: masking the last layer's cotangent would stop every gradient, so
+    those stay open and the layer is frozen by the optax mask alone. In ``"projected"``
+    mode every gate is open (all ones) and only the optax mask acts.
+    """
+    if mode not in ("paper", "projected"):
+        raise ValueError(f"TGD mode must be 'paper' or 'projected', got {mode!r}")
+    flat: dict[str, Any] = {}
+    for node in topology:
+        if not node.gates:
+            continue
+        channel = jnp.asarray(channels[node.conv], bool)
+        if mode == "projected" or node.consumer is None:
+            channel = jnp.ones_like(channel)
+        for gate in node.gates:
+            flat[f"{gate}/mask"] = channel
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def mask_summary(
+    params: Params,
+    mask: Any,
+    topology: Topology,
+    *,
+    scores: Mapping[str, Any] | None = None,
+    phi: float | None = None,
+) -> dict[str, Any]:
+    """Per-layer and total counts of retrained channels and parameters (JSON-serialisable).
+
+    Returns a dict with ``layers`` (one entry per conv: channels and parameters retrained
+    and in total, the KSE values if given), ``params_retrained``, ``params_total`` and
+    ``retrained_fraction`` over ALL parameters of the network (leaves outside the topology
+    count as frozen unless their mask says otherwise).
+    """
+    flat_params = traverse_util.flatten_dict(_as_dict(params), sep="/")
+    flat_mask = _flat_mask(mask, flat_params)
+    counts = {
+        path: int(np.broadcast_to(np.asarray(m), flat_params[path].shape).sum())
+        if m is not None
+        else 0
+        for path, m in flat_mask.items()
+    }
+    layers = []
+    for node in topology:
+        leaves = layer_leaves(params, node)
+        kernel_mask = flat_mask[f"{node.conv}/kernel"]
+        c_out = flat_params[f"{node.conv}/kernel"].shape[-1]
+        channels = 0 if kernel_mask is None else int(np.asarray(kernel_mask).reshape(-1).sum())
+        if kernel_mask is not None and np.asarray(kernel_mask).size == 1:
+            channels *= c_out  # a scalar mask covers every channel
+        entry: dict[str, Any] = {
+            "layer": node.conv,
+            "consumer": node.consumer,
+            "channels_total": int(c_out),
+            "channels_retrained": channels,
+            "params_total": int(sum(flat_params[p].size for p in leaves)),
+            "params_retrained": int(sum(counts[p] for p in leaves)),
+        }
+        if scores is not None and node.conv in scores:
+            entry["kse"] = [float(v) for v in np.asarray(scores[node.conv])]
+        layers.append(entry)
+    total = int(sum(p.size for p in flat_params.values()))
+    retrained = int(sum(counts.values()))
+    return {
+        "phi": None if phi is None else float(phi),
+        "layers": layers,
+        "params_total": total,
+        "params_retrained": retrained,
+        "retrained_fraction": retrained / total if total else 0.0,
+    }
+
+
+def drop_kernels(params: Params, mask: Any) -> Any:
+    """Zeroes every retrainable element (the "useless" kernels, their biases and BN affine).
+
+    This is the paper's threshold study: with the filter, bias and BatchNorm scale/offset of
+    a channel zeroed, that feature map is exactly 0 at inference. None leaves (frozen) are
+    kept.
+    """
+    return jax.tree.map(
+        lambda m, p: p if m is None else jnp.where(m, jnp.zeros_like(p), p),
+        mask,
+        params,
+        is_leaf=lambda x: x is None,
+    )
+
+
+def freeze_batch_stats(old: Params, new: Params, mask: Any) -> Any:
+    """Keeps the BatchNorm running statistics of frozen channels unchanged.
+
+    A training-mode forward pass updates ``mean``/``var`` of every channel, frozen or not.
+    This returns ``new`` with the statistics of each frozen channel replaced by ``old``: a
+    BatchNorm module's channels follow the mask of its ``scale`` (or ``bias``) param, and a
+    module whose param mask is None, or that has no params, is frozen entirely.
+
+    Args:
+      old, new: ``batch_stats`` collections before and after the forward pass.
+      mask: params mask pytree.
+    """
+    flat_mask = traverse_util.flatten_dict(_as_dict(mask), sep="/")
+    flat_old = traverse_util.flatten_dict(_as_dict(old), sep="/")
+    flat_new = traverse_util.flatten_dict(_as_dict(new), sep="/")
+    if set(flat_old) != set(flat_new):
+        raise ValueError(
+            f"batch_stats trees differ: {sorted(set(flat_old) ^ set(flat_new))}"
+        )
+    out = {}
+    for path, value in flat_new.items():
+        module = path.rsplit("/", 1)[0] if "/" in path else ""
+        channel = flat_mask.get(f"{module}/scale", flat_mask.get(f"{module}/bias"))
+        out[path] = (
+            flat_old[path] if channel is None else jnp.where(channel, value, flat_old[path])
+        )
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattens a mask pytree and checks it against the params it should mirror."""
+    flat_mask = traverse_util.flatten_dict(_as_dict(mask), sep="/")
+    missing = sorted(set(flat_params) - set(flat_mask))
+    extra = sorted(set(flat_mask) - set(flat_params))
+    if missing or extra:
+        raise ValueError(f"mask does not mirror params: missing {missing}, extra {extra}")
+    for path, m in flat_mask.items():
+        if m is None:
+            continue
+        try:
+            np.broadcast_shapes(np.shape(m), flat_params[path].shape)
+        except ValueError:
+            raise ValueError(
+                f"mask leaf '{path}' has shape {np.shape(m)}, which does not broadcast "
+                f"to the parameter's shape {flat_params[path].shape}"
+            ) from None
+    return flat_mask
+
+
+def _as_dict(tree: Any) -> Any:
+    """Flax FrozenDicts (older flax) -> plain nested dicts."""
+    if isinstance(tree, Mapping):
+        return {key: _as_dict(value) for key, value in tree.items()}
+    return tree
+
+
+def _check_policy(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}-layer policy must be one of {allowed}, got {value!r}")

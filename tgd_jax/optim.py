@@ -1,0 +1,124 @@
+"""The TGD mask as an optax ``GradientTransformation``.
+
+``freeze_masked(mask)`` zeroes the final update of every frozen element. It must be the LAST
+element of an ``optax.chain``: anything after it (decoupled weight decay, momentum, a
+learning-rate schedule adding terms) could move frozen weights again. Put it last and
+``optax.apply_updates`` leaves every frozen element bit-identical.
+
+The mask lives in the transformation's state, so it is checkpointed with the optimizer state
+and can be swapped between TGD rounds (TGD^n) with :func:`replace_mask` without rebuilding
+the optimizer or recompiling the training step (same tree structure, new values).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["FreezeMaskedState", "freeze_masked", "tgd", "replace_mask", "find_mask"]
+
+
+class FreezeMaskedState(NamedTuple):
+    """State of :func:`freeze_masked`.
+
+    Attributes:
+      mask: pytree mirroring params; bool leaves broadcastable to the parameter
+        (True = retrain) or None (frozen leaf).
+    """
+
+    mask: Any
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _as_bool_mask(mask: Any) -> Any:
+    return jax.tree.map(
+        lambda m: None if m is None else jnp.asarray(m, bool), mask, is_leaf=_is_none
+    )
+
+
+def freeze_masked(mask: Any) -> optax.GradientTransformation:
+    """Zeroes the updates of frozen elements: ``u -> where(mask, u, 0)``.
+
+    Args:
+      mask: pytree mirroring the params: bool leaves broadcastable to each parameter's
+        shape (True = retrain, False = freeze), or None for a leaf frozen whole.
+
+    Returns:
+      A stateless-in-effect ``GradientTransformation`` whose state
+      :class:`FreezeMaskedState` holds the mask. ``where`` (not a product) is used so a
+      non-finite update of a frozen element cannot leak in as NaN.
+    """
+    initial = _as_bool_mask(mask)
+
+    def init_fn(params: Any) -> FreezeMaskedState:
+        del params
+        return FreezeMaskedState(mask=initial)
+
+    def update_fn(
+        updates: Any, state: FreezeMaskedState, params: Any = None
+    ) -> tuple[Any, FreezeMaskedState]:
+        del params
+        masked = jax.tree.map(
+            lambda m, u: jnp.zeros_like(u) if m is None else jnp.where(m, u, jnp.zeros_like(u)),
+            state.mask,
+            updates,
+            is_leaf=_is_none,
+        )
+        return masked, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """``optax.chain(inner, freeze_masked(mask))``: any optimizer, restricted to the mask."""
+    return optax.chain(inner, freeze_masked(mask))
+
+
+def _is_freeze_state(x: Any) -> bool:
+    return isinstance(x, FreezeMaskedState)
+
+
+def replace_mask(opt_state: Any, mask: Any) -> Any:
+    """Returns ``opt_state`` with the mask of every :class:`FreezeMaskedState` replaced.
+
+    Use it between TGD rounds: the inner optimizer's moments are kept (reset them
+    separately if a round should start fresh).
+
+    Raises:
+      ValueError: if the state holds no :class:`FreezeMaskedState`, or the new mask's
+        tree structure differs from the old one (that would recompile the step and break
+        checkpoint restore).
+    """
+    new_mask = _as_bool_mask(mask)
+    found = []
+
+    def swap(node: Any) -> Any:
+        if not _is_freeze_state(node):
+            return node
+        old_def = jax.tree.structure(node.mask, is_leaf=_is_none)
+        new_def = jax.tree.structure(new_mask, is_leaf=_is_none)
+        if old_def != new_def:
+            raise ValueError(
+                f"new mask has a different tree structure:\nold {old_def}\nnew {new_def}"
+            )
+        found.append(True)
+        return FreezeMaskedState(mask=new_mask)
+
+    out = jax.tree.map(swap, opt_state, is_leaf=_is_freeze_state)
+    if not found:
+        raise ValueError("optimizer state holds no FreezeMaskedState (was it built by tgd()?)")
+    return out
+
+
+def find_mask(opt_state: Any) -> Any:
+    """The mask held by the (first) :class:`FreezeMaskedState` in ``opt_state``."""
+    for node in jax.tree.leaves(opt_state, is_leaf=_is_freeze_state):
+        if _is_freeze_state(node):
+            return node.mask
+    raise ValueError("optimizer state holds no FreezeMaskedState (was it built by tgd()?)")

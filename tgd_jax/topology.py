@@ -1,0 +1,183 @@
+"""Which parameters belong to which feature map: the wiring TGD needs from a ConvNet.
+
+TGD rates feature map ``n`` (output channel ``n`` of a conv layer) by the KSE of input
+channel ``n`` of the conv that reads it, and then retrains or freezes everything that makes
+that feature map: the conv's filter ``n``, its bias, and the BatchNorm scale/offset (and
+running statistics) of channel ``n``. A :class:`ConvNode` records those relations for one
+conv layer; a topology is the tuple of nodes of a network, in forward order.
+
+Module paths are ``'/'``-joined names inside the Flax ``params`` dict, e.g. ``'conv2'`` or
+``'encoder/block_0/conv'``, so topologies are plain data (JSON-friendly, hashable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ConvNode",
+    "Topology",
+    "sequential_topology",
+    "dncnn_topology",
+    "get_path",
+    "has_path",
+    "validate_topology",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNode:
+    """One conv layer of a network, as TGD sees it.
+
+    Attributes:
+      conv: path of the conv module; its ``kernel`` is ``(*spatial, C_in, C_out)`` and its
+        optional ``bias`` is ``(C_out,)``.
+      consumer: path of the conv that reads this layer's output channels as its input
+        channels (its KSE rates them), or ``None`` for the last layer.
+      norm: path of the BatchNorm module normalising this layer's output channels, if any
+        (its ``scale``/``bias`` params and ``mean``/``var`` statistics are per channel).
+      gates: paths of the TGD gate modules that carry this layer's output-channel mask in
+        the ``"tgd"`` variable collection (see :mod:`tgd_jax.gate`).
+    """
+
+    conv: str
+    consumer: str | None = None
+    norm: str | None = None
+    gates: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+Topology = tuple[ConvNode, ...]
+
+
+def sequential_topology(
+    convs: Sequence[str],
+    norms: Mapping[str, str] | None = None,
+    gates: Mapping[str, Sequence[str]] | None = None,
+) -> Topology:
+    """Topology of a plain sequential conv stack: each conv feeds the next one.
+
+    Args:
+      convs: conv module paths in forward order.
+      norms: conv path -> path of the BatchNorm that follows it (omit convs without one).
+      gates: conv path -> paths of the TGD gates carrying its output-channel mask.
+
+    Example:
+      ``sequential_topology(['stem', 'body/conv_0', 'head'], norms={'body/conv_0': 'body/bn_0'})``
+    """
+    convs = list(convs)
+    if not convs:
+        raise ValueError("a topology needs at least one conv layer")
+    if len(set(convs)) != len(convs):
+        raise ValueError(f"conv names must be unique, got {convs}")
+    norms = dict(norms or {})
+    gates = {key: tuple(value) for key, value in (gates or {}).items()}
+    for name, mapping in (("norms", norms), ("gates", gates)):
+        unknown = sorted(set(mapping) - set(convs))
+        if unknown:
+            raise ValueError(f"{name} names convs that are not in the stack: {unknown}")
+    return tuple(
+        ConvNode(
+            conv=name,
+            consumer=convs[i + 1] if i + 1 < len(convs) else None,
+            norm=norms.get(name),
+            gates=gates.get(name, ()),
+        )
+        for i, name in enumerate(convs)
+    )
+
+
+def dncnn_topology(num_layers: int = 8) -> Topology:
+    """Topology of :class:`tgd_jax.models.DnCNN`: ``conv1 .. conv{L}``, ``bn2 .. bn{L-1}``.
+
+    Gates (``gate_conv{i}``, ``gate_bn{i}``) sit after every conv and BatchNorm except the
+    last conv, whose cotangent must reach the rest of the network.
+    """
+    if num_layers < 2:
+        raise ValueError(f"a DnCNN has at least 2 conv layers, got {num_layers}")
+    convs = [f"conv{i}" for i in range(1, num_layers + 1)]
+    norms = {f"conv{i}": f"bn{i}" for i in range(2, num_layers)}
+    gates = {
+        f"conv{i}": (f"gate_conv{i}",) + ((f"gate_bn{i}",) if i > 1 else ())
+        for i in range(1, num_layers)
+    }
+    return sequential_topology(convs, norms, gates)
+
+
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(part for part in path.split("/") if part)
+
+
+def has_path(tree: Mapping[str, Any], path: str) -> bool:
+    node: Any = tree
+    for key in _split(path):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def get_path(tree: Mapping[str, Any], path: str) -> Any:
+    """``tree['a']['b']`` for ``path='a/b'``; a KeyError names the missing part."""
+    node: Any = tree
+    walked: list[str] = []
+    for key in _split(path):
+        if not isinstance(node, Mapping) or key not in node:
+            where = "/".join(walked) or "<root>"
+            available = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+            raise KeyError(f"no '{key}' under '{where}' (path '{path}'); found {available}")
+        walked.append(key)
+        node = node[key]
+    return node
+
+
+def validate_topology(params: Mapping[str, Any], topology: Topology) -> None:
+    """Checks that every named layer exists and that channel counts agree.
+
+    Raises:
+      ValueError: naming the missing layer or leaf, or the mismatching shapes.
+    """
+    if not topology:
+        raise ValueError("empty topology")
+    names = [node.conv for node in topology]
+    if len(set(names)) != len(names):
+        raise ValueError(f"conv names must be unique, got {names}")
+    for node in topology:
+        c_out = _kernel(params, node.conv).shape[-1]
+        if has_path(params, f"{node.conv}/bias"):
+            _expect_channels(params, f"{node.conv}/bias", c_out)
+        if node.consumer is not None:
+            c_in = _kernel(params, node.consumer).shape[-2]
+            if c_in != c_out:
+                raise ValueError(
+                    f"'{node.conv}' has {c_out} output channels but its consumer "
+                    f"'{node.consumer}' reads {c_in} input channels"
+                )
+        if node.norm is not None:
+            if not has_path(params, node.norm):
+                raise ValueError(f"topology names BatchNorm '{node.norm}', not found in params")
+            for leaf in ("scale", "bias"):
+                if has_path(params, f"{node.norm}/{leaf}"):
+                    _expect_channels(params, f"{node.norm}/{leaf}", c_out)
+
+
+def _kernel(params: Mapping[str, Any], conv: str) -> Any:
+    if not has_path(params, f"{conv}/kernel"):
+        raise ValueError(f"topology names conv '{conv}', but params have no '{conv}/kernel'")
+    kernel = get_path(params, f"{conv}/kernel")
+    if kernel.ndim < 3:
+        raise ValueError(
+            f"'{conv}/kernel' has shape {tuple(kernel.shape)}; a conv kernel is "
+            "(*spatial, C_in, C_out)"
+        )
+    return kernel
+
+
+def _expect_channels(params: Mapping[str, Any], path: str, channels: int) -> None:
+    shape = tuple(get_path(params, path).shape)
+    if shape != (channels,):
+        raise ValueError(f"'{path}' has shape {shape}, expected ({channels},)")
