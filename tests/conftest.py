@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+# Threefry's XLA:CPU compile takes ~1.5 s per distinct shape on the CI machine, which would
+# dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the
+# suite uses the fast-compiling "rbg" generator; tests that need threefry set it themselves.
+jax.config.update("jax_default_prng_impl", "rbg")
 
 
 def reference_normalize(x: np.ndarray) -> np.ndarray:
@@ -37,3 +43,47 @@ def reference_kse(kernel, alpha: float = 1.0, k: int = 5):
     score = reference_normalize(np.sqrt(sn / (1 + alpha * en)))
     return s, dm, e, score
 
+
+
+# --- tiny models -------------------------------------------------------------------------
+
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from tgd_jax.models import DnCNN  # noqa: E402
+
+TINY_FEATURES = (8, 8, 12, 6, 3)
+
+
+class Encoder(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(10, (3, 3), use_bias=False, name="conv_a")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="norm_a")(x))
+        return nn.relu(nn.Conv(5, (3, 3), name="conv_b")(x))
+
+
+class OtherNet(nn.Module):
+    """A user's differently named convnet: a nested block, a bias-free conv, a dense head."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.relu(nn.Conv(6, (3, 3), name="stem")(x))
+        x = Encoder(name="encoder")(x, train)
+        x = nn.Conv(4, (1, 1), name="proj")(x)
+        return nn.Dense(2, name="head")(x.mean(axis=(1, 2)))
+
+
+OTHER_TOPOLOGY_ARGS = dict(
+    convs=["stem", "encoder/conv_a", "encoder/conv_b", "proj"],
+    norms={"encoder/conv_a": "encoder/norm_a"},
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dncnn():
+    """(model, variables) of a small gated DnCNN, initialised from a fixed key."""
+    model = DnCNN(features=TINY_FEATURES, use_gates=True)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    return model, variables

@@ -1,0 +1,222 @@
+"""Mask pytrees from params: the TGD rule against the brute-force KSE, policies, errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import OTHER_TOPOLOGY_ARGS, OtherNet, reference_kse
+
+from tgd_jax import masks
+from tgd_jax.topology import (
+    ConvNode,
+    dncnn_topology,
+    get_path,
+    sequential_topology,
+    validate_topology,
+)
+
+
+@pytest.fixture(scope="module")
+def other():
+    model = OtherNet()
+    variables = model.init(jax.random.key(1), jnp.zeros((2, 8, 8, 3)))
+    return model, variables, sequential_topology(**OTHER_TOPOLOGY_ARGS)
+
+
+def _expected_channels(params, topology, phi, first="kse"):
+    """The rule written out with the independent NumPy KSE."""
+    expected = {}
+    for i, node in enumerate(topology):
+        c_out = get_path(params, node.conv + "/kernel").shape[-1]
+        if node.consumer is None or (i == 0 and first == "frozen"):
+            expected[node.conv] = np.zeros(c_out, bool)
+        elif i == 0 and first == "train":
+            expected[node.conv] = np.ones(c_out, bool)
+        else:
+            score = reference_kse(get_path(params, node.consumer + "/kernel"))[3]
+            expected[node.conv] = score < phi
+    return expected
+
+
+@pytest.mark.parametrize("phi", [0.3, 0.6])
+@pytest.mark.parametrize("first", ["kse", "frozen", "train"])
+def test_dncnn_rule_matches_reference(tiny_dncnn, phi, first):
+    model, variables = tiny_dncnn
+    params, topology = variables["params"], model.topology()
+    result = masks.tgd_masks(params, topology, phi, first=first)
+    expected = _expected_channels(params, topology, phi, first)
+    for node in topology:
+        channel = expected[node.conv]
+        np.testing.assert_array_equal(result.channels[node.conv], channel)
+        m = result.params[node.conv]
+        assert m["kernel"].shape == (1, 1, 1, channel.size)
+        np.testing.assert_array_equal(m["kernel"].reshape(-1), channel)
+        np.testing.assert_array_equal(m["bias"], channel)
+        if node.norm is not None:
+            np.testing.assert_array_equal(result.params[node.norm]["scale"], channel)
+            np.testing.assert_array_equal(result.params[node.norm]["bias"], channel)
+    # The last conv (noise classifier) is frozen by default.
+    assert not np.any(result.channels["conv5"])
+    # Non-vacuous: some middle layer has both retrained and frozen channels.
+    assert any(0 < np.sum(result.channels[f"conv{i}"]) < len(result.channels[f"conv{i}"])
+               for i in (2, 3, 4))
+
+
+def test_scores_rate_output_channels_with_consumer_kernel(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params = variables["params"]
+    scores = masks.layer_scores(params, model.topology())
+    assert set(scores) == {"conv1", "conv2", "conv3", "conv4"}  # conv5 has no consumer
+    np.testing.assert_allclose(
+        scores["conv3"], reference_kse(params["conv4"]["kernel"])[3], atol=1e-5
+    )
+
+
+def test_other_convnet(other):
+    _, variables, topology = other
+    params = variables["params"]
+    validate_topology(params, topology)
+    result = masks.tgd_masks(params, topology, 0.5)
+    expected = _expected_channels(params, topology, 0.5)
+    for name, channel in expected.items():
+        np.testing.assert_array_equal(result.channels[name], channel)
+    enc = result.params["encoder"]
+    np.testing.assert_array_equal(enc["conv_a"]["kernel"].reshape(-1), expected["encoder/conv_a"])
+    assert "bias" not in enc["conv_a"]  # the bias-free conv has no bias leaf to mask
+    np.testing.assert_array_equal(enc["norm_a"]["scale"], expected["encoder/conv_a"])
+    # The dense head is untouched by the rule: None, which means frozen.
+    assert result.params["head"] == {"kernel": None, "bias": None}
+    assert jax.tree.structure(result.params, is_leaf=lambda x: x is None) == jax.tree.structure(
+        jax.tree.map(lambda _: None, params), is_leaf=lambda x: x is None
+    )
+
+
+def test_dncnn_topology_wiring():
+    topology = dncnn_topology(8)
+    assert [n.conv for n in topology] == [f"conv{i}" for i in range(1, 9)]
+    assert [n.consumer for n in topology] == [f"conv{i}" for i in range(2, 9)] + [None]
+    assert [n.norm for n in topology] == [None] + [f"bn{i}" for i in range(2, 8)] + [None]
+    assert topology[0].gates == ("gate_conv1",)
+    assert topology[3].gates == ("gate_conv4", "gate_bn4")
+    assert topology[-1].gates == ()
+
+
+@pytest.mark.parametrize("phi", [-0.1, 1.01, float("nan")])
+def test_phi_out_of_range(tiny_dncnn, phi):
+    model, variables = tiny_dncnn
+    with pytest.raises(ValueError, match="phi must be in"):
+        masks.tgd_masks(variables["params"], model.topology(), phi)
+
+
+def test_topology_naming_missing_layer(tiny_dncnn):
+    _, variables = tiny_dncnn
+    topology = sequential_topology(["conv1", "conv2", "conv9"])
+    with pytest.raises(ValueError, match="'conv9'"):
+        masks.tgd_masks(variables["params"], topology, 0.3)
+    with pytest.raises(ValueError, match="BatchNorm 'bn7'"):
+        validate_topology(
+            variables["params"], sequential_topology(["conv1", "conv2"], norms={"conv1": "bn7"})
+        )
+
+
+def test_topology_with_channel_mismatch(tiny_dncnn):
+    _, variables = tiny_dncnn
+    # conv2 (8 outputs) does not feed conv4 (reads 12 channels).
+    with pytest.raises(ValueError, match="'conv2' has 8 output channels.*'conv4' reads 12"):
+        masks.tgd_masks(variables["params"], sequential_topology(["conv2", "conv4"]), 0.3)
+
+
+def test_bad_policies_and_shapes(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params, topology = variables["params"], model.topology()
+    with pytest.raises(ValueError, match="first-layer policy"):
+        masks.tgd_masks(params, topology, 0.3, first="sometimes")
+    channels = masks.tgd_masks(params, topology, 0.3).channels
+    with pytest.raises(ValueError, match="channel mask for 'conv2' has shape"):
+        masks.expand_channel_masks(params, topology, {**channels, "conv2": np.ones(3, bool)})
+    bad = masks.expand_channel_masks(params, topology, channels)
+    bad["conv3"]["kernel"] = jnp.ones((1, 1, 1, 5), bool)
+    with pytest.raises(ValueError, match="'conv3/kernel' has shape"):
+        masks.mask_summary(params, bad, topology)
+    with pytest.raises(ValueError, match="TGD mode"):
+        masks.gate_variables(topology, channels, mode="both")
+
+
+def test_summary_counts_and_json(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params, topology = variables["params"], model.topology()
+    result = masks.tgd_masks(params, topology, 0.5)
+    summary = masks.mask_summary(params, result.params, topology, scores=result.scores, phi=0.5)
+    json.dumps(summary)  # serialisable
+    total_retrained = 0
+    for entry, node in zip(summary["layers"], topology, strict=True):
+        kernel = params[node.conv]["kernel"]
+        n = int(np.sum(result.channels[node.conv]))
+        per_channel = int(np.prod(kernel.shape[:-1])) + 1 + (2 if node.norm else 0)
+        assert entry["channels_retrained"] == n
+        assert entry["params_retrained"] == n * per_channel
+        assert entry["params_total"] == kernel.shape[-1] * per_channel
+        total_retrained += n * per_channel
+    total = sum(p.size for p in jax.tree.leaves(params))
+    assert summary["params_total"] == total
+    assert summary["params_retrained"] == total_retrained
+    assert summary["retrained_fraction"] == pytest.approx(total_retrained / total)
+    assert summary["layers"][1]["kse"] == pytest.approx(list(np.asarray(result.scores["conv2"])))
+
+
+def test_drop_kernels_zeroes_useless_feature_maps(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params, topology = variables["params"], model.topology()
+    # Give BN non-trivial statistics/affine so that zeroing really matters.
+    params = jax.tree.map(lambda p: p + 0.3, params)
+    result = masks.tgd_masks(params, topology, 0.5)
+    dropped = masks.drop_kernels(params, result.params)
+    for path_mask, p, d in zip(
+        jax.tree.leaves(result.params), jax.tree.leaves(params), jax.tree.leaves(dropped),
+        strict=True,
+    ):
+        m = np.broadcast_to(path_mask, p.shape)
+        assert np.all(np.asarray(d)[m] == 0.0)
+        np.testing.assert_array_equal(np.asarray(d)[~m], np.asarray(p)[~m])
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    _, state = model.apply(
+        {**variables, "params": dropped}, x, capture_intermediates=True, mutable=["intermediates"]
+    )
+    bn3_out = state["intermediates"]["bn3"]["__call__"][0]
+    dropped_channels = np.asarray(result.channels["conv3"])
+    assert dropped_channels.any() and not dropped_channels.all()
+    assert np.all(np.asarray(bn3_out)[..., dropped_channels] == 0.0)
+    assert np.any(np.asarray(bn3_out)[..., ~dropped_channels] != 0.0)
+
+
+def test_freeze_batch_stats(tiny_dncnn):
+    model, variables = tiny_dncnn
+    result = masks.tgd_masks(variables["params"], model.topology(), 0.5)
+    x = 3.0 + jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    old, new = variables["batch_stats"], updated["batch_stats"]
+    kept = masks.freeze_batch_stats(old, new, result.params)
+    for bn, conv in [("bn2", "conv2"), ("bn3", "conv3"), ("bn4", "conv4")]:
+        channel = np.asarray(result.channels[conv])
+        assert channel.any() and not channel.all(), "the test needs frozen and retrained"
+        for stat in ("mean", "var"):
+            np.testing.assert_array_equal(kept[bn][stat][~channel], old[bn][stat][~channel])
+            np.testing.assert_array_equal(kept[bn][stat][channel], new[bn][stat][channel])
+            assert np.all(np.asarray(new[bn][stat]) != np.asarray(old[bn][stat]))
+    # A BN whose params mask is None is frozen entirely.
+    none_mask = jax.tree.map(lambda _: None, variables["params"])
+    kept = masks.freeze_batch_stats(old, new, none_mask)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sequential_topology_errors():
+    with pytest.raises(ValueError, match="unique"):
+        sequential_topology(["a", "a"])
+    with pytest.raises(ValueError, match="not in the stack"):
+        sequential_topology(["a", "b"], norms={"c": "bn"})
+    assert sequential_topology(["a", "b"])[0] == ConvNode("a", "b", None, ())
