@@ -45,9 +45,17 @@ __all__ = [
     "drop_kernels",
     "freeze_batch_stats",
     "check_phi",
+    "check_mode",
+    "Mode",
+    "MODES",
 ]
 
 LayerPolicy = Literal["kse", "frozen", "train"]
+#: "paper": TGD gates mask the cotangents AND the optax mask freezes updates (the paper).
+#: "projected": only the optax mask acts (projected gradient; earlier layers still receive
+#: gradient through frozen channels).
+Mode = Literal["paper", "projected"]
+MODES: tuple[str, ...] = ("paper", "projected")
 Params = Mapping[str, Any]
 ChannelMasks = dict[str, jax.Array]
 
@@ -60,11 +68,14 @@ class TGDMasks(NamedTuple):
       channels: conv path -> ``(C_out,)`` bool channel mask (True = retrain).
       scores: conv path -> ``(C_out,)`` KSE of its output channels, rated by the consumer;
         layers without a consumer have no entry.
+      gates: the ``"tgd"`` variable collection for gated models (see
+        :func:`gate_variables`), built for the chosen mode.
     """
 
     params: Any
     channels: ChannelMasks
     scores: dict[str, jax.Array]
+    gates: dict[str, Any]
 
 
 def check_phi(phi: float) -> float:
@@ -159,18 +170,40 @@ def tgd_masks(
     k: int = 5,
     first: LayerPolicy = "kse",
     last: Literal["frozen", "train"] = "frozen",
+    mode: Mode = "paper",
 ) -> TGDMasks:
-    """The whole TGD rule in one call: KSE scores, channel masks and the mask pytree."""
+    """The whole TGD rule in one call: KSE scores, channel masks, mask pytree and gates.
+
+    Args:
+      params: the network's ``params`` collection.
+      topology: its :class:`~tgd_jax.topology.ConvNode` wiring.
+      phi: KSE threshold in [0, 1]; channels scoring below it are retrained.
+      alpha, k: KSE parameters (see :func:`tgd_jax.kse.kse_scores`).
+      first, last: policies of the first layer and of layers without a consumer.
+      mode: ``"paper"`` or ``"projected"``; decides the gate collection.
+    """
     check_phi(phi)
+    check_mode(mode)
     scores = layer_scores(params, topology, alpha=alpha, k=k)
     channels = channel_masks_from_scores(params, topology, scores, phi, first=first, last=last)
-    return TGDMasks(expand_channel_masks(params, topology, channels), channels, scores)
+    return TGDMasks(
+        params=expand_channel_masks(params, topology, channels),
+        channels=channels,
+        scores=scores,
+        gates=gate_variables(topology, channels, mode),
+    )
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"TGD mode must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 def gate_variables(
     topology: Topology,
     channels: Mapping[str, Any],
-    mode: Literal["paper", "projected"] = "paper",
+    mode: Mode = "paper",
 ) -> dict[str, Any]:
     """The ``"tgd"`` variable collection read by :class:`tgd_jax.gate.TGDGate` modules.
 
@@ -179,8 +212,7 @@ def gate_variables(
     those stay open and the layer is frozen by the optax mask alone. In ``"projected"``
     mode every gate is open (all ones) and only the optax mask acts.
     """
-    if mode not in ("paper", "projected"):
-        raise ValueError(f"TGD mode must be 'paper' or 'projected', got {mode!r}")
+    check_mode(mode)
     flat: dict[str, Any] = {}
     for node in topology:
         if not node.gates:

@@ -50,8 +50,8 @@ def freeze_masked(mask: Any) -> optax.GradientTransformation:
         shape (True = retrain, False = freeze), or None for a leaf frozen whole.
 
     Returns:
-      A stateless-in-effect ``GradientTransformation`` whose state
-      :class:`FreezeMaskedState` holds the mask. ``where`` (not a product) is used so a
+      A ``GradientTransformation`` whose state :class:`FreezeMaskedState` holds the mask
+      (the update itself never changes it). ``where`` (not a product) is used so a
       non-finite update of a frozen element cannot leak in as NaN.
     """
     initial = _as_bool_mask(mask)
@@ -116,9 +116,9 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
     return out
 
 
-def find_mask(opt_state: Any) -> Any:
-    """The mask held by the (first) :class:`FreezeMaskedState` in ``opt_state``."""
+def find_mask(opt_state: Any) -> Any | None:
+    """The mask held by the (first) :class:`FreezeMaskedState` in ``opt_state``, or None."""
     for node in jax.tree.leaves(opt_state, is_leaf=_is_freeze_state):
         if _is_freeze_state(node):
             return node.mask
-    raise ValueError("optimizer state holds no FreezeMaskedState (was it built by tgd()?)")
+    return None

@@ -1,0 +1,87 @@
+"""What every run writes into its workdir: atomic JSON, JSONL metrics, versions, figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_bytes", "write_json", "append_jsonl", "versions", "save_figure"]
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` via a temporary file and ``os.replace``.
+
+    An interrupted write leaves either the old file or none, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Atomic, indented JSON (numpy/JAX scalars and arrays are converted)."""
+    return atomic_write_bytes(path, (json.dumps(_plain(obj), indent=2) + "\n").encode())
+
+
+def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
+    """Appends one JSON line (a metrics record), flushed so progress survives a kill."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(_plain(dict(record))) + "\n")
+        f.flush()
+
+
+def versions() -> dict[str, Any]:
+    """Python, platform, devices and the versions of the packages a result depends on."""
+    out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in ("tgd-jax", "jax", "jaxlib", "flax", "optax", "numpy", "h5py",
+                    "orbax-checkpoint", "ml-collections"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    import jax
+
+    out["devices"] = [str(d) for d in jax.devices()]
+    return out
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Saves a matplotlib figure atomically (PNG) and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plain(obj: Any) -> Any:
+    """Converts numpy/JAX values and containers to JSON-native types."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy / JAX arrays and scalars
+        return obj.tolist()
+    return obj
