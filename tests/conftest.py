@@ -81,6 +81,19 @@ OTHER_TOPOLOGY_ARGS = dict(
 )
 
 
+def frozen_and_retrained(mask, before, after):
+    """Per leaf: (frozen before, frozen after, retrained before, retrained after) values."""
+    for m, b, a in zip(
+        jax.tree.leaves(mask, is_leaf=lambda x: x is None),
+        jax.tree.leaves(before),
+        jax.tree.leaves(after),
+        strict=True,
+    ):
+        m = np.zeros(b.shape, bool) if m is None else np.broadcast_to(m, b.shape)
+        b, a = np.asarray(b), np.asarray(a)
+        yield b[~m], a[~m], b[m], a[m]
+
+
 @pytest.fixture(scope="session")
 def tiny_dncnn():
     """(model, variables) of a small gated DnCNN, initialised from a fixed key."""

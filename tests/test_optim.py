@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import frozen_and_retrained
 
 from tgd_jax import masks
 from tgd_jax.optim import FreezeMaskedState, find_mask, freeze_masked, replace_mask, tgd
@@ -45,20 +46,6 @@ def _run(tx, params, targets, steps=50):
     return params, state
 
 
-def _split(mask, before, after):
-    """Yields (frozen_before, frozen_after, retrained_before, retrained_after) per leaf."""
-    leaves = zip(
-        jax.tree.leaves(mask, is_leaf=lambda x: x is None),
-        jax.tree.leaves(before),
-        jax.tree.leaves(after),
-        strict=True,
-    )
-    for m, b, a in leaves:
-        m = np.zeros(b.shape, bool) if m is None else np.broadcast_to(m, b.shape)
-        b, a = np.asarray(b), np.asarray(a)
-        yield b[~m], a[~m], b[m], a[m]
-
-
 @pytest.mark.parametrize(
     "inner",
     [optax.adamw(1e-2, weight_decay=0.1), optax.sgd(1e-2, momentum=0.9)],
@@ -68,7 +55,7 @@ def test_frozen_elements_bit_identical(problem, inner):
     params, mask, targets = problem
     final, _ = _run(tgd(inner, mask), params, targets)
     retrained = 0
-    for fb, fa, rb, ra in _split(mask, params, final):
+    for fb, fa, rb, ra in frozen_and_retrained(mask, params, final):
         assert fb.tobytes() == fa.tobytes()  # bit-identical, not just close
         assert np.all(rb != ra)
         retrained += rb.size
@@ -79,7 +66,7 @@ def test_mask_before_adamw_does_not_protect(problem):
     params, mask, targets = problem
     wrong = optax.chain(freeze_masked(mask), optax.adamw(1e-2, weight_decay=0.1))
     final, _ = _run(wrong, params, targets, steps=5)
-    moved = sum(int(np.sum(fb != fa)) for fb, fa, _, _ in _split(mask, params, final))
+    moved = sum(int(np.sum(fb != fa)) for fb, fa, _, _ in frozen_and_retrained(mask, params, final))
     assert moved > 0  # decoupled weight decay moves the "frozen" weights
 
 
@@ -109,7 +96,7 @@ def test_replace_mask_without_recompiling(problem):
     p2, state = step(p1, state)
     assert step._cache_size() == 1
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), find_mask(state), flipped))
-    for fb, fa, rb, ra in _split(flipped, p1, p2):
+    for fb, fa, rb, ra in frozen_and_retrained(flipped, p1, p2):
         assert fb.tobytes() == fa.tobytes()
         assert np.all(rb != ra)
     with pytest.raises(ValueError, match="different tree structure"):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import frozen_and_retrained
 
 from tgd_jax import masks, optim, step
 
@@ -32,22 +33,11 @@ def _train(model, variables, result, batch, *, freeze_batch_stats, steps=5):
     return state
 
 
-def _frozen_and_retrained(mask, before, after):
-    for m, b, a in zip(
-        jax.tree.leaves(mask, is_leaf=lambda x: x is None),
-        jax.tree.leaves(before),
-        jax.tree.leaves(after),
-        strict=True,
-    ):
-        m = np.zeros(b.shape, bool) if m is None else np.broadcast_to(m, b.shape)
-        yield np.asarray(b)[~m], np.asarray(a)[~m], np.asarray(b)[m], np.asarray(a)[m]
-
-
 def test_tgd_step_keeps_frozen_params_and_statistics(setup):
     model, variables, result, batch = setup
     state = _train(model, variables, result, batch, freeze_batch_stats=True)
     assert int(state.step) == 5
-    for fb, fa, rb, ra in _frozen_and_retrained(result.params, variables["params"], state.params):
+    for fb, fa, rb, ra in frozen_and_retrained(result.params, variables["params"], state.params):
         assert fb.tobytes() == fa.tobytes()
         assert np.all(rb != ra)
     for bn, conv in [("bn2", "conv2"), ("bn3", "conv3"), ("bn4", "conv4")]:

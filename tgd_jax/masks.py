@@ -252,10 +252,11 @@ def mask_summary(
     for node in topology:
         leaves = layer_leaves(params, node)
         kernel_mask = flat_mask[f"{node.conv}/kernel"]
-        c_out = flat_params[f"{node.conv}/kernel"].shape[-1]
-        channels = 0 if kernel_mask is None else int(np.asarray(kernel_mask).reshape(-1).sum())
-        if kernel_mask is not None and np.asarray(kernel_mask).size == 1:
-            channels *= c_out  # a scalar mask covers every channel
+        shape = flat_params[f"{node.conv}/kernel"].shape
+        c_out = shape[-1]
+        channels = 0 if kernel_mask is None else int(
+            np.broadcast_to(kernel_mask, shape).reshape(-1, c_out).any(axis=0).sum()
+        )
         entry: dict[str, Any] = {
             "layer": node.conv,
             "consumer": node.consumer,
