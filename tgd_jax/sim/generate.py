@@ -1,0 +1,124 @@
+"""Dataset recipes for the paper's four roles, and the ``demo`` / ``paper`` presets.
+
+* ``train``: v1-net / v2-net training set: studies of mixed BMI, each with a 600 s/bed
+  target and inputs at the paper's six count levels, in both versions.
+* ``finetune``: the few low-BMI studies for FT-net / TGD-net, v2 only.
+* ``test``: studies with an 8-10 mm liver lesion: a 600 s reference, R i.i.d. 60 s
+  realisations (ensemble bias, liver CoV) and a noiseless reconstruction, both versions.
+* ``online``: one study with out-of-distribution features (hot bladder, catheter): a 120 s
+  scan split into two 60 s noise-2-noise halves.
+
+Study ``i`` of a dataset with seed ``s`` is simulated from ``fold_in(key(s), i)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from tgd_jax.sim.dataset import write_dataset
+from tgd_jax.sim.recon import VERSIONS
+from tgd_jax.sim.study import SimConfig, Study, simulate_study
+
+__all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "generate_role"]
+
+PAPER_LEVELS: tuple[float, ...] = (30, 45, 60, 90, 120, 180)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+    """How to make one dataset."""
+
+    role: str
+    n_studies: int
+    n_slices: int
+    high_bmi_fraction: float = 0.5
+    versions: tuple[str, ...] = ("v1", "v2")
+    levels: tuple[float, ...] = PAPER_LEVELS
+    realisations: int = 0
+    ood: bool = False
+
+
+PRESETS: dict[str, dict[str, RoleSpec]] = {
+    "demo": {
+        "train": RoleSpec("train", 4, 8),
+        "finetune": RoleSpec("finetune", 2, 8, high_bmi_fraction=0.0, versions=("v2",)),
+        "test": RoleSpec("test", 1, 8, high_bmi_fraction=0.0, levels=(), realisations=10),
+        "online": RoleSpec("online", 1, 8, high_bmi_fraction=0.0, versions=("v2",), levels=(),
+                           ood=True),
+    },
+    "paper": {
+        "train": RoleSpec("train", 20, 32),
+        "finetune": RoleSpec("finetune", 7, 32, high_bmi_fraction=0.0, versions=("v2",)),
+        "test": RoleSpec("test", 2, 32, levels=(), realisations=10),
+        "online": RoleSpec("online", 1, 32, high_bmi_fraction=0.0, versions=("v2",),
+                           levels=(), ood=True),
+    },
+}
+
+
+def _bmi(i: int, n: int, high_fraction: float) -> str:
+    return "high" if i < round(high_fraction * n) else "low"
+
+
+def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Study:
+    """Study ``index`` of a dataset: fully determined by (spec, index, seed, config)."""
+    key = jax.random.fold_in(jax.random.key(seed), index)
+    common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
+                  versions=spec.versions, ood=spec.ood)
+    if spec.role in ("train", "finetune"):
+        study = simulate_study(key, config, levels=spec.levels, **common)
+    elif spec.role == "test":
+        study = simulate_study(key, config, realisations=spec.realisations, noiseless=True,
+                               liver_lesion=True, levels=spec.levels, **common)
+    elif spec.role == "online":
+        study = simulate_study(key, config, halves_seconds=120.0, noiseless=True, **common)
+    else:
+        raise ValueError(f"unknown role {spec.role!r}")
+    study.attrs.update(study_seed=seed, study_index=index)
+    return study
+
+
+def generate_role(
+    spec: RoleSpec,
+    out: str | Path,
+    *,
+    seed: int,
+    config: SimConfig | None = None,
+    progress: Callable[[str], None] = print,
+) -> Path:
+    """Simulates every study of a role and writes the HDF5 file atomically."""
+    config = config or SimConfig(n_slices=spec.n_slices)
+    studies: list[Study] = []
+    t0 = time.perf_counter()
+    for i in range(spec.n_studies):
+        studies.append(make_study(spec, i, seed, config))
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / (i + 1) * (spec.n_studies - i - 1)
+        progress(f"[{spec.role}] study {i + 1}/{spec.n_studies} "
+                 f"({studies[-1].attrs['bmi_class']} BMI) done, {elapsed:.0f} s, ETA {eta:.0f} s")
+    recon: dict[str, Any] = {v: VERSIONS[v].to_dict() for v in spec.versions}
+    return write_dataset(
+        out, studies, role=spec.role, versions=spec.versions, levels_s=spec.levels,
+        sim_config=config.to_dict(), recon_settings=recon, seed=seed,
+        realisations=spec.realisations,
+        voxel_size_mm=(config.slice_mm, config.recon_pixel_mm, config.recon_pixel_mm),
+    )
+
+
+def spec_from_args(preset: str, role: str, **overrides: Any) -> RoleSpec:
+    """The preset's spec for a role, with any non-None field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; have {sorted(PRESETS)}")
+    spec = PRESETS[preset][role]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(spec, **changes)
+
+
+def describe(specs: Sequence[RoleSpec]) -> str:
+    return "; ".join(f"{s.role}: {s.n_studies} x {s.n_slices} slices" for s in specs)
