@@ -116,7 +116,7 @@ def write_dataset(
                 "recon_settings": json.dumps(recon_settings, default=str),
                 "seed": int(seed),
                 "voxel_size_mm": json.dumps([float(v) for v in voxel_size_mm]),
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(),
                 "tgd_jax": _package_version(),
             })
             for i, study in enumerate(studies):

@@ -98,7 +98,8 @@ def make_phantom(
       bmi: ``"low"`` (< 23: smaller body, thin fat rim) or ``"high"`` (> 28: larger body,
         thick fat rim: more attenuation, fewer counts, noisier images).
       n_lesions: number of lesions (0-3 at random if None).
-      liver_lesion: force the first lesion into the liver, 8-10 mm (for the lesion metrics).
+      liver_lesion: make the first lesion (adding one if needed) an 8-10 mm liver lesion in
+        the central slice (for the lesion metrics).
       ood: add out-of-distribution features: a very hot bladder-like ellipsoid and a thin
         hot catheter-like tube (never in training sets). They are placed in the slab (with
         the liver, for the noise VOI) rather than in the pelvis: what matters is that the
@@ -167,6 +168,8 @@ def make_phantom(
 
     lesions = []
     count = int(jax.random.randint(next(keys), (), 0, 4)) if n_lesions is None else n_lesions
+    if liver_lesion:
+        count = max(count, 1)
     for i in range(count):
         zc = float(z[len(z) // 2]) + u(-0.3, 0.3) * depth
         value = u(*SUV_RANGES["lesion"])
