@@ -23,7 +23,7 @@ import jax
 
 from tgd_jax.sim.dataset import write_dataset
 from tgd_jax.sim.recon import VERSIONS
-from tgd_jax.sim.study import SimConfig, Study, simulate_study
+from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
 
 __all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "generate_role"]
 
@@ -68,7 +68,7 @@ def _bmi(i: int, n: int, high_fraction: float) -> str:
 
 def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Study:
     """Study ``index`` of a dataset: fully determined by (spec, index, seed, config)."""
-    key = jax.random.fold_in(jax.random.key(seed), index)
+    key = jax.random.fold_in(simulation_key(seed), index)
     common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
                   versions=spec.versions, ood=spec.ood)
     if spec.role in ("train", "finetune"):

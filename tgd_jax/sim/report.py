@@ -19,6 +19,7 @@ from tgd_jax import workdir
 from tgd_jax.sim import acquisition
 from tgd_jax.sim.dataset import load_study, open_dataset
 from tgd_jax.sim.projector import SinogramGeometry, system_matrix
+from tgd_jax.sim.study import simulation_key
 
 __all__ = [
     "lag1_autocorrelation",
@@ -106,7 +107,7 @@ def disk_chord_check(radius_mm: float = 150.0) -> float:
 
 def splitting_check(seed: int = 0) -> dict[str, float]:
     """Halves and realisations sum exactly to the data; thinning has the right mean."""
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+    k1, k2, k3, k4 = jax.random.split(simulation_key(seed), 4)
     mean = jnp.full((200_000,), 50.0)
     y = acquisition.poisson(k1, mean)
     a, b = acquisition.split_halves(k2, y)

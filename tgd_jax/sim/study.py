@@ -21,7 +21,8 @@ from tgd_jax.sim.phantom import Grid, Phantom, make_phantom
 from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matrix
 from tgd_jax.sim.recon import VERSIONS, ReconSettings, osem
 
-__all__ = ["SimConfig", "Study", "simulate_study", "sensitivity", "downsample", "reconstruct"]
+__all__ = ["SimConfig", "Study", "simulate_study", "simulation_key", "sensitivity", "downsample",
+           "reconstruct"]
 
 #: Reference acquisition of the count calibration.
 REFERENCE_SECONDS, REFERENCE_TRUES = 120.0, 1.0e6
@@ -59,6 +60,12 @@ class Study:
     attrs: dict[str, Any]
 
 
+def simulation_key(seed: int) -> jax.Array:
+    """The simulator's PRNG key for a seed: always threefry, whatever JAX's default PRNG
+    is, so a seed gives the same dataset everywhere (and Poisson sampling needs threefry)."""
+    return jax.random.key(seed, impl="threefry2x32")
+
+
 def downsample(fine: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor x factor`` blocks: ``(Z, n*f, n*f) -> (Z, n, n)``."""
     z, n = fine.shape[0], fine.shape[1] // factor
@@ -77,7 +84,7 @@ def _project(phantom: Phantom, config: SimConfig) -> tuple[np.ndarray, np.ndarra
 @functools.lru_cache(maxsize=4)
 def sensitivity(config: SimConfig) -> float:
     """K such that a reference low-BMI study has ~1e6 trues per slice at 120 s/bed."""
-    reference = make_phantom(jax.random.key(0), dataclasses.replace(config.fine_grid,
+    reference = make_phantom(simulation_key(0), dataclasses.replace(config.fine_grid,
                              n_slices=4), bmi="low", n_lesions=0)
     emission, mu = _project(reference, dataclasses.replace(config, n_slices=4))
     unit = acquisition.expected_rates(emission, mu, sensitivity=1.0, geometry=config.geometry,
@@ -114,7 +121,7 @@ def simulate_study(
     """Simulates one study.
 
     Args:
-      key: the study's PRNG key.
+      key: the study's PRNG key (threefry: see :func:`simulation_key`).
       config: geometry and physics.
       bmi: "low" or "high".
       versions: reconstruction versions to produce ("v1", "v2").
