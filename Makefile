@@ -22,8 +22,12 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 -q
 
+# Until the training pipeline lands: simulate the demo PET datasets and measure them, then
+# run the end-to-end TGD demo (pretrain -> KSE masks -> TGD fine-tuning) on synthetic data.
 demo: $(STAMP)
-	$(PY) -m tgd_jax.demo --workdir runs/demo
+	$(PY) -m tgd_jax.sim --preset=demo --out=runs/demo/data
+	$(PY) -m tgd_jax.sim --report --out=runs/demo/data
+	$(PY) -m tgd_jax.demo --workdir runs/demo/tgd
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
