@@ -220,3 +220,21 @@ def test_sequential_topology_errors():
     with pytest.raises(ValueError, match="not in the stack"):
         sequential_topology(["a", "b"], norms={"c": "bn"})
     assert sequential_topology(["a", "b"])[0] == ConvNode("a", "b", None, ())
+
+
+def test_last_layer_policy_and_its_gate_stays_open(tiny_dncnn):
+    _, variables = tiny_dncnn
+    params = variables["params"]
+    topology = sequential_topology(
+        ["conv3", "conv4", "conv5"], norms={"conv3": "bn3", "conv4": "bn4"},
+        gates={"conv4": ["gate_conv4"], "conv5": ["gate_last"]},
+    )
+    frozen = masks.tgd_masks(params, topology, 0.5)
+    assert not np.any(frozen.channels["conv5"])
+    # Masking the last layer's cotangent would stop every gradient: its gate stays open.
+    np.testing.assert_array_equal(frozen.gates["gate_last"]["mask"], np.ones(3, bool))
+    np.testing.assert_array_equal(frozen.gates["gate_conv4"]["mask"], frozen.channels["conv4"])
+    trained = masks.tgd_masks(params, topology, 0.5, last="train")
+    assert np.all(trained.channels["conv5"]) and np.all(trained.params["conv5"]["bias"])
+    projected = masks.tgd_masks(params, topology, 0.5, mode="projected")
+    assert all(np.all(g["mask"]) for g in projected.gates.values())
