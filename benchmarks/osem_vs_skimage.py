@@ -22,7 +22,7 @@ from tgd_jax.sim import acquisition
 from tgd_jax.sim.phantom import make_phantom
 from tgd_jax.sim.projector import system_matrix
 from tgd_jax.sim.recon import ReconSettings, osem
-from tgd_jax.sim.study import SimConfig, _project, sensitivity, simulation_key
+from tgd_jax.sim.study import SimConfig, project_phantom, sensitivity, simulation_key
 
 
 def reference_osem(counts, mult, add, angles_deg, iterations, subsets, n, pixel_mm):
@@ -59,7 +59,7 @@ def main() -> None:
 
     config = SimConfig(n_slices=args.slices)
     phantom = make_phantom(simulation_key(0), config.fine_grid, bmi="low", n_lesions=1)
-    emission, mu = _project(phantom, config)
+    emission, mu = project_phantom(phantom, config)
     rates = acquisition.expected_rates(emission, mu, sensitivity=sensitivity(config),
                                        geometry=config.geometry, scanner=config.scanner)
     seconds = 120.0

@@ -25,7 +25,8 @@ from tgd_jax.sim.dataset import write_dataset
 from tgd_jax.sim.recon import VERSIONS
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
 
-__all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "generate_role"]
+__all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "make_study", "generate_role",
+           "spec_from_args", "describe"]
 
 PAPER_LEVELS: tuple[float, ...] = (30, 45, 60, 90, 120, 180)
 

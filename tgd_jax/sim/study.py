@@ -22,7 +22,7 @@ from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matri
 from tgd_jax.sim.recon import VERSIONS, ReconSettings, osem
 
 __all__ = ["SimConfig", "Study", "simulate_study", "simulation_key", "sensitivity", "downsample",
-           "reconstruct"]
+           "project_phantom", "reconstruct"]
 
 #: Reference acquisition of the count calibration.
 REFERENCE_SECONDS, REFERENCE_TRUES = 120.0, 1.0e6
@@ -72,7 +72,8 @@ def downsample(fine: np.ndarray, factor: int) -> np.ndarray:
     return fine.reshape(z, n, factor, n, factor).mean(axis=(2, 4))
 
 
-def _project(phantom: Phantom, config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+def project_phantom(phantom: Phantom, config: SimConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Fine-grid data model: line integrals of ``G x`` (4.5 mm blur) and of ``mu``."""
     grid = config.fine_grid
     blurred = acquisition.gaussian_blur(
         jnp.asarray(phantom.activity), grid.pixel_mm, config.scanner.resolution_fwhm_mm)
@@ -86,7 +87,7 @@ def sensitivity(config: SimConfig) -> float:
     """K such that a reference low-BMI study has ~1e6 trues per slice at 120 s/bed."""
     reference = make_phantom(simulation_key(0), dataclasses.replace(config.fine_grid,
                              n_slices=4), bmi="low", n_lesions=0)
-    emission, mu = _project(reference, dataclasses.replace(config, n_slices=4))
+    emission, mu = project_phantom(reference, dataclasses.replace(config, n_slices=4))
     unit = acquisition.expected_rates(emission, mu, sensitivity=1.0, geometry=config.geometry,
                                       scanner=config.scanner)
     per_slice = float(unit.trues.sum((1, 2)).mean())
@@ -142,7 +143,7 @@ def simulate_study(
     k_phantom, k_counts, k_levels, k_halves, k_real = jax.random.split(key, 5)
     phantom = make_phantom(k_phantom, config.fine_grid, bmi=bmi, ood=ood,
                            liver_lesion=liver_lesion, n_lesions=n_lesions)
-    emission, mu = _project(phantom, config)
+    emission, mu = project_phantom(phantom, config)
     rates = acquisition.expected_rates(emission, mu, sensitivity=sensitivity(config),
                                        geometry=config.geometry, scanner=config.scanner)
     full = acquisition.poisson(k_counts, jnp.asarray(TARGET_SECONDS * rates.prompts))
