@@ -252,3 +252,13 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     with pytest.raises(dataset.DatasetError, match="NaN"):
         _write(tmp_path / "train.h5", [bad])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_axial_post_filter_preserves_uniform_stacks_and_smooths_noise():
+    from tgd_jax.sim.recon import axial_filter_matrix
+
+    m = np.asarray(axial_filter_matrix(6, 4.0, 5.0))
+    np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)  # no loss at the first/last slice
+    assert np.allclose(m, m.T, atol=0.05) and np.all(np.diag(m) < 1)
+    noise = np.random.default_rng(0).normal(size=(6, 500))
+    assert (m @ noise)[1:-1].var() < 0.8 * noise[1:-1].var()

@@ -32,6 +32,7 @@ __all__ = [
     "ScannerModel",
     "ExpectedData",
     "gaussian_blur",
+    "gaussian_matrix",
     "normalisation",
     "expected_rates",
     "poisson",
@@ -72,7 +73,7 @@ class ExpectedData:
         return self.trues + self.scatter + self.randoms
 
 
-def _gaussian_matrix(n: int, pixel_mm: float, fwhm_mm: float) -> np.ndarray:
+def gaussian_matrix(n: int, pixel_mm: float, fwhm_mm: float) -> np.ndarray:
     """Symmetric ``(n, n)`` 1D Gaussian blur (zero boundary): self-adjoint by construction."""
     if fwhm_mm <= 0:
         return np.eye(n, dtype=np.float32)
@@ -86,7 +87,7 @@ def _gaussian_matrix(n: int, pixel_mm: float, fwhm_mm: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _blur_matrix(n: int, pixel_mm: float, fwhm: float) -> np.ndarray:
-    return _gaussian_matrix(n, pixel_mm, fwhm)  # numpy: safe to cache across traces
+    return gaussian_matrix(n, pixel_mm, fwhm)  # numpy: safe to cache across traces
 
 
 def gaussian_blur(images: jax.Array, pixel_mm: float, fwhm_x_mm: float,

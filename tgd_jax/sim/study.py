@@ -100,7 +100,8 @@ def reconstruct(counts: Any, seconds: float, expected: acquisition.ExpectedData,
     system = system_matrix(config.recon_n, config.recon_pixel_mm, config.geometry,
                            settings.subsets)
     additive = seconds * (settings.scatter_scale * expected.scatter + expected.randoms)
-    return osem(counts, seconds * expected.multiplicative, additive, system, settings)
+    return osem(counts, seconds * expected.multiplicative, additive, system, settings,
+                slice_mm=config.slice_mm)
 
 
 def simulate_study(
