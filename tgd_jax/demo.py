@@ -203,7 +203,8 @@ def _figures(out: Path, summary: dict[str, Any], batch: dict[str, jax.Array],
         ax.set_title(f"{entry['layer']}: {entry['channels_retrained']}/"
                      f"{entry['channels_total']} retrained", fontsize=8)
         ax.set_xlabel("KSE", fontsize=8)
-    fig.suptitle(f"KSE of each layer's output channels (phi = {summary['phi']})", fontsize=9)
+    fig.suptitle(f"KSE of each layer's output channels (phi = {summary['phi']})", fontsize=9,
+                 y=1.08)
     workdir.save_figure(fig, out / "kse_histogram.png")
 
     panels = {"noisy (B, low)": batch["inputs"][0, ..., 1], "clean": batch["targets"][0, ..., 1]}
