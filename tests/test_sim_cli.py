@@ -43,3 +43,10 @@ def test_unknown_role_is_a_usage_error(tmp_path):
     done = _run("--role=validation", f"--out={tmp_path}")
     assert done.returncode != 0 and "unknown role(s) ['validation']" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_levels_are_a_usage_error(tmp_path):
+    for bad, message in (("thirty", "--levels must be numbers"), ("900", "must lie in (0, 600]")):
+        done = _run(f"--levels={bad}", f"--out={tmp_path}")
+        assert done.returncode != 0 and message in done.stderr
+    assert list(tmp_path.iterdir()) == []

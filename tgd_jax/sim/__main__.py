@@ -45,13 +45,20 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.role) - set(ROLES))
     if unknown:
         raise app.UsageError(f"unknown role(s) {unknown}; choose from {ROLES}")
+    levels = None
+    if FLAGS.levels:
+        try:
+            levels = tuple(float(v) for v in FLAGS.levels)
+        except ValueError:
+            raise app.UsageError(f"--levels must be numbers of s/bed, got {FLAGS.levels}") from None
+        if any(not 0 < v <= 600 for v in levels):
+            raise app.UsageError(f"--levels must lie in (0, 600] s/bed, got {FLAGS.levels}")
     specs = [
         generate.spec_from_args(
             FLAGS.preset, role, n_studies=FLAGS.studies, n_slices=FLAGS.slices,
             high_bmi_fraction=FLAGS.high_bmi_fraction,
             versions=tuple(FLAGS.versions) if FLAGS.versions else None,
-            levels=tuple(float(v) for v in FLAGS.levels) if FLAGS.levels else None,
-            realisations=FLAGS.realisations, ood=FLAGS.ood)
+            levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood)
         for role in FLAGS.role
     ]
     print(f"preset {FLAGS.preset}: {generate.describe(specs)} -> {out}/", flush=True)
