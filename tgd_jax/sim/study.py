@@ -82,12 +82,16 @@ def project_phantom(phantom: Phantom, config: SimConfig) -> tuple[np.ndarray, np
             np.asarray(line_integrals(jnp.asarray(phantom.mu), **kwargs)))
 
 
-@functools.lru_cache(maxsize=4)
 def sensitivity(config: SimConfig) -> float:
     """K such that a reference low-BMI study has ~1e6 trues per slice at 120 s/bed."""
-    reference = make_phantom(simulation_key(0), dataclasses.replace(config.fine_grid,
-                             n_slices=4), bmi="low", n_lesions=0)
-    emission, mu = project_phantom(reference, dataclasses.replace(config, n_slices=4))
+    # The calibration uses a fixed 4-slice reference: cache it independently of n_slices.
+    return _sensitivity(dataclasses.replace(config, n_slices=4))
+
+
+@functools.lru_cache(maxsize=4)
+def _sensitivity(config: SimConfig) -> float:
+    reference = make_phantom(simulation_key(0), config.fine_grid, bmi="low", n_lesions=0)
+    emission, mu = project_phantom(reference, config)
     unit = acquisition.expected_rates(emission, mu, sensitivity=1.0, geometry=config.geometry,
                                       scanner=config.scanner)
     per_slice = float(unit.trues.sum((1, 2)).mean())
@@ -158,16 +162,17 @@ def simulate_study(
         thinned = acquisition.thin(jax.random.fold_in(k_levels, i), full, seconds / TARGET_SECONDS)
         acquisitions[f"inputs/{int(round(seconds)):03d}"] = (thinned, float(seconds))
     if halves_seconds is not None:
-        short = acquisition.thin(k_halves, full, halves_seconds / TARGET_SECONDS)
-        a, b = acquisition.split_halves(jax.random.fold_in(k_halves, 1), short)
+        k_short, k_split = jax.random.split(k_halves)
+        short = acquisition.thin(k_short, full, halves_seconds / TARGET_SECONDS)
+        a, b = acquisition.split_halves(k_split, short)
         acquisitions["halves/full"] = (short, halves_seconds)
         acquisitions["halves/a"] = (a, halves_seconds / 2)
         acquisitions["halves/b"] = (b, halves_seconds / 2)
     pieces = None
     if realisations:
-        pieces = acquisition.split_realisations(
-            k_real, acquisition.thin(k_real, full, realisations * realisation_seconds
-                                     / TARGET_SECONDS), realisations)
+        k_pool, k_split = jax.random.split(k_real)  # one key, one use
+        pool = acquisition.thin(k_pool, full, realisations * realisation_seconds / TARGET_SECONDS)
+        pieces = acquisition.split_realisations(k_split, pool, realisations)
 
     images: dict[str, np.ndarray] = {}
     for version in versions:
