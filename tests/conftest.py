@@ -100,3 +100,40 @@ def tiny_dncnn():
     model = DnCNN(features=TINY_FEATURES, use_gates=True)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
     return model, variables
+
+
+# --- toy datasets and a pretrained tiny network, shared by the pipeline tests -----------
+
+from tgd_jax import config as config_lib  # noqa: E402
+from tgd_jax import runs  # noqa: E402
+from tgd_jax.sim.synthetic import write_toy_datasets  # noqa: E402
+
+
+def quiet(message: str) -> None:
+    del message
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """train/finetune/test/online HDF5 files of (5, 32, 32) toy studies."""
+    return write_toy_datasets(tmp_path_factory.mktemp("toy_data"))
+
+
+def tiny_train_config(path, **overrides):
+    c = config_lib.train_config("tiny")
+    c.data.path = str(path)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="session")
+def pretrained(toy_data, tmp_path_factory):
+    """Workdir of a tiny DnCNN trained 12 steps on toy v1 images."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    runs.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
+    return workdir

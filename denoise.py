@@ -1,0 +1,47 @@
+"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or NIfTI out).
+
+  python denoise.py --checkpoint=runs/tgdnet --input=runs/demo/data/test.h5 \
+      --study=study_000 --key=v2/realisations --output=runs/denoised.h5
+  python denoise.py --checkpoint=runs/tgdnet --input=pet.nii.gz --output=pet_dn.nii.gz
+
+NIfTI needs the optional extra: pip install 'tgd-jax[nifti]'.
+"""
+
+import sys
+
+from absl import app, flags
+
+from tgd_jax import checkpoints, cli, denoise
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint folder.",
+                                  required=True)
+_WHICH = flags.DEFINE_string("which", "best", "best | latest | a step number.")
+_INPUT = flags.DEFINE_string("input", None, "HDF5 dataset or NIfTI (.nii, .nii.gz) volume.",
+                             required=True)
+_STUDY = flags.DEFINE_string("study", "", "HDF5 input: the study group (e.g. study_000).")
+_KEY = flags.DEFINE_string("key", "", "HDF5 input: the image key (e.g. v2/halves/full; a "
+                           "4D key such as v2/realisations takes --index).")
+_INDEX = flags.DEFINE_integer("index", 0, "Which volume of a 4D HDF5 key.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output .h5 (dataset 'denoised') or .nii[.gz].",
+                              required=True)
+_BATCH = flags.DEFINE_integer("batch_slices", 8, "Slices per network call.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.quiet_libraries()
+    try:
+        result = denoise.denoise_file(
+            _CHECKPOINT.value, _INPUT.value, _OUTPUT.value, which=_WHICH.value,
+            study=_STUDY.value, key=_KEY.value, index=_INDEX.value,
+            batch_slices=_BATCH.value)
+    except (checkpoints.CheckpointError, ValueError, KeyError, FileNotFoundError,
+            ImportError) as e:
+        sys.exit(f"denoise.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
+    cli.progress(f"wrote {result['output']}: {result['slices']} slices in "
+                 f"{result['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

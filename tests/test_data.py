@@ -1,0 +1,133 @@
+"""Training pairs and stateless patch sampling, checked by brute force against the volumes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from tgd_jax import data
+from tgd_jax.sim.dataset import DatasetError
+from tgd_jax.sim.synthetic import write_toy_datasets
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_datasets(tmp_path_factory.mktemp("toy"), shape=(5, 16, 16))
+
+
+def _dihedral(patch: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of a (p, p, C) patch."""
+    out = []
+    for k in range(4):
+        r = np.rot90(patch, k, axes=(0, 1))
+        out += [r, r[:, ::-1]]
+    return out
+
+
+def _find(pairs: data.PairSet, inputs: np.ndarray, targets: np.ndarray, p: int,
+          augment: bool) -> bool:
+    """Whether some pair, slice window, position and transform yields (inputs, targets)."""
+    for i, j in pairs.pairs:
+        vi, vj = pairs.volumes[i], pairs.volumes[j]
+        z_n, h, w = vi.shape
+        for z in range(1, z_n - 1):
+            for y in range(h - p + 1):
+                for x in range(w - p + 1):
+                    a = np.moveaxis(vi[z - 1:z + 2, y:y + p, x:x + p], 0, -1)
+                    b = np.moveaxis(vj[z - 1:z + 2, y:y + p, x:x + p], 0, -1)
+                    transforms = _dihedral(a) if augment else [a]
+                    targets_t = _dihedral(b) if augment else [b]
+                    for ta, tb in zip(transforms, targets_t, strict=True):
+                        if np.array_equal(ta, inputs) and np.array_equal(tb, targets):
+                            return True
+    return False
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_every_example_is_a_window_of_a_pair_with_one_transform(toy, augment):
+    pairs = data.supervised_pairs(toy["train"], "v1", ["study_000"])
+    batch = data.sample_batch(pairs, seed=3, step=7, batch_size=4, patch_size=8,
+                              augment=augment)
+    assert batch["inputs"].shape == batch["targets"].shape == (4, 8, 8, 3)
+    for b in range(4):
+        assert _find(pairs, batch["inputs"][b], batch["targets"][b], 8, augment)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(toy):
+    pairs = data.supervised_pairs(toy["train"], "v1")
+    kw = dict(batch_size=6, patch_size=8)
+    a = data.sample_batch(pairs, seed=1, step=5, **kw)
+    b = data.sample_batch(pairs, seed=1, step=5, **kw)
+    c = data.sample_batch(pairs, seed=1, step=6, **kw)
+    d = data.sample_batch(pairs, seed=2, step=5, **kw)
+    v = data.sample_batch(pairs, seed=1, step=5, stream=data.STREAM_VAL, **kw)
+    assert np.array_equal(a["inputs"], b["inputs"])
+    for other in (c, d, v):
+        assert not np.array_equal(a["inputs"], other["inputs"])
+
+
+def test_supervised_pairs_map_every_level_to_the_same_studys_target(toy):
+    pairs = data.supervised_pairs(toy["train"], "v2")
+    assert len(pairs.pairs) == 3 * 2  # 3 studies x levels (30, 60)
+    for i, j in pairs.pairs:
+        study_i, _, kind_i, *_ = pairs.names[i].split("/")
+        study_j, version, kind_j = pairs.names[j].split("/")
+        assert (study_i, kind_i, version, kind_j) == (study_j, "inputs", "v2", "target")
+
+
+def test_n2n_pairs_go_both_ways(toy):
+    pairs = data.n2n_pairs(toy["online"], "v2")
+    assert [(pairs.names[i][-1], pairs.names[j][-1]) for i, j in pairs.pairs] == [
+        ("a", "b"), ("b", "a")]
+
+
+def test_scale_multiplies_the_images(toy):
+    one = data.supervised_pairs(toy["train"], "v1", ["study_000"])
+    two = data.supervised_pairs(toy["train"], "v1", ["study_000"], scale=2.0)
+    np.testing.assert_array_equal(two.volumes[0], 2 * one.volumes[0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t: data.supervised_pairs(t["train"], "v3"), "no reconstruction version 'v3'"),
+    (lambda t: data.supervised_pairs(t["online"], "v2"), "no count-level inputs"),
+    (lambda t: data.supervised_pairs(t["train"], "v1", ["study_009"]), "no study 'study_009'"),
+    (lambda t: data.n2n_pairs(t["train"], "v1"), "missing key 'v1/halves/a'"),
+])
+def test_bad_requests_name_the_problem(toy, call, message):
+    with pytest.raises(DatasetError, match=message):
+        call(toy)
+
+
+def test_split_studies():
+    assert data.split_studies(["a", "b", "c"], 1) == (["a", "b"], ["c"])
+    assert data.split_studies(["a", "b"], 0) == (["a", "b"], [])
+    with pytest.raises(ValueError, match="val_studies=2"):
+        data.split_studies(["a", "b"], 2)
+
+
+def test_steps_per_epoch_tiles_the_pairs_once(toy):
+    pairs = data.supervised_pairs(toy["train"], "v1")  # 6 pairs of (5, 16, 16)
+    # 6 pairs x 3 centre slices x (16/8)^2 patches = 72 patches; / 10 per batch -> 8 steps
+    assert data.steps_per_epoch(pairs, 8, 10) == 8
+
+
+def test_prefetcher_keeps_order_runs_ahead_and_reraises():
+    made: list[int] = []
+    lock = threading.Lock()
+
+    def make(step):
+        with lock:
+            made.append(step)
+        if step == 5:
+            raise RuntimeError("bad step 5")
+        return step * 10
+
+    out = []
+    with pytest.raises(RuntimeError, match="bad step 5"):
+        for step, value in data.Prefetcher(make, 2, 9, depth=2):
+            out.append((step, value))
+    assert out == [(2, 20), (3, 30), (4, 40)]
+    assert made == [2, 3, 4, 5]  # stops producing after the failure
+    assert list(data.Prefetcher(lambda s: s, 0, 3)) == [(0, 0), (1, 1), (2, 2)]

@@ -1,0 +1,242 @@
+"""The experiments end to end on toy data, checked against invariants of each method.
+
+Frozen elements must be bit-identical to the starting checkpoint (compared as bytes),
+retrainable ones must move, and the choice of weights must follow each method's rule.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import jax
+import numpy as np
+import pytest
+from conftest import quiet, tiny_train_config
+from flax import traverse_util
+
+from tgd_jax import checkpoints, runs
+from tgd_jax import config as config_lib
+from tgd_jax import data as data_lib
+from tgd_jax.sim.dataset import DatasetError
+from tgd_jax.trainer import NonFiniteLossError
+
+
+def _config(kind, path, checkpoint, **overrides):
+    c = getattr(config_lib, f"{kind}_config")("tiny")
+    c.data.path = str(path)
+    c.checkpoint = str(checkpoint)
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(jax.tree.map(np.asarray, tree), sep="/")
+
+
+def _channels(workdir):
+    return {k: np.asarray(v, bool) for k, v in
+            json.loads((workdir / "mask.json").read_text())["channels"].items()}
+
+
+def _check_frozen_and_moved(before, after, channels, stats_before=None, stats_after=None):
+    """Per conv/BN leaf: frozen channels bit-identical, retrained channels changed."""
+    moved = total = 0
+    for path, old in before.items():
+        layer, name = path.split("/")
+        conv = layer.replace("bn", "conv")
+        retrain = channels[conv]
+        new = after[path]
+        for c in range(old.shape[-1]):
+            if retrain[c]:
+                total += old[..., c].size
+                moved += int(np.sum(old[..., c] != new[..., c]))
+            else:
+                assert old[..., c].tobytes() == new[..., c].tobytes(), (path, c)
+    if stats_before is not None:
+        for path, old in stats_before.items():
+            retrain = channels[path.split("/")[0].replace("bn", "conv")]
+            np.testing.assert_array_equal(old[~retrain], stats_after[path][~retrain])
+    return moved, total
+
+
+@pytest.fixture(scope="module")
+def start(pretrained):
+    params, stats, _, meta = checkpoints.load(pretrained)
+    return _flat(params), _flat(stats), meta
+
+
+def _source(workdir):
+    """The exact checkpoint a fine-tuning run started from (recorded in its mask.json)."""
+    path = json.loads((workdir / "mask.json").read_text())["source_checkpoint"]
+    params, stats, _, meta = checkpoints.load(path)
+    return _flat(params), _flat(stats), meta
+
+
+def _final(workdir):
+    params, stats, _, meta = checkpoints.load(workdir, "latest")
+    return _flat(params), _flat(stats), meta
+
+
+@pytest.mark.parametrize("method", ["tgd", "random", "l1"])
+def test_masked_methods_freeze_exactly_and_move_the_rest(toy_data, pretrained, start, tmp_path,
+                                                         method):
+    summary = runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method=method),
+                            tmp_path, log=quiet)
+    p0, s0, _ = _source(tmp_path)
+    p1, s1, meta = _final(tmp_path)
+    assert meta["step"] == summary["steps"] == 12
+    channels = _channels(tmp_path)
+    assert not channels["conv4"].any()  # the last layer stays frozen
+    moved, total = _check_frozen_and_moved(p0, p1, channels, s0, s1)
+    assert total > 0 and moved / total > 0.9
+    frac = json.loads((tmp_path / "mask.json").read_text())["retrained_fraction"]
+    assert frac == pytest.approx(total / sum(v.size for v in p0.values()))
+
+
+def test_random_and_l1_retrain_as_many_channels_as_tgd(toy_data, pretrained, tmp_path, start):
+    counts = {}
+    for method in ("tgd", "random", "l1"):
+        runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method=method,
+                              num_steps=1, eval_every=1, log_every=1), tmp_path / method,
+                      log=quiet)
+        counts[method] = _channels(tmp_path / method)
+    for layer, mask in counts["tgd"].items():
+        assert counts["random"][layer].sum() == counts["l1"][layer].sum() == mask.sum()
+    # l1: the chosen channels are exactly the lowest-L1 filters (brute force, NumPy).
+    p0 = start[0]
+    for layer, mask in counts["l1"].items():
+        n = int(mask.sum())
+        if 0 < n < mask.size:
+            l1 = np.abs(p0[f"{layer}/kernel"]).reshape(-1, mask.size).sum(axis=0)
+            assert set(np.flatnonzero(mask)) == set(np.argsort(l1, kind="stable")[:n])
+
+
+def test_last_k_changes_only_the_last_three_blocks(toy_data, pretrained, start, tmp_path):
+    runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method="last_k"),
+                  tmp_path, log=quiet)
+    p0, s0, _ = start
+    p1, s1, _ = _final(tmp_path)
+    # Tiny net: conv1..conv4; the last three blocks are (conv2, bn2), (conv3, bn3), conv4.
+    for path in p0:
+        same = p0[path].tobytes() == p1[path].tobytes()
+        assert same == path.startswith("conv1/"), path
+    assert s0["bn2/mean"].tobytes() != s1["bn2/mean"].tobytes()
+
+
+def test_full_moves_everything(toy_data, pretrained, start, tmp_path):
+    runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method="full"),
+                  tmp_path, log=quiet)
+    p0, _, _ = start
+    p1, _, _ = _final(tmp_path)
+    assert all(p0[k].tobytes() != p1[k].tobytes() for k in p0)
+
+
+def test_online_changes_only_its_mask_and_writes_the_denoised_image(toy_data, pretrained,
+                                                                   start, tmp_path):
+    summary = runs.online(_config("online", toy_data["online"], pretrained), tmp_path,
+                          log=quiet)
+    assert summary["study"] == "study_000"
+    assert json.loads((tmp_path / "mask.json").read_text())["phi"] == 0.4
+    p0, s0, meta0 = _source(tmp_path)
+    assert meta0["checkpoint"].endswith("checkpoints/12")  # online starts from the latest
+    p1, s1, _ = _final(tmp_path)
+    _check_frozen_and_moved(p0, p1, _channels(tmp_path), s0, s1)
+    with h5py.File(tmp_path / "denoised.h5") as f:
+        with h5py.File(toy_data["online"]) as g:
+            np.testing.assert_array_equal(f["input"][()], g["study_000/v2/halves/full"][()])
+        assert f["denoised"].shape == f["pretrained"].shape == (5, 32, 32)
+        assert not np.array_equal(f["denoised"][()], f["pretrained"][()])
+    assert (tmp_path / "online.png").stat().st_size > 0
+
+
+def test_workdir_holds_config_versions_metrics_summary(pretrained):
+    names = {p.name for p in pretrained.iterdir()}
+    assert {"config.json", "versions.json", "metrics.jsonl", "summary.json", "checkpoints",
+            "best"} <= names
+    records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+    assert json.loads((pretrained / "config.json").read_text())["command"] == "train"
+
+
+def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained):
+    before = _final(pretrained)[0]
+    summary = runs.train(tiny_train_config(toy_data["train"]), pretrained, log=quiet)
+    assert summary["resumed_from"] == 12
+    after = _final(pretrained)[0]
+    assert all(before[k].tobytes() == after[k].tobytes() for k in before)
+
+
+def test_a_different_config_on_the_same_workdir_is_refused(toy_data, pretrained):
+    with pytest.raises(ValueError, match=r"different config \(config.batch_size: 4 -> 8\)"):
+        runs.train(tiny_train_config(toy_data["train"], batch_size=8), pretrained, log=quiet)
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+        toy_data, tmp_path, monkeypatch):
+    sample = data_lib.sample_batch
+
+    def poisoned(*args, step, **kw):
+        batch = sample(*args, step=step, **kw)
+        if step >= 6 and kw.get("stream", 0) == data_lib.STREAM_TRAIN:
+            batch["inputs"][:] = np.nan
+        return batch
+
+    monkeypatch.setattr(data_lib, "sample_batch", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 7; stopped. The last good "
+                                                 "checkpoint is step 4"):
+        runs.train(tiny_train_config(toy_data["train"]), tmp_path, log=quiet)
+    params, _, _, meta = checkpoints.load(tmp_path, "latest")
+    assert meta["step"] == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"tgd.phi": 1.5}, ValueError, "phi"),
+    ({"method": "prune"}, ValueError, "unknown method 'prune'"),
+    ({"data.version": "v1"}, DatasetError, "no reconstruction version 'v1'"),
+    ({"batch_size": 0}, ValueError, "batch_size=0"),
+])
+def test_finetune_errors_name_the_problem(toy_data, pretrained, tmp_path, overrides, error,
+                                          message):
+    config = _config("finetune", toy_data["finetune"], pretrained, **overrides)
+    with pytest.raises(error, match=message):
+        runs.finetune(config, tmp_path, log=quiet)
+
+
+def test_missing_checkpoint_is_named(toy_data, tmp_path):
+    config = _config("finetune", toy_data["finetune"], tmp_path / "nonexistent")
+    with pytest.raises(checkpoints.CheckpointError, match="nonexistent: no such workdir"):
+        runs.finetune(config, tmp_path / "run", log=quiet)
+
+
+def test_online_on_a_training_file_names_the_missing_key(toy_data, pretrained, tmp_path):
+    with pytest.raises(DatasetError, match="missing key 'v2/halves/a'"):
+        runs.online(_config("online", toy_data["train"], pretrained), tmp_path, log=quiet)
+
+
+def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp_path):
+    # A checkpoint whose stored config disagrees with its own parameters.
+    other = tmp_path / "other"
+    runs.train(tiny_train_config(toy_data["train"], **{"model.features": (8, 6, 8, 3)},
+                                 num_steps=1), other, log=quiet)
+    cfg = json.loads((other / "config.json").read_text())
+    assert cfg["config"]["model"]["features"] == [8, 6, 8, 3]
+    params, stats, _, _ = checkpoints.load(other, "latest")
+    reference = jax.tree.map(np.asarray, params)
+    assert reference["conv2"]["kernel"].shape == (3, 3, 8, 6)
+    from tgd_jax.denoise import model_from_config
+
+    model = model_from_config({"features": (8, 8, 8, 3), "width_multiplier": 1.0,
+                               "bn_momentum": 0.9})
+    template = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"'bn2/bias' has shape \(6,\) in the checkpoint but \(8,\)"):
+        checkpoints.check_tree_match(template["params"], params, str(other))

@@ -1,0 +1,216 @@
+"""Checkpoints with orbax: the last few, the best on validation loss, and a public loader.
+
+Layout inside a workdir::
+
+    checkpoints/<step>/{state,meta}   the last ``keep`` checkpoints (resume from the newest)
+    best/<step>/{state,meta}          the one with the lowest validation loss so far
+
+``state`` is the whole :class:`~tgd_jax.step.TrainState` as a state dict (params, BatchNorm
+statistics, optimizer state WITH the TGD mask, gates, step); ``meta`` is JSON (the run's
+config, the validation loss). Orbax writes each checkpoint under a temporary name and
+renames it when complete, so a run killed mid-save leaves the previous ones intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization, traverse_util
+
+__all__ = ["CheckpointError", "Checkpointer", "load", "resolve", "check_tree_match"]
+
+LATEST_DIR, BEST_DIR = "checkpoints", "best"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or does not fit the model it is loaded into."""
+
+
+def _manager(directory: Path, keep: int, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    # Handlers given up front (not just item names), so a fresh manager can read a saved
+    # checkpoint's array metadata before restoring (architecture check).
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+class Checkpointer:
+    """Saves and restores a run's :class:`~tgd_jax.step.TrainState` in ``workdir``.
+
+    Args:
+      workdir: the run's folder.
+      keep: how many of the latest checkpoints to keep.
+    """
+
+    def __init__(self, workdir: str | Path, keep: int = 3):
+        self.workdir = Path(workdir)
+        self._latest = _manager(self.workdir / LATEST_DIR, keep)
+        self._best = _manager(self.workdir / BEST_DIR, 1)
+        best_step = self._best.latest_step()
+        self.best_loss = (float("inf") if best_step is None
+                          else float(self._restore_meta(self._best, best_step)["val_loss"]))
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    @property
+    def best_step(self) -> int | None:
+        return self._best.latest_step()
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any],
+             val_loss: float | None = None) -> bool:
+        """Saves ``state`` at ``step`` (and as the best when ``val_loss`` improves).
+
+        Returns whether it became the best.
+        """
+        meta = {**meta, "step": int(step), "val_loss": val_loss}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+                                  meta=ocp.args.JsonSave(meta))
+        self._latest.save(step, args=args, force=True)
+        improved = val_loss is not None and val_loss < self.best_loss
+        if improved:
+            self.best_loss = float(val_loss)
+            self._best.wait_until_finished()
+            for old in self._best.all_steps():
+                self._best.delete(old)
+            self._best.save(step, args=args, force=True)
+        return improved
+
+    def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any]] | None:
+        """The newest checkpoint restored into ``template``'s structure, or None if none."""
+        step = self._latest.latest_step()
+        if step is None:
+            return None
+        return restore_into(self._latest, step, template, self.workdir / LATEST_DIR)
+
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+    @staticmethod
+    def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,
+                 where: Path) -> tuple[Any, dict[str, Any]]:
+    """Restores step ``step`` with ``template``'s structure, shapes, dtypes and shardings."""
+    target = serialization.to_state_dict(template)
+    metadata = manager.item_metadata(step)["state"]
+    saved = metadata.tree if hasattr(metadata, "tree") else metadata
+    check_tree_match(target, saved, f"{where}/{step}")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return serialization.from_state_dict(template, restored["state"]), restored["meta"]
+
+
+def check_tree_match(expected: Any, saved: Any, where: str) -> None:
+    """Raises :class:`CheckpointError` naming the first leaf whose path, shape or dtype differ.
+
+    ``expected`` holds arrays (or shape/dtype structs), ``saved`` the checkpoint's array
+    metadata (anything with ``shape`` and ``dtype``).
+    """
+    flat_e = _flat(expected)
+    flat_s = _flat(saved)
+    for path in sorted(set(flat_e) | set(flat_s)):
+        if path not in flat_s:
+            raise CheckpointError(f"{where}: the model has '{path}' (shape "
+                                  f"{tuple(flat_e[path].shape)}) but the checkpoint does not; "
+                                  "was it written by a different architecture or method?")
+        if path not in flat_e:
+            raise CheckpointError(f"{where}: the checkpoint has '{path}' (shape "
+                                  f"{tuple(flat_s[path].shape)}) but the model does not; "
+                                  "was it written by a different architecture or method?")
+        e, s = flat_e[path], flat_s[path]
+        if tuple(e.shape) != tuple(s.shape):
+            raise CheckpointError(f"{where}: '{path}' has shape {tuple(s.shape)} in the "
+                                  f"checkpoint but {tuple(e.shape)} in the model "
+                                  "(a different architecture?)")
+        if np.dtype(e.dtype) != np.dtype(s.dtype):
+            raise CheckpointError(f"{where}: '{path}' has dtype {np.dtype(s.dtype)} in the "
+                                  f"checkpoint but {np.dtype(e.dtype)} in the model")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {"": tree}
+    flat = traverse_util.flatten_dict(_to_dict(tree), sep="/")
+    return {k: v for k, v in flat.items() if v is not None and hasattr(v, "shape")}
+
+
+def _to_dict(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def resolve(path: str | Path, which: str = "best") -> tuple[Path, int]:
+    """The manager folder and step for ``path``: a workdir, a ``checkpoints``/``best`` folder,
+    or one checkpoint's folder (``.../checkpoints/400``, which ignores ``which``).
+
+    ``which``: ``"best"`` (falls back to the latest when no best exists), ``"latest"``, or a
+    step number.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such workdir or checkpoint folder")
+    if path.name.isdigit() and (path / "state").is_dir():  # one checkpoint: <folder>/<step>
+        return path.parent, int(path.name)
+    if (path / LATEST_DIR).is_dir() or (path / BEST_DIR).is_dir():
+        candidates = [path / BEST_DIR, path / LATEST_DIR] if which == "best" else [
+            path / LATEST_DIR]
+    else:
+        candidates = [path]
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        steps = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+        if not steps:
+            continue
+        if which in ("best", "latest"):
+            return folder, steps[-1]
+        if not str(which).isdigit() or int(which) not in steps:
+            raise CheckpointError(f"{folder}: no checkpoint at step {which} (have {steps})")
+        return folder, int(which)
+    raise CheckpointError(f"{path}: no checkpoints found (looked in "
+                          f"{', '.join(str(c) for c in candidates)})")
+
+
+def load(path: str | Path, which: str = "best",
+         ) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
+    """Loads a trained network for scripts and notebooks.
+
+    Args:
+      path: a run's workdir, or its ``checkpoints`` / ``best`` folder.
+      which: ``"best"`` (lowest validation loss; the latest if none), ``"latest"``, or a step.
+
+    Returns:
+      ``(params, batch_stats, config, meta)``: NumPy pytrees, the run's config, and the
+      checkpoint's metadata (``step``, ``val_loss``, ``checkpoint`` path).
+    """
+    folder, step = resolve(path, which)
+    manager = _manager(folder, keep=1_000_000, create=False)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    state, meta = restored["state"], dict(restored["meta"])
+    if "params" not in state:
+        raise CheckpointError(f"{folder}/{step}: no 'params' in the checkpoint's state")
+    to_numpy = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
+    meta["checkpoint"] = str(folder / str(step))
+    config = ml_collections.ConfigDict(meta.get("config", {}))
+    return (to_numpy(state["params"]), to_numpy(state.get("batch_stats") or {}), config, meta)

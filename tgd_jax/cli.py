@@ -1,0 +1,69 @@
+"""What the command-line entry points share: flags, error reporting, progress logging."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags, logging
+
+from tgd_jax.checkpoints import CheckpointError
+from tgd_jax.sim.dataset import DatasetError
+from tgd_jax.trainer import NonFiniteLossError
+
+__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag"]
+
+#: The ``configs/`` folder next to the package (a source checkout).
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+_EXPECTED = (DatasetError, CheckpointError, NonFiniteLossError, ValueError, KeyError,
+             FileNotFoundError, ImportError)
+
+
+def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
+    """Copies shortcut flags (``--method`` -> ``config.method``) that were given."""
+    for path, value in values.items():
+        if value is None:
+            continue
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
+def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,
+        workdir: str) -> None:
+    """Runs an experiment function; expected errors end the program with one clear line."""
+    quiet_libraries()
+    if config.get("distributed"):
+        jax.distributed.initialize()
+    try:
+        summary = fn(config, workdir, log=progress)
+    except _EXPECTED as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        sys.exit(f"{name}: error: {message}")
+    progress(f"{name} finished: " + ", ".join(
+        f"{k}={summary[k]}" for k in sorted(summary) if not isinstance(summary[k], list | dict)))
+
+
+def progress(message: str) -> None:
+    """One timestamped progress line on stdout (flushed, so it shows in pipes and logs)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def quiet_libraries() -> None:
+    """Orbax reports every file it writes at INFO; keep the run's own lines readable."""
+    logging.set_verbosity(logging.WARNING)
+
+
+def workdir_flag() -> flags.FlagHolder[str]:
+    return flags.DEFINE_string(
+        "workdir", None, "Folder for everything the run writes: config.json, versions.json, "
+        "metrics.jsonl, checkpoints/, best/, summary.json. Rerunning the same command on "
+        "the same workdir resumes from its newest checkpoint.", required=True)

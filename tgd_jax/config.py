@@ -1,0 +1,132 @@
+"""Experiment configs (ml_collections), shared by ``train.py``, ``finetune.py`` and ``online.py``.
+
+The files in ``configs/`` call these builders, so every command has one documented set of
+fields, overridable from the command line (``--config.optimizer.learning_rate=3e-4``).
+A config string after the file selects a size preset (``--config=configs/train.py:tiny``):
+
+* ``paper``: the paper's DnCNN (64..256 channels), 32 x 32 patches, Adam 1e-3, 500 epochs.
+* ``demo``: a quarter-width DnCNN and fewer steps, for the CPU demo (``make demo``).
+* ``tiny``: a few hundred parameters and a handful of steps, for the test suite.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+__all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
+           "apply_preset"]
+
+PRESETS = ("paper", "demo", "tiny")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Fields every command shares."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # model init and data sampling: batches are a pure function of (seed, step)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.features = (64, 64, 128, 128, 128, 256, 256, 3)  # the paper's widths
+    c.model.width_multiplier = 1.0
+    c.model.bn_momentum = 0.9
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # HDF5 dataset written by `python -m tgd_jax.sim`
+    c.data.version = "v1"  # reconstruction version whose images are used
+    c.data.val_studies = 1  # last N studies held out for validation (0: fixed training patches)
+    c.data.patch_size = 32  # the paper trains on 32 x 32 x 3 patches
+    c.data.augment = True  # random flips and 90-degree rotations (the 8 dihedral transforms)
+    c.data.intensity_scale = 1.0  # images are multiplied by this before the network (SUV units)
+    c.data.prefetch = 2  # batches prepared ahead on a background thread
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adam"  # adam | adamw | sgd
+    c.optimizer.learning_rate = 1e-3  # the paper's Adam learning rate
+    c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 disables
+
+    c.batch_size = 32  # GLOBAL batch, split over all devices (must divide evenly)
+    c.num_epochs = 500.0  # one epoch = as many patches as tile the training pairs once
+    c.num_steps = 0  # > 0 overrides num_epochs
+    c.log_every = 50  # steps between metric records / progress lines
+    c.eval_every = 500  # steps between validation + checkpoint
+    c.eval_batches = 4  # fixed validation batches
+    c.keep_checkpoints = 3  # the last N are kept, plus the best on validation loss
+    c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+    """Sizes a config for ``paper`` (unchanged), ``demo`` or ``tiny`` runs."""
+    if preset in ("", "paper"):
+        return c
+    if preset == "demo":
+        c.model.width_multiplier = 0.25
+        c.batch_size = 32
+        c.num_epochs = 0.0
+        c.num_steps = 600
+        c.log_every = 50
+        c.eval_every = 200
+    elif preset == "tiny":
+        c.model.features = (8, 8, 8, 3)
+        c.data.patch_size = 16
+        c.batch_size = 4
+        c.num_epochs = 0.0
+        c.num_steps = 12
+        c.log_every = 2
+        c.eval_every = 4
+        c.eval_batches = 1
+        c.data.prefetch = 1
+    else:
+        raise ValueError(f"unknown config preset {preset!r}; have {PRESETS}")
+    return c
+
+
+def train_config(preset: str = "") -> ml_collections.ConfigDict:
+    """``train.py``: a DnCNN from scratch on one version (v1-net, v2-net)."""
+    c = base_config()
+    c.data.path = "runs/demo/data/train.h5"
+    return apply_preset(c, preset)
+
+
+def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
+    """``finetune.py``: FT-net / TGD-net and the ablations, from a pretrained checkpoint."""
+    c = base_config()
+    c.data.path = "runs/demo/data/finetune.h5"
+    c.data.version = "v2"
+    c.data.val_studies = 0  # the paper fine-tunes on only 7 studies: keep them all
+    c.checkpoint = ""  # workdir or checkpoint folder of the network to start from
+    c.checkpoint_which = "best"  # best | latest | <step>
+    c.method = "tgd"  # tgd | last_k | full | random | l1
+    c.tgd = tgd_section(phi=0.3)
+    c.last_k = 3  # last_k: conv blocks fine-tuned from the end (the paper's FT-net: 3)
+    c.freeze_batch_stats = True  # keep the BatchNorm running statistics of frozen channels
+    return apply_preset(c, preset)
+
+
+def online_config(preset: str = "") -> ml_collections.ConfigDict:
+    """``online.py``: noise-2-noise TGD on ONE study (TGD_N2N-net, TGD^2_N2N-net)."""
+    c = finetune_config()
+    c.data.path = "runs/demo/data/online.h5"
+    c.data.study = ""  # study group to learn on ("" = the first)
+    c.data.val_studies = 0
+    c.num_epochs = 150.0  # the paper's online-learning epochs
+    c.tgd.phi = 0.4  # the paper's threshold for N2N online learning
+    c.checkpoint_which = "latest"
+    if preset == "demo":
+        apply_preset(c, preset)
+        c.num_steps = 300
+        c.eval_every = 100
+        return c
+    return apply_preset(c, preset)
+
+
+def tgd_section(phi: float) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.phi = phi  # KSE threshold: channels scoring below it are retrained
+    t.alpha = 1.0  # KSE entropy weight
+    t.k = 5  # KSE nearest neighbours
+    t.first = "kse"  # conv1 policy: kse | frozen | train (the paper leaves this open)
+    t.mode = "paper"  # paper (gated backward pass) | projected (update mask only)
+    return t

@@ -1,0 +1,221 @@
+"""Training pairs from the simulator's HDF5 datasets, and stateless 2.5D patch batches.
+
+A :class:`PairSet` is a list of 3D volumes plus ``(input, target)`` index pairs into it:
+
+* supervised, noise-adaptive (``train.py``, ``finetune.py``): each count level's input of a
+  study paired with that study's 600 s target of the same reconstruction version;
+* noise-2-noise (``online.py``): half A -> half B and half B -> half A of one study.
+
+:func:`sample_batch` draws a batch as a pure function of ``(seed, step)`` (NumPy's
+``SeedSequence``), so a resumed run sees exactly the batches an uninterrupted one would,
+and :class:`Prefetcher` prepares the next batches on a background thread while the
+device computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tgd_jax.sim.dataset import DatasetError, level_key, open_dataset
+
+__all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
+           "split_studies", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL"]
+
+STREAM_TRAIN, STREAM_VAL = 0, 1
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSet:
+    """Volumes and the (input, target) pairs drawn from them.
+
+    Attributes:
+      volumes: tuple of ``(Z, H, W)`` float32 arrays.
+      pairs: ``(P, 2)`` int array of ``(input volume, target volume)`` indices.
+      names: one ``"study/key"`` per volume, for messages and provenance.
+    """
+
+    volumes: tuple[np.ndarray, ...]
+    pairs: np.ndarray
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.pairs) == 0:
+            raise ValueError("a PairSet needs at least one (input, target) pair")
+        for i, j in self.pairs:
+            a, b = self.volumes[i], self.volumes[j]
+            if a.shape != b.shape:
+                raise ValueError(f"pair {self.names[i]} -> {self.names[j]}: shapes "
+                                 f"{a.shape} and {b.shape} differ")
+            if a.ndim != 3 or a.shape[0] < 3:
+                raise ValueError(f"{self.names[i]}: 2.5D training needs (Z >= 3, H, W) "
+                                 f"volumes, got shape {a.shape}")
+
+
+def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], list[str]]:
+    """The last ``val_studies`` studies validate, the others train."""
+    studies = list(studies)
+    if val_studies < 0 or val_studies >= len(studies) and val_studies > 0:
+        raise ValueError(f"val_studies={val_studies} must be in [0, {len(studies) - 1}] for "
+                         f"a dataset of {len(studies)} studies")
+    if val_studies == 0:
+        return studies, []
+    return studies[:-val_studies], studies[-val_studies:]
+
+
+def supervised_pairs(path: str | Path, version: str, studies: Sequence[str] | None = None,
+                     *, scale: float = 1.0) -> PairSet:
+    """Every count level's input -> the 600 s target, same ``version``, of each study.
+
+    Raises:
+      DatasetError: the file is invalid, has no inputs, or lacks ``version``.
+    """
+    info = open_dataset(path)
+    if version not in info.versions:
+        raise DatasetError(f"{path}: no reconstruction version '{version}' "
+                           f"(the file has {list(info.versions)})")
+    if not info.levels_s:
+        raise DatasetError(f"{path}: role '{info.role}' has no count-level inputs; supervised "
+                           "training needs a 'train' or 'finetune' dataset")
+    volumes: list[np.ndarray] = []
+    names: list[str] = []
+    pairs: list[tuple[int, int]] = []
+    with h5py.File(path, "r") as f:
+        for study in _select(path, info.studies, studies):
+            target = len(volumes)
+            volumes.append(_read(f, study, f"{version}/target", scale))
+            names.append(f"{study}/{version}/target")
+            for level in info.levels_s:
+                key = f"{version}/{level_key(level)}"
+                pairs.append((len(volumes), target))
+                volumes.append(_read(f, study, key, scale))
+                names.append(f"{study}/{key}")
+    return PairSet(tuple(volumes), np.asarray(pairs, np.int64), tuple(names))
+
+
+def n2n_pairs(path: str | Path, version: str, study: str = "", *,
+              scale: float = 1.0) -> PairSet:
+    """Noise-2-noise pairs of ONE study: half a -> half b and b -> a."""
+    info = open_dataset(path)
+    if version not in info.versions:
+        raise DatasetError(f"{path}: no reconstruction version '{version}' "
+                           f"(the file has {list(info.versions)})")
+    study = study or info.studies[0]
+    (study,) = _select(path, info.studies, [study])
+    with h5py.File(path, "r") as f:
+        for key in ("halves/a", "halves/b"):
+            if f"{version}/{key}" not in f[study]:
+                raise DatasetError(f"{path}: study '{study}': missing key '{version}/{key}' "
+                                   "(noise-2-noise needs an 'online' dataset)")
+        a = _read(f, study, f"{version}/halves/a", scale)
+        b = _read(f, study, f"{version}/halves/b", scale)
+    return PairSet((a, b), np.asarray([(0, 1), (1, 0)]),
+                   (f"{study}/{version}/halves/a", f"{study}/{version}/halves/b"))
+
+
+def _select(path: Any, available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    if wanted is None:
+        return list(available)
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise DatasetError(f"{path}: no study {missing[0]!r} (have {list(available)})")
+    if not wanted:
+        raise DatasetError(f"{path}: no studies selected")
+    return list(wanted)
+
+
+def _read(f: h5py.File, study: str, key: str, scale: float) -> np.ndarray:
+    return np.asarray(f[study][key][()], np.float32) * np.float32(scale)
+
+
+def steps_per_epoch(pairs: PairSet, patch_size: int, batch_size: int) -> int:
+    """Steps for one epoch: as many patches as tile every pair's 2.5D slices once."""
+    z, h, w = pairs.volumes[pairs.pairs[0, 0]].shape
+    patches = len(pairs.pairs) * (z - 2) * max(1, h // patch_size) * max(1, w // patch_size)
+    return max(1, math.ceil(patches / batch_size))
+
+
+def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch_size: int,
+                 augment: bool = True, stream: int = STREAM_TRAIN,
+                 process_index: int = 0) -> Batch:
+    """A batch of random 2.5D patches, a pure function of ``(seed, step, stream, process)``.
+
+    Each example: a pair, a centre slice ``z`` (1..Z-2, so its 3 slices exist), a
+    ``patch_size`` square at a random position, and (``augment``) one of the 8 flips /
+    90-degree rotations, applied to input and target alike.
+
+    Returns:
+      ``{"inputs": (B, p, p, 3), "targets": (B, p, p, 3)}`` float32, slices as channels.
+    """
+    rng = np.random.default_rng([seed, step, stream, process_index])
+    shape = pairs.volumes[pairs.pairs[0, 0]].shape
+    z_max, h, w = shape[0] - 2, shape[1], shape[2]
+    if patch_size > min(h, w):
+        raise ValueError(f"patch_size {patch_size} exceeds the image size {h} x {w}")
+    pick = rng.integers(len(pairs.pairs), size=batch_size)
+    zs = rng.integers(1, z_max + 1, size=batch_size)
+    ys = rng.integers(0, h - patch_size + 1, size=batch_size)
+    xs = rng.integers(0, w - patch_size + 1, size=batch_size)
+    rots = rng.integers(4, size=batch_size) if augment else np.zeros(batch_size, int)
+    flips = rng.integers(2, size=batch_size) if augment else np.zeros(batch_size, int)
+    out = {name: np.empty((batch_size, patch_size, patch_size, 3), np.float32)
+           for name in ("inputs", "targets")}
+    for b in range(batch_size):
+        for name, vol in zip(("inputs", "targets"), pairs.pairs[pick[b]], strict=True):
+            z, y, x = zs[b], ys[b], xs[b]
+            patch = pairs.volumes[vol][z - 1:z + 2, y:y + patch_size, x:x + patch_size]
+            patch = np.rot90(patch, rots[b], axes=(1, 2))
+            if flips[b]:
+                patch = patch[:, :, ::-1]
+            out[name][b] = np.moveaxis(patch, 0, -1)
+    return out
+
+
+class Prefetcher:
+    """Iterates ``make(step)`` for ``step`` in ``[start, stop)``, ``depth`` steps ahead.
+
+    ``make`` runs on one background thread (NumPy sampling and the host-to-device copy),
+    so the device is not kept waiting for data. An exception in ``make`` is re-raised in
+    the consumer at the step that failed.
+    """
+
+    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._count = max(0, stop - start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[int], Any], start: int, stop: int) -> None:
+        for step in range(start, stop):
+            try:
+                item = (step, make(step), None)
+            except BaseException as e:  # hand the error to the consumer
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        for _ in range(self._count):
+            step, value, error = self._queue.get()
+            if error is not None:
+                raise error
+            yield step, value
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,174 @@
+"""Denoising whole 3D volumes with a trained 2.5D network.
+
+Each slice ``z`` is denoised from the stack ``(z-1, z, z+1)``; the network's output for the
+centre slice is kept. Edge slices use a mirrored neighbour (``z = -1`` reads slice 1), which
+keeps the noise of the stack independent, unlike repeating the edge slice itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from tgd_jax.models import DnCNN
+
+__all__ = ["slice_stacks", "denoise_volume", "denoise_file", "model_from_config",
+           "read_volume", "write_volume"]
+
+
+def model_from_config(model_config: Mapping[str, Any], *, use_gates: bool = False) -> DnCNN:
+    """The :class:`~tgd_jax.models.DnCNN` a config's ``model`` section describes."""
+    return DnCNN(features=tuple(model_config["features"]),
+                 width_multiplier=float(model_config["width_multiplier"]),
+                 bn_momentum=float(model_config["bn_momentum"]), use_gates=use_gates)
+
+
+def slice_stacks(volume: np.ndarray) -> np.ndarray:
+    """``(Z, H, W) -> (Z, H, W, 3)``: each slice with its neighbours, mirrored at the ends."""
+    volume = np.asarray(volume, np.float32)
+    if volume.ndim != 3 or volume.shape[0] < 2:
+        raise ValueError(f"expected a (Z >= 2, H, W) volume, got shape {volume.shape}")
+    padded = np.pad(volume, ((1, 1), (0, 0), (0, 0)), mode="reflect")
+    return np.stack([padded[:-2], padded[1:-1], padded[2:]], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _apply(model: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, train=False)[..., 1]
+
+
+def denoise_volume(model: nn.Module, variables: Mapping[str, Any], volume: np.ndarray, *,
+                   scale: float = 1.0, batch_slices: int = 8) -> np.ndarray:
+    """Denoises a ``(Z, H, W)`` volume; returns ``(Z, H, W)`` float32 in the input's units.
+
+    Args:
+      model: the network (inference mode: BatchNorm running statistics).
+      variables: ``{"params": ..., "batch_stats": ...}``.
+      volume: the image, e.g. SUV.
+      scale: the training run's ``data.intensity_scale`` (undone on the output).
+      batch_slices: slices per network call (memory vs. speed).
+    """
+    stacks = slice_stacks(volume) * np.float32(scale)
+    variables = {k: v for k, v in variables.items() if v}
+    out = np.empty(stacks.shape[:3], np.float32)
+    for start in range(0, len(stacks), batch_slices):
+        chunk = stacks[start:start + batch_slices]
+        n = len(chunk)
+        if n < batch_slices:  # one compiled shape for every chunk
+            chunk = np.concatenate([chunk, np.zeros((batch_slices - n, *chunk.shape[1:]),
+                                                    np.float32)])
+        out[start:start + n] = np.asarray(_apply(model, variables, jnp.asarray(chunk)))[:n]
+    return out / np.float32(scale)
+
+
+def read_volume(path: str | Path, *, study: str = "", key: str = "",
+                index: int = 0) -> tuple[np.ndarray, Any]:
+    """A ``(Z, H, W)`` volume from HDF5 (``study``/``key``) or NIfTI (``.nii``/``.nii.gz``).
+
+    A 4D HDF5 key (``(R, Z, H, W)`` realisations) gives volume ``index``.
+
+    Returns the volume and what is needed to write a result alike (the NIfTI affine, or
+    None). NIfTI volumes are stored (X, Y, Z) and are transposed to (Z, Y, X).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.name.endswith((".nii", ".nii.gz")):
+        nib = _nibabel()
+        image = nib.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        if data.ndim != 3:
+            raise ValueError(f"{path}: expected a 3D NIfTI image, got shape {data.shape}")
+        return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if not study or not key:
+            raise ValueError(f"{path}: HDF5 input needs --study and --key (studies: "
+                             f"{sorted(f)})")
+        if study not in f:
+            raise KeyError(f"{path}: no study '{study}' (have {sorted(f)})")
+        if key not in f[study]:
+            raise KeyError(f"{path}: study '{study}' has no key '{key}'")
+        d = f[study][key]
+        if d.ndim == 4:
+            if not 0 <= index < d.shape[0]:
+                raise ValueError(f"{path}: '{study}/{key}' holds {d.shape[0]} volumes; "
+                                 f"index {index} is out of range")
+            data = np.asarray(d[index], np.float32)
+        else:
+            data = np.asarray(d[()], np.float32)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: '{study}/{key}' has shape {data.shape}, expected (Z, H, W)")
+    return data, None
+
+
+def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
+                 *, which: str = "best", study: str = "", key: str = "", index: int = 0,
+                 batch_slices: int = 8) -> dict[str, Any]:
+    """Loads a checkpoint, denoises one volume from a file and writes the result atomically."""
+    import time
+
+    from tgd_jax import checkpoints
+
+    params, batch_stats, config, meta = checkpoints.load(checkpoint, which)
+    model = model_from_config(config.model)
+    volume, affine = read_volume(input_path, study=study, key=key, index=index)
+    t0 = time.perf_counter()
+    out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
+                         scale=float(config.data.intensity_scale), batch_slices=batch_slices)
+    seconds = time.perf_counter() - t0
+    write_volume(output_path, out, affine=affine, attrs={
+        "checkpoint": meta["checkpoint"], "input": str(input_path), "study": study,
+        "key": key, "index": index})
+    return {"output": str(output_path), "slices": int(out.shape[0]), "seconds": seconds,
+            "checkpoint": meta["checkpoint"]}
+
+
+def write_volume(path: str | Path, volume: np.ndarray, *, affine: Any = None,
+                 attrs: Mapping[str, Any] | None = None) -> Path:
+    """Writes ``(Z, H, W)`` atomically: NIfTI (by extension) or HDF5 dataset ``denoised``."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nifti = path.name.endswith((".nii", ".nii.gz"))
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii" if nifti else ".h5"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        if nifti:
+            nib = _nibabel()
+            affine = np.eye(4) if affine is None else affine
+            nib.save(nib.Nifti1Image(np.asarray(volume, np.float32).transpose(2, 1, 0),
+                                     affine), tmp)
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("denoised", data=np.asarray(volume, np.float32),
+                                 compression="gzip")
+                for k, v in (attrs or {}).items():
+                    f.attrs[k] = v if isinstance(v, int | float | str) else str(v)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _nibabel() -> Any:
+    try:
+        import nibabel
+    except ImportError:
+        raise ImportError("NIfTI input/output needs nibabel: pip install 'tgd-jax[nifti]'"
+                          ) from None
+    return nibabel

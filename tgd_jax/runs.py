@@ -1,0 +1,279 @@
+"""The three experiments behind ``train.py``, ``finetune.py`` and ``online.py``, as functions.
+
+Each takes a config (see :mod:`tgd_jax.config`) and a workdir, writes everything into the
+workdir (``config.json``, ``versions.json``, ``metrics.jsonl``, checkpoints, ``summary.json``
+and, for fine-tuning, ``mask.json`` BEFORE training starts) and returns the summary. Calling
+one again on the same workdir resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tgd_jax import checkpoints as ckpt_lib
+from tgd_jax import data as data_lib
+from tgd_jax import masks as masks_lib
+from tgd_jax import methods as methods_lib
+from tgd_jax import optim, trainer
+from tgd_jax import step as step_lib
+from tgd_jax import workdir as workdir_lib
+from tgd_jax.denoise import denoise_volume, model_from_config
+from tgd_jax.models import DnCNN
+
+__all__ = ["train", "finetune", "online", "initial_variables", "num_steps_for"]
+
+Log = Callable[[str], None]
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize()`` for multi-host runs (``config.distributed``)."""
+    if config.distributed:
+        jax.distributed.initialize()
+
+
+def num_steps_for(config: ml_collections.ConfigDict, pairs: data_lib.PairSet) -> int:
+    """``num_steps`` if set, else ``num_epochs`` epochs (:func:`data.steps_per_epoch`)."""
+    if config.num_steps > 0:
+        return int(config.num_steps)
+    if config.num_epochs <= 0:
+        raise ValueError("set config.num_steps or config.num_epochs to a positive value")
+    per_epoch = data_lib.steps_per_epoch(pairs, config.data.patch_size, config.batch_size)
+    return max(1, math.ceil(config.num_epochs * per_epoch))
+
+
+def initial_variables(model: DnCNN, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Fresh variables from ``config.seed`` (the data use the same seed, another stream)."""
+    p = config.data.patch_size
+    return model.init(jax.random.key(config.seed), jnp.zeros((1, p, p, 3), jnp.float32))
+
+
+def _check_common(config: ml_collections.ConfigDict) -> None:
+    if config.log_every <= 0 or config.eval_every <= 0:
+        raise ValueError("log_every and eval_every must be positive")
+    if config.eval_batches <= 0:
+        raise ValueError("eval_batches must be positive")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Trains a DnCNN from scratch on ``config.data.version`` (v1-net / v2-net)."""
+    _check_common(config)
+    workdir = trainer.prepare_workdir(workdir, config, "train")
+    info = data_lib.open_dataset(config.data.path)
+    train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
+    scale = config.data.intensity_scale
+    train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
+                                            scale=scale)
+    val_pairs = (data_lib.supervised_pairs(config.data.path, config.data.version, val_ids,
+                                           scale=scale) if val_ids else None)
+    steps = num_steps_for(config, train_pairs)
+    model = model_from_config(config.model)
+    variables = initial_variables(model, config)
+    tx = trainer.make_optimizer(config, steps)
+    state = step_lib.create_train_state(variables, tx)
+    log(f"train: {len(train_ids)} studies ({len(train_pairs.pairs)} pairs), "
+        f"{len(val_ids)} validation, {config.data.version}, {steps} steps, "
+        f"{_count(variables['params']):,} parameters, {jax.device_count()} device(s)")
+    _, summary = trainer.fit(config=config, workdir=workdir, model=model, tx=tx, state=state,
+                             train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
+                             meta={"command": "train"}, mesh=mesh, log=log)
+    summary.update(command="train", train_studies=train_ids, val_studies=val_ids)
+    workdir_lib.write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _pretrained(config: ml_collections.ConfigDict, log: Log
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Loads ``config.checkpoint`` and adopts its architecture and intensity scale.
+
+    The network's shape is the checkpoint's, whatever the config says, and the images must
+    be scaled as in pretraining: both are copied into ``config`` (so ``config.json`` shows
+    what actually ran) before being checked against the parameters.
+    """
+    if not config.checkpoint:
+        raise ValueError("config.checkpoint is empty: give the workdir of the network to "
+                         "start from (--config.checkpoint=runs/v1net)")
+    params, batch_stats, source, meta = ckpt_lib.load(config.checkpoint, config.checkpoint_which)
+    log(f"loaded {meta['checkpoint']} (step {meta.get('step')}, validation loss "
+        f"{meta.get('val_loss')})")
+    if "model" in source:
+        for key in ("features", "width_multiplier", "bn_momentum"):
+            value = source.model[key]
+            config.model[key] = tuple(value) if key == "features" else value
+        config.data.intensity_scale = source.data.intensity_scale
+    variables = {"params": params, "batch_stats": batch_stats}
+    template = model_from_config(config.model).init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.float32))
+    ckpt_lib.check_tree_match({k: template[k] for k in template},
+                              {k: v for k, v in variables.items() if v}, meta["checkpoint"])
+    return variables, meta
+
+
+def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
+             variables: dict[str, Any], source_meta: dict[str, Any],
+             train_pairs: data_lib.PairSet, val_pairs: data_lib.PairSet | None, log: Log,
+             mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
+    """Shared by fine-tuning and online learning: plan the mask, then train."""
+    t = config.tgd
+    masks_lib.check_phi(t.phi)
+    plan = methods_lib.plan_finetune(
+        config.method, variables["params"], model_from_config(config.model).topology(),
+        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, mode=t.mode, last_k=config.last_k,
+        key=jax.random.fold_in(jax.random.key(config.seed), 1))
+    # Written BEFORE training, so the choice of weights is on disk even if training fails.
+    workdir_lib.write_json(workdir / "mask.json", {
+        **plan.summary, "source_checkpoint": source_meta["checkpoint"],
+        "channels": {k: np.asarray(v).astype(int).tolist() for k, v in plan.channels.items()},
+    })
+    if plan.scores:
+        _kse_figure(plan, t.phi, workdir / "kse_hist.png")
+    log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
+        f"{plan.summary['params_total']:,} parameters retrained "
+        f"({100 * plan.summary['retrained_fraction']:.1f} %)")
+    steps = num_steps_for(config, train_pairs)
+    inner = trainer.make_optimizer(config, steps)
+    tx = inner if plan.mask is None else optim.tgd(inner, plan.mask)
+    model = model_from_config(config.model, use_gates=plan.use_gates)
+    state = step_lib.create_train_state(variables, tx, gates=plan.gates)
+    state, summary = trainer.fit(
+        config=config, workdir=workdir, model=model, tx=tx, state=state,
+        train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
+        meta={"command": command, "method": config.method}, mesh=mesh, log=log,
+        freeze_batch_stats=config.freeze_batch_stats)
+    summary.update(command=command, method=config.method,
+                   retrained_fraction=plan.summary["retrained_fraction"],
+                   params_retrained=plan.summary["params_retrained"],
+                   optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+                   source_checkpoint=source_meta["checkpoint"])
+    return summary, state
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Fine-tunes a checkpoint with ``config.method`` (tgd, last_k, full, random, l1)."""
+    _check_common(config)
+    masks_lib.check_phi(config.tgd.phi)
+    if config.method not in methods_lib.METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose one of "
+                         f"{methods_lib.METHODS}")
+    variables, source_meta = _pretrained(config, log)
+    workdir = trainer.prepare_workdir(workdir, config, "finetune")
+    info = data_lib.open_dataset(config.data.path)
+    train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
+    scale = config.data.intensity_scale
+    train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
+                                            scale=scale)
+    val_pairs = (data_lib.supervised_pairs(config.data.path, config.data.version, val_ids,
+                                           scale=scale) if val_ids else None)
+    summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
+                          val_pairs, log, mesh)
+    summary.update(train_studies=train_ids, val_studies=val_ids)
+    workdir_lib.write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
+           mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Noise-2-noise TGD on one study, then denoises its full-count image.
+
+    Writes ``denoised.h5`` (the full-count input, the starting network's output and the
+    online-learned network's output) and ``online.png``.
+    """
+    _check_common(config)
+    masks_lib.check_phi(config.tgd.phi)
+    start_vars, source_meta = _pretrained(config, log)
+    workdir = trainer.prepare_workdir(workdir, config, "online")
+    info = data_lib.open_dataset(config.data.path)
+    study = config.data.study or info.studies[0]
+    pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
+                               scale=config.data.intensity_scale)
+    summary, state = _tgd_run(config, workdir, "online", start_vars, source_meta, pairs, None,
+                              log, mesh)
+    full, _ = _read_full(config.data.path, study, config.data.version)
+    model = model_from_config(config.model)
+    scale = config.data.intensity_scale
+    before = denoise_volume(model, start_vars, full, scale=scale)
+    after = denoise_volume(model, {"params": jax.device_get(state.params),
+                                   "batch_stats": jax.device_get(state.batch_stats)},
+                           full, scale=scale)
+    _write_online(workdir / "denoised.h5", full, before, after, study, config)
+    _online_figure(full, before, after, workdir / "online.png")
+    summary.update(study=study, denoised=str(workdir / "denoised.h5"))
+    workdir_lib.write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _read_full(path: str, study: str, version: str) -> tuple[np.ndarray, None]:
+    from tgd_jax.denoise import read_volume
+
+    return read_volume(path, study=study, key=f"{version}/halves/full")
+
+
+def _write_online(path: Path, full: np.ndarray, before: np.ndarray, after: np.ndarray,
+                  study: str, config: ml_collections.ConfigDict) -> None:
+    import os
+    import tempfile
+
+    import h5py
+
+    fd, tmp = tempfile.mkstemp(prefix=".denoised.", suffix=".h5", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("input", data=full, compression="gzip")
+            f.create_dataset("pretrained", data=before, compression="gzip")
+            f.create_dataset("denoised", data=after, compression="gzip")
+            f.attrs.update(study=study, source=str(config.data.path),
+                           checkpoint=str(config.checkpoint), version=config.data.version)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _count(tree: Any) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def _kse_figure(plan: methods_lib.FinetunePlan, phi: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(plan.scores)
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers), 2.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        ax.hist(np.asarray(plan.scores[layer]), bins=20, range=(0, 1), color="0.4")
+        ax.axvline(phi, color="r", lw=1)
+        ax.set_title(f"{layer} ({int(np.asarray(plan.channels[layer]).sum())} retrained)",
+                     fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"KSE per output channel (rated by its consumer), phi = {phi}", fontsize=8)
+    workdir_lib.save_figure(fig, path)
+
+
+def _online_figure(full: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = full.shape[0] // 2
+    vmax = float(np.percentile(full[z], 99.5))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, image, title in zip(axes, (full, before, after),
+                                ("full-count input", "starting network", "after online TGD"),
+                                strict=True):
+        ax.imshow(image[z], cmap="gray_r", vmin=0, vmax=vmax)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    workdir_lib.save_figure(fig, path)
