@@ -1,4 +1,4 @@
-"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or NIfTI out).
+r"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or NIfTI out).
 
   python denoise.py --checkpoint=runs/tgdnet --input=runs/demo/data/test.h5 \
       --study=study_000 --key=v2/realisations --output=runs/denoised.h5

@@ -1,4 +1,4 @@
-"""Fine-tune a trained network on a new task: TGD, FT-net (last_k), full, random, l1.
+r"""Fine-tune a trained network on a new task: TGD, FT-net (last_k), full, random, l1.
 
   python finetune.py --workdir=runs/tgdnet --config=configs/finetune.py:demo \
       --checkpoint=runs/v1net --method=tgd --phi=0.3
@@ -14,6 +14,7 @@ from tgd_jax import cli, runs
 from tgd_jax.methods import METHODS
 
 _WORKDIR = cli.workdir_flag()
+flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(cli.CONFIGS / "finetune.py"),
     "Config file (configs/finetune.py[:paper|demo|tiny]); override fields with "

@@ -1,4 +1,4 @@
-"""Noise-2-noise online learning on ONE study with TGD (TGD_N2N-net, TGD^2_N2N-net).
+r"""Noise-2-noise online learning on ONE study with TGD (TGD_N2N-net, TGD^2_N2N-net).
 
   python online.py --workdir=runs/online --config=configs/online.py:demo \
       --checkpoint=runs/tgdnet --config.data.path=runs/demo/data/online.h5
@@ -15,6 +15,7 @@ from tgd_jax import cli, runs
 from tgd_jax.methods import METHODS
 
 _WORKDIR = cli.workdir_flag()
+flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(cli.CONFIGS / "online.py"),
     "Config file (configs/online.py[:paper|demo|tiny]); override fields with "

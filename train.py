@@ -1,4 +1,4 @@
-"""Train the 2.5D DnCNN from scratch on one reconstruction version (v1-net / v2-net).
+r"""Train the 2.5D DnCNN from scratch on one reconstruction version (v1-net / v2-net).
 
   python train.py --workdir=runs/v1net --config=configs/train.py:demo \
       --config.data.path=runs/demo/data/train.h5 --config.data.version=v1
@@ -7,12 +7,13 @@ Noise-adaptive: every count level of each study is an input, its 600 s image the
 Every field of the config can be overridden with --config.<field>=<value>.
 """
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from tgd_jax import cli, runs
 
 _WORKDIR = cli.workdir_flag()
+flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(cli.CONFIGS / "train.py"),
     "Config file (configs/train.py[:paper|demo|tiny]); override fields with "

@@ -1,0 +1,177 @@
+"""The command lines as a user runs them: help, a full chain, errors, SIGKILL + resume,
+and the same training step on 1 and on 4 devices. Each command runs in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tgd_jax import checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def _run(script, *args, check=True, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
+                          text=True, env=env or ENV, cwd=ROOT, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def _tiny(kind, data, *more):
+    return [f"--config={ROOT}/configs/{kind}.py:tiny", f"--config.data.path={data}", *more]
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("train.py", ["--workdir", "--config"]),
+    ("finetune.py", ["--workdir", "--method", "--phi", "--checkpoint", "last_k"]),
+    ("online.py", ["--workdir", "--checkpoint", "--study", "--phi"]),
+    ("denoise.py", ["--checkpoint", "--input", "--output", "--key", "nifti"]),
+])
+def test_help_explains_the_flags(script, expected):
+    out = _run(script, "--helpshort", check=False).stdout  # absl exits 1 after help
+    for flag in expected:
+        assert flag in out, (script, flag)
+
+
+def test_chain_train_finetune_online_denoise(toy_data, tmp_path):
+    v1 = tmp_path / "v1net"
+    out = _run("train.py", f"--workdir={v1}", *_tiny("train", toy_data["train"])).stdout
+    assert "step 12/12" in out and "steps/s" in out and "ETA" in out
+    tgd = tmp_path / "tgdnet"
+    _run("finetune.py", f"--workdir={tgd}", f"--checkpoint={v1}", "--method=tgd", "--phi=0.5",
+         *_tiny("finetune", toy_data["finetune"]))
+    mask = json.loads((tgd / "mask.json").read_text())
+    assert mask["phi"] == 0.5 and mask["method"] == "tgd"
+    assert (tgd / "kse_hist.png").exists()
+    online = tmp_path / "online"
+    _run("online.py", f"--workdir={online}", f"--checkpoint={tgd}",
+         *_tiny("online", toy_data["online"]))
+    assert json.loads((online / "summary.json").read_text())["steps"] == 12
+    # denoise: HDF5 in/out, one realisation of a 4D key
+    out_h5 = tmp_path / "dn.h5"
+    _run("denoise.py", f"--checkpoint={online}", f"--input={toy_data['test']}",
+         "--study=study_000", "--key=v2/realisations", "--index=2", f"--output={out_h5}")
+    with h5py.File(out_h5) as f:
+        denoised = f["denoised"][()]
+    assert denoised.shape == (5, 32, 32) and np.isfinite(denoised).all()
+    # NIfTI in/out: the same volume gives the same result (up to the (x, y, z) transpose)
+    nib = pytest.importorskip("nibabel")
+    with h5py.File(toy_data["test"]) as f:
+        volume = f["study_000/v2/realisations"][2]
+    nii = tmp_path / "in.nii.gz"
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), affine), nii)
+    _run("denoise.py", f"--checkpoint={online}", f"--input={nii}",
+         f"--output={tmp_path / 'out.nii.gz'}")
+    image = nib.load(tmp_path / "out.nii.gz")
+    np.testing.assert_allclose(image.get_fdata().transpose(2, 1, 0), denoised, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(image.affine, affine)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--phi=1.5"], "finetune.py: error: KSE threshold phi must be in [0, 1]"),
+    (["--config.batch_size=3", "--config.data.patch_size=64"], "patch_size 64 exceeds"),
+])
+def test_errors_end_with_one_clear_line(toy_data, pretrained, tmp_path, args, message):
+    proc = _run("finetune.py", f"--workdir={tmp_path}", f"--checkpoint={pretrained}",
+                *_tiny("finetune", toy_data["finetune"]), *args, check=False)
+    assert proc.returncode == 1
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def _params_bytes(workdir):
+    params, stats, _, _ = checkpoints.load(workdir, "latest")
+    import jax
+
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves((params, stats))]
+
+
+def test_sigkill_then_rerun_resumes_bit_identically(toy_data, tmp_path):
+    args = [*_tiny("train", toy_data["train"]), "--config.num_steps=300",
+            "--config.eval_every=25", "--config.log_every=25"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--workdir={killed}",
+                             *args], env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() \
+            else []
+        if steps and max(steps) >= 50:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()]
+    assert done and max(done) < 300, f"the run was not killed mid-training ({done})"
+    out = _run("train.py", f"--workdir={killed}", *args).stdout
+    assert f"resuming from {ckpts} at step" in out
+    clean = tmp_path / "clean"
+    _run("train.py", f"--workdir={clean}", *args)
+    assert _params_bytes(killed) == _params_bytes(clean)
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
+    assert steps == list(range(25, 301, 25))  # no duplicates after the resume
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from tgd_jax import config as config_lib, parallel, runs, checkpoints
+    assert jax.device_count() == 4, jax.devices()
+    def cfg(**kw):
+        c = config_lib.train_config("tiny")
+        c.data.path = sys.argv[1]
+        c.batch_size = 8
+        c.num_steps = 6
+        # SGD: Adam turns the rounding noise of exactly-zero gradients (conv biases before
+        # BatchNorm) into full-size steps, which no reduction order can make equal.
+        c.optimizer.name = "sgd"
+        c.optimizer.learning_rate = 0.01
+        for k, v in kw.items():
+            setattr(c, k, v)
+        return c
+    results = {}
+    for n in (1, 4):
+        runs.train(cfg(), f"{sys.argv[2]}/d{n}", log=lambda m: None,
+                   mesh=parallel.make_mesh(n))
+        params, stats, _, _ = checkpoints.load(f"{sys.argv[2]}/d{n}", "latest")
+        results[n] = jax.tree.leaves((params, stats))
+    # float32 reduction order differs between 1 and 4 devices: compare to tolerance
+    worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-3))
+                for a, b in zip(results[1], results[4]))
+    print("WORST_RELATIVE", worst)
+    try:
+        runs.train(cfg(batch_size=6), f"{sys.argv[2]}/bad", log=lambda m: None)
+    except ValueError as e:
+        print("ERROR", e)
+""")
+
+
+def test_one_and_four_devices_give_the_same_parameters(toy_data, tmp_path):
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(toy_data["train"]),
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = float(proc.stdout.split("WORST_RELATIVE")[1].split()[0])
+    assert worst < 1e-5, worst
+    assert "ERROR batch_size=6 is not divisible by the 4 devices of the mesh" in proc.stdout
