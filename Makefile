@@ -22,12 +22,23 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 -q
 
-# Until the training pipeline lands: simulate the demo PET datasets and measure them, then
-# run the end-to-end TGD demo (pretrain -> KSE masks -> TGD fine-tuning) on synthetic data.
+# The paper's pipeline at CPU scale on the simulator: datasets (+ their measured report),
+# v1-net, then FT-net (last 3 blocks) and TGD-net fine-tuned on 2 low-BMI v2 studies,
+# noise-2-noise online TGD on the OOD study, and the test metrics of every network.
+DATA = runs/demo/data
 demo: $(STAMP)
-	$(PY) -m tgd_jax.sim --preset=demo --out=runs/demo/data
-	$(PY) -m tgd_jax.sim --report --out=runs/demo/data
-	$(PY) -m tgd_jax.demo --workdir runs/demo/tgd
+	$(PY) -m tgd_jax.sim --preset=demo --out=$(DATA)
+	$(PY) -m tgd_jax.sim --report --out=$(DATA)
+	$(PY) train.py --workdir=runs/demo/v1net --config=configs/train.py:demo \
+	    --config.data.path=$(DATA)/train.h5 --config.data.version=v1
+	$(PY) finetune.py --workdir=runs/demo/tgdnet --config=configs/finetune.py:demo \
+	    --config.data.path=$(DATA)/finetune.h5 --checkpoint=runs/demo/v1net --method=tgd
+	$(PY) finetune.py --workdir=runs/demo/ftnet --config=configs/finetune.py:demo \
+	    --config.data.path=$(DATA)/finetune.h5 --checkpoint=runs/demo/v1net --method=last_k
+	$(PY) online.py --workdir=runs/demo/online --config=configs/online.py:demo \
+	    --config.data.path=$(DATA)/online.h5 --checkpoint=runs/demo/tgdnet
+	$(PY) evaluate.py --test=$(DATA)/test.h5 --out=runs/demo/evaluation \
+	    --net=v1-net=runs/demo/v1net --net=FT-net=runs/demo/ftnet --net=TGD-net=runs/demo/tgdnet
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -144,7 +144,7 @@ def test_online_changes_only_its_mask_and_writes_the_denoised_image(toy_data, pr
     assert summary["study"] == "study_000"
     assert json.loads((tmp_path / "mask.json").read_text())["phi"] == 0.4
     p0, s0, meta0 = _source(tmp_path)
-    assert meta0["checkpoint"].endswith("checkpoints/12")  # online starts from the latest
+    assert "/best/" in meta0["checkpoint"]  # online starts from the best, like finetune
     p1, s1, _ = _final(tmp_path)
     _check_frozen_and_moved(p0, p1, _channels(tmp_path), s0, s1)
     with h5py.File(tmp_path / "denoised.h5") as f:
@@ -240,3 +240,10 @@ def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp
     with pytest.raises(checkpoints.CheckpointError,
                        match=r"'bn2/bias' has shape \(6,\) in the checkpoint but \(8,\)"):
         checkpoints.check_tree_match(template["params"], params, str(other))
+
+
+def test_a_relative_workdir_works(toy_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs.train(tiny_train_config(toy_data["train"], num_steps=4), "relative/run", log=quiet)
+    _, _, _, meta = checkpoints.load("relative/run")
+    assert meta["step"] == 4 and meta["checkpoint"].startswith(str(tmp_path))

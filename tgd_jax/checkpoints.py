@@ -49,7 +49,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | Path, keep: int = 3):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # orbax needs absolute paths
         self._latest = _manager(self.workdir / LATEST_DIR, keep)
         self._best = _manager(self.workdir / BEST_DIR, 1)
         best_step = self._best.latest_step()
@@ -200,7 +200,7 @@ def load(path: str | Path, which: str = "best",
       ``(params, batch_stats, config, meta)``: NumPy pytrees, the run's config, and the
       checkpoint's metadata (``step``, ``val_loss``, ``checkpoint`` path).
     """
-    folder, step = resolve(path, which)
+    folder, step = resolve(Path(path).absolute(), which)
     manager = _manager(folder, keep=1_000_000, create=False)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(

@@ -68,7 +68,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     _check_common(config)
     workdir = trainer.prepare_workdir(workdir, config, "train")
     info = data_lib.open_dataset(config.data.path)
-    train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
+    train_ids, val_ids = _process_share(
+        *data_lib.split_studies(info.studies, config.data.val_studies))
     scale = config.data.intensity_scale
     train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
                                             scale=scale)
@@ -86,7 +87,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
                              train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
                              meta={"command": "train"}, mesh=mesh, log=log)
     summary.update(command="train", train_studies=train_ids, val_studies=val_ids)
-    workdir_lib.write_json(workdir / "summary.json", summary)
+    if _main():
+        workdir_lib.write_json(workdir / "summary.json", summary)
     return summary
 
 
@@ -129,12 +131,14 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, mode=t.mode, last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
-    workdir_lib.write_json(workdir / "mask.json", {
-        **plan.summary, "source_checkpoint": source_meta["checkpoint"],
-        "channels": {k: np.asarray(v).astype(int).tolist() for k, v in plan.channels.items()},
-    })
-    if plan.scores:
-        _kse_figure(plan, t.phi, workdir / "kse_hist.png")
+    if _main():
+        workdir_lib.write_json(workdir / "mask.json", {
+            **plan.summary, "source_checkpoint": source_meta["checkpoint"],
+            "channels": {k: np.asarray(v).astype(int).tolist()
+                         for k, v in plan.channels.items()},
+        })
+        if plan.scores:
+            _kse_figure(plan, t.phi, workdir / "kse_hist.png")
     log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
         f"{plan.summary['params_total']:,} parameters retrained "
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
@@ -167,7 +171,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
     variables, source_meta = _pretrained(config, log)
     workdir = trainer.prepare_workdir(workdir, config, "finetune")
     info = data_lib.open_dataset(config.data.path)
-    train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
+    train_ids, val_ids = _process_share(
+        *data_lib.split_studies(info.studies, config.data.val_studies))
     scale = config.data.intensity_scale
     train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
                                             scale=scale)
@@ -176,7 +181,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
     summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
                           val_pairs, log, mesh)
     summary.update(train_studies=train_ids, val_studies=val_ids)
-    workdir_lib.write_json(workdir / "summary.json", summary)
+    if _main():
+        workdir_lib.write_json(workdir / "summary.json", summary)
     return summary
 
 
@@ -204,10 +210,12 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     after = denoise_volume(model, {"params": jax.device_get(state.params),
                                    "batch_stats": jax.device_get(state.batch_stats)},
                            full, scale=scale)
-    _write_online(workdir / "denoised.h5", full, before, after, study, config)
-    _online_figure(full, before, after, workdir / "online.png")
+    if _main():
+        _write_online(workdir / "denoised.h5", full, before, after, study, config)
+        _online_figure(full, before, after, workdir / "online.png")
     summary.update(study=study, denoised=str(workdir / "denoised.h5"))
-    workdir_lib.write_json(workdir / "summary.json", summary)
+    if _main():
+        workdir_lib.write_json(workdir / "summary.json", summary)
     return summary
 
 
@@ -237,6 +245,21 @@ def _write_online(path: Path, full: np.ndarray, before: np.ndarray, after: np.nd
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _process_share(train_ids: list[str], val_ids: list[str]) -> tuple[list[str], list[str]]:
+    """On several hosts each process loads only its share of the studies."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return train_ids, val_ids
+    if len(train_ids) < n:
+        raise ValueError(f"{len(train_ids)} training studies cannot be shared by {n} processes")
+    return train_ids[i::n], val_ids[i::n] if len(val_ids) >= n else val_ids
+
+
+def _main() -> bool:
+    """Only the first process writes files (multi-host runs)."""
+    return jax.process_index() == 0
 
 
 def _count(tree: Any) -> int:

@@ -102,8 +102,9 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
         if diff:
             raise ValueError(f"{workdir} holds a run with a different config ({diff}); "
                              "use a new --workdir, or delete it to start over")
-    workdir_lib.write_json(saved, new)
-    workdir_lib.write_json(workdir / "versions.json", workdir_lib.versions())
+    if jax.process_index() == 0:
+        workdir_lib.write_json(saved, new)
+        workdir_lib.write_json(workdir / "versions.json", workdir_lib.versions())
     return workdir
 
 
@@ -152,6 +153,9 @@ def fit(
         written before it are kept.
     """
     workdir = Path(workdir)
+    main = jax.process_index() == 0  # on several hosts only the first one writes files
+    if not main:
+        log = _silent
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     local_batch = parallel.local_batch_size(config.batch_size, mesh)
@@ -163,8 +167,9 @@ def fit(
     if restored is not None:
         state = restored[0]
         log(f"resuming from {workdir / 'checkpoints'} at step {int(state.step)}")
-        _truncate_metrics(metrics_path, int(state.step))
-    else:
+        if main:
+            _truncate_metrics(metrics_path, int(state.step))
+    elif main:
         _truncate_metrics(metrics_path, -1)
     state = parallel.replicate(state, mesh)
     start = int(state.step)
@@ -206,7 +211,8 @@ def fit(
         record = {"step": step, "loss": float(np.mean(losses)), "loss_last": losses[-1],
                   "grad_norm": float(values[-1]["grad_norm"]), "steps_per_s": rate,
                   "elapsed_s": now - t_start, "eta_s": (num_steps - step) / max(rate, 1e-9)}
-        workdir_lib.append_jsonl(metrics_path, record)
+        if main:
+            workdir_lib.append_jsonl(metrics_path, record)
         log(f"step {step}/{num_steps}  loss {record['loss']:.5g}  {rate:.2f} steps/s  "
             f"ETA {_hms(record['eta_s'])}")
         pending.clear()
@@ -221,7 +227,9 @@ def fit(
                 f"validation loss is {val} at step {step}; stopped. The last good checkpoint "
                 f"is step {ckpt.latest_step} in {workdir / 'checkpoints'}")
         best = ckpt.save(step, state, meta, val_loss=val)
-        workdir_lib.append_jsonl(metrics_path, {"step": step, "val_loss": val, "best": best})
+        if main:
+            workdir_lib.append_jsonl(metrics_path, {"step": step, "val_loss": val,
+                                                    "best": best})
         log(f"step {step}/{num_steps}  validation loss {val:.5g}{'  (best)' if best else ''}")
         last_val = val
 
@@ -254,8 +262,13 @@ def fit(
         "global_batch": int(config.batch_size),
     }
     ckpt.close()
-    workdir_lib.write_json(workdir / "summary.json", summary)
+    if main:
+        workdir_lib.write_json(workdir / "summary.json", summary)
     return state, summary
+
+
+def _silent(message: str) -> None:
+    del message
 
 
 def _hms(seconds: float) -> str:

@@ -29,7 +29,8 @@ def toy_study(rng: np.random.Generator, shape: tuple[int, int, int], *,
         truth += (a * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))[None]
     truth *= (1 + 0.1 * np.sin(np.arange(z) / 2.0))[:, None, None].astype(np.float32)
     body = (truth > 0.05).astype(bool)
-    rois = {"body": body, "liver_voi": truth > np.percentile(truth, 90)}
+    rois = {"body": body, "liver_voi": truth > np.percentile(truth, 90),
+            "lesion_0": truth > np.percentile(truth, 99)}
 
     def noisy(seconds: float) -> np.ndarray:
         return (truth + rng.normal(0, 1.5 / np.sqrt(seconds), shape)).astype(np.float32)

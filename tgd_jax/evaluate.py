@@ -1,0 +1,110 @@
+"""The paper's test metrics on a ``test`` dataset: lesion ensemble bias and liver CoV.
+
+For each network (and the un-denoised input) every 60 s realisation ``r`` of a study is
+denoised, then (supplement of Chen et al. 2021):
+
+* ensemble bias (%) = mean_r (mu_r^L - T_L) / T_L * 100, with mu_r^L the mean in lesion L
+  and T_L the lesion's mean in the study's 600 s reference image of the same version;
+* liver CoV (%) = mean_{j in B} sigma_j / mean_B * 100, sigma_j the standard deviation of
+  voxel j across realisations, B the 3D liver VOI, mean_B the mean over B and realisations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tgd_jax import checkpoints
+from tgd_jax.denoise import denoise_volume, model_from_config
+from tgd_jax.sim.dataset import DatasetError, open_dataset
+
+__all__ = ["lesion_bias", "liver_cov", "evaluate", "table", "figure"]
+
+
+def lesion_bias(realisations: np.ndarray, reference: np.ndarray, lesion: np.ndarray) -> float:
+    """Ensemble bias (%) of ``(R, Z, H, W)`` images in a boolean lesion mask."""
+    target = float(reference[lesion].mean())
+    means = realisations[:, lesion].mean(axis=1)
+    return float(np.mean((means - target) / target) * 100)
+
+
+def liver_cov(realisations: np.ndarray, voi: np.ndarray) -> float:
+    """Mean voxel-wise standard deviation across realisations over the VOI mean (%)."""
+    values = realisations[:, voi]  # (R, N)
+    return float(values.std(axis=0, ddof=1).mean() / values.mean() * 100)
+
+
+def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
+             version: str = "v2", which: str = "best") -> dict[str, Any]:
+    """Metrics of the input and of each named checkpoint on every study of ``test_path``.
+
+    Returns ``{"rows": [{"network", "study", "lesion_bias_pct", "liver_cov_pct"}, ...],
+    "examples": {network: (H, W) slice through the first lesion, first realisation}}``.
+    """
+    info = open_dataset(test_path)
+    if info.role != "test" or version not in info.versions:
+        raise DatasetError(f"{test_path}: need a 'test' dataset with version '{version}' "
+                           f"(role '{info.role}', versions {list(info.versions)})")
+    loaded = {}
+    for name, path in networks.items():
+        params, stats, config, meta = checkpoints.load(path, which)
+        loaded[name] = (model_from_config(config.model), {"params": params,
+                        "batch_stats": stats}, float(config.data.intensity_scale),
+                        meta["checkpoint"])
+    rows: list[dict[str, Any]] = []
+    examples: dict[str, np.ndarray] = {}
+    with h5py.File(test_path, "r") as f:
+        for study in info.studies:
+            g = f[study]
+            lesions = sorted(k for k in g["rois"] if k.startswith("lesion"))
+            if not lesions:
+                raise DatasetError(f"{test_path}: study '{study}' has no lesion ROI")
+            lesion = g[f"rois/{lesions[0]}"][()].astype(bool)
+            voi = g["rois/liver_voi"][()].astype(bool)
+            reference = g[f"{version}/target"][()]
+            noisy = g[f"{version}/realisations"][()]
+            z = int(np.argmax(lesion.sum(axis=(1, 2))))
+            for name, images in _outputs(noisy, loaded):
+                rows.append({"network": name, "study": study,
+                             "lesion_bias_pct": lesion_bias(images, reference, lesion),
+                             "liver_cov_pct": liver_cov(images, voi),
+                             "checkpoint": loaded[name][3] if name in loaded else None})
+                examples.setdefault(name, images[0, z])
+    return {"rows": rows, "examples": examples, "version": version, "test": str(test_path)}
+
+
+def _outputs(noisy: np.ndarray, loaded: Mapping[str, Any]):
+    yield "input", noisy
+    for name, (model, variables, scale, _) in loaded.items():
+        yield name, np.stack([denoise_volume(model, variables, r, scale=scale) for r in noisy])
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of the rows."""
+    lines = ["| network | study | lesion bias % | liver CoV % |", "|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['study']} | {r['lesion_bias_pct']:.2f} | "
+              f"{r['liver_cov_pct']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def figure(examples: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """One realisation's slice through the lesion, per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tgd_jax.workdir import save_figure
+
+    names = list(examples)
+    vmax = float(np.percentile(examples[names[0]], 99.5))
+    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 3))
+    for ax, name in zip(np.atleast_1d(axes), names, strict=True):
+        ax.imshow(examples[name], cmap="gray_r", vmin=0, vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    save_figure(fig, path)
