@@ -162,7 +162,7 @@ def test_workdir_holds_config_versions_metrics_summary(pretrained):
     records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [2, 4, 6, 8, 10, 12]
-    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8, 12]
     assert json.loads((pretrained / "config.json").read_text())["command"] == "train"
 
 
@@ -247,3 +247,12 @@ def test_a_relative_workdir_works(toy_data, tmp_path, monkeypatch):
     runs.train(tiny_train_config(toy_data["train"], num_steps=4), "relative/run", log=quiet)
     _, _, _, meta = checkpoints.load("relative/run")
     assert meta["step"] == 4 and meta["checkpoint"].startswith(str(tmp_path))
+
+
+def test_dilate_grows_a_pixel_into_a_square():
+    mask = np.zeros((2, 7, 7), bool)
+    mask[1, 3, 3] = True
+    grown = runs.dilate(mask, 2)
+    expected = np.zeros_like(mask)
+    expected[1, 1:6, 1:6] = True
+    np.testing.assert_array_equal(grown, expected)

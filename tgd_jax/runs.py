@@ -210,13 +210,54 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     after = denoise_volume(model, {"params": jax.device_get(state.params),
                                    "batch_stats": jax.device_get(state.batch_stats)},
                            full, scale=scale)
+    ood = _ood_errors(config.data.path, study, config.data.version,
+                      {"input": full, "starting network": before, "online": after})
     if _main():
         _write_online(workdir / "denoised.h5", full, before, after, study, config)
         _online_figure(full, before, after, workdir / "online.png")
-    summary.update(study=study, denoised=str(workdir / "denoised.h5"))
+    for roi, errors in ood.items():
+        log(f"RMSE vs noiseless around '{roi}': " + ", ".join(
+            f"{name} {value:.4g}" for name, value in errors.items()))
+    summary.update(study=study, denoised=str(workdir / "denoised.h5"), ood_rmse=ood)
     if _main():
         workdir_lib.write_json(workdir / "summary.json", summary)
     return summary
+
+
+OOD_ROIS = ("bladder", "catheter")
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """In-plane square dilation of a ``(Z, H, W)`` boolean mask by ``radius`` pixels."""
+    out = np.zeros_like(mask, bool)
+    padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
+    h, w = mask.shape[1:]
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[:, dy:dy + h, dx:dx + w]
+    return out
+
+
+def _ood_errors(path: str, study: str, version: str, images: dict[str, np.ndarray],
+                radius: int = 3) -> dict[str, dict[str, float]]:
+    """RMSE against the noiseless reconstruction in each OOD feature and ``radius`` pixels
+    around it, where hallucinations (rings, halos) show; {} if the file has neither."""
+    import h5py
+
+    out: dict[str, dict[str, float]] = {}
+    with h5py.File(path, "r") as f:
+        g = f[study]
+        if f"{version}/noiseless" not in g:
+            return out
+        reference = g[f"{version}/noiseless"][()]
+        for roi in OOD_ROIS:
+            if f"rois/{roi}" not in g:
+                continue
+            region = dilate(g[f"rois/{roi}"][()].astype(bool), radius)
+            if region.any():
+                out[roi] = {name: float(np.sqrt(np.mean((image[region] - reference[region]) ** 2)))
+                            for name, image in images.items()}
+    return out
 
 
 def _read_full(path: str, study: str, version: str) -> tuple[np.ndarray, None]:
@@ -291,12 +332,21 @@ def _online_figure(full: np.ndarray, before: np.ndarray, after: np.ndarray, path
     import matplotlib.pyplot as plt
 
     z = full.shape[0] // 2
-    vmax = float(np.percentile(full[z], 99.5))
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, image, title in zip(axes, (full, before, after),
+    body = full[z][full[z] > 0.01 * full[z].max()]
+    vmax = 4 * float(np.median(body)) if body.size else float(full[z].max())  # hot OOD
+    # features saturate; the window shows the body's noise and any hallucination around them
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    for ax, image, title in zip(axes[:3], (full, before, after),
                                 ("full-count input", "starting network", "after online TGD"),
                                 strict=True):
         ax.imshow(image[z], cmap="gray_r", vmin=0, vmax=vmax)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
+    diff = after[z] - before[z]
+    limit = float(np.percentile(np.abs(diff), 99.5)) or 1.0
+    ax = axes[3]
+    shown = ax.imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_title("after - starting", fontsize=9)
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046)
     workdir_lib.save_figure(fig, path)

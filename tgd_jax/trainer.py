@@ -235,6 +235,12 @@ def fit(
 
     if start >= num_steps:
         log(f"{workdir} already finished ({start} of {num_steps} steps)")
+    initial: float | None = None
+    if start == 0:  # the starting network's validation loss: what training must improve on
+        initial = float(np.mean([float(eval_fn(state, b)["loss"]) for b in val_batches]))
+        if main:
+            workdir_lib.append_jsonl(metrics_path, {"step": 0, "val_loss": initial})
+        log(f"step 0/{num_steps}  validation loss {initial:.5g} (before training)")
     prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
     try:
         for step, batch in prefetch:
@@ -256,6 +262,7 @@ def fit(
         "final_val_loss": last_val,
         "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
         "best_step": ckpt.best_step,
+        "initial_val_loss": initial,
         "resumed_from": start if start else None,
         "wall_s_this_invocation": time.perf_counter() - t_start,
         "devices": int(mesh.devices.size),
