@@ -120,15 +120,8 @@ def toy_data(tmp_path_factory):
 
 
 def tiny_train_config(path, **overrides):
-    c = config_lib.train_config("tiny")
-    c.data.path = str(path)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.override(config_lib.train_config("tiny"), **{"data.path": str(path)},
+                               **overrides)
 
 
 @pytest.fixture(scope="session")

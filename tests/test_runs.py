@@ -23,16 +23,9 @@ from tgd_jax.trainer import NonFiniteLossError
 
 
 def _config(kind, path, checkpoint, **overrides):
-    c = getattr(config_lib, f"{kind}_config")("tiny")
-    c.data.path = str(path)
-    c.checkpoint = str(checkpoint)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_lib.override(getattr(config_lib, f"{kind}_config")("tiny"),
+                               **{"data.path": str(path), "checkpoint": str(checkpoint)},
+                               **overrides)
 
 
 def _flat(tree):
@@ -256,3 +249,12 @@ def test_dilate_grows_a_pixel_into_a_square():
     expected = np.zeros_like(mask)
     expected[1, 1:6, 1:6] = True
     np.testing.assert_array_equal(grown, expected)
+
+
+def test_a_bad_dataset_leaves_the_workdir_untouched(toy_data, tmp_path):
+    with pytest.raises(DatasetError, match="missing.h5: no such file"):
+        runs.train(tiny_train_config(tmp_path / "missing.h5"), tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()
+    summary = runs.train(tiny_train_config(toy_data["train"], num_steps=2), tmp_path / "run",
+                         log=quiet)
+    assert summary["steps"] == 2

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 from absl import flags, logging
 
+from tgd_jax import config as config_lib
 from tgd_jax.checkpoints import CheckpointError
 from tgd_jax.sim.dataset import DatasetError
 from tgd_jax.trainer import NonFiniteLossError
@@ -27,14 +28,7 @@ _EXPECTED = (DatasetError, CheckpointError, NonFiniteLossError, ValueError, KeyE
 
 def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
     """Copies shortcut flags (``--method`` -> ``config.method``) that were given."""
-    for path, value in values.items():
-        if value is None:
-            continue
-        node = config
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config_lib.override(config, **values)
 
 
 def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 __all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
-           "apply_preset"]
+           "apply_preset", "override"]
 
 PRESETS = ("paper", "demo", "tiny")
 
@@ -54,6 +54,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 4  # fixed validation batches
     c.keep_checkpoints = 3  # the last N are kept, plus the best on validation loss
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
+    return c
+
+
+def override(c: ml_collections.ConfigDict, **values: object) -> ml_collections.ConfigDict:
+    """Sets fields by dotted name, ``override(c, **{"tgd.phi": 0.4})``; None values are skipped."""
+    for path, value in values.items():
+        if value is None:
+            continue
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
     return c
 
 

@@ -62,19 +62,25 @@ def _check_common(config: ml_collections.ConfigDict) -> None:
         raise ValueError("eval_batches must be positive")
 
 
+def _supervised_data(config: ml_collections.ConfigDict
+                     ) -> tuple[list[str], list[str], data_lib.PairSet, data_lib.PairSet | None]:
+    """Training and validation pairs of ``config.data`` (read and validated before the
+    workdir is touched, so a wrong path leaves nothing behind)."""
+    info = data_lib.open_dataset(config.data.path)
+    train_ids, val_ids = _process_share(
+        *data_lib.split_studies(info.studies, config.data.val_studies))
+    path, version, scale = config.data.path, config.data.version, config.data.intensity_scale
+    train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale)
+    val_pairs = data_lib.supervised_pairs(path, version, val_ids, scale=scale) if val_ids else None
+    return train_ids, val_ids, train_pairs, val_pairs
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
           mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Trains a DnCNN from scratch on ``config.data.version`` (v1-net / v2-net)."""
     _check_common(config)
+    train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     workdir = trainer.prepare_workdir(workdir, config, "train")
-    info = data_lib.open_dataset(config.data.path)
-    train_ids, val_ids = _process_share(
-        *data_lib.split_studies(info.studies, config.data.val_studies))
-    scale = config.data.intensity_scale
-    train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
-                                            scale=scale)
-    val_pairs = (data_lib.supervised_pairs(config.data.path, config.data.version, val_ids,
-                                           scale=scale) if val_ids else None)
     steps = num_steps_for(config, train_pairs)
     model = model_from_config(config.model)
     variables = initial_variables(model, config)
@@ -169,15 +175,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
         raise ValueError(f"unknown method {config.method!r}; choose one of "
                          f"{methods_lib.METHODS}")
     variables, source_meta = _pretrained(config, log)
+    train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     workdir = trainer.prepare_workdir(workdir, config, "finetune")
-    info = data_lib.open_dataset(config.data.path)
-    train_ids, val_ids = _process_share(
-        *data_lib.split_studies(info.studies, config.data.val_studies))
-    scale = config.data.intensity_scale
-    train_pairs = data_lib.supervised_pairs(config.data.path, config.data.version, train_ids,
-                                            scale=scale)
-    val_pairs = (data_lib.supervised_pairs(config.data.path, config.data.version, val_ids,
-                                           scale=scale) if val_ids else None)
     summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
                           val_pairs, log, mesh)
     summary.update(train_studies=train_ids, val_studies=val_ids)
@@ -196,11 +195,11 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     _check_common(config)
     masks_lib.check_phi(config.tgd.phi)
     start_vars, source_meta = _pretrained(config, log)
-    workdir = trainer.prepare_workdir(workdir, config, "online")
     info = data_lib.open_dataset(config.data.path)
     study = config.data.study or info.studies[0]
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
                                scale=config.data.intensity_scale)
+    workdir = trainer.prepare_workdir(workdir, config, "online")
     summary, state = _tgd_run(config, workdir, "online", start_vars, source_meta, pairs, None,
                               log, mesh)
     full, _ = _read_full(config.data.path, study, config.data.version)

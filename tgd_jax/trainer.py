@@ -90,13 +90,15 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
                     command: str) -> Path:
     """Creates ``workdir`` and writes ``config.json`` and ``versions.json``.
 
-    A workdir that already holds a run with a DIFFERENT config is refused (its checkpoints
-    would be resumed into the wrong experiment); the same config resumes.
+    A workdir whose checkpoints come from a DIFFERENT config is refused (they would be
+    resumed into the wrong experiment); the same config resumes. A workdir without
+    checkpoints (a run that failed before its first one) is simply reused.
     """
     workdir = Path(workdir)
     saved = workdir / "config.json"
     new = {"command": command, "config": config.to_dict()}
-    if saved.exists():
+    has_checkpoints = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    if saved.exists() and has_checkpoints:
         old = json.loads(saved.read_text())
         diff = config_diff(_jsonable(old), _jsonable(new))
         if diff:
