@@ -58,14 +58,22 @@ def test_keeps_the_last_few_and_the_best(tmp_path):
 
 
 def test_load_returns_params_stats_and_config(pretrained):
-    params, stats, config, meta = checkpoints.load(pretrained, "latest")
+    params, stats, config, meta = checkpoints.restore(pretrained, "latest")
     assert meta["step"] == 12 and config.data.version == "v1"
     assert set(params) == {"conv1", "conv2", "bn2", "conv3", "bn3", "conv4"}
     assert stats["bn2"]["mean"].shape == (8,)
-    _, _, _, best = checkpoints.load(pretrained)  # default: the best
+    _, _, _, best = checkpoints.restore(pretrained)  # default: the best
     assert best["checkpoint"].startswith(str(pretrained / "best"))
-    _, _, _, at4 = checkpoints.load(pretrained / "checkpoints", "4")
+    _, _, _, at4 = checkpoints.restore(pretrained / "checkpoints", "4")
     assert at4["step"] == 4
+
+
+def test_load_is_restore_without_the_metadata(pretrained):
+    params, stats, config = checkpoints.load(pretrained, "latest")
+    restored = checkpoints.restore(pretrained, "latest")
+    assert jax.tree.all(jax.tree.map(np.array_equal, params, restored.params))
+    assert jax.tree.all(jax.tree.map(np.array_equal, stats, restored.batch_stats))
+    assert config == restored.config
 
 
 def test_check_tree_match_names_the_first_mismatching_leaf():

@@ -95,7 +95,7 @@ def test_errors_end_with_one_clear_line(toy_data, pretrained, tmp_path, args, me
 
 
 def _params_bytes(workdir):
-    params, stats, _, _ = checkpoints.load(workdir, "latest")
+    params, stats, _, _ = checkpoints.restore(workdir, "latest")
     import jax
 
     return [np.asarray(x).tobytes() for x in jax.tree.leaves((params, stats))]
@@ -153,7 +153,7 @@ FOUR_DEVICES = textwrap.dedent("""
     for n in (1, 4):
         runs.train(cfg(), f"{sys.argv[2]}/d{n}", log=lambda m: None,
                    mesh=parallel.make_mesh(n))
-        params, stats, _, _ = checkpoints.load(f"{sys.argv[2]}/d{n}", "latest")
+        params, stats, _, _ = checkpoints.restore(f"{sys.argv[2]}/d{n}", "latest")
         results[n] = jax.tree.leaves((params, stats))
     # float32 reduction order differs between 1 and 4 devices: compare to tolerance
     worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-3))

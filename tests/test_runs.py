@@ -60,19 +60,19 @@ def _check_frozen_and_moved(before, after, channels, stats_before=None, stats_af
 
 @pytest.fixture(scope="module")
 def start(pretrained):
-    params, stats, _, meta = checkpoints.load(pretrained)
+    params, stats, _, meta = checkpoints.restore(pretrained)
     return _flat(params), _flat(stats), meta
 
 
 def _source(workdir):
     """The exact checkpoint a fine-tuning run started from (recorded in its mask.json)."""
     path = json.loads((workdir / "mask.json").read_text())["source_checkpoint"]
-    params, stats, _, meta = checkpoints.load(path)
+    params, stats, _, meta = checkpoints.restore(path)
     return _flat(params), _flat(stats), meta
 
 
 def _final(workdir):
-    params, stats, _, meta = checkpoints.load(workdir, "latest")
+    params, stats, _, meta = checkpoints.restore(workdir, "latest")
     return _flat(params), _flat(stats), meta
 
 
@@ -186,7 +186,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match="at step 7; stopped. The last good "
                                                  "checkpoint is step 4"):
         runs.train(tiny_train_config(toy_data["train"]), tmp_path, log=quiet)
-    params, _, _, meta = checkpoints.load(tmp_path, "latest")
+    params, _, _, meta = checkpoints.restore(tmp_path, "latest")
     assert meta["step"] == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -222,7 +222,7 @@ def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp
                                  num_steps=1), other, log=quiet)
     cfg = json.loads((other / "config.json").read_text())
     assert cfg["config"]["model"]["features"] == [8, 6, 8, 3]
-    params, stats, _, _ = checkpoints.load(other, "latest")
+    params, stats, _, _ = checkpoints.restore(other, "latest")
     reference = jax.tree.map(np.asarray, params)
     assert reference["conv2"]["kernel"].shape == (3, 3, 8, 6)
     from tgd_jax.denoise import model_from_config
@@ -238,7 +238,7 @@ def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp
 def test_a_relative_workdir_works(toy_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runs.train(tiny_train_config(toy_data["train"], num_steps=4), "relative/run", log=quiet)
-    _, _, _, meta = checkpoints.load("relative/run")
+    _, _, _, meta = checkpoints.restore("relative/run")
     assert meta["step"] == 4 and meta["checkpoint"].startswith(str(tmp_path))
 
 

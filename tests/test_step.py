@@ -68,3 +68,16 @@ def test_plain_training_without_mask(setup):
         state, _ = fn(state, batch)
     assert optim.find_mask(state.opt_state) is None
     assert float(step.eval_step(state, batch, model=model)["loss"]) < before
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("mse", lambda p, t: np.mean((p - t) ** 2)),
+    ("mae", lambda p, t: np.mean(np.abs(p - t))),
+])
+def test_losses_by_name_match_numpy(setup, name, reference):
+    model, variables, _, batch = setup
+    state = step.create_train_state(variables, optax.sgd(0.0))
+    prediction = np.asarray(model.apply(variables, batch["inputs"], train=False), np.float64)
+    expected = reference(prediction, np.asarray(batch["targets"], np.float64))
+    got = step.eval_step(state, batch, model=model, loss=step.LOSSES[name])["loss"]
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -23,7 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-__all__ = ["CheckpointError", "Checkpointer", "load", "resolve", "check_tree_match"]
+__all__ = ["CheckpointError", "Checkpointer", "Restored", "restore", "load", "resolve",
+           "check_tree_match"]
 
 LATEST_DIR, BEST_DIR = "checkpoints", "best"
 
@@ -188,17 +189,21 @@ def resolve(path: str | Path, which: str = "best") -> tuple[Path, int]:
                           f"{', '.join(str(c) for c in candidates)})")
 
 
-def load(path: str | Path, which: str = "best",
-         ) -> tuple[Any, Any, ml_collections.ConfigDict, dict[str, Any]]:
-    """Loads a trained network for scripts and notebooks.
+class Restored(NamedTuple):
+    """A trained network as :func:`restore` returns it."""
+
+    params: Any  #: the ``params`` collection (NumPy arrays)
+    batch_stats: Any  #: the ``batch_stats`` collection (``{}`` without BatchNorm)
+    config: ml_collections.ConfigDict  #: the config of the run that wrote it
+    meta: dict[str, Any]  #: ``step``, ``val_loss``, ``checkpoint`` (its folder), ...
+
+
+def restore(path: str | Path, which: str = "best") -> Restored:
+    """A trained network, its run's config and the checkpoint's metadata.
 
     Args:
-      path: a run's workdir, or its ``checkpoints`` / ``best`` folder.
+      path: a run's workdir, its ``checkpoints`` / ``best`` folder, or one checkpoint.
       which: ``"best"`` (lowest validation loss; the latest if none), ``"latest"``, or a step.
-
-    Returns:
-      ``(params, batch_stats, config, meta)``: NumPy pytrees, the run's config, and the
-      checkpoint's metadata (``step``, ``val_loss``, ``checkpoint`` path).
     """
     folder, step = resolve(Path(path).absolute(), which)
     manager = _manager(folder, keep=1_000_000, create=False)
@@ -213,4 +218,18 @@ def load(path: str | Path, which: str = "best",
     to_numpy = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
     meta["checkpoint"] = str(folder / str(step))
     config = ml_collections.ConfigDict(meta.get("config", {}))
-    return (to_numpy(state["params"]), to_numpy(state.get("batch_stats") or {}), config, meta)
+    return Restored(to_numpy(state["params"]), to_numpy(state.get("batch_stats") or {}),
+                    config, meta)
+
+
+def load(path: str | Path, which: str = "best") -> tuple[Any, Any, ml_collections.ConfigDict]:
+    """``(params, batch_stats, config)`` of a trained network, for scripts and notebooks.
+
+    ``path`` and ``which`` as in :func:`restore` (which also returns the metadata)::
+
+        params, batch_stats, config = tgd_jax.checkpoints.load("runs/tgdnet")
+        model = tgd_jax.denoise.model_from_config(config.model)
+        out = model.apply({"params": params, "batch_stats": batch_stats}, x)
+    """
+    params, batch_stats, config, _ = restore(path, which)
+    return params, batch_stats, config

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "constant"  # constant | cosine
     c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 disables
 
+    c.loss = "mse"  # mse (the paper) | mae; also the validation loss
     c.batch_size = 32  # GLOBAL batch, split over all devices (must divide evenly)
     c.num_epochs = 500.0  # one epoch = as many patches as tile the training pairs once
     c.num_steps = 0  # > 0 overrides num_epochs

@@ -118,7 +118,7 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
 
     from tgd_jax import checkpoints
 
-    params, batch_stats, config, meta = checkpoints.load(checkpoint, which)
+    params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
     model = model_from_config(config.model)
     volume, affine = read_volume(input_path, study=study, key=key, index=index)
     t0 = time.perf_counter()

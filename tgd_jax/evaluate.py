@@ -51,7 +51,7 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
                            f"(role '{info.role}', versions {list(info.versions)})")
     loaded = {}
     for name, path in networks.items():
-        params, stats, config, meta = checkpoints.load(path, which)
+        params, stats, config, meta = checkpoints.restore(path, which)
         loaded[name] = (model_from_config(config.model), {"params": params,
                         "batch_stats": stats}, float(config.data.intensity_scale),
                         meta["checkpoint"])

@@ -109,7 +109,7 @@ def _pretrained(config: ml_collections.ConfigDict, log: Log
     if not config.checkpoint:
         raise ValueError("config.checkpoint is empty: give the workdir of the network to "
                          "start from (--config.checkpoint=runs/v1net)")
-    params, batch_stats, source, meta = ckpt_lib.load(config.checkpoint, config.checkpoint_which)
+    params, batch_stats, source, meta = ckpt_lib.restore(config.checkpoint, config.checkpoint_which)
     log(f"loaded {meta['checkpoint']} (step {meta.get('step')}, validation loss "
         f"{meta.get('val_loss')})")
     if "model" in source:

@@ -12,6 +12,7 @@ the BatchNorm running statistics of frozen channels are kept unchanged
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -24,7 +25,8 @@ from tgd_jax import masks as masks_lib
 from tgd_jax.gate import GATE_COLLECTION
 from tgd_jax.optim import find_mask
 
-__all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse"]
+__all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
+           "LOSSES"]
 
 Batch = dict[str, jax.Array]
 
@@ -67,6 +69,15 @@ def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
+def mae(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean absolute error over all elements (an L1 alternative)."""
+    return jnp.mean(jnp.abs(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+#: Losses selectable by name (``config.loss``).
+LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {"mse": mse, "mae": mae}
+
+
 def _variables(state: TrainState, params: Any) -> dict[str, Any]:
     variables = {"params": params}
     if state.batch_stats:
@@ -83,6 +94,7 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     freeze_batch_stats: bool = True,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = mse,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on ``batch = {"inputs": (B,H,W,C), "targets": (B,H,W,C)}``.
 
@@ -93,9 +105,9 @@ def train_step(
         prediction, updates = model.apply(
             _variables(state, params), batch["inputs"], train=True, mutable=["batch_stats"]
         )
-        return mse(prediction, batch["targets"]), updates.get("batch_stats", {})
+        return loss(prediction, batch["targets"]), updates.get("batch_stats", {})
 
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (value, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mask = find_mask(opt_state)
@@ -105,10 +117,11 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return new_state, {"loss": loss, "grad_norm": grad_norm}
+    return new_state, {"loss": value, "grad_norm": grad_norm}
 
 
-def eval_step(state: TrainState, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,
+              loss: Callable[[jax.Array, jax.Array], jax.Array] = mse) -> dict[str, jax.Array]:
     """Inference-mode loss (running BatchNorm statistics): ``{"loss": scalar}``."""
     prediction = model.apply(_variables(state, state.params), batch["inputs"], train=False)
-    return {"loss": mse(prediction, batch["targets"])}
+    return {"loss": loss(prediction, batch["targets"])}

@@ -176,10 +176,14 @@ def fit(
     state = parallel.replicate(state, mesh)
     start = int(state.step)
 
+    if config.loss not in step_lib.LOSSES:
+        raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
+    loss = step_lib.LOSSES[config.loss]
     train_fn = parallel.jit_step(functools.partial(
-        step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats), mesh)
-    eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model), mesh,
-                                donate_state=False)
+        step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats,
+        loss=loss), mesh)
+    eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model, loss=loss),
+                                mesh, donate_state=False)
     sample = functools.partial(
         data_lib.sample_batch, seed=config.seed, batch_size=local_batch,
         patch_size=config.data.patch_size, process_index=jax.process_index())
