@@ -258,3 +258,41 @@ def test_a_bad_dataset_leaves_the_workdir_untouched(toy_data, tmp_path):
     summary = runs.train(tiny_train_config(toy_data["train"], num_steps=2), tmp_path / "run",
                          log=quiet)
     assert summary["steps"] == 2
+
+
+def test_each_process_takes_its_share_of_the_studies(monkeypatch):
+    ids = [f"s{i}" for i in range(5)]
+    shares = []
+    for index in range(2):
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        shares.append(runs._process_share(ids, ["v0", "v1"]))
+    assert shares == [(["s0", "s2", "s4"], ["v0"]), (["s1", "s3"], ["v1"])]
+    monkeypatch.setattr(jax, "process_count", lambda: 8)
+    with pytest.raises(ValueError, match="5 training studies cannot be shared by 8 processes"):
+        runs._process_share(ids, [])
+
+
+def test_ood_errors_are_the_rmse_near_each_feature(tmp_path):
+    path = tmp_path / "online.h5"
+    noiseless = np.zeros((1, 9, 9), np.float32)
+    bladder = np.zeros((1, 9, 9), bool)
+    bladder[0, 4, 4] = True
+    with h5py.File(path, "w") as f:
+        f["study_000/v2/noiseless"] = noiseless
+        f["study_000/rois/bladder"] = bladder.astype(np.uint8)
+    image = np.zeros_like(noiseless)
+    image[0, 3, 3] = 3.0  # inside the 3x3 neighbourhood (radius 1): 9 voxels
+    image[0, 0, 0] = 100.0  # outside: must not count
+    errors = runs._ood_errors(path, "study_000", "v2", {"net": image}, radius=1)
+    assert errors == {"bladder": {"net": pytest.approx(np.sqrt(9.0 / 9))}}
+
+
+def test_a_workdir_without_checkpoints_is_reused_with_a_new_config(toy_data, tmp_path):
+    from tgd_jax import trainer
+
+    trainer.prepare_workdir(tmp_path, tiny_train_config(toy_data["train"]), "train")
+    config = tiny_train_config(toy_data["train"], batch_size=8)
+    trainer.prepare_workdir(tmp_path, config, "train")  # no checkpoints yet: allowed
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["config"]["batch_size"] == 8

@@ -31,3 +31,19 @@ def test_append_jsonl(tmp_path):
     workdir.append_jsonl(path, {"step": 1, "loss": np.float32(0.5)})
     workdir.append_jsonl(path, {"step": 2, "loss": 0.25})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_atomic_path_publishes_only_a_completed_file(tmp_path):
+    target = tmp_path / "out.h5"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="writer died"):
+        with workdir.atomic_path(target, suffix=".h5") as tmp:
+            assert tmp.suffix == ".h5" and tmp.parent == tmp_path
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]
+    with workdir.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5"]

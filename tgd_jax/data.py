@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tgd_jax.sim.dataset import DatasetError, level_key, open_dataset
+from tgd_jax.sim.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
 __all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
            "split_studies", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL"]
@@ -64,7 +64,7 @@ class PairSet:
 def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], list[str]]:
     """The last ``val_studies`` studies validate, the others train."""
     studies = list(studies)
-    if val_studies < 0 or val_studies >= len(studies) and val_studies > 0:
+    if not 0 <= val_studies < max(1, len(studies)):
         raise ValueError(f"val_studies={val_studies} must be in [0, {len(studies) - 1}] for "
                          f"a dataset of {len(studies)} studies")
     if val_studies == 0:
@@ -73,13 +73,16 @@ def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], 
 
 
 def supervised_pairs(path: str | Path, version: str, studies: Sequence[str] | None = None,
-                     *, scale: float = 1.0) -> PairSet:
+                     *, scale: float = 1.0, info: DatasetInfo | None = None) -> PairSet:
     """Every count level's input -> the 600 s target, same ``version``, of each study.
+
+    ``info``: the file's :func:`open_dataset` result, if already validated (skips reading
+    the whole file again).
 
     Raises:
       DatasetError: the file is invalid, has no inputs, or lacks ``version``.
     """
-    info = open_dataset(path)
+    info = info or open_dataset(path)
     if version not in info.versions:
         raise DatasetError(f"{path}: no reconstruction version '{version}' "
                            f"(the file has {list(info.versions)})")
@@ -103,9 +106,10 @@ def supervised_pairs(path: str | Path, version: str, studies: Sequence[str] | No
 
 
 def n2n_pairs(path: str | Path, version: str, study: str = "", *,
-              scale: float = 1.0) -> PairSet:
-    """Noise-2-noise pairs of ONE study: half a -> half b and b -> a."""
-    info = open_dataset(path)
+              scale: float = 1.0, info: DatasetInfo | None = None) -> PairSet:
+    """Noise-2-noise pairs of ONE study: half a -> half b and b -> a (``info`` as in
+    :func:`supervised_pairs`)."""
+    info = info or open_dataset(path)
     if version not in info.versions:
         raise DatasetError(f"{path}: no reconstruction version '{version}' "
                            f"(the file has {list(info.versions)})")

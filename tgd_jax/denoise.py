@@ -18,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from tgd_jax.models import DnCNN
+from tgd_jax.workdir import atomic_path
 
 __all__ = ["slice_stacks", "denoise_volume", "denoise_file", "model_from_config",
            "read_volume", "write_volume"]
@@ -135,34 +136,30 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
 def write_volume(path: str | Path, volume: np.ndarray, *, affine: Any = None,
                  attrs: Mapping[str, Any] | None = None) -> Path:
     """Writes ``(Z, H, W)`` atomically: NIfTI (by extension) or HDF5 dataset ``denoised``."""
-    import os
-    import tempfile
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nifti = path.name.endswith((".nii", ".nii.gz"))
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii" if nifti else ".h5"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=suffix) as tmp:
         if nifti:
             nib = _nibabel()
             affine = np.eye(4) if affine is None else affine
             nib.save(nib.Nifti1Image(np.asarray(volume, np.float32).transpose(2, 1, 0),
                                      affine), tmp)
         else:
-            import h5py
-
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("denoised", data=np.asarray(volume, np.float32),
-                                 compression="gzip")
-                for k, v in (attrs or {}).items():
-                    f.attrs[k] = v if isinstance(v, int | float | str) else str(v)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            write_h5(tmp, {"denoised": volume}, attrs)
     return path
+
+
+def write_h5(path: str | Path, arrays: Mapping[str, np.ndarray],
+             attrs: Mapping[str, Any] | None = None) -> None:
+    """float32 gzip datasets plus scalar/str attributes (others stored as ``str``)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=np.asarray(array, np.float32), compression="gzip")
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v if isinstance(v, int | float | str) else str(v)
 
 
 def _nibabel() -> Any:

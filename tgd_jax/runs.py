@@ -25,18 +25,12 @@ from tgd_jax import methods as methods_lib
 from tgd_jax import optim, trainer
 from tgd_jax import step as step_lib
 from tgd_jax import workdir as workdir_lib
-from tgd_jax.denoise import denoise_volume, model_from_config
+from tgd_jax.denoise import denoise_volume, model_from_config, read_volume, write_h5
 from tgd_jax.models import DnCNN
 
 __all__ = ["train", "finetune", "online", "initial_variables", "num_steps_for"]
 
 Log = Callable[[str], None]
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """``jax.distributed.initialize()`` for multi-host runs (``config.distributed``)."""
-    if config.distributed:
-        jax.distributed.initialize()
 
 
 def num_steps_for(config: ml_collections.ConfigDict, pairs: data_lib.PairSet) -> int:
@@ -70,8 +64,9 @@ def _supervised_data(config: ml_collections.ConfigDict
     train_ids, val_ids = _process_share(
         *data_lib.split_studies(info.studies, config.data.val_studies))
     path, version, scale = config.data.path, config.data.version, config.data.intensity_scale
-    train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale)
-    val_pairs = data_lib.supervised_pairs(path, version, val_ids, scale=scale) if val_ids else None
+    train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale, info=info)
+    val_pairs = (data_lib.supervised_pairs(path, version, val_ids, scale=scale, info=info)
+                 if val_ids else None)
     return train_ids, val_ids, train_pairs, val_pairs
 
 
@@ -120,8 +115,8 @@ def _pretrained(config: ml_collections.ConfigDict, log: Log
     variables = {"params": params, "batch_stats": batch_stats}
     template = model_from_config(config.model).init(
         jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.float32))
-    ckpt_lib.check_tree_match({k: template[k] for k in template},
-                              {k: v for k, v in variables.items() if v}, meta["checkpoint"])
+    ckpt_lib.check_tree_match(template, {k: v for k, v in variables.items() if v},
+                              meta["checkpoint"])
     return variables, meta
 
 
@@ -131,7 +126,6 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
              mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
     """Shared by fine-tuning and online learning: plan the mask, then train."""
     t = config.tgd
-    masks_lib.check_phi(t.phi)
     plan = methods_lib.plan_finetune(
         config.method, variables["params"], model_from_config(config.model).topology(),
         phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, mode=t.mode, last_k=config.last_k,
@@ -198,11 +192,11 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     info = data_lib.open_dataset(config.data.path)
     study = config.data.study or info.studies[0]
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
-                               scale=config.data.intensity_scale)
+                               scale=config.data.intensity_scale, info=info)
     workdir = trainer.prepare_workdir(workdir, config, "online")
     summary, state = _tgd_run(config, workdir, "online", start_vars, source_meta, pairs, None,
                               log, mesh)
-    full, _ = _read_full(config.data.path, study, config.data.version)
+    full, _ = read_volume(config.data.path, study=study, key=f"{config.data.version}/halves/full")
     model = model_from_config(config.model)
     scale = config.data.intensity_scale
     before = denoise_volume(model, start_vars, full, scale=scale)
@@ -212,7 +206,10 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     ood = _ood_errors(config.data.path, study, config.data.version,
                       {"input": full, "starting network": before, "online": after})
     if _main():
-        _write_online(workdir / "denoised.h5", full, before, after, study, config)
+        with workdir_lib.atomic_path(workdir / "denoised.h5", suffix=".h5") as tmp:
+            write_h5(tmp, {"input": full, "pretrained": before, "denoised": after},
+                     {"study": study, "source": config.data.path,
+                      "checkpoint": config.checkpoint, "version": config.data.version})
         _online_figure(full, before, after, workdir / "online.png")
     for roi, errors in ood.items():
         log(f"RMSE vs noiseless around '{roi}': " + ", ".join(
@@ -257,34 +254,6 @@ def _ood_errors(path: str, study: str, version: str, images: dict[str, np.ndarra
                 out[roi] = {name: float(np.sqrt(np.mean((image[region] - reference[region]) ** 2)))
                             for name, image in images.items()}
     return out
-
-
-def _read_full(path: str, study: str, version: str) -> tuple[np.ndarray, None]:
-    from tgd_jax.denoise import read_volume
-
-    return read_volume(path, study=study, key=f"{version}/halves/full")
-
-
-def _write_online(path: Path, full: np.ndarray, before: np.ndarray, after: np.ndarray,
-                  study: str, config: ml_collections.ConfigDict) -> None:
-    import os
-    import tempfile
-
-    import h5py
-
-    fd, tmp = tempfile.mkstemp(prefix=".denoised.", suffix=".h5", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("input", data=full, compression="gzip")
-            f.create_dataset("pretrained", data=before, compression="gzip")
-            f.create_dataset("denoised", data=after, compression="gzip")
-            f.attrs.update(study=study, source=str(config.data.path),
-                           checkpoint=str(config.checkpoint), version=config.data.version)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _process_share(train_ids: list[str], val_ids: list[str]) -> tuple[list[str], list[str]]:

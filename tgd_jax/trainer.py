@@ -138,7 +138,7 @@ def fit(
 
     Args:
       config: the run's config (seed, batch_size, data.*, log/eval/checkpoint cadence).
-      workdir: where metrics, checkpoints and ``summary.json`` go.
+      workdir: where metrics and checkpoints go.
       model, tx: the network and the full optimizer (TGD mask included).
       state: the starting state (also the template a checkpoint is restored into).
       train_pairs, val_pairs: data; ``val_pairs=None`` validates on fixed training patches.
@@ -148,12 +148,15 @@ def fit(
       mesh: device mesh (default: all devices).
 
     Returns:
-      The final state and the run summary (also written to ``summary.json``).
+      The final state and the run summary (the commands add their fields and write it
+      to ``summary.json``).
 
     Raises:
       NonFiniteLossError: at the first step whose loss is not finite; the checkpoints
         written before it are kept.
     """
+    if config.loss not in step_lib.LOSSES:
+        raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
     workdir = Path(workdir)
     main = jax.process_index() == 0  # on several hosts only the first one writes files
     if not main:
@@ -176,8 +179,6 @@ def fit(
     state = parallel.replicate(state, mesh)
     start = int(state.step)
 
-    if config.loss not in step_lib.LOSSES:
-        raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
     loss = step_lib.LOSSES[config.loss]
     train_fn = parallel.jit_step(functools.partial(
         step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats,
@@ -191,6 +192,9 @@ def fit(
     val_batches = [parallel.shard_batch(sample(val_source, step=i, augment=False,
                                                stream=data_lib.STREAM_VAL), mesh)
                    for i in range(config.eval_batches)]
+
+    def validate() -> float:
+        return float(np.mean([float(eval_fn(state, b)["loss"]) for b in val_batches]))
 
     def make_batch(step: int) -> dict[str, jax.Array]:
         return parallel.shard_batch(sample(train_pairs, step=step, augment=config.data.augment),
@@ -226,8 +230,7 @@ def fit(
 
     def evaluate_and_save(step: int) -> None:
         nonlocal last_val
-        losses = [float(eval_fn(state, b)["loss"]) for b in val_batches]
-        val = float(np.mean(losses))
+        val = validate()
         if not math.isfinite(val):
             raise NonFiniteLossError(
                 f"validation loss is {val} at step {step}; stopped. The last good checkpoint "
@@ -243,7 +246,7 @@ def fit(
         log(f"{workdir} already finished ({start} of {num_steps} steps)")
     initial: float | None = None
     if start == 0:  # the starting network's validation loss: what training must improve on
-        initial = float(np.mean([float(eval_fn(state, b)["loss"]) for b in val_batches]))
+        initial = validate()
         if main:
             workdir_lib.append_jsonl(metrics_path, {"step": 0, "val_loss": initial})
         log(f"step 0/{num_steps}  validation loss {initial:.5g} (before training)")
@@ -262,7 +265,7 @@ def fit(
         prefetch.close()
         ckpt.wait()
     if start >= num_steps and last_val is None:
-        last_val = float(np.mean([float(eval_fn(state, b)["loss"]) for b in val_batches]))
+        last_val = validate()
     summary = {
         "steps": int(state.step),
         "final_val_loss": last_val,
@@ -275,8 +278,6 @@ def fit(
         "global_batch": int(config.batch_size),
     }
     ckpt.close()
-    if main:
-        workdir_lib.write_json(workdir / "summary.json", summary)
     return state, summary
 
 

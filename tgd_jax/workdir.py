@@ -2,37 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "write_json", "append_jsonl", "versions", "save_figure"]
+__all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
+           "save_figure"]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Writes ``data`` to ``path`` via a temporary file and ``os.replace``.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """Yields a temporary path next to ``path``; renames it to ``path`` if the block succeeds.
 
-    An interrupted write leaves either the old file or none, never a half-written one.
+    Whatever writes the file (h5py, nibabel, plain bytes) writes the temporary path; an
+    exception or a kill leaves either the old file or none under ``path``, never a
+    half-written one (the temporary file is removed on an exception). ``suffix`` keeps an
+    extension writers need (``.nii.gz``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (see :func:`atomic_path`), fsynced."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

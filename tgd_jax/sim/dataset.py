@@ -26,13 +26,14 @@ import dataclasses
 import datetime
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+
+from tgd_jax.workdir import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -101,10 +102,7 @@ def write_dataset(
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({
                 "schema_version": SCHEMA_VERSION,
@@ -136,10 +134,6 @@ def write_dataset(
                 for key, image in study.images.items():
                     g.create_dataset(key, data=image.astype(np.float32), compression="gzip")
         open_dataset(tmp, display_name=str(path))  # never publish a file the reader rejects
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
