@@ -113,8 +113,9 @@ def _pretrained(config: ml_collections.ConfigDict, log: Log
             config.model[key] = tuple(value) if key == "features" else value
         config.data.intensity_scale = source.data.intensity_scale
     variables = {"params": params, "batch_stats": batch_stats}
-    template = model_from_config(config.model).init(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.float32))
+    # Shapes only (jax.eval_shape): nothing is initialised or computed.
+    template = jax.eval_shape(model_from_config(config.model).init, jax.random.key(0),
+                              jnp.zeros((1, 8, 8, 3), jnp.float32))
     ckpt_lib.check_tree_match(template, {k: v for k, v in variables.items() if v},
                               meta["checkpoint"])
     return variables, meta
