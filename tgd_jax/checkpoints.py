@@ -208,8 +208,16 @@ def restore(path: str | Path, which: str = "best") -> Restored:
     folder, step = resolve(Path(path).absolute(), which)
     manager = _manager(folder, keep=1_000_000, create=False)
     try:
+        # Onto this process's first device, whatever mesh wrote it (a run on 2 CPU devices
+        # saves shardings that a 1-device process could not otherwise restore).
+        metadata = manager.item_metadata(step)["state"]
+        saved = metadata.tree if hasattr(metadata, "tree") else metadata
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            if hasattr(m, "shape") else m, saved)
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     finally:
         manager.close()
     state, meta = restored["state"], dict(restored["meta"])

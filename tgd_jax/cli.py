@@ -13,6 +13,7 @@ import ml_collections
 from absl import flags, logging
 
 from tgd_jax import config as config_lib
+from tgd_jax import parallel
 from tgd_jax.checkpoints import CheckpointError
 from tgd_jax.sim.dataset import DatasetError
 from tgd_jax.trainer import NonFiniteLossError
@@ -31,9 +32,20 @@ def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
     config_lib.override(config, **values)
 
 
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "JAX devices to split a CPU-only machine into, for data "
+    "parallelism over its cores: 0 = one per core (the largest count that divides the "
+    "batch); default $TGD_CPU_DEVICES, else 1 (see tgd_jax.parallel.use_cpu_cores for why "
+    "it is opt-in). Ignored on GPU/TPU.")
+
+
 def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,
         workdir: str) -> None:
     """Runs an experiment function; expected errors end the program with one clear line."""
+    try:
+        parallel.use_cpu_cores(int(config.batch_size), _CPU_DEVICES.value)
+    except ValueError as e:
+        sys.exit(f"{name}: error: {e}")
     quiet_libraries()
     if config.get("distributed"):
         jax.distributed.initialize()

@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"  # adam | adamw | sgd
     c.optimizer.learning_rate = 1e-3  # the paper's Adam learning rate
+    c.optimizer.l2 = 0.0  # coupled L2 on conv kernels (the paper's regulariser R): l2 * w is
+    # added to the gradient BEFORE the optimizer, as a Keras kernel_regularizer would
     c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.schedule = "constant"  # constant | cosine
@@ -116,6 +118,10 @@ def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
     c.tgd = tgd_section(phi=0.3)
     c.last_k = 3  # last_k: conv blocks fine-tuned from the end (the paper's FT-net: 3)
     c.freeze_batch_stats = True  # keep the BatchNorm running statistics of frozen channels
+    c.validation = held_out_section(version="")  # new-task held-out set ("" path: see
+    # data.val_studies; "" version: data.version); chooses the best checkpoint
+    c.old_task = held_out_section(version="v1")  # old-task held-out set, to measure
+    # forgetting ("" path: none); logged as val_loss_old
     apply_preset(c, preset)
     if preset == "demo":
         c.num_steps = 200
@@ -145,4 +151,15 @@ def tgd_section(phi: float) -> ml_collections.ConfigDict:
     t.k = 5  # KSE nearest neighbours
     t.first = "kse"  # conv1 policy: kse | frozen | train (the paper leaves this open)
     t.mode = "paper"  # paper (gated backward pass) | projected (update mask only)
+    t.frozen_bn = "batch"  # BatchNorm of frozen channels in training passes: batch | running
+    t.gate_cosine = False  # log the cosine between the gated and the true gradient (costs
+    # one more backward pass per step)
     return t
+
+
+def held_out_section(version: str) -> ml_collections.ConfigDict:
+    h = ml_collections.ConfigDict()
+    h.path = ""  # HDF5 dataset; its LAST `studies` studies are used
+    h.version = version
+    h.studies = 1
+    return h

@@ -171,6 +171,7 @@ def tgd_masks(
     first: LayerPolicy = "kse",
     last: Literal["frozen", "train"] = "frozen",
     mode: Mode = "paper",
+    scores: Mapping[str, Any] | None = None,
 ) -> TGDMasks:
     """The whole TGD rule in one call: KSE scores, channel masks, mask pytree and gates.
 
@@ -181,10 +182,13 @@ def tgd_masks(
       alpha, k: KSE parameters (see :func:`tgd_jax.kse.kse_scores`).
       first, last: policies of the first layer and of layers without a consumer.
       mode: ``"paper"`` or ``"projected"``; decides the gate collection.
+      scores: precomputed :func:`layer_scores` (skips KSE; for trying several thresholds).
     """
     check_phi(phi)
     check_mode(mode)
-    scores = layer_scores(params, topology, alpha=alpha, k=k)
+    if scores is None:
+        scores = layer_scores(params, topology, alpha=alpha, k=k)
+    scores = dict(scores)
     channels = channel_masks_from_scores(params, topology, scores, phi, first=first, last=last)
     return TGDMasks(
         params=expand_channel_masks(params, topology, channels),

@@ -56,7 +56,8 @@ class FinetunePlan:
 
 def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 0.3,
                   alpha: float = 1.0, k: int = 5, first: str = "kse", mode: str = "paper",
-                  last_k: int = 3, key: jax.Array | None = None) -> FinetunePlan:
+                  last_k: int = 3, key: jax.Array | None = None,
+                  scores: Mapping[str, Any] | None = None) -> FinetunePlan:
     """The mask, gates and summary of ``method`` for a network's ``params``.
 
     Args:
@@ -66,15 +67,17 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
       phi, alpha, k, first, mode: TGD settings (used by ``tgd``, ``random``, ``l1``).
       last_k: blocks fine-tuned by ``last_k``.
       key: PRNG key for ``random`` (required there).
+      scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha and
+        k), to try several thresholds without recomputing KSE.
     """
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
     settings: dict[str, Any] = {"method": method}
-    scores: dict[str, Any] = {}
+    given_scores, scores = scores, {}
     gates: dict[str, Any] = {}
     if method in ("tgd", "random", "l1"):
         tgd = masks_lib.tgd_masks(params, topology, phi, alpha=alpha, k=k, first=first,
-                                  mode=mode)
+                                  mode=mode, scores=given_scores)
         channels, scores = dict(tgd.channels), dict(tgd.scores)
         if method == "random":
             if key is None:

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["FreezeMaskedState", "freeze_masked", "tgd", "replace_mask", "find_mask"]
+__all__ = ["FreezeMaskedState", "freeze_masked", "tgd", "replace_mask", "find_mask",
+           "kernel_l2", "kernel_leaves"]
 
 
 class FreezeMaskedState(NamedTuple):
@@ -78,6 +79,41 @@ def freeze_masked(mask: Any) -> optax.GradientTransformation:
 def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
     """``optax.chain(inner, freeze_masked(mask))``: any optimizer, restricted to the mask."""
     return optax.chain(inner, freeze_masked(mask))
+
+
+def kernel_leaves(params: Any) -> Any:
+    """Bool pytree mirroring ``params``: True for leaves named ``kernel`` (conv/dense weights).
+
+    Biases and normalisation parameters are not regularised, as with Keras'
+    ``kernel_regularizer``.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def kernel_l2(l2: float) -> optax.GradientTransformation:
+    """Coupled L2 regularisation of the kernels: ``g -> g + l2 * w`` on every ``kernel`` leaf.
+
+    This is the gradient of the penalty ``(l2 / 2) * sum(w ** 2)`` ADDED TO THE LOSS (Keras'
+    ``kernel_regularizer=l2(lam)`` is ``l2 = 2 * lam``): chain it BEFORE the optimizer, so
+    the penalty's gradient goes through Adam's normalisation like the data gradient. A
+    weight that the data never pull on (it reads a feature map nobody uses, or one that is
+    always zero) then decays to zero at Adam's full step size, which is what makes such
+    kernels visible to KSE. This is the paper's regulariser R: under TGD the mask is the
+    last transformation, so frozen elements receive no regulariser update either.
+
+    Decoupled weight decay (``optax.adamw``) is different: it shrinks every weight by
+    ``lr * weight_decay`` per step after Adam, whatever its gradient, so at the paper's
+    ``lr = 1e-3`` it barely moves unused weights.
+
+    Args:
+      l2: coefficient (>= 0); 0 returns the identity.
+    """
+    if not l2 >= 0:  # also rejects NaN
+        raise ValueError(f"l2 must be >= 0, got {l2}")
+    if l2 == 0:
+        return optax.identity()
+    return optax.masked(optax.add_decayed_weights(l2), kernel_leaves)
 
 
 def _is_freeze_state(x: Any) -> bool:

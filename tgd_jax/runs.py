@@ -67,7 +67,25 @@ def _supervised_data(config: ml_collections.ConfigDict
     train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale, info=info)
     val_pairs = (data_lib.supervised_pairs(path, version, val_ids, scale=scale, info=info)
                  if val_ids else None)
+    held = config.get("validation")
+    if held is not None and held.path:
+        val_ids = [f"{held.path}:{s}" for s in _held_out_ids(held)]
+        val_pairs = _held_out_pairs(held, held.version or version, scale)
     return train_ids, val_ids, train_pairs, val_pairs
+
+
+def _held_out_ids(held: ml_collections.ConfigDict) -> list[str]:
+    info = data_lib.open_dataset(held.path)
+    if not 1 <= held.studies < len(info.studies) + 1:
+        raise ValueError(f"held-out studies={held.studies} must be in [1, "
+                         f"{len(info.studies)}] for {held.path}")
+    return list(info.studies[-held.studies:])
+
+
+def _held_out_pairs(held: ml_collections.ConfigDict, version: str,
+                    scale: float) -> data_lib.PairSet:
+    """The last ``held.studies`` studies of ``held.path``, ``version`` images."""
+    return data_lib.supervised_pairs(held.path, version, _held_out_ids(held), scale=scale)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
@@ -147,18 +165,34 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     inner = trainer.make_optimizer(config, steps)
     tx = inner if plan.mask is None else optim.tgd(inner, plan.mask)
     model = model_from_config(config.model, use_gates=plan.use_gates)
-    state = step_lib.create_train_state(variables, tx, gates=plan.gates)
+    frozen_bn = _frozen_bn(t.get("frozen_bn", "batch"), plan, model.topology())
+    state = step_lib.create_train_state(variables, tx, gates=plan.gates, frozen_bn=frozen_bn)
+    old = config.get("old_task")
+    extra_val = ({"old": _held_out_pairs(old, old.version, config.data.intensity_scale)}
+                 if old is not None and old.path else None)
     state, summary = trainer.fit(
         config=config, workdir=workdir, model=model, tx=tx, state=state,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
         meta={"command": command, "method": config.method}, mesh=mesh, log=log,
-        freeze_batch_stats=config.freeze_batch_stats)
+        freeze_batch_stats=config.freeze_batch_stats, extra_val=extra_val,
+        gate_cosine=bool(t.get("gate_cosine", False)))
     summary.update(command=command, method=config.method,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],
                    optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+                   mode=t.mode, frozen_bn=t.get("frozen_bn", "batch"),
                    source_checkpoint=source_meta["checkpoint"])
     return summary, state
+
+
+def _frozen_bn(choice: str, plan: methods_lib.FinetunePlan, topology: Any) -> dict[str, Any]:
+    """The ``"frozen_bn"`` collection: frozen channels of each BatchNorm use running stats."""
+    if choice not in ("batch", "running"):
+        raise ValueError(f"tgd.frozen_bn must be 'batch' or 'running', got {choice!r}")
+    if choice == "batch" or plan.mask is None:
+        return {}
+    return {f"{node.norm}_use_running": ~np.asarray(plan.channels[node.conv], bool)
+            for node in topology if node.norm is not None}
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,

@@ -23,10 +23,13 @@ from flax import linen as nn
 
 from tgd_jax import masks as masks_lib
 from tgd_jax.gate import GATE_COLLECTION
-from tgd_jax.optim import find_mask
+from tgd_jax.optim import find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
-           "LOSSES"]
+           "LOSSES", "replace_tgd", "masked_cosine", "FROZEN_BN_COLLECTION"]
+
+#: Variable collection of the per-channel "use running statistics while training" flags.
+FROZEN_BN_COLLECTION = "frozen_bn"
 
 Batch = dict[str, jax.Array]
 
@@ -41,6 +44,9 @@ class TrainState:
       batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
       opt_state: optimizer state; with :func:`tgd_jax.optim.tgd` it holds the TGD mask.
       gates: the ``"tgd"`` gate collection (``{}``: no gates, plain back-propagation).
+      frozen_bn: the ``"frozen_bn"`` collection: per BatchNorm, the channels that normalise
+        with their running statistics in training-mode passes (``{}``: batch statistics
+        everywhere, the usual). See :class:`tgd_jax.models.DnCNN`.
     """
 
     step: jax.Array
@@ -48,10 +54,12 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     gates: Any
+    frozen_bn: Any = flax.struct.field(default_factory=dict)
 
 
 def create_train_state(
-    variables: dict[str, Any], tx: optax.GradientTransformation, gates: Any = None
+    variables: dict[str, Any], tx: optax.GradientTransformation, gates: Any = None,
+    frozen_bn: Any = None,
 ) -> TrainState:
     """A fresh state from model variables (``params``, optional ``batch_stats``)."""
     params = variables["params"]
@@ -61,7 +69,43 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         gates={} if gates is None else gates,
+        frozen_bn={} if frozen_bn is None else frozen_bn,
     )
+
+
+def replace_tgd(state: TrainState, mask: Any, gates: Any) -> TrainState:
+    """The next TGD round (TGD^n): swaps every copy of the decision in one call.
+
+    The optax mask in ``opt_state`` (which also decides whose BatchNorm statistics stay
+    frozen, see :func:`train_step`) and the gate collection are replaced together, so a
+    paper-mode round can never run on the previous round's gates. Tree structures must
+    match the current ones (no recompilation); the inner optimizer's moments are kept.
+
+    Args:
+      state: the current state.
+      mask: the new params mask (e.g. ``tgd_masks(...).params`` of the fine-tuned params).
+      gates: the new ``"tgd"`` collection (``tgd_masks(...).gates``; ``{}`` if the state
+        has none).
+    """
+    gates = {} if gates is None else gates
+    old = jax.tree.structure(state.gates)
+    if jax.tree.structure(gates) != old:
+        raise ValueError(f"new gates have a different tree structure:\nold {old}\n"
+                         f"new {jax.tree.structure(gates)}")
+    return state.replace(opt_state=replace_mask(state.opt_state, mask), gates=gates)
+
+
+def masked_cosine(a: Any, b: Any, mask: Any) -> jax.Array:
+    """Cosine between two gradient pytrees restricted to the elements ``mask`` retrains."""
+    def keep(m: Any, x: jax.Array) -> jax.Array:
+        return jnp.zeros_like(x) if m is None else jnp.where(m, x, 0.0)
+
+    is_none = lambda x: x is None  # noqa: E731
+    a = jax.tree.leaves(jax.tree.map(keep, mask, a, is_leaf=is_none))
+    b = jax.tree.leaves(jax.tree.map(keep, mask, b, is_leaf=is_none))
+    dot = sum(jnp.vdot(x, y) for x, y in zip(a, b, strict=True))
+    norm = jnp.sqrt(sum(jnp.vdot(x, x) for x in a) * sum(jnp.vdot(y, y) for y in b))
+    return jnp.where(norm > 0, dot / jnp.maximum(norm, 1e-30), 0.0)
 
 
 def mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -84,6 +128,8 @@ def _variables(state: TrainState, params: Any) -> dict[str, Any]:
         variables["batch_stats"] = state.batch_stats
     if state.gates:
         variables[GATE_COLLECTION] = state.gates
+    if state.frozen_bn:
+        variables[FROZEN_BN_COLLECTION] = state.frozen_bn
     return variables
 
 
@@ -95,19 +141,33 @@ def train_step(
     tx: optax.GradientTransformation,
     freeze_batch_stats: bool = True,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = mse,
+    gate_cosine: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on ``batch = {"inputs": (B,H,W,C), "targets": (B,H,W,C)}``.
 
-    Returns the new state and ``{"loss": scalar, "grad_norm": scalar}``.
+    Returns the new state and ``{"loss": scalar, "grad_norm": scalar}``. With
+    ``gate_cosine`` (a diagnostic costing one more backward pass) also ``"gate_cosine"``:
+    the cosine, over the retrained elements, between the gradient the gates let through
+    and the true gradient (all gates open); 1 in projected mode or without gates.
     """
 
-    def loss_fn(params: Any) -> tuple[jax.Array, Any]:
+    def loss_fn(params: Any, gates: Any) -> tuple[jax.Array, Any]:
         prediction, updates = model.apply(
-            _variables(state, params), batch["inputs"], train=True, mutable=["batch_stats"]
+            _variables(state.replace(gates=gates), params), batch["inputs"], train=True,
+            mutable=["batch_stats"]
         )
         return loss(prediction, batch["targets"]), updates.get("batch_stats", {})
 
-    (value, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (value, new_stats), grads = grad_fn(state.params, state.gates)
+    extra = {}
+    if gate_cosine:
+        open_gates = jax.tree.map(jnp.ones_like, state.gates)
+        _, true_grads = grad_fn(state.params, open_gates)
+        mask = find_mask(state.opt_state)
+        if mask is None:
+            mask = jax.tree.map(lambda _: True, state.params)
+        extra["gate_cosine"] = masked_cosine(grads, true_grads, mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     mask = find_mask(opt_state)
@@ -117,7 +177,7 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return new_state, {"loss": value, "grad_norm": grad_norm}
+    return new_state, {"loss": value, "grad_norm": grad_norm, **extra}
 
 
 def eval_step(state: TrainState, batch: Batch, *, model: nn.Module,

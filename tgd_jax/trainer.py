@@ -30,7 +30,7 @@ import optax
 from flax import linen as nn
 
 from tgd_jax import data as data_lib
-from tgd_jax import parallel
+from tgd_jax import optim, parallel
 from tgd_jax import step as step_lib
 from tgd_jax import workdir as workdir_lib
 from tgd_jax.checkpoints import Checkpointer
@@ -66,6 +66,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int
         raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {o.name!r}")
     if o.grad_clip > 0:
         inner = optax.chain(optax.clip_by_global_norm(o.grad_clip), inner)
+    if o.l2 != 0:  # coupled: a loss term, so its gradient is clipped and normalised too
+        inner = optax.chain(optim.kernel_l2(o.l2), inner)
     return inner
 
 
@@ -133,6 +135,8 @@ def fit(
     freeze_batch_stats: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     log: Callable[[str], None] = print,
+    extra_val: Mapping[str, data_lib.PairSet] | None = None,
+    gate_cosine: bool = False,
 ) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """Trains ``state`` to ``num_steps`` steps in ``workdir`` (resuming if it can).
 
@@ -146,6 +150,12 @@ def fit(
       meta: extra JSON stored with every checkpoint.
       freeze_batch_stats: keep the BatchNorm statistics of frozen channels.
       mesh: device mesh (default: all devices).
+      extra_val: more held-out sets, by name (e.g. ``{"old": ...}`` for the old task):
+        measured with the validation loss, logged as ``val_loss_<name>``, and reported in
+        the summary as ``initial_val_loss_<name>`` / ``final_val_loss_<name>``; they do
+        not choose the best checkpoint.
+      gate_cosine: log the cosine between the gated and the true gradient
+        (:func:`tgd_jax.step.train_step`).
 
     Returns:
       The final state and the run summary (the commands add their fields and write it
@@ -182,19 +192,27 @@ def fit(
     loss = step_lib.LOSSES[config.loss]
     train_fn = parallel.jit_step(functools.partial(
         step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats,
-        loss=loss), mesh)
+        loss=loss, gate_cosine=gate_cosine), mesh)
     eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model, loss=loss),
                                 mesh, donate_state=False)
     sample = functools.partial(
         data_lib.sample_batch, seed=config.seed, batch_size=local_batch,
         patch_size=config.data.patch_size, process_index=jax.process_index())
     val_source = val_pairs if val_pairs is not None else train_pairs
-    val_batches = [parallel.shard_batch(sample(val_source, step=i, augment=False,
-                                               stream=data_lib.STREAM_VAL), mesh)
-                   for i in range(config.eval_batches)]
+    def fixed_batches(pairs: data_lib.PairSet) -> list[dict[str, jax.Array]]:
+        return [parallel.shard_batch(sample(pairs, step=i, augment=False,
+                                            stream=data_lib.STREAM_VAL), mesh)
+                for i in range(config.eval_batches)]
 
-    def validate() -> float:
-        return float(np.mean([float(eval_fn(state, b)["loss"]) for b in val_batches]))
+    val_batches = fixed_batches(val_source)
+    extra_batches = {name: fixed_batches(p) for name, p in (extra_val or {}).items()}
+
+    def validate(batches: list[dict[str, jax.Array]] | None = None) -> float:
+        return float(np.mean([float(eval_fn(state, b)["loss"])
+                              for b in (val_batches if batches is None else batches)]))
+
+    def validate_extra() -> dict[str, float]:
+        return {f"val_loss_{name}": validate(b) for name, b in extra_batches.items()}
 
     def make_batch(step: int) -> dict[str, jax.Array]:
         return parallel.shard_batch(sample(train_pairs, step=step, augment=config.data.augment),
@@ -204,6 +222,7 @@ def fit(
     t_start = t_last = time.perf_counter()
     steps_at_last = start
     last_val: float | None = None
+    last_extra: dict[str, float] = {}
 
     def flush(step: int) -> None:
         nonlocal t_last, steps_at_last
@@ -221,6 +240,8 @@ def fit(
         record = {"step": step, "loss": float(np.mean(losses)), "loss_last": losses[-1],
                   "grad_norm": float(values[-1]["grad_norm"]), "steps_per_s": rate,
                   "elapsed_s": now - t_start, "eta_s": (num_steps - step) / max(rate, 1e-9)}
+        if "gate_cosine" in values[-1]:  # mean over the steps since the last record
+            record["gate_cosine"] = float(np.mean([float(m["gate_cosine"]) for m in values]))
         if main:
             workdir_lib.append_jsonl(metrics_path, record)
         log(f"step {step}/{num_steps}  loss {record['loss']:.5g}  {rate:.2f} steps/s  "
@@ -229,8 +250,9 @@ def fit(
         t_last, steps_at_last = now, step
 
     def evaluate_and_save(step: int) -> None:
-        nonlocal last_val
+        nonlocal last_val, last_extra
         val = validate()
+        last_extra = validate_extra()
         if not math.isfinite(val):
             raise NonFiniteLossError(
                 f"validation loss is {val} at step {step}; stopped. The last good checkpoint "
@@ -238,18 +260,23 @@ def fit(
         best = ckpt.save(step, state, meta, val_loss=val)
         if main:
             workdir_lib.append_jsonl(metrics_path, {"step": step, "val_loss": val,
-                                                    "best": best})
-        log(f"step {step}/{num_steps}  validation loss {val:.5g}{'  (best)' if best else ''}")
+                                                    "best": best, **last_extra})
+        extra = "".join(f"  {k} {v:.5g}" for k, v in last_extra.items())
+        log(f"step {step}/{num_steps}  validation loss {val:.5g}{'  (best)' if best else ''}"
+            f"{extra}")
         last_val = val
 
     if start >= num_steps:
         log(f"{workdir} already finished ({start} of {num_steps} steps)")
     initial: float | None = None
+    initial_extra: dict[str, float] = {}
     if start == 0:  # the starting network's validation loss: what training must improve on
-        initial = validate()
+        initial, initial_extra = validate(), validate_extra()
         if main:
-            workdir_lib.append_jsonl(metrics_path, {"step": 0, "val_loss": initial})
-        log(f"step 0/{num_steps}  validation loss {initial:.5g} (before training)")
+            workdir_lib.append_jsonl(metrics_path, {"step": 0, "val_loss": initial,
+                                                    **initial_extra})
+        extra = "".join(f"  {k} {v:.5g}" for k, v in initial_extra.items())
+        log(f"step 0/{num_steps}  validation loss {initial:.5g} (before training){extra}")
     prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
     try:
         for step, batch in prefetch:
@@ -265,7 +292,7 @@ def fit(
         prefetch.close()
         ckpt.wait()
     if start >= num_steps and last_val is None:
-        last_val = validate()
+        last_val, last_extra = validate(), validate_extra()
     summary = {
         "steps": int(state.step),
         "final_val_loss": last_val,
@@ -276,6 +303,8 @@ def fit(
         "wall_s_this_invocation": time.perf_counter() - t_start,
         "devices": int(mesh.devices.size),
         "global_batch": int(config.batch_size),
+        **{f"initial_{k}": v for k, v in initial_extra.items()},
+        **{f"final_{k}": v for k, v in last_extra.items()},
     }
     ckpt.close()
     return state, summary

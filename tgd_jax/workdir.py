@@ -73,6 +73,7 @@ def versions() -> dict[str, Any]:
     import jax
 
     out["devices"] = [str(d) for d in jax.devices()]
+    out["device_count"] = jax.device_count()  # CPU: parallel.use_cpu_cores (--cpu_devices)
     return out
 
 

@@ -3,6 +3,9 @@
 Input: ``(B, H, W, 3)``, three consecutive axial slices as channels (NHWC).
 Layers: conv1 -> ReLU; conv2..conv{L-1} -> BatchNorm -> ReLU; conv{L} linear, all 3x3.
 Residual learning: conv{L} predicts the noise of the 3 slices; output = input - noise.
+In training mode, a ``"frozen_bn"`` variable collection with ``(C,)`` bool entries
+``bn{i}_use_running`` makes those channels of ``bn{i}`` normalise with their running
+statistics instead of the batch's (TGD's ``frozen_bn="running"`` option).
 With ``use_gates`` a :class:`~tgd_jax.gate.TGDGate` follows every conv and BatchNorm except
 the last conv (conv -> gate -> BN -> gate -> ReLU), named ``gate_conv{i}`` / ``gate_bn{i}``.
 """
@@ -84,12 +87,17 @@ class DnCNN(nn.Module):
             if self.use_gates:
                 h = TGDGate(name=f"gate_conv{i}")(h)
             if i > 1:
-                h = nn.BatchNorm(
-                    use_running_average=not train,
-                    momentum=self.bn_momentum,
-                    dtype=self.dtype,
-                    name=f"bn{i}",
-                )(h)
+                bn = nn.BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=f"bn{i}")
+                flag = f"bn{i}_use_running"
+                if train and self.has_variable("frozen_bn", flag):
+                    # TGD option: frozen channels normalise with their running statistics
+                    # (as at inference) while retrained ones use the batch's. Running first:
+                    # the batch-statistics call then updates the running averages.
+                    running = bn(h, use_running_average=True)
+                    h = jnp.where(self.get_variable("frozen_bn", flag), running,
+                                  bn(h, use_running_average=False))
+                else:
+                    h = bn(h, use_running_average=not train)
                 if self.use_gates:
                     h = TGDGate(name=f"gate_bn{i}")(h)
             h = nn.relu(h)

@@ -1,0 +1,265 @@
+"""The regulariser, the threshold study, the gradient cosine, frozen BatchNorm statistics,
+TGD^n with gates, and the held-out sets of fine-tuning; each against an independent truth."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY_FEATURES, frozen_and_retrained, quiet
+
+from tgd_jax import checkpoints, masks, optim, parallel, runs, step
+from tgd_jax import config as config_lib
+from tgd_jax import premise as premise_lib
+from tgd_jax import threshold as threshold_lib
+from tgd_jax.models import DnCNN
+from tgd_jax.trainer import make_optimizer
+
+# --- the regulariser ----------------------------------------------------------------------
+
+
+def test_kernel_l2_adds_l2_times_w_to_kernels_only():
+    params = {"conv": {"kernel": jnp.arange(6.0).reshape(1, 1, 2, 3), "bias": jnp.ones(3)},
+              "bn": {"scale": jnp.full(3, 2.0), "bias": jnp.ones(3)}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    out, _ = optim.kernel_l2(0.1).update(grads, optim.kernel_l2(0.1).init(params), params)
+    # the gradient of the loss term (0.1 / 2) * sum(kernel ** 2), written out by hand
+    np.testing.assert_allclose(out["conv"]["kernel"], 0.5 + 0.1 * np.arange(6.0).reshape(
+        1, 1, 2, 3), rtol=1e-6)
+    for path in (("conv", "bias"), ("bn", "scale"), ("bn", "bias")):
+        np.testing.assert_array_equal(out[path[0]][path[1]], 0.5)
+
+
+def test_coupled_l2_under_adam_decays_an_unused_weight_and_adamw_barely_does():
+    # A weight with zero data gradient: coupled L2's gradient l2 * w is normalised by Adam
+    # into steps of about lr, so w = 0.5 reaches 0 within 0.5 / lr steps; decoupled decay
+    # multiplies it by (1 - lr * wd) per step: 0.5 * (1 - 1e-5) ** 100 = 0.4995.
+    params = {"kernel": jnp.array([0.5, -0.5])}
+    zero = {"kernel": jnp.zeros(2)}
+
+    def run(tx, steps=100):
+        p, s = params, tx.init(params)
+        for _ in range(steps):
+            u, s = tx.update(zero, s, p)
+            p = optax.apply_updates(p, u)
+        return np.asarray(p["kernel"])
+
+    coupled = run(optax.chain(optim.kernel_l2(1e-3), optax.adam(1e-2)))
+    decoupled = run(optax.adamw(1e-2, weight_decay=1e-3))
+    assert np.all(np.abs(coupled) < 0.02), coupled
+    np.testing.assert_allclose(np.abs(decoupled), 0.5 * (1 - 1e-5) ** 100, rtol=1e-5)
+
+
+def test_frozen_elements_get_no_regulariser_update(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params = variables["params"]
+    mask = masks.tgd_masks(params, model.topology(), 0.5).params
+    c = config_lib.train_config("tiny")
+    c.optimizer.l2 = 1e-2
+    tx = optim.tgd(make_optimizer(c, 10), mask)
+    zero = jax.tree.map(jnp.zeros_like, params)  # only the regulariser pulls
+    p, s = params, tx.init(params)
+    for _ in range(5):
+        u, s = tx.update(zero, s, p)
+        p = optax.apply_updates(p, u)
+    shrunk = 0
+    for fb, fa, rb, ra in frozen_and_retrained(mask, params, p):
+        assert fb.tobytes() == fa.tobytes()
+        shrunk += int(np.sum(np.abs(ra) < np.abs(rb)))
+    assert shrunk > 0  # the retrained kernels did decay
+
+
+@pytest.mark.parametrize("bad", [-1e-3, float("nan")])
+def test_negative_or_nan_l2_is_refused(bad):
+    c = config_lib.train_config("tiny")
+    c.optimizer.l2 = bad
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        make_optimizer(c, 10)
+
+
+@pytest.mark.parametrize("batch, cores, expected", [(16, 2, 2), (16, 12, 8), (6, 4, 3),
+                                                    (7, 2, 1), (32, 1, 1)])
+def test_cpu_device_count_divides_the_batch(batch, cores, expected):
+    assert parallel.cpu_device_count(batch, cores) == expected
+
+
+# --- the threshold study ------------------------------------------------------------------
+
+
+def _network_with_dead_channels():
+    """A tiny DnCNN in which every consumer ignores input channels 0 and 1 (their weights
+    are zero), so output channels 0 and 1 of every layer but the last are truly useless."""
+    model = DnCNN(features=TINY_FEATURES)
+    variables = model.init(jax.random.key(3), jnp.zeros((1, 8, 8, 3)))
+    params = jax.tree.map(np.array, variables["params"])
+    for i in range(2, len(TINY_FEATURES) + 1):
+        params[f"conv{i}"]["kernel"][:, :, :2, :] = 0.0
+    return model, {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def test_zeroing_truly_useless_kernels_leaves_the_output_bit_identical():
+    model, variables = _network_with_dead_channels()
+    x = jax.random.normal(jax.random.key(1), (4, 12, 12, 3))
+    target = x * 0.5
+
+    def evaluate(p):
+        y = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)
+        return float(jnp.mean((y - target) ** 2)), np.asarray(y)
+
+    result = threshold_lib.threshold_study(variables["params"], model.topology(), evaluate,
+                                           np.asarray(x), phis=(0.3,), key=jax.random.key(0))
+    (row,) = result["rows"]
+    # KSE picks exactly the dead channels (sparsity 0) ...
+    for layer, (retrained, total) in row["channels"].items():
+        assert retrained == (0 if layer == f"conv{len(TINY_FEATURES)}" else 2), (layer, total)
+    # ... and dropping them changes nothing, while the same counts at random do
+    assert row["kse"]["loss"] == result["intact_loss"]
+    assert row["kse"]["output_change"] == 0.0
+    assert row["random"]["output_change"] > 0.01
+    assert row["fraction"] > 0
+
+
+def test_output_change_is_relative_to_the_denoising():
+    x = np.zeros(4)
+    intact = np.array([1.0, 0, 0, 0])  # the network changes x by norm 1
+    assert threshold_lib.output_change(np.array([1.0, 0, 0, 0.5]), intact, x) == 0.5
+
+
+def test_threshold_checkpoint_writes_its_files(toy_data, pretrained, tmp_path):
+    result = premise_lib.threshold_checkpoint(str(pretrained), str(toy_data["train"]),
+                                              tmp_path, examples=8, phis=(0.3, 0.6),
+                                              random_draws=2, log=quiet)
+    saved = json.loads((tmp_path / "threshold.json").read_text())
+    assert saved["rows"] == result["rows"] and len(saved["rows"]) == 2
+    assert saved["rows"][1]["fraction"] >= saved["rows"][0]["fraction"]
+    assert (tmp_path / "threshold.png").stat().st_size > 0
+    assert (tmp_path / "kse_hist.png").stat().st_size > 0
+
+
+# --- TGD's gradient, frozen BatchNorm, TGD^n ---------------------------------------------
+
+
+def _batch(key=0):
+    x = jax.random.normal(jax.random.key(key), (4, 8, 8, 3))
+    return {"inputs": x, "targets": 0.5 * x}
+
+
+def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
+    model, variables = tiny_dncnn
+    params = variables["params"]
+    tgd = masks.tgd_masks(params, model.topology(), 0.5, mode="paper")
+    tx = optim.tgd(optax.sgd(0.0), tgd.params)
+    state = step.create_train_state(variables, tx, gates=tgd.gates)
+    _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
+
+    def grad_of(m, gates):
+        def loss(p):
+            v = {"params": p, "batch_stats": variables["batch_stats"], **gates}
+            y, _ = m.apply(v, _batch()["inputs"], train=True, mutable=["batch_stats"])
+            return jnp.mean((y - _batch()["targets"]) ** 2)
+        return jax.grad(loss)(params)
+
+    gated = grad_of(model, {"tgd": tgd.gates})
+    true = grad_of(DnCNN(features=TINY_FEATURES), {})  # the same net without any gate
+    a = np.concatenate([g[m].ravel() for m, g in zip(*_masked_pairs(tgd.params, gated))])
+    b = np.concatenate([g[m].ravel() for m, g in zip(*_masked_pairs(tgd.params, true))])
+    expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert 0 < expected < 0.999  # the gates really change the gradient here
+    np.testing.assert_allclose(float(metrics["gate_cosine"]), expected, rtol=1e-4)
+
+    open_gates = masks.tgd_masks(params, model.topology(), 0.5, mode="projected")
+    state = step.create_train_state(variables, tx, gates=open_gates.gates)
+    _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
+    np.testing.assert_allclose(float(metrics["gate_cosine"]), 1.0, rtol=1e-5)
+
+
+def _masked_pairs(mask, grads):
+    ms, gs = [], []
+    for m, g in zip(jax.tree.leaves(mask, is_leaf=lambda x: x is None), jax.tree.leaves(grads),
+                    strict=True):
+        if m is not None:
+            ms.append(np.broadcast_to(np.asarray(m), g.shape))
+            gs.append(np.asarray(g))
+    return ms, gs
+
+
+def test_frozen_bn_running_equals_inference_normalisation(tiny_dncnn):
+    model, variables = tiny_dncnn
+    # give the running statistics values unlike any batch's
+    stats = jax.tree.map(lambda s: s + 0.3, variables["batch_stats"])
+    v = {"params": variables["params"], "batch_stats": stats}
+    x = _batch()["inputs"]
+    everything = {f"bn{i}_use_running": jnp.ones(w, bool)
+                  for i, w in enumerate(TINY_FEATURES, start=1) if 1 < i < len(TINY_FEATURES)}
+    inference = model.apply(v, x, train=False)
+    trained, _ = model.apply({**v, "frozen_bn": everything}, x, train=True,
+                             mutable=["batch_stats"])
+    np.testing.assert_allclose(trained, inference, rtol=1e-5, atol=1e-6)
+    batch_mode, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
+    assert np.max(np.abs(batch_mode - inference)) > 1e-3  # the flag made the difference
+
+
+def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dncnn):
+    model, variables = tiny_dncnn
+    topo = model.topology()
+    first = masks.tgd_masks(variables["params"], topo, 0.4, mode="paper")
+    tx = optim.tgd(optax.adam(1e-2), first.params)
+    fn = jax.jit(lambda s, b: step.train_step(s, b, model=model, tx=tx))
+    state = step.create_train_state(variables, tx, gates=first.gates)
+    for i in range(3):
+        state, _ = fn(state, _batch(i))
+    second = masks.tgd_masks(state.params, topo, 0.6, mode="paper")  # fresh KSE, new phi
+    assert any(bool(jnp.any(first.channels[k] != second.channels[k])) for k in first.channels)
+    state = step.replace_tgd(state, second.params, second.gates)
+    before = jax.device_get(state)
+    for i in range(3, 6):
+        state, _ = fn(state, _batch(i))
+    assert fn._cache_size() == 1  # same structures: no recompilation
+    for fb, fa, rb, ra in frozen_and_retrained(second.params, before.params, state.params):
+        assert fb.tobytes() == fa.tobytes()
+    np.testing.assert_equal(jax.device_get(state.gates), jax.device_get(second.gates))
+    for i in range(2, len(TINY_FEATURES)):  # BN statistics follow the NEW mask
+        frozen = ~np.asarray(second.channels[f"conv{i}"])
+        for name in ("mean", "var"):
+            old = np.asarray(before.batch_stats[f"bn{i}"][name])[frozen]
+            np.testing.assert_array_equal(old, np.asarray(state.batch_stats[f"bn{i}"][name])[
+                frozen])
+    with pytest.raises(ValueError, match="different tree structure"):
+        step.replace_tgd(state, second.params, {})
+
+
+# --- fine-tuning with held-out new- and old-task sets ------------------------------------
+
+
+@pytest.mark.parametrize("frozen_bn", ["batch", "running"])
+def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrained, tmp_path,
+                                                              frozen_bn):
+    c = config_lib.override(config_lib.finetune_config("tiny"), **{
+        "data.path": str(toy_data["finetune"]), "checkpoint": str(pretrained),
+        "validation.path": str(toy_data["train"]), "validation.version": "v2",
+        "old_task.path": str(toy_data["train"]), "old_task.version": "v1",
+        "tgd.gate_cosine": True, "tgd.frozen_bn": frozen_bn, "tgd.phi": 0.5})
+    summary = runs.finetune(c, tmp_path, log=quiet)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert all("val_loss_old" in r for r in val)
+    assert summary["initial_val_loss_old"] == val[0]["val_loss_old"]
+    assert summary["final_val_loss_old"] == val[-1]["val_loss_old"]
+    cos = [r["gate_cosine"] for r in records if "gate_cosine" in r]
+    assert cos and all(-1 <= v <= 1 for v in cos)
+    assert summary["frozen_bn"] == frozen_bn
+    # the step-0 losses are those of the starting network, computed independently here
+    params, stats, config = checkpoints.load(pretrained)
+    assert summary["initial_val_loss_old"] != summary["initial_val_loss"]  # v1 vs v2 images
+    mask = json.loads((tmp_path / "mask.json").read_text())["channels"]
+    final, final_stats, _, _ = checkpoints.restore(tmp_path, "latest")
+    for i in range(2, len(config.model.features)):
+        frozen = ~np.asarray(mask[f"conv{i}"], bool)
+        np.testing.assert_array_equal(np.asarray(stats[f"bn{i}"]["mean"])[frozen],
+                                      np.asarray(final_stats[f"bn{i}"]["mean"])[frozen])
+        assert np.asarray(params[f"conv{i}"]["kernel"])[..., frozen].tobytes() == \
+            np.asarray(final[f"conv{i}"]["kernel"])[..., frozen].tobytes()
