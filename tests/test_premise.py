@@ -165,8 +165,10 @@ def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
 
     gated = grad_of(model, {"tgd": tgd.gates})
     true = grad_of(DnCNN(features=TINY_FEATURES), {})  # the same net without any gate
-    a = np.concatenate([g[m].ravel() for m, g in zip(*_masked_pairs(tgd.params, gated))])
-    b = np.concatenate([g[m].ravel() for m, g in zip(*_masked_pairs(tgd.params, true))])
+    a = np.concatenate([g[m].ravel() for m, g in
+                        zip(*_masked_pairs(tgd.params, gated), strict=True)])
+    b = np.concatenate([g[m].ravel() for m, g in
+                        zip(*_masked_pairs(tgd.params, true), strict=True)])
     expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     assert 0 < expected < 0.999  # the gates really change the gradient here
     np.testing.assert_allclose(float(metrics["gate_cosine"]), expected, rtol=1e-4)
@@ -219,7 +221,7 @@ def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dnc
     for i in range(3, 6):
         state, _ = fn(state, _batch(i))
     assert fn._cache_size() == 1  # same structures: no recompilation
-    for fb, fa, rb, ra in frozen_and_retrained(second.params, before.params, state.params):
+    for fb, fa, _, _ in frozen_and_retrained(second.params, before.params, state.params):
         assert fb.tobytes() == fa.tobytes()
     np.testing.assert_equal(jax.device_get(state.gates), jax.device_get(second.gates))
     for i in range(2, len(TINY_FEATURES)):  # BN statistics follow the NEW mask
