@@ -50,6 +50,9 @@ RECIPES: dict[str, dict[str, object]] = {
     "l2-1e-3-const": {"optimizer.l2": 1e-3, "optimizer.schedule": "constant"},
     "wd-1e-1-cos": {"optimizer.name": "adamw", "optimizer.weight_decay": 1e-1},
     "wd-1-cos": {"optimizer.name": "adamw", "optimizer.weight_decay": 1.0},
+    # the exploratory setting of the issue that found the premise: 4,000 constant-lr steps
+    "l2-1e-3-const-4k": {"optimizer.l2": 1e-3, "optimizer.schedule": "constant",
+                         "num_steps": 4000, "eval_every": 1000},
     "none-cos-w375": {"model.width_multiplier": 0.375},
     "l2-1e-3-cos-w375": {"optimizer.l2": 1e-3, "model.width_multiplier": 0.375},
 }
@@ -83,8 +86,11 @@ def run_pretrain(out: Path, data: Path, recipes: list[str], seeds: list[int]) ->
               f"{summary['best_val_loss']:.5g}, {elapsed / 60:.1f} min", flush=True)
 
 
-#: Networks fine-tuned in stage 3: without a regulariser, and the candidate recipe.
-FINETUNE_RECIPES = ("none-cos", "l2-1e-3-cos")
+#: Networks fine-tuned in stage 3: without a regulariser, and the candidate recipe (chosen
+#: after the seed-0 threshold studies: lowest held-out loss, most kernels below 0.3, and
+#: the largest gap between zeroing KSE's choice and a random one).
+CANDIDATE = "l2-1e-2-cos"
+FINETUNE_RECIPES = ("none-cos", CANDIDATE)
 FINETUNE_STEPS = 300
 #: name -> overrides of configs/finetune.py:demo. "gate_cosine" logs TGD's gradient cosine.
 METHODS: dict[str, dict[str, object]] = {
@@ -100,7 +106,17 @@ METHODS: dict[str, dict[str, object]] = {
 LEARNING_RATES = (1e-3, 1e-4)
 #: (recipe, method) pairs fine-tuned; the unregularised network gets the TGD modes and full.
 FINETUNE_GRID = [(r, m) for r in FINETUNE_RECIPES for m in METHODS
-                 if r == "l2-1e-3-cos" or m in ("tgd-paper", "tgd-projected", "full")]
+                 if r == CANDIDATE or m in ("tgd-paper", "tgd-projected", "full")]
+
+
+def _in_grid(recipe: str, method: str, lr: float) -> bool:
+    """What 2 CPU cores afford: every method at 1e-3 from the candidate, the TGD modes from
+    the unregularised network, and the TGD modes and full fine-tuning at 1e-4."""
+    if method == "tgd-projected-runbn":
+        return False
+    if recipe != CANDIDATE:
+        return lr == 1e-3 and method in ("tgd-paper", "tgd-projected")
+    return lr == 1e-3 or method in ("tgd-paper", "tgd-projected", "full")
 
 
 def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, data: Path):
@@ -122,7 +138,7 @@ def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
     from tgd_jax import runs
 
     todo = [(s, r, m, lr) for s in seeds for lr in LEARNING_RATES for r, m in FINETUNE_GRID
-            if not (m.endswith("runbn") and lr != 1e-3)]
+            if _in_grid(r, m, lr)]
     t0 = time.perf_counter()
     for i, (seed, recipe, method, lr) in enumerate(todo):
         workdir = out / "finetune" / f"{recipe}-s{seed}" / f"{method}-lr{lr:g}"

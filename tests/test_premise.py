@@ -254,9 +254,12 @@ def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrain
     cos = [r["gate_cosine"] for r in records if "gate_cosine" in r]
     assert cos and all(-1 <= v <= 1 for v in cos)
     assert summary["frozen_bn"] == frozen_bn
-    # the step-0 losses are those of the starting network, computed independently here
-    params, stats, config = checkpoints.load(pretrained)
     assert summary["initial_val_loss_old"] != summary["initial_val_loss"]  # v1 vs v2 images
+    if frozen_bn == "batch":  # a rerun of the finished run keeps the step-0 losses
+        again = runs.finetune(c, tmp_path, log=quiet)
+        for key in ("initial_val_loss", "initial_val_loss_old"):
+            assert again[key] == summary[key] is not None
+    params, stats, config = checkpoints.load(pretrained)
     mask = json.loads((tmp_path / "mask.json").read_text())["channels"]
     final, final_stats, _, _ = checkpoints.restore(tmp_path, "latest")
     for i in range(2, len(config.model.features)):

@@ -270,6 +270,8 @@ def fit(
         log(f"{workdir} already finished ({start} of {num_steps} steps)")
     initial: float | None = None
     initial_extra: dict[str, float] = {}
+    if start > 0:  # a resumed run keeps the step-0 losses its first invocation recorded
+        initial, initial_extra = _initial_losses(metrics_path)
     if start == 0:  # the starting network's validation loss: what training must improve on
         initial, initial_extra = validate(), validate_extra()
         if main:
@@ -308,6 +310,18 @@ def fit(
     }
     ckpt.close()
     return state, summary
+
+
+def _initial_losses(path: Path) -> tuple[float | None, dict[str, float]]:
+    """The step-0 validation losses recorded in ``metrics.jsonl`` (None, {} if absent)."""
+    if not path.exists():
+        return None, {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "val_loss" in record:
+            return record["val_loss"], {k: v for k, v in record.items()
+                                        if k.startswith("val_loss_")}
+    return None, {}
 
 
 def _silent(message: str) -> None:
