@@ -110,13 +110,13 @@ FINETUNE_GRID = [(r, m) for r in FINETUNE_RECIPES for m in METHODS
 
 
 def _in_grid(recipe: str, method: str, lr: float) -> bool:
-    """What 2 CPU cores afford: every method at 1e-3 from the candidate, the TGD modes from
-    the unregularised network, and the TGD modes and full fine-tuning at 1e-4."""
+    """What 2 CPU cores afford: every method at both rates from the candidate, the two TGD
+    modes at 1e-3 from the unregularised network (the frozen-BN option in paper mode only)."""
     if method == "tgd-projected-runbn":
         return False
     if recipe != CANDIDATE:
         return lr == 1e-3 and method in ("tgd-paper", "tgd-projected")
-    return lr == 1e-3 or method in ("tgd-paper", "tgd-projected", "full")
+    return True
 
 
 def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, data: Path):
@@ -137,7 +137,7 @@ def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, d
 def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
     from tgd_jax import runs
 
-    todo = [(s, r, m, lr) for s in seeds for lr in LEARNING_RATES for r, m in FINETUNE_GRID
+    todo = [(s, r, m, lr) for lr in LEARNING_RATES for s in seeds for r, m in FINETUNE_GRID
             if _in_grid(r, m, lr)]
     t0 = time.perf_counter()
     for i, (seed, recipe, method, lr) in enumerate(todo):
@@ -197,7 +197,9 @@ def main(argv: list[str]) -> None:
         elif stage == "report":
             from experiments import premise_report
 
-            premise_report.write(out, seeds)
+            premise_report.write(out, seeds, recipes=recipes, grid=FINETUNE_GRID,
+                                 lrs=LEARNING_RATES, pretrain_steps=PRETRAIN_STEPS,
+                                 finetune_steps=FINETUNE_STEPS)
         else:
             raise app.UsageError(f"unknown stage {stage!r}")
 

@@ -28,7 +28,7 @@ def _ms(values: list[float], fmt: str = "{:.3g}") -> str:
         return "-"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values, ddof=1))}"
+    return f"{fmt.format(np.mean(values))} ± {fmt.replace('+', '').format(np.std(values, ddof=1))}"
 
 
 def _metrics(workdir: Path) -> list[dict[str, Any]]:
@@ -50,7 +50,12 @@ def pretrain_table(out: Path, recipes: list[str], seeds: list[int]) -> tuple[lis
                 continue
             rows = {round(r["phi"], 2): r for r in thr["rows"]}
             intact = thr["intact_loss"]
+            r3 = rows.get(0.3, {})
+            share = r3.get("consumer_share", {})
+            maps = {k: v[0] / v[1] for k, v in r3.get("channels", {}).items() if k in share}
             runs.append({
+                "share": float(np.mean(list(share.values()))) if share else float("nan"),
+                "maps": float(np.mean(list(maps.values()))) if maps else float("nan"),
                 "loss": summary["best_val_loss"], "intact": intact,
                 "fraction": {p: rows[p]["fraction"] for p in PHIS if p in rows},
                 "cost": {p: {m: rows[p][m]["loss"] / intact - 1 for m in ("kse", "random", "l1")}
@@ -58,15 +63,18 @@ def pretrain_table(out: Path, recipes: list[str], seeds: list[int]) -> tuple[lis
         if runs:
             stats[recipe] = {"runs": runs, "seeds": len(runs)}
     lines = ["| recipe | seeds | held-out v1 MSE | retrained at phi .1 / .2 / .3 / .4 / .5 / .6 "
-             "(%) | loss change, phi-0.3 kernels zeroed: KSE | random (same counts) | L1 |",
-             "|---|---|---|---|---|---|---|"]
+             "(%) | loss change, phi-0.3 kernels zeroed: KSE | random (same counts) | L1 | "
+             "phi 0.3: share of maps / of consumer weight |",
+             "|---|---|---|---|---|---|---|---|"]
     for recipe, st in stats.items():
         runs = st["runs"]
         fr = " / ".join(f"{100 * np.mean([r['fraction'][p] for r in runs]):.1f}" for p in PHIS)
         cost = {m: [100 * r["cost"][0.3][m] for r in runs] for m in ("kse", "random", "l1")}
         lines.append(f"| {recipe} | {st['seeds']} | {_ms([r['loss'] for r in runs], '{:.3g}')} "
                      f"| {fr} | {_ms(cost['kse'], '{:+.1f}')} % | "
-                     f"{_ms(cost['random'], '{:+.0f}')} % | {_ms(cost['l1'], '{:+.0f}')} % |")
+                     f"{_ms(cost['random'], '{:+.0f}')} % | {_ms(cost['l1'], '{:+.0f}')} % | "
+                     f"{100 * np.mean([r['maps'] for r in runs]):.1f} / "
+                     f"{100 * np.mean([r['share'] for r in runs]):.1f} % |")
     return lines, stats
 
 
@@ -192,26 +200,29 @@ def figures(out: Path, stats: dict, curves: dict, recipes: list[str]) -> list[st
     return made
 
 
-def write(out: Path, seeds: list[int]) -> Path:
-    from experiments import premise
-
-    recipes = list(premise.RECIPES)
+def write(out: Path, seeds: list[int], *, recipes: list[str], grid: list[tuple[str, str]],
+          lrs: tuple[float, ...], pretrain_steps: int, finetune_steps: int) -> Path:
+    """Writes ``premise.md``, ``premise.json`` and the figures into ``out``."""
     lines_p, stats = pretrain_table(out, recipes, seeds)
     chosen, verdicts = choose(stats)
-    lines_f, curves = finetune_table(out, premise.FINETUNE_GRID, premise.LEARNING_RATES, seeds)
+    lines_f, curves = finetune_table(out, grid, lrs, seeds)
     made = figures(out, stats, curves, recipes)
     text = [
         "# The premise: useless kernels, the pretraining recipe, and TGD's fine-tuning",
         "",
         f"Runs: `python experiments/premise.py --out={out}` (seeds {seeds}); every number "
         "below is read from those runs' files. Demo datasets; DnCNN at width 0.25 "
-        f"(w375: 0.375), batch 16, {premise.PRETRAIN_STEPS} pretraining steps; "
-        f"{premise.FINETUNE_STEPS} fine-tuning steps. Mean ± sd over seeds.",
+        f"(w375: 0.375), batch 16, {pretrain_steps} pretraining steps (4k: 4,000); "
+        f"{finetune_steps} fine-tuning steps. Mean ± sd over seeds.",
         "",
         "## Pretraining recipes and the threshold study",
         "",
         "Held-out v1 MSE: the v1 study the network never trained on (256 fixed patches). Loss "
-        "change: the held-out loss with the kernels zeroed, relative to the intact network.",
+        "change: the held-out loss with the kernels zeroed, relative to the intact network. "
+        "Last column: the maps TGD retrains at phi 0.3, as a share of each layer's maps and "
+        "as a share of the L1 mass of the consumer's kernel that reads them (mean over "
+        "layers). Useless maps would carry ~0 % of the consumer's weight; a random choice "
+        "carries about its share of maps.",
         "",
         *lines_p,
         "",

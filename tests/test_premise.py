@@ -17,6 +17,7 @@ from tgd_jax import config as config_lib
 from tgd_jax import premise as premise_lib
 from tgd_jax import threshold as threshold_lib
 from tgd_jax.models import DnCNN
+from tgd_jax.topology import ConvNode
 from tgd_jax.trainer import make_optimizer
 
 # --- the regulariser ----------------------------------------------------------------------
@@ -121,6 +122,16 @@ def test_zeroing_truly_useless_kernels_leaves_the_output_bit_identical():
     assert row["kse"]["output_change"] == 0.0
     assert row["random"]["output_change"] > 0.01
     assert row["fraction"] > 0
+    assert all(v == 0.0 for v in row["consumer_share"].values())  # nobody reads them
+
+
+def test_consumer_share_by_hand():
+    params = {"a": {"kernel": np.ones((1, 1, 1, 3))},
+              "b": {"kernel": np.array([[[[1.0], [2.0], [7.0]]]])}}  # reads maps 0, 1, 2
+    topo = [ConvNode("a", consumer="b"), ConvNode("b")]
+    share = threshold_lib.consumer_share(params, topo, {"a": np.array([False, True, True]),
+                                                        "b": np.array([False])})
+    assert share == {"a": 0.9}
 
 
 def test_output_change_is_relative_to_the_denoising():

@@ -23,6 +23,7 @@ from tgd_jax import data as data_lib
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
 from tgd_jax import optim, trainer
+from tgd_jax import premise as premise_lib
 from tgd_jax import step as step_lib
 from tgd_jax import workdir as workdir_lib
 from tgd_jax.denoise import denoise_volume, model_from_config, read_volume, write_h5
@@ -157,7 +158,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                          for k, v in plan.channels.items()},
         })
         if plan.scores:
-            _kse_figure(plan, t.phi, workdir / "kse_hist.png")
+            premise_lib.kse_figure(plan.scores, workdir / "kse_hist.png", phi=t.phi)
     log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
         f"{plan.summary['params_total']:,} parameters retrained "
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
@@ -308,24 +309,6 @@ def _main() -> bool:
 
 def _count(tree: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
-def _kse_figure(plan: methods_lib.FinetunePlan, phi: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = list(plan.scores)
-    fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers), 2.2), squeeze=False)
-    for ax, layer in zip(axes[0], layers, strict=True):
-        ax.hist(np.asarray(plan.scores[layer]), bins=20, range=(0, 1), color="0.4")
-        ax.axvline(phi, color="r", lw=1)
-        ax.set_title(f"{layer} ({int(np.asarray(plan.channels[layer]).sum())} retrained)",
-                     fontsize=7)
-        ax.tick_params(labelsize=6)
-    fig.suptitle(f"KSE per output channel (rated by its consumer), phi = {phi}", fontsize=8)
-    workdir_lib.save_figure(fig, path)
 
 
 def _online_figure(full: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path) -> None:

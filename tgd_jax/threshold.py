@@ -22,9 +22,10 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
-from tgd_jax.topology import Topology
+from tgd_jax.topology import Topology, get_path
 
-__all__ = ["PAPER_FRACTIONS", "DEFAULT_PHIS", "threshold_study", "output_change"]
+__all__ = ["PAPER_FRACTIONS", "DEFAULT_PHIS", "threshold_study", "output_change",
+           "consumer_share"]
 
 #: The paper's fractions of parameters dropped at phi = 0.3, 0.4, 0.5, 0.6 (its figure).
 PAPER_FRACTIONS: dict[float, float] = {0.3: 0.514, 0.4: 0.516, 0.5: 0.530, 0.6: 0.673}
@@ -41,6 +42,26 @@ def output_change(outputs: np.ndarray, intact: np.ndarray, inputs: np.ndarray) -
     as large as the whole denoising)."""
     scale = float(np.linalg.norm(np.asarray(inputs) - np.asarray(intact)))
     return float(np.linalg.norm(np.asarray(outputs) - np.asarray(intact))) / max(scale, 1e-30)
+
+
+def consumer_share(params: Any, topology: Topology, channels: dict[str, Any]) -> dict[str, float]:
+    """Per layer, the share of its consumer's kernel L1 mass that reads the retrained maps.
+
+    This is what paper-mode TGD assumes to be ~0: a "useless" map is one the next layer
+    does not read. A random choice of a fraction f of the maps gets a share of about f.
+    Returns ``{layer: share}`` for layers with a consumer and at least one retrained map.
+    """
+    out = {}
+    for node in topology:
+        if node.consumer is None:
+            continue
+        retrained = np.asarray(channels[node.conv], bool)
+        if not retrained.any():
+            continue
+        kernel = np.abs(np.asarray(get_path(params, f"{node.consumer}/kernel")))
+        per_map = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=(0, 2))
+        out[node.conv] = float(per_map[retrained].sum() / max(per_map.sum(), 1e-30))
+    return out
 
 
 def threshold_study(
@@ -72,7 +93,8 @@ def threshold_study(
     Returns:
       JSON-ready ``{"intact_loss", "rows": [...]}``, one row per phi: ``phi``,
       ``fraction`` (of all parameters retrained by TGD, and dropped here),
-      ``channels`` (per layer), and for ``kse``, ``random``, ``l1``: ``loss``,
+      ``channels`` (per layer), ``consumer_share`` (:func:`consumer_share` of TGD's
+      choice), and for ``kse``, ``random``, ``l1``: ``loss``,
       ``loss_sd`` (random only), ``output_change``.
     """
     if random_draws < 1:
@@ -95,6 +117,7 @@ def threshold_study(
                     row["fraction"] = plan.summary["retrained_fraction"]
                     row["channels"] = {e["layer"]: [e["channels_retrained"], e["channels_total"]]
                                        for e in plan.summary["layers"]}
+                    row["consumer_share"] = consumer_share(params, topology, plan.channels)
             name = "kse" if method == "tgd" else method
             row[name] = {"loss": float(np.mean(losses)), "output_change": float(np.mean(changes))}
             if method == "random":
