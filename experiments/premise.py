@@ -99,6 +99,8 @@ METHODS: dict[str, dict[str, object]] = {
     "tgd-paper-runbn": {"method": "tgd", "tgd.mode": "paper", "tgd.frozen_bn": "running"},
     "tgd-projected-runbn": {"method": "tgd", "tgd.mode": "projected",
                             "tgd.frozen_bn": "running"},
+    # hypothesis test: the frozen last conv reads the retrained maps with small weights
+    "tgd-projected-lasttrain": {"method": "tgd", "tgd.mode": "projected", "tgd.last": "train"},
     "last_k": {"method": "last_k"},
     "full": {"method": "full"},
     "random": {"method": "random", "tgd.mode": "paper"},
@@ -114,6 +116,8 @@ def _in_grid(recipe: str, method: str, lr: float) -> bool:
     modes at 1e-3 from the unregularised network (the frozen-BN option in paper mode only)."""
     if method == "tgd-projected-runbn":
         return False
+    if method == "tgd-projected-lasttrain":
+        return recipe == CANDIDATE and lr == 1e-4
     if recipe != CANDIDATE:
         return lr == 1e-3 and method in ("tgd-paper", "tgd-projected")
     return True

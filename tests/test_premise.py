@@ -279,3 +279,15 @@ def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrain
                                       np.asarray(final_stats[f"bn{i}"]["mean"])[frozen])
         assert np.asarray(params[f"conv{i}"]["kernel"])[..., frozen].tobytes() == \
             np.asarray(final[f"conv{i}"]["kernel"])[..., frozen].tobytes()
+
+
+def test_last_layer_policy_reaches_the_plan(tiny_dncnn):
+    from tgd_jax import methods
+
+    model, variables = tiny_dncnn
+    last = f"conv{len(TINY_FEATURES)}"
+    for policy, expected in (("frozen", False), ("train", True)):
+        plan = methods.plan_finetune("tgd", variables["params"], model.topology(), phi=0.3,
+                                     last=policy)
+        assert bool(np.all(np.asarray(plan.channels[last]) == expected))
+        assert plan.summary["last"] == policy

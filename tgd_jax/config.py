@@ -168,6 +168,7 @@ def tgd_section(phi: float) -> ml_collections.ConfigDict:
     t.alpha = 1.0  # KSE entropy weight
     t.k = 5  # KSE nearest neighbours
     t.first = "kse"  # conv1 policy: kse | frozen | train (the paper leaves this open)
+    t.last = "frozen"  # last conv ("noise classifier"): frozen (the paper) | train
     t.mode = "paper"  # paper (gated backward pass) | projected (update mask only)
     t.frozen_bn = "batch"  # BatchNorm of frozen channels in training passes: batch | running
     t.gate_cosine = False  # log the cosine between the gated and the true gradient (costs

@@ -55,7 +55,8 @@ class FinetunePlan:
 
 
 def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 0.3,
-                  alpha: float = 1.0, k: int = 5, first: str = "kse", mode: str = "paper",
+                  alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
+                  mode: str = "paper",
                   last_k: int = 3, key: jax.Array | None = None,
                   scores: Mapping[str, Any] | None = None) -> FinetunePlan:
     """The mask, gates and summary of ``method`` for a network's ``params``.
@@ -64,7 +65,7 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
       method: one of :data:`METHODS`.
       params: the pretrained ``params`` collection.
       topology: its conv wiring (e.g. ``DnCNN(...).topology()``).
-      phi, alpha, k, first, mode: TGD settings (used by ``tgd``, ``random``, ``l1``).
+      phi, alpha, k, first, last, mode: TGD settings (used by ``tgd``, ``random``, ``l1``).
       last_k: blocks fine-tuned by ``last_k``.
       key: PRNG key for ``random`` (required there).
       scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha and
@@ -76,7 +77,7 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
     given_scores, scores = scores, {}
     gates: dict[str, Any] = {}
     if method in ("tgd", "random", "l1"):
-        tgd = masks_lib.tgd_masks(params, topology, phi, alpha=alpha, k=k, first=first,
+        tgd = masks_lib.tgd_masks(params, topology, phi, alpha=alpha, k=k, first=first, last=last,
                                   mode=mode, scores=given_scores)
         channels, scores = dict(tgd.channels), dict(tgd.scores)
         if method == "random":
@@ -88,7 +89,7 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
             channels = _same_counts(channels, lambda i, path, n: jnp.argsort(
                 _filter_l1(params, path), stable=True))
         gates = masks_lib.gate_variables(topology, channels, mode)
-        settings.update(phi=phi, alpha=alpha, k=k, first=first, mode=mode)
+        settings.update(phi=phi, alpha=alpha, k=k, first=first, last=last, mode=mode)
     elif method == "last_k":
         if not 1 <= last_k <= len(topology):
             raise ValueError(f"last_k={last_k} must be in [1, {len(topology)}] for this network")

@@ -148,7 +148,8 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     t = config.tgd
     plan = methods_lib.plan_finetune(
         config.method, variables["params"], model_from_config(config.model).topology(),
-        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, mode=t.mode, last_k=config.last_k,
+        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.get("last", "frozen"),
+        mode=t.mode, last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
