@@ -120,7 +120,7 @@ def _in_grid(recipe: str, method: str, lr: float) -> bool:
         return recipe == CANDIDATE and lr == 1e-4
     if recipe != CANDIDATE:
         return lr == 1e-3 and method in ("tgd-paper", "tgd-projected")
-    return True
+    return lr == 1e-3 or method not in ("random", "tgd-paper-runbn")
 
 
 def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, data: Path):
