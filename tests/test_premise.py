@@ -293,3 +293,12 @@ def test_last_layer_policy_reaches_the_plan(tiny_dncnn):
                                      last=policy)
         assert bool(np.all(np.asarray(plan.channels[last]) == expected))
         assert plan.summary["last"] == policy
+
+
+def test_a_bad_held_out_count_is_named(toy_data, pretrained, tmp_path):
+    c = config_lib.override(config_lib.finetune_config("tiny"), **{
+        "data.path": str(toy_data["finetune"]), "checkpoint": str(pretrained),
+        "validation.path": str(toy_data["train"]), "validation.studies": 0})
+    with pytest.raises(ValueError, match="held-out studies=0 must be in"):
+        runs.finetune(c, tmp_path / "run", log=quiet)
+    assert not (tmp_path / "run").exists()  # refused before the workdir was touched

@@ -70,23 +70,20 @@ def _supervised_data(config: ml_collections.ConfigDict
                  if val_ids else None)
     held = config.get("validation")
     if held is not None and held.path:
-        val_ids = [f"{held.path}:{s}" for s in _held_out_ids(held)]
-        val_pairs = _held_out_pairs(held, held.version or version, scale)
+        ids, val_pairs = _held_out(held, held.version or version, scale)
+        val_ids = [f"{held.path}:{s}" for s in ids]
     return train_ids, val_ids, train_pairs, val_pairs
 
 
-def _held_out_ids(held: ml_collections.ConfigDict) -> list[str]:
-    info = data_lib.open_dataset(held.path)
-    if not 1 <= held.studies < len(info.studies) + 1:
+def _held_out(held: ml_collections.ConfigDict, version: str,
+              scale: float) -> tuple[list[str], data_lib.PairSet]:
+    """The last ``held.studies`` studies of ``held.path`` and their ``version`` pairs."""
+    info = data_lib.open_dataset(held.path)  # validated once
+    if not 1 <= held.studies <= len(info.studies):
         raise ValueError(f"held-out studies={held.studies} must be in [1, "
                          f"{len(info.studies)}] for {held.path}")
-    return list(info.studies[-held.studies:])
-
-
-def _held_out_pairs(held: ml_collections.ConfigDict, version: str,
-                    scale: float) -> data_lib.PairSet:
-    """The last ``held.studies`` studies of ``held.path``, ``version`` images."""
-    return data_lib.supervised_pairs(held.path, version, _held_out_ids(held), scale=scale)
+    ids = list(info.studies[-held.studies:])
+    return ids, data_lib.supervised_pairs(held.path, version, ids, scale=scale, info=info)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
@@ -170,7 +167,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     frozen_bn = _frozen_bn(t.get("frozen_bn", "batch"), plan, model.topology())
     state = step_lib.create_train_state(variables, tx, gates=plan.gates, frozen_bn=frozen_bn)
     old = config.get("old_task")
-    extra_val = ({"old": _held_out_pairs(old, old.version, config.data.intensity_scale)}
+    extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
                  if old is not None and old.path else None)
     state, summary = trainer.fit(
         config=config, workdir=workdir, model=model, tx=tx, state=state,
