@@ -206,10 +206,10 @@ def test_frozen_bn_running_equals_inference_normalisation(tiny_dncnn):
     stats = jax.tree.map(lambda s: s + 0.3, variables["batch_stats"])
     v = {"params": variables["params"], "batch_stats": stats}
     x = _batch()["inputs"]
-    everything = {f"bn{i}_use_running": jnp.ones(w, bool)
-                  for i, w in enumerate(TINY_FEATURES, start=1) if 1 < i < len(TINY_FEATURES)}
+    everything = masks.frozen_bn_variables(model.topology(), {
+        f"conv{i}": np.zeros(w, bool) for i, w in enumerate(TINY_FEATURES, start=1)})
     inference = model.apply(v, x, train=False)
-    trained, _ = model.apply({**v, "frozen_bn": everything}, x, train=True,
+    trained, _ = model.apply({**v, masks.FROZEN_BN_COLLECTION: everything}, x, train=True,
                              mutable=["batch_stats"])
     np.testing.assert_allclose(trained, inference, rtol=1e-5, atol=1e-6)
     batch_mode, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
@@ -302,3 +302,31 @@ def test_a_bad_held_out_count_is_named(toy_data, pretrained, tmp_path):
     with pytest.raises(ValueError, match="held-out studies=0 must be in"):
         runs.finetune(c, tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()  # refused before the workdir was touched
+
+
+CORES_SCRIPT = (
+    "import jax\n"
+    "from tgd_jax import parallel\n"
+    "try:\n"
+    "    n = parallel.use_cpu_cores(16, None)\n"
+    "except ValueError as e:\n"
+    "    print('ERROR', e)\n"
+    "else:\n"
+    "    print('DEVICES', n, jax.device_count())\n")
+
+
+@pytest.mark.parametrize("env, expected", [("2", "DEVICES 2 2"), ("", "DEVICES 1 1"),
+                                           ("two", "ERROR $TGD_CPU_DEVICES='two' is not an "
+                                                   "integer")])
+def test_use_cpu_cores_sets_the_device_count_before_jax_starts(env, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    clean.update(JAX_PLATFORMS="cpu", TGD_CPU_DEVICES=env,
+                 PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", CORES_SCRIPT], capture_output=True, text=True,
+                         env=clean, timeout=120)
+    assert expected in out.stdout, out.stdout + out.stderr[-2000:]

@@ -40,6 +40,9 @@ __all__ = [
     "expand_channel_masks",
     "tgd_masks",
     "gate_variables",
+    "FROZEN_BN_COLLECTION",
+    "frozen_bn_flag",
+    "frozen_bn_variables",
     "layer_leaves",
     "mask_summary",
     "drop_kernels",
@@ -227,6 +230,23 @@ def gate_variables(
         for gate in node.gates:
             flat[f"{gate}/mask"] = channel
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+#: Flax variable collection of per-channel "normalise with the running statistics in
+#: training passes" flags, one ``(C,)`` bool entry per BatchNorm (TGD's ``frozen_bn="running"``).
+FROZEN_BN_COLLECTION = "frozen_bn"
+
+
+def frozen_bn_flag(norm: str) -> str:
+    """Name of BatchNorm module ``norm``'s entry in :data:`FROZEN_BN_COLLECTION`."""
+    return f"{norm}_use_running"
+
+
+def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`FROZEN_BN_COLLECTION`: every frozen channel (False in ``channels``) of each
+    layer's BatchNorm normalises with its running statistics while training."""
+    return {frozen_bn_flag(node.norm): ~np.asarray(channels[node.conv], bool)
+            for node in topology if node.norm is not None}
 
 
 def mask_summary(

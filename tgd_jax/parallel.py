@@ -61,7 +61,11 @@ def use_cpu_cores(batch_size: int, requested: int | None = None) -> int:
     if forced:
         return int(forced.group(1))
     if requested is None:
-        requested = int(os.environ.get(CPU_DEVICES_ENV, "1") or 1)
+        value = os.environ.get(CPU_DEVICES_ENV, "") or "1"
+        try:
+            requested = int(value)
+        except ValueError:
+            raise ValueError(f"${CPU_DEVICES_ENV}={value!r} is not an integer") from None
     if requested < 0:
         raise ValueError(f"cpu_devices must be >= 0 (0 = one per core), got {requested}")
     if requested:
@@ -72,8 +76,9 @@ def use_cpu_cores(batch_size: int, requested: int | None = None) -> int:
         n = cpu_device_count(batch_size, cores)
     try:
         jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError as e:  # backends already initialised: keep what exists
-        raise RuntimeError(f"cannot set {n} CPU devices: {e}") from None
+    except RuntimeError as e:  # JAX already made its devices: too late to split the CPU
+        raise RuntimeError(f"cannot set {n} CPU devices (call use_cpu_cores before any JAX "
+                           f"array exists): {e}") from None
     return n
 
 

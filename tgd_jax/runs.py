@@ -145,7 +145,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     t = config.tgd
     plan = methods_lib.plan_finetune(
         config.method, variables["params"], model_from_config(config.model).topology(),
-        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.get("last", "frozen"),
+        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last,
         mode=t.mode, last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
@@ -164,7 +164,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     inner = trainer.make_optimizer(config, steps)
     tx = inner if plan.mask is None else optim.tgd(inner, plan.mask)
     model = model_from_config(config.model, use_gates=plan.use_gates)
-    frozen_bn = _frozen_bn(t.get("frozen_bn", "batch"), plan, model.topology())
+    frozen_bn = _frozen_bn(t.frozen_bn, plan, model.topology())
     state = step_lib.create_train_state(variables, tx, gates=plan.gates, frozen_bn=frozen_bn)
     old = config.get("old_task")
     extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
@@ -174,12 +174,12 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
         meta={"command": command, "method": config.method}, mesh=mesh, log=log,
         freeze_batch_stats=config.freeze_batch_stats, extra_val=extra_val,
-        gate_cosine=bool(t.get("gate_cosine", False)))
+        gate_cosine=bool(t.gate_cosine))
     summary.update(command=command, method=config.method,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],
                    optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                   mode=t.mode, frozen_bn=t.get("frozen_bn", "batch"),
+                   mode=t.mode, frozen_bn=t.frozen_bn,
                    source_checkpoint=source_meta["checkpoint"])
     return summary, state
 
@@ -190,8 +190,7 @@ def _frozen_bn(choice: str, plan: methods_lib.FinetunePlan, topology: Any) -> di
         raise ValueError(f"tgd.frozen_bn must be 'batch' or 'running', got {choice!r}")
     if choice == "batch" or plan.mask is None:
         return {}
-    return {f"{node.norm}_use_running": ~np.asarray(plan.channels[node.conv], bool)
-            for node in topology if node.norm is not None}
+    return masks_lib.frozen_bn_variables(topology, plan.channels)
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,

@@ -26,10 +26,7 @@ from tgd_jax.gate import GATE_COLLECTION
 from tgd_jax.optim import find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
-           "LOSSES", "replace_tgd", "masked_cosine", "FROZEN_BN_COLLECTION"]
-
-#: Variable collection of the per-channel "use running statistics while training" flags.
-FROZEN_BN_COLLECTION = "frozen_bn"
+           "LOSSES", "replace_tgd", "masked_cosine"]
 
 Batch = dict[str, jax.Array]
 
@@ -44,9 +41,9 @@ class TrainState:
       batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
       opt_state: optimizer state; with :func:`tgd_jax.optim.tgd` it holds the TGD mask.
       gates: the ``"tgd"`` gate collection (``{}``: no gates, plain back-propagation).
-      frozen_bn: the ``"frozen_bn"`` collection: per BatchNorm, the channels that normalise
-        with their running statistics in training-mode passes (``{}``: batch statistics
-        everywhere, the usual). See :class:`tgd_jax.models.DnCNN`.
+      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`: per BatchNorm, the
+        channels that normalise with their running statistics in training-mode passes
+        (``{}``: batch statistics everywhere, the usual). See :class:`tgd_jax.models.DnCNN`.
     """
 
     step: jax.Array
@@ -129,7 +126,7 @@ def _variables(state: TrainState, params: Any) -> dict[str, Any]:
     if state.gates:
         variables[GATE_COLLECTION] = state.gates
     if state.frozen_bn:
-        variables[FROZEN_BN_COLLECTION] = state.frozen_bn
+        variables[masks_lib.FROZEN_BN_COLLECTION] = state.frozen_bn
     return variables
 
 

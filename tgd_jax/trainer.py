@@ -272,7 +272,7 @@ def fit(
     initial_extra: dict[str, float] = {}
     if start > 0:  # a resumed run keeps the step-0 losses its first invocation recorded
         initial, initial_extra = _initial_losses(metrics_path)
-    if start == 0:  # the starting network's validation loss: what training must improve on
+    else:  # the starting network's validation loss: what training must improve on
         initial, initial_extra = validate(), validate_extra()
         if main:
             workdir_lib.append_jsonl(metrics_path, {"step": 0, "val_loss": initial,

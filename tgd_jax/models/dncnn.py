@@ -3,9 +3,9 @@
 Input: ``(B, H, W, 3)``, three consecutive axial slices as channels (NHWC).
 Layers: conv1 -> ReLU; conv2..conv{L-1} -> BatchNorm -> ReLU; conv{L} linear, all 3x3.
 Residual learning: conv{L} predicts the noise of the 3 slices; output = input - noise.
-In training mode, a ``"frozen_bn"`` variable collection with ``(C,)`` bool entries
-``bn{i}_use_running`` makes those channels of ``bn{i}`` normalise with their running
-statistics instead of the batch's (TGD's ``frozen_bn="running"`` option).
+In training mode, a :data:`~tgd_jax.masks.FROZEN_BN_COLLECTION` with ``(C,)`` bool entries
+(:func:`~tgd_jax.masks.frozen_bn_variables`) makes those channels of ``bn{i}`` normalise
+with their running statistics instead of the batch's (TGD's ``frozen_bn="running"``).
 With ``use_gates`` a :class:`~tgd_jax.gate.TGDGate` follows every conv and BatchNorm except
 the last conv (conv -> gate -> BN -> gate -> ReLU), named ``gate_conv{i}`` / ``gate_bn{i}``.
 """
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from tgd_jax.gate import TGDGate
+from tgd_jax.masks import FROZEN_BN_COLLECTION, frozen_bn_flag
 from tgd_jax.topology import Topology, dncnn_topology
 
 __all__ = ["PAPER_FEATURES", "DnCNN", "scaled_features"]
@@ -88,13 +89,13 @@ class DnCNN(nn.Module):
                 h = TGDGate(name=f"gate_conv{i}")(h)
             if i > 1:
                 bn = nn.BatchNorm(momentum=self.bn_momentum, dtype=self.dtype, name=f"bn{i}")
-                flag = f"bn{i}_use_running"
-                if train and self.has_variable("frozen_bn", flag):
+                flag = frozen_bn_flag(f"bn{i}")
+                if train and self.has_variable(FROZEN_BN_COLLECTION, flag):
                     # TGD option: frozen channels normalise with their running statistics
                     # (as at inference) while retrained ones use the batch's. Running first:
                     # the batch-statistics call then updates the running averages.
                     running = bn(h, use_running_average=True)
-                    h = jnp.where(self.get_variable("frozen_bn", flag), running,
+                    h = jnp.where(self.get_variable(FROZEN_BN_COLLECTION, flag), running,
                                   bn(h, use_running_average=False))
                 else:
                     h = bn(h, use_running_average=not train)
