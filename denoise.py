@@ -11,7 +11,8 @@ import sys
 
 from absl import app, flags
 
-from tgd_jax import checkpoints, cli, denoise
+from tgd_jax.pet import cli, denoise
+from tgd_jax.train import checkpoints
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint folder.",
                                   required=True)

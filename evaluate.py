@@ -10,10 +10,11 @@ import sys
 
 from absl import app, flags
 
-from tgd_jax import checkpoints, cli
-from tgd_jax import evaluate as evaluate_lib
-from tgd_jax import workdir as workdir_lib
-from tgd_jax.sim.dataset import DatasetError
+from tgd_jax.pet import cli
+from tgd_jax.pet import evaluate as evaluate_lib
+from tgd_jax.train import checkpoints
+from tgd_jax.train import workdir as workdir_lib
+from tgd_jax.train.dataset import DatasetError
 
 _TEST = flags.DEFINE_string("test", "runs/demo/data/test.h5", "A 'test' dataset (HDF5).")
 _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evaluate "

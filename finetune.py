@@ -10,8 +10,8 @@ and kse_hist.png before training starts.
 from absl import app, flags
 from ml_collections import config_flags
 
-from tgd_jax import cli, runs
 from tgd_jax.methods import METHODS
+from tgd_jax.pet import cli, pipeline
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     cli.apply_shortcuts(config, checkpoint=_CHECKPOINT.value, method=_METHOD.value,
                         **{"tgd.phi": _PHI.value})
-    cli.run("finetune.py", runs.finetune, config, _WORKDIR.value)
+    cli.run("finetune.py", pipeline.finetune, config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

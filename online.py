@@ -11,8 +11,8 @@ denoised.h5 and a comparison figure to online.png.
 from absl import app, flags
 from ml_collections import config_flags
 
-from tgd_jax import cli, runs
 from tgd_jax.methods import METHODS
+from tgd_jax.pet import cli, pipeline
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     cli.apply_shortcuts(config, checkpoint=_CHECKPOINT.value, method=_METHOD.value,
                         **{"tgd.phi": _PHI.value, "data.study": _STUDY.value})
-    cli.run("online.py", runs.online, config, _WORKDIR.value)
+    cli.run("online.py", pipeline.online, config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

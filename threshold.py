@@ -14,9 +14,10 @@ import sys
 
 from absl import app, flags
 
-from tgd_jax import checkpoints, cli
-from tgd_jax import premise as premise_lib
-from tgd_jax.sim.dataset import DatasetError
+from tgd_jax.pet import cli
+from tgd_jax.pet import premise as premise_lib
+from tgd_jax.train import checkpoints
+from tgd_jax.train.dataset import DatasetError
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir (or checkpoint folder) of "
                                   "the network.", required=True)

@@ -10,7 +10,7 @@ Every field of the config can be overridden with --config.<field>=<value>.
 from absl import app, flags
 from ml_collections import config_flags
 
-from tgd_jax import cli, runs
+from tgd_jax.pet import cli, pipeline
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
@@ -23,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run("train.py", runs.train, _CONFIG.value, _WORKDIR.value)
+    cli.run("train.py", pipeline.train, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

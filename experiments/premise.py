@@ -28,7 +28,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from tgd_jax import parallel  # noqa: E402
+from tgd_jax.train import parallel  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "runs/premise", "Folder for every run and the report.")
 _DATA = flags.DEFINE_string("data", "runs/demo/data", "Folder of the simulator's datasets "
@@ -61,7 +61,7 @@ BASE = {"optimizer.schedule": "cosine", "num_steps": PRETRAIN_STEPS, "eval_every
 
 
 def pretrain_config(recipe: str, seed: int, data: Path):
-    from tgd_jax import config as config_lib
+    from tgd_jax.train import config as config_lib
 
     c = config_lib.train_config("demo")
     c.optimizer.l2 = 0.0
@@ -72,7 +72,7 @@ def pretrain_config(recipe: str, seed: int, data: Path):
 
 
 def run_pretrain(out: Path, data: Path, recipes: list[str], seeds: list[int]) -> None:
-    from tgd_jax import runs
+    from tgd_jax.pet import pipeline
 
     todo = [(s, r) for s in seeds for r in recipes]
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def run_pretrain(out: Path, data: Path, recipes: list[str], seeds: list[int]) ->
         workdir = out / "pretrain" / f"{recipe}-s{seed}"
         if (workdir / "summary.json").exists():
             continue
-        summary = runs.train(pretrain_config(recipe, seed, data), workdir, log=_quiet)
+        summary = pipeline.train(pretrain_config(recipe, seed, data), workdir, log=_quiet)
         elapsed = time.perf_counter() - t0
         print(f"[pretrain {i + 1}/{len(todo)}] {recipe} seed {seed}: held-out "
               f"{summary['best_val_loss']:.5g}, {elapsed / 60:.1f} min", flush=True)
@@ -124,7 +124,7 @@ def _in_grid(recipe: str, method: str, lr: float) -> bool:
 
 
 def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, data: Path):
-    from tgd_jax import config as config_lib
+    from tgd_jax.train import config as config_lib
 
     c = config_lib.finetune_config("demo")
     config_lib.override(c, **{
@@ -139,7 +139,7 @@ def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, d
 
 
 def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
-    from tgd_jax import runs
+    from tgd_jax.pet import pipeline
 
     todo = [(s, r, m, lr) for lr in LEARNING_RATES for s in seeds for r, m in FINETUNE_GRID
             if _in_grid(r, m, lr)]
@@ -151,7 +151,7 @@ def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
         if not (out / "pretrain" / f"{recipe}-s{seed}" / "summary.json").exists():
             print(f"[finetune] {recipe} seed {seed} is not pretrained yet; skipped", flush=True)
             continue
-        summary = runs.finetune(finetune_config(recipe, method, lr, seed, out, data), workdir,
+        summary = pipeline.finetune(finetune_config(recipe, method, lr, seed, out, data), workdir,
                                 log=_quiet)
         print(f"[finetune {i + 1}/{len(todo)}] {recipe} s{seed} {method} lr {lr:g}: new "
               f"{summary['initial_val_loss']:.4g} -> {summary['final_val_loss']:.4g}, old "
@@ -160,7 +160,7 @@ def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
 
 
 def run_threshold(out: Path, data: Path, recipes: list[str], seeds: list[int]) -> None:
-    from tgd_jax import premise
+    from tgd_jax.pet import premise
 
     for recipe in recipes:
         for seed in seeds:

@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from tgd_jax.models import DnCNN  # noqa: E402
+from tgd_jax.pet.models import DnCNN  # noqa: E402
 
 TINY_FEATURES = (8, 8, 12, 6, 3)
 
@@ -104,9 +104,9 @@ def tiny_dncnn():
 
 # --- toy datasets and a pretrained tiny network, shared by the pipeline tests -----------
 
-from tgd_jax import config as config_lib  # noqa: E402
-from tgd_jax import runs  # noqa: E402
+from tgd_jax.pet import pipeline  # noqa: E402
 from tgd_jax.sim.synthetic import write_toy_datasets  # noqa: E402
+from tgd_jax.train import config as config_lib  # noqa: E402
 
 
 def quiet(message: str) -> None:
@@ -128,5 +128,5 @@ def tiny_train_config(path, **overrides):
 def pretrained(toy_data, tmp_path_factory):
     """Workdir of a tiny DnCNN trained 12 steps on toy v1 images."""
     workdir = tmp_path_factory.mktemp("pretrained")
-    runs.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
+    pipeline.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
     return workdir

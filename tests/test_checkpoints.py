@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from tgd_jax import checkpoints, optim
-from tgd_jax.models import DnCNN
-from tgd_jax.step import create_train_state
+from tgd_jax import optim
+from tgd_jax.pet.models import DnCNN
+from tgd_jax.train import checkpoints
+from tgd_jax.train.step import create_train_state
 
 
 def _state(seed=0, features=(4, 6, 3)):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from tgd_jax import checkpoints
+from tgd_jax.train import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -136,7 +136,8 @@ def test_sigkill_then_rerun_resumes_bit_identically(toy_data, tmp_path):
 FOUR_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from tgd_jax import config as config_lib, parallel, runs, checkpoints
+    from tgd_jax.train import config as config_lib, parallel, checkpoints
+    from tgd_jax.pet import pipeline
     assert jax.device_count() == 4, jax.devices()
     def cfg(**kw):
         c = config_lib.train_config("tiny")
@@ -152,7 +153,7 @@ FOUR_DEVICES = textwrap.dedent("""
         return c
     results = {}
     for n in (1, 4):
-        runs.train(cfg(), f"{sys.argv[2]}/d{n}", log=lambda m: None,
+        pipeline.train(cfg(), f"{sys.argv[2]}/d{n}", log=lambda m: None,
                    mesh=parallel.make_mesh(n))
         params, stats, _, _ = checkpoints.restore(f"{sys.argv[2]}/d{n}", "latest")
         results[n] = jax.tree.leaves((params, stats))
@@ -161,7 +162,7 @@ FOUR_DEVICES = textwrap.dedent("""
                 for a, b in zip(results[1], results[4]))
     print("WORST_RELATIVE", worst)
     try:
-        runs.train(cfg(batch_size=6), f"{sys.argv[2]}/bad", log=lambda m: None)
+        pipeline.train(cfg(batch_size=6), f"{sys.argv[2]}/bad", log=lambda m: None)
     except ValueError as e:
         print("ERROR", e)
 """)

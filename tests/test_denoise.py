@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tgd_jax.denoise import slice_stacks
+from tgd_jax.pet.denoise import slice_stacks
 
 
 def test_each_slice_gets_its_neighbours_mirrored_at_the_ends():

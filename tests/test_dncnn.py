@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tgd_jax.models import PAPER_FEATURES, DnCNN, scaled_features
+from tgd_jax.pet.models import PAPER_FEATURES, DnCNN, scaled_features
 from tgd_jax.topology import validate_topology
 
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tgd_jax import evaluate
+from tgd_jax.pet import evaluate
 
 
 def test_lesion_bias_is_the_mean_relative_error_of_the_lesion_means():

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from tgd_jax import masks
 from tgd_jax.gate import TGDGate, tgd_gate
-from tgd_jax.models import DnCNN
+from tgd_jax.pet.models import DnCNN
 
 
 def test_vjp_is_the_masked_cotangent():

@@ -12,13 +12,15 @@ import optax
 import pytest
 from conftest import TINY_FEATURES, frozen_and_retrained, quiet
 
-from tgd_jax import checkpoints, masks, optim, parallel, runs, step
-from tgd_jax import config as config_lib
-from tgd_jax import premise as premise_lib
+from tgd_jax import masks, optim
 from tgd_jax import threshold as threshold_lib
-from tgd_jax.models import DnCNN
+from tgd_jax.optim import make_optimizer
+from tgd_jax.pet import pipeline
+from tgd_jax.pet import premise as premise_lib
+from tgd_jax.pet.models import DnCNN
 from tgd_jax.topology import ConvNode
-from tgd_jax.trainer import make_optimizer
+from tgd_jax.train import checkpoints, parallel, step
+from tgd_jax.train import config as config_lib
 
 # --- the regulariser ----------------------------------------------------------------------
 
@@ -61,7 +63,7 @@ def test_frozen_elements_get_no_regulariser_update(tiny_dncnn):
     mask = masks.tgd_masks(params, model.topology(), 0.5).params
     c = config_lib.train_config("tiny")
     c.optimizer.l2 = 1e-2
-    tx = optim.tgd(make_optimizer(c, 10), mask)
+    tx = optim.tgd(make_optimizer(num_steps=10, **c.optimizer), mask)
     zero = jax.tree.map(jnp.zeros_like, params)  # only the regulariser pulls
     p, s = params, tx.init(params)
     for _ in range(5):
@@ -79,7 +81,7 @@ def test_negative_or_nan_l2_is_refused(bad):
     c = config_lib.train_config("tiny")
     c.optimizer.l2 = bad
     with pytest.raises(ValueError, match="l2 must be >= 0"):
-        make_optimizer(c, 10)
+        make_optimizer(num_steps=10, **c.optimizer)
 
 
 @pytest.mark.parametrize("batch, cores, expected", [(16, 2, 2), (16, 12, 8), (6, 4, 3),
@@ -256,7 +258,7 @@ def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrain
         "validation.path": str(toy_data["train"]), "validation.version": "v2",
         "old_task.path": str(toy_data["train"]), "old_task.version": "v1",
         "tgd.gate_cosine": True, "tgd.frozen_bn": frozen_bn, "tgd.phi": 0.5, "tgd.mode": mode})
-    summary = runs.finetune(c, tmp_path, log=quiet)
+    summary = pipeline.finetune(c, tmp_path, log=quiet)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_loss" in r]
     assert all("val_loss_old" in r for r in val)
@@ -269,7 +271,7 @@ def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrain
     assert summary["frozen_bn"] == frozen_bn
     assert summary["initial_val_loss_old"] != summary["initial_val_loss"]  # v1 vs v2 images
     if frozen_bn == "batch":  # a rerun of the finished run keeps the step-0 losses
-        again = runs.finetune(c, tmp_path, log=quiet)
+        again = pipeline.finetune(c, tmp_path, log=quiet)
         for key in ("initial_val_loss", "initial_val_loss_old"):
             assert again[key] == summary[key] is not None
     params, stats, config = checkpoints.load(pretrained)
@@ -300,13 +302,13 @@ def test_a_bad_held_out_count_is_named(toy_data, pretrained, tmp_path):
         "data.path": str(toy_data["finetune"]), "checkpoint": str(pretrained),
         "validation.path": str(toy_data["train"]), "validation.studies": 0})
     with pytest.raises(ValueError, match="held-out studies=0 must be in"):
-        runs.finetune(c, tmp_path / "run", log=quiet)
+        pipeline.finetune(c, tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()  # refused before the workdir was touched
 
 
 CORES_SCRIPT = (
     "import jax\n"
-    "from tgd_jax import parallel\n"
+    "from tgd_jax.train import parallel\n"
     "try:\n"
     "    n = parallel.use_cpu_cores(16, None)\n"
     "except ValueError as e:\n"

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tgd_jax.sim.dataset import load_study, open_dataset
+from tgd_jax.train.dataset import load_study, open_dataset
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

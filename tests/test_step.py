@@ -10,7 +10,8 @@ import optax
 import pytest
 from conftest import frozen_and_retrained
 
-from tgd_jax import masks, optim, step
+from tgd_jax import masks, optim
+from tgd_jax.train import step
 
 
 @pytest.fixture(scope="module")

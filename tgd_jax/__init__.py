@@ -7,7 +7,7 @@ The functional core, one module each:
 * :mod:`tgd_jax.masks` - from params to channel masks and mask pytrees; summaries.
 * :mod:`tgd_jax.optim` - the mask as an optax ``GradientTransformation``.
 * :mod:`tgd_jax.gate` - the backward-only TGD layer (``jax.custom_vjp``).
-* :mod:`tgd_jax.models` - the paper's 2.5D DnCNN.
+* :mod:`tgd_jax.pet.models` - the paper's 2.5D DnCNN.
 """
 
 from tgd_jax.gate import GATE_COLLECTION, TGDGate, tgd_gate

@@ -92,7 +92,7 @@ def sequential_topology(
 
 
 def dncnn_topology(num_layers: int = 8) -> Topology:
-    """Topology of :class:`tgd_jax.models.DnCNN`: ``conv1 .. conv{L}``, ``bn2 .. bn{L-1}``.
+    """Topology of :class:`tgd_jax.pet.models.DnCNN`: ``conv1 .. conv{L}``, ``bn2 .. bn{L-1}``.
 
     Gates (``gate_conv{i}``, ``gate_bn{i}``) sit after every conv and BatchNorm except the
     last conv, whose cotangent must reach the rest of the network.

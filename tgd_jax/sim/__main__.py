@@ -16,7 +16,7 @@ from pathlib import Path
 from absl import app, flags
 
 from tgd_jax.sim import generate
-from tgd_jax.sim.dataset import ROLES
+from tgd_jax.train.dataset import ROLES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "demo", sorted(generate.PRESETS),

@@ -21,9 +21,9 @@ from typing import Any
 
 import jax
 
-from tgd_jax.sim.dataset import write_dataset
 from tgd_jax.sim.recon import VERSIONS
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
+from tgd_jax.train.dataset import write_dataset
 
 __all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "make_study", "generate_role",
            "spec_from_args", "describe"]

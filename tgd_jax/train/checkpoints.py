@@ -5,7 +5,7 @@ Layout inside a workdir::
     checkpoints/<step>/{state,meta}   the last ``keep`` checkpoints (resume from the newest)
     best/<step>/{state,meta}          the one with the lowest validation loss so far
 
-``state`` is the whole :class:`~tgd_jax.step.TrainState` as a state dict (params, BatchNorm
+``state`` is the whole :class:`~tgd_jax.train.step.TrainState` as a state dict (params, BatchNorm
 statistics, optimizer state WITH the TGD mask, gates, step); ``meta`` is JSON (the run's
 config, the validation loss). Orbax writes each checkpoint under a temporary name and
 renames it when complete, so a run killed mid-save leaves the previous ones intact.
@@ -42,7 +42,7 @@ def _manager(directory: Path, keep: int, create: bool = True) -> ocp.CheckpointM
 
 
 class Checkpointer:
-    """Saves and restores a run's :class:`~tgd_jax.step.TrainState` in ``workdir``.
+    """Saves and restores a run's :class:`~tgd_jax.train.step.TrainState` in ``workdir``.
 
     Args:
       workdir: the run's folder.
@@ -235,8 +235,8 @@ def load(path: str | Path, which: str = "best") -> tuple[Any, Any, ml_collection
 
     ``path`` and ``which`` as in :func:`restore` (which also returns the metadata)::
 
-        params, batch_stats, config = tgd_jax.checkpoints.load("runs/tgdnet")
-        model = tgd_jax.denoise.model_from_config(config.model)
+        params, batch_stats, config = tgd_jax.train.checkpoints.load("runs/tgdnet")
+        model = tgd_jax.pet.models.model_from_config(config.model)
         out = model.apply({"params": params, "batch_stats": batch_stats}, x)
     """
     params, batch_stats, config, _ = restore(path, which)

@@ -12,11 +12,11 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from tgd_jax import config as config_lib
-from tgd_jax import parallel
-from tgd_jax.checkpoints import CheckpointError
-from tgd_jax.sim.dataset import DatasetError
-from tgd_jax.trainer import NonFiniteLossError
+from tgd_jax.train import config as config_lib
+from tgd_jax.train import parallel
+from tgd_jax.train.checkpoints import CheckpointError
+from tgd_jax.train.dataset import DatasetError
+from tgd_jax.train.trainer import NonFiniteLossError
 
 __all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag"]
 
@@ -35,7 +35,7 @@ def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "JAX devices to split a CPU-only machine into, for data "
     "parallelism over its cores: 0 = one per core (the largest count that divides the "
-    "batch); default $TGD_CPU_DEVICES, else 1 (see tgd_jax.parallel.use_cpu_cores for why "
+    "batch); default $TGD_CPU_DEVICES, else 1 (see tgd_jax.train.parallel.use_cpu_cores for why "
     "it is opt-in). Ignored on GPU/TPU.")
 
 

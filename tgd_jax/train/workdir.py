@@ -13,8 +13,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import jax
+import ml_collections
+
 __all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
-           "save_figure"]
+           "save_figure", "prepare_workdir", "config_diff"]
 
 
 @contextlib.contextmanager
@@ -87,6 +90,47 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The first differing key of two nested config dicts, as ``'a.b: old -> new'``."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            found = config_diff(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif _jsonable(a) != _jsonable(b):
+            return f"{prefix}{key}: {a!r} -> {b!r}"
+    return None
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
+                    command: str) -> Path:
+    """Creates ``workdir`` and writes ``config.json`` and ``versions.json``.
+
+    A workdir whose checkpoints come from a DIFFERENT config is refused (they would be
+    resumed into the wrong experiment); the same config resumes. A workdir without
+    checkpoints (a run that failed before its first one) is simply reused.
+    """
+    workdir = Path(workdir)
+    saved = workdir / "config.json"
+    new = {"command": command, "config": config.to_dict()}
+    has_checkpoints = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
+    if saved.exists() and has_checkpoints:
+        old = json.loads(saved.read_text())
+        diff = config_diff(_jsonable(old), _jsonable(new))
+        if diff:
+            raise ValueError(f"{workdir} holds a run with a different config ({diff}); "
+                             "use a new --workdir, or delete it to start over")
+    if jax.process_index() == 0:
+        write_json(saved, new)
+        write_json(workdir / "versions.json", versions())
+    return workdir
 
 
 def _plain(obj: Any) -> Any:

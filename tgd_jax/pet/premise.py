@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tgd_jax import checkpoints as ckpt_lib
-from tgd_jax import data as data_lib
 from tgd_jax import masks as masks_lib
 from tgd_jax import threshold as threshold_lib
-from tgd_jax import workdir as workdir_lib
-from tgd_jax.denoise import model_from_config
+from tgd_jax.pet.models import model_from_config
+from tgd_jax.train import checkpoints as ckpt_lib
+from tgd_jax.train import data as data_lib
+from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["held_out_batch", "threshold_checkpoint", "threshold_figure", "kse_figure"]
 

@@ -1,6 +1,6 @@
 """The three experiments behind ``train.py``, ``finetune.py`` and ``online.py``, as functions.
 
-Each takes a config (see :mod:`tgd_jax.config`) and a workdir, writes everything into the
+Each takes a config (see :mod:`tgd_jax.train.config`) and a workdir, writes everything into the
 workdir (``config.json``, ``versions.json``, ``metrics.jsonl``, checkpoints, ``summary.json``
 and, for fine-tuning, ``mask.json`` BEFORE training starts) and returns the summary. Calling
 one again on the same workdir resumes from the newest checkpoint.
@@ -18,16 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tgd_jax import checkpoints as ckpt_lib
-from tgd_jax import data as data_lib
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
-from tgd_jax import optim, trainer
-from tgd_jax import premise as premise_lib
-from tgd_jax import step as step_lib
-from tgd_jax import workdir as workdir_lib
-from tgd_jax.denoise import denoise_volume, model_from_config, read_volume, write_h5
-from tgd_jax.models import DnCNN
+from tgd_jax import optim
+from tgd_jax.pet import premise as premise_lib
+from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
+from tgd_jax.pet.models import DnCNN, model_from_config
+from tgd_jax.train import checkpoints as ckpt_lib
+from tgd_jax.train import data as data_lib
+from tgd_jax.train import step as step_lib
+from tgd_jax.train import trainer
+from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["train", "finetune", "online", "initial_variables", "num_steps_for"]
 
@@ -91,11 +92,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     """Trains a DnCNN from scratch on ``config.data.version`` (v1-net / v2-net)."""
     _check_common(config)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
-    workdir = trainer.prepare_workdir(workdir, config, "train")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "train")
     steps = num_steps_for(config, train_pairs)
     model = model_from_config(config.model)
     variables = initial_variables(model, config)
-    tx = trainer.make_optimizer(config, steps)
+    tx = optim.make_optimizer(num_steps=steps, **config.optimizer)
     state = step_lib.create_train_state(variables, tx)
     log(f"train: {len(train_ids)} studies ({len(train_pairs.pairs)} pairs), "
         f"{len(val_ids)} validation, {config.data.version}, {steps} steps, "
@@ -161,7 +162,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         f"{plan.summary['params_total']:,} parameters retrained "
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
     steps = num_steps_for(config, train_pairs)
-    inner = trainer.make_optimizer(config, steps)
+    inner = optim.make_optimizer(num_steps=steps, **config.optimizer)
     tx = inner if plan.mask is None else optim.tgd(inner, plan.mask)
     model = model_from_config(config.model, use_gates=plan.use_gates)
     frozen_bn = _frozen_bn(t.frozen_bn, plan, model.topology())
@@ -203,7 +204,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
                          f"{methods_lib.METHODS}")
     variables, source_meta = _pretrained(config, log)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
-    workdir = trainer.prepare_workdir(workdir, config, "finetune")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "finetune")
     summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
                           val_pairs, log, mesh)
     summary.update(train_studies=train_ids, val_studies=val_ids)
@@ -226,7 +227,7 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     study = config.data.study or info.studies[0]
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
                                scale=config.data.intensity_scale, info=info)
-    workdir = trainer.prepare_workdir(workdir, config, "online")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "online")
     summary, state = _tgd_run(config, workdir, "online", start_vars, source_meta, pairs, None,
                               log, mesh)
     full, _ = read_volume(config.data.path, study=study, key=f"{config.data.version}/halves/full")

@@ -18,9 +18,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tgd_jax import checkpoints
-from tgd_jax.denoise import denoise_volume, model_from_config
-from tgd_jax.sim.dataset import DatasetError, open_dataset
+from tgd_jax.pet.denoise import denoise_volume
+from tgd_jax.pet.models import model_from_config
+from tgd_jax.train import checkpoints
+from tgd_jax.train.dataset import DatasetError, open_dataset
 
 __all__ = ["lesion_bias", "liver_cov", "evaluate", "table", "figure"]
 
@@ -98,7 +99,7 @@ def figure(examples: Mapping[str, np.ndarray], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tgd_jax.workdir import save_figure
+    from tgd_jax.train.workdir import save_figure
 
     names = list(examples)
     vmax = float(np.percentile(examples[names[0]], 99.5))

@@ -43,7 +43,7 @@ class TrainState:
       gates: the ``"tgd"`` gate collection (``{}``: no gates, plain back-propagation).
       frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`: per BatchNorm, the
         channels that normalise with their running statistics in training-mode passes
-        (``{}``: batch statistics everywhere, the usual). See :class:`tgd_jax.models.DnCNN`.
+        (``{}``: batch statistics everywhere, the usual). See :class:`tgd_jax.pet.models.DnCNN`.
     """
 
     step: jax.Array

@@ -15,11 +15,13 @@ import pytest
 from conftest import quiet, tiny_train_config
 from flax import traverse_util
 
-from tgd_jax import checkpoints, runs
-from tgd_jax import config as config_lib
-from tgd_jax import data as data_lib
-from tgd_jax.sim.dataset import DatasetError
-from tgd_jax.trainer import NonFiniteLossError
+from tgd_jax.pet import pipeline
+from tgd_jax.train import checkpoints
+from tgd_jax.train import config as config_lib
+from tgd_jax.train import data as data_lib
+from tgd_jax.train import workdir as workdir_lib
+from tgd_jax.train.dataset import DatasetError
+from tgd_jax.train.trainer import NonFiniteLossError
 
 
 def _config(kind, path, checkpoint, **overrides):
@@ -79,8 +81,8 @@ def _final(workdir):
 @pytest.mark.parametrize("method", ["tgd", "random", "l1"])
 def test_masked_methods_freeze_exactly_and_move_the_rest(toy_data, pretrained, start, tmp_path,
                                                          method):
-    summary = runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method=method),
-                            tmp_path, log=quiet)
+    config = _config("finetune", toy_data["finetune"], pretrained, method=method)
+    summary = pipeline.finetune(config, tmp_path, log=quiet)
     p0, s0, _ = _source(tmp_path)
     p1, s1, meta = _final(tmp_path)
     assert meta["step"] == summary["steps"] == 12
@@ -95,7 +97,7 @@ def test_masked_methods_freeze_exactly_and_move_the_rest(toy_data, pretrained, s
 def test_random_and_l1_retrain_as_many_channels_as_tgd(toy_data, pretrained, tmp_path, start):
     counts = {}
     for method in ("tgd", "random", "l1"):
-        runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method=method,
+        pipeline.finetune(_config("finetune", toy_data["finetune"], pretrained, method=method,
                               num_steps=1, eval_every=1, log_every=1), tmp_path / method,
                       log=quiet)
         counts[method] = _channels(tmp_path / method)
@@ -111,7 +113,7 @@ def test_random_and_l1_retrain_as_many_channels_as_tgd(toy_data, pretrained, tmp
 
 
 def test_last_k_changes_only_the_last_three_blocks(toy_data, pretrained, start, tmp_path):
-    runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method="last_k"),
+    pipeline.finetune(_config("finetune", toy_data["finetune"], pretrained, method="last_k"),
                   tmp_path, log=quiet)
     p0, s0, _ = start
     p1, s1, _ = _final(tmp_path)
@@ -123,7 +125,7 @@ def test_last_k_changes_only_the_last_three_blocks(toy_data, pretrained, start, 
 
 
 def test_full_moves_everything(toy_data, pretrained, start, tmp_path):
-    runs.finetune(_config("finetune", toy_data["finetune"], pretrained, method="full"),
+    pipeline.finetune(_config("finetune", toy_data["finetune"], pretrained, method="full"),
                   tmp_path, log=quiet)
     p0, _, _ = start
     p1, _, _ = _final(tmp_path)
@@ -132,7 +134,7 @@ def test_full_moves_everything(toy_data, pretrained, start, tmp_path):
 
 def test_online_changes_only_its_mask_and_writes_the_denoised_image(toy_data, pretrained,
                                                                    start, tmp_path):
-    summary = runs.online(_config("online", toy_data["online"], pretrained), tmp_path,
+    summary = pipeline.online(_config("online", toy_data["online"], pretrained), tmp_path,
                           log=quiet)
     assert summary["study"] == "study_000"
     assert json.loads((tmp_path / "mask.json").read_text())["phi"] == 0.4
@@ -161,7 +163,7 @@ def test_workdir_holds_config_versions_metrics_summary(pretrained):
 
 def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained):
     before = _final(pretrained)[0]
-    summary = runs.train(tiny_train_config(toy_data["train"]), pretrained, log=quiet)
+    summary = pipeline.train(tiny_train_config(toy_data["train"]), pretrained, log=quiet)
     assert summary["resumed_from"] == 12
     after = _final(pretrained)[0]
     assert all(before[k].tobytes() == after[k].tobytes() for k in before)
@@ -169,7 +171,7 @@ def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained):
 
 def test_a_different_config_on_the_same_workdir_is_refused(toy_data, pretrained):
     with pytest.raises(ValueError, match=r"different config \(config.batch_size: 4 -> 8\)"):
-        runs.train(tiny_train_config(toy_data["train"], batch_size=8), pretrained, log=quiet)
+        pipeline.train(tiny_train_config(toy_data["train"], batch_size=8), pretrained, log=quiet)
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
@@ -185,7 +187,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(data_lib, "sample_batch", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 7; stopped. The last good "
                                                  "checkpoint is step 4"):
-        runs.train(tiny_train_config(toy_data["train"]), tmp_path, log=quiet)
+        pipeline.train(tiny_train_config(toy_data["train"]), tmp_path, log=quiet)
     params, _, _, meta = checkpoints.restore(tmp_path, "latest")
     assert meta["step"] == 4
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -201,31 +203,31 @@ def test_finetune_errors_name_the_problem(toy_data, pretrained, tmp_path, overri
                                           message):
     config = _config("finetune", toy_data["finetune"], pretrained, **overrides)
     with pytest.raises(error, match=message):
-        runs.finetune(config, tmp_path, log=quiet)
+        pipeline.finetune(config, tmp_path, log=quiet)
 
 
 def test_missing_checkpoint_is_named(toy_data, tmp_path):
     config = _config("finetune", toy_data["finetune"], tmp_path / "nonexistent")
     with pytest.raises(checkpoints.CheckpointError, match="nonexistent: no such workdir"):
-        runs.finetune(config, tmp_path / "run", log=quiet)
+        pipeline.finetune(config, tmp_path / "run", log=quiet)
 
 
 def test_online_on_a_training_file_names_the_missing_key(toy_data, pretrained, tmp_path):
     with pytest.raises(DatasetError, match="missing key 'v2/halves/a'"):
-        runs.online(_config("online", toy_data["train"], pretrained), tmp_path, log=quiet)
+        pipeline.online(_config("online", toy_data["train"], pretrained), tmp_path, log=quiet)
 
 
 def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp_path):
     # A checkpoint whose stored config disagrees with its own parameters.
     other = tmp_path / "other"
-    runs.train(tiny_train_config(toy_data["train"], **{"model.features": (8, 6, 8, 3)},
+    pipeline.train(tiny_train_config(toy_data["train"], **{"model.features": (8, 6, 8, 3)},
                                  num_steps=1), other, log=quiet)
     cfg = json.loads((other / "config.json").read_text())
     assert cfg["config"]["model"]["features"] == [8, 6, 8, 3]
     params, stats, _, _ = checkpoints.restore(other, "latest")
     reference = jax.tree.map(np.asarray, params)
     assert reference["conv2"]["kernel"].shape == (3, 3, 8, 6)
-    from tgd_jax.denoise import model_from_config
+    from tgd_jax.pet.models import model_from_config
 
     model = model_from_config({"features": (8, 8, 8, 3), "width_multiplier": 1.0,
                                "bn_momentum": 0.9})
@@ -237,7 +239,7 @@ def test_checkpoint_of_another_architecture_is_refused(toy_data, pretrained, tmp
 
 def test_a_relative_workdir_works(toy_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runs.train(tiny_train_config(toy_data["train"], num_steps=4), "relative/run", log=quiet)
+    pipeline.train(tiny_train_config(toy_data["train"], num_steps=4), "relative/run", log=quiet)
     _, _, _, meta = checkpoints.restore("relative/run")
     assert meta["step"] == 4 and meta["checkpoint"].startswith(str(tmp_path))
 
@@ -245,7 +247,7 @@ def test_a_relative_workdir_works(toy_data, tmp_path, monkeypatch):
 def test_dilate_grows_a_pixel_into_a_square():
     mask = np.zeros((2, 7, 7), bool)
     mask[1, 3, 3] = True
-    grown = runs.dilate(mask, 2)
+    grown = pipeline.dilate(mask, 2)
     expected = np.zeros_like(mask)
     expected[1, 1:6, 1:6] = True
     np.testing.assert_array_equal(grown, expected)
@@ -253,9 +255,9 @@ def test_dilate_grows_a_pixel_into_a_square():
 
 def test_a_bad_dataset_leaves_the_workdir_untouched(toy_data, tmp_path):
     with pytest.raises(DatasetError, match="missing.h5: no such file"):
-        runs.train(tiny_train_config(tmp_path / "missing.h5"), tmp_path / "run", log=quiet)
+        pipeline.train(tiny_train_config(tmp_path / "missing.h5"), tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()
-    summary = runs.train(tiny_train_config(toy_data["train"], num_steps=2), tmp_path / "run",
+    summary = pipeline.train(tiny_train_config(toy_data["train"], num_steps=2), tmp_path / "run",
                          log=quiet)
     assert summary["steps"] == 2
 
@@ -266,11 +268,11 @@ def test_each_process_takes_its_share_of_the_studies(monkeypatch):
     for index in range(2):
         monkeypatch.setattr(jax, "process_count", lambda: 2)
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        shares.append(runs._process_share(ids, ["v0", "v1"]))
+        shares.append(pipeline._process_share(ids, ["v0", "v1"]))
     assert shares == [(["s0", "s2", "s4"], ["v0"]), (["s1", "s3"], ["v1"])]
     monkeypatch.setattr(jax, "process_count", lambda: 8)
     with pytest.raises(ValueError, match="5 training studies cannot be shared by 8 processes"):
-        runs._process_share(ids, [])
+        pipeline._process_share(ids, [])
 
 
 def test_ood_errors_are_the_rmse_near_each_feature(tmp_path):
@@ -284,15 +286,14 @@ def test_ood_errors_are_the_rmse_near_each_feature(tmp_path):
     image = np.zeros_like(noiseless)
     image[0, 3, 3] = 3.0  # inside the 3x3 neighbourhood (radius 1): 9 voxels
     image[0, 0, 0] = 100.0  # outside: must not count
-    errors = runs._ood_errors(path, "study_000", "v2", {"net": image}, radius=1)
+    errors = pipeline._ood_errors(path, "study_000", "v2", {"net": image}, radius=1)
     assert errors == {"bladder": {"net": pytest.approx(np.sqrt(9.0 / 9))}}
 
 
 def test_a_workdir_without_checkpoints_is_reused_with_a_new_config(toy_data, tmp_path):
-    from tgd_jax import trainer
 
-    trainer.prepare_workdir(tmp_path, tiny_train_config(toy_data["train"]), "train")
+    workdir_lib.prepare_workdir(tmp_path, tiny_train_config(toy_data["train"]), "train")
     config = tiny_train_config(toy_data["train"], batch_size=8)
-    trainer.prepare_workdir(tmp_path, config, "train")  # no checkpoints yet: allowed
+    workdir_lib.prepare_workdir(tmp_path, config, "train")  # no checkpoints yet: allowed
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["config"]["batch_size"] == 8

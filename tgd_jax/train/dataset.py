@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tgd_jax.workdir import atomic_path
+from tgd_jax.train.workdir import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",

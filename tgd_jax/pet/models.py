@@ -12,7 +12,8 @@ the last conv (conv -> gate -> BN -> gate -> ReLU), named ``gate_conv{i}`` / ``g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from tgd_jax.gate import TGDGate
 from tgd_jax.masks import FROZEN_BN_COLLECTION, frozen_bn_flag
 from tgd_jax.topology import Topology, dncnn_topology
 
-__all__ = ["PAPER_FEATURES", "DnCNN", "scaled_features"]
+__all__ = ["PAPER_FEATURES", "DnCNN", "scaled_features", "model_from_config"]
 
 #: Output channels of conv1..conv8 in the paper.
 PAPER_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 128, 256, 256, 3)
@@ -103,3 +104,10 @@ class DnCNN(nn.Module):
                     h = TGDGate(name=f"gate_bn{i}")(h)
             h = nn.relu(h)
         return (x - h).astype(x.dtype)
+
+
+def model_from_config(model_config: Mapping[str, Any], *, use_gates: bool = False) -> DnCNN:
+    """The :class:`~tgd_jax.pet.models.DnCNN` a config's ``model`` section describes."""
+    return DnCNN(features=tuple(model_config["features"]),
+                 width_multiplier=float(model_config["width_multiplier"]),
+                 bn_momentum=float(model_config["bn_momentum"]), use_gates=use_gates)

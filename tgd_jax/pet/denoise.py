@@ -17,18 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tgd_jax.models import DnCNN
-from tgd_jax.workdir import atomic_path
+from tgd_jax.pet.models import model_from_config
+from tgd_jax.train.workdir import atomic_path
 
-__all__ = ["slice_stacks", "denoise_volume", "denoise_file", "model_from_config",
+__all__ = ["slice_stacks", "denoise_volume", "denoise_file",
            "read_volume", "write_volume"]
-
-
-def model_from_config(model_config: Mapping[str, Any], *, use_gates: bool = False) -> DnCNN:
-    """The :class:`~tgd_jax.models.DnCNN` a config's ``model`` section describes."""
-    return DnCNN(features=tuple(model_config["features"]),
-                 width_multiplier=float(model_config["width_multiplier"]),
-                 bn_momentum=float(model_config["bn_momentum"]), use_gates=use_gates)
 
 
 def slice_stacks(volume: np.ndarray) -> np.ndarray:
@@ -117,7 +110,7 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
     """Loads a checkpoint, denoises one volume from a file and writes the result atomically."""
     import time
 
-    from tgd_jax import checkpoints
+    from tgd_jax.train import checkpoints
 
     params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
     model = model_from_config(config.model)

@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tgd_jax.sim.dataset import DatasetError, DatasetInfo, level_key, open_dataset
+from tgd_jax.train.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
 __all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
            "split_studies", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL"]

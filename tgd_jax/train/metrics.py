@@ -1,0 +1,132 @@
+"""A run's ``metrics.jsonl`` and progress lines: rates, ETA, and the non-finite check.
+
+:class:`MetricsLogger` is the only writer of ``metrics.jsonl``. Training steps are recorded
+in groups (one JSON line per ``log_every`` steps, with the mean loss, the last step's
+gradient norm, steps/s and ETA); validations get a line of their own. A non-finite loss
+raises :class:`NonFiniteLossError` before anything is written for it, so the file and the
+checkpoints never describe a diverged state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tgd_jax.train import workdir as workdir_lib
+
+__all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
+           "truncate_metrics", "initial_losses", "hms"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training or validation loss became NaN or infinite."""
+
+
+def check_finite(what: str, value: float, step: int, where: str = "") -> None:
+    """Raises :class:`NonFiniteLossError` if ``value`` (``what`` at ``step``) is NaN or inf."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{what} is {value} at step {step}; stopped.{where}")
+
+
+class MetricsLogger:
+    """Writes metric records and progress lines for one invocation of a run.
+
+    Args:
+      path: the ``metrics.jsonl`` file (None: write no file, e.g. on a non-main host).
+      num_steps: total steps of the run (for the ETA and the ``step i/n`` lines).
+      start: the step this invocation starts from (rates count from it).
+      log: where progress lines go.
+      clock: seconds (injectable for tests).
+    """
+
+    def __init__(self, path: Path | None, num_steps: int, start: int = 0,
+                 log: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.path, self.num_steps, self.log, self.clock = path, num_steps, log, clock
+        self.t_start = self.t_last = clock()
+        self.steps_at_last = start
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t_start
+
+    def train(self, step: int, values: Sequence[Mapping[str, Any]], *,
+              first_step: int, where: str = "") -> dict[str, Any]:
+        """Records the training steps ``first_step + 1 .. step`` (their metrics, in order).
+
+        Raises:
+          NonFiniteLossError: naming the first step whose loss is not finite (and
+            ``where``, e.g. the last good checkpoint); nothing is written then.
+        """
+        losses = [float(m["loss"]) for m in values]
+        for i, loss in enumerate(losses):
+            check_finite("training loss", loss, first_step + i + 1, where)
+        now = self.clock()
+        rate = (step - self.steps_at_last) / max(now - self.t_last, 1e-9)
+        record = {"step": step, "loss": float(np.mean(losses)), "loss_last": losses[-1],
+                  "grad_norm": float(values[-1]["grad_norm"]), "steps_per_s": rate,
+                  "elapsed_s": now - self.t_start,
+                  "eta_s": (self.num_steps - step) / max(rate, 1e-9)}
+        if "gate_cosine" in values[-1]:  # mean over the steps since the last record
+            record["gate_cosine"] = float(np.mean([float(m["gate_cosine"]) for m in values]))
+        self._append(record)
+        self.log(f"step {step}/{self.num_steps}  loss {record['loss']:.5g}  {rate:.2f} steps/s"
+                 f"  ETA {hms(record['eta_s'])}")
+        self.t_last, self.steps_at_last = now, step
+        return record
+
+    def validation(self, step: int, val_loss: float, extra: Mapping[str, float], *,
+                   best: bool | None = None, where: str = "") -> dict[str, Any]:
+        """Records a validation (``best`` None: the step-0 one, before training).
+
+        Raises:
+          NonFiniteLossError: if ``val_loss`` is not finite; nothing is written then.
+        """
+        check_finite("validation loss", val_loss, step, where)
+        record: dict[str, Any] = {"step": step, "val_loss": val_loss}
+        if best is not None:
+            record["best"] = best
+        record.update(extra)
+        self._append(record)
+        tail = "".join(f"  {k} {v:.5g}" for k, v in extra.items())
+        note = " (before training)" if best is None else "  (best)" if best else ""
+        self.log(f"step {step}/{self.num_steps}  validation loss {val_loss:.5g}{note}{tail}")
+        return record
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        if self.path is not None:
+            workdir_lib.append_jsonl(self.path, record)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops records past ``last_step`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    workdir_lib.atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+
+
+def initial_losses(path: Path) -> tuple[float | None, dict[str, float]]:
+    """The step-0 validation losses recorded in ``metrics.jsonl`` (None, {} if absent)."""
+    if not path.exists():
+        return None, {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "val_loss" in record:
+            return record["val_loss"], {k: v for k, v in record.items()
+                                        if k.startswith("val_loss_")}
+    return None, {}
+
+
+def hms(seconds: float) -> str:
+    """``3725 -> '1:02:05'``."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

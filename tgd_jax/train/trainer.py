@@ -1,0 +1,224 @@
+"""The training loop shared by every command: data-parallel steps, metrics, checkpoints, resume.
+
+:func:`fit` runs ``train_step`` from the state's step to ``num_steps``:
+
+* batches are :func:`tgd_jax.train.data.sample_batch` of ``(seed, step)``, prefetched on a
+  thread and sharded over a 1-D ``('data',)`` mesh of all devices
+  (:mod:`tgd_jax.train.parallel`);
+* every ``log_every`` steps a JSON line goes to ``metrics.jsonl`` and a progress line
+  (loss, steps/s, ETA) to the log (:class:`~tgd_jax.train.metrics.MetricsLogger`); a
+  non-finite loss stops the run there (:class:`NonFiniteLossError`), before any checkpoint
+  of a diverged state is written;
+* every ``eval_every`` steps (and at the end) the validation loss is measured and a
+  checkpoint saved (the last few kept, plus the best);
+* if ``workdir`` already holds checkpoints, the newest is restored first, so rerunning a
+  killed command finishes with the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+
+from tgd_jax.train import data as data_lib
+from tgd_jax.train import parallel
+from tgd_jax.train import step as step_lib
+from tgd_jax.train.checkpoints import Checkpointer
+from tgd_jax.train.metrics import (
+    METRICS_FILE,
+    MetricsLogger,
+    NonFiniteLossError,
+    check_finite,
+    initial_losses,
+    truncate_metrics,
+)
+
+__all__ = ["NonFiniteLossError", "fit", "resume", "validation_batches", "Validator"]
+
+Batch = dict[str, jax.Array]
+
+
+def resume(ckpt: Checkpointer, state: step_lib.TrainState, metrics_path: Path | None,
+           log: Callable[[str], None]) -> step_lib.TrainState:
+    """The newest checkpoint restored into ``state`` (or ``state`` itself if there is none).
+
+    ``metrics.jsonl`` is cut back to the restored step (to nothing on a fresh start), so the
+    records written after that checkpoint by a killed invocation are not kept twice.
+    """
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state = restored[0]
+        log(f"resuming from {ckpt.workdir / 'checkpoints'} at step {int(state.step)}")
+    if metrics_path is not None:
+        truncate_metrics(metrics_path, int(state.step) if restored is not None else -1)
+    return state
+
+
+def validation_batches(pairs: data_lib.PairSet, *, config: ml_collections.ConfigDict,
+                       local_batch: int, mesh: jax.sharding.Mesh) -> list[Batch]:
+    """``config.eval_batches`` fixed, unaugmented batches of ``pairs`` (the same every run)."""
+    return [parallel.shard_batch(data_lib.sample_batch(
+        pairs, seed=config.seed, step=i, batch_size=local_batch,
+        patch_size=config.data.patch_size, augment=False, stream=data_lib.STREAM_VAL,
+        process_index=jax.process_index()), mesh) for i in range(config.eval_batches)]
+
+
+class Validator:
+    """Mean inference-mode loss of a state on the validation set and any extra held-out sets.
+
+    Args:
+      eval_fn: jitted ``eval_step(state, batch) -> {"loss": scalar}``.
+      batches: the validation batches (they choose the best checkpoint).
+      extra: name -> batches of more held-out sets, logged as ``val_loss_<name>``.
+    """
+
+    def __init__(self, eval_fn: Callable[..., dict[str, jax.Array]], batches: list[Batch],
+                 extra: Mapping[str, list[Batch]] | None = None) -> None:
+        self.eval_fn, self.batches, self.extra = eval_fn, batches, dict(extra or {})
+
+    def loss(self, state: step_lib.TrainState, batches: list[Batch] | None = None) -> float:
+        batches = self.batches if batches is None else batches
+        return float(np.mean([float(self.eval_fn(state, b)["loss"]) for b in batches]))
+
+    def __call__(self, state: step_lib.TrainState) -> tuple[float, dict[str, float]]:
+        """``(validation loss, {"val_loss_<name>": loss})``."""
+        return self.loss(state), {f"val_loss_{name}": self.loss(state, b)
+                                  for name, b in self.extra.items()}
+
+
+def fit(
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    state: step_lib.TrainState,
+    train_pairs: data_lib.PairSet,
+    val_pairs: data_lib.PairSet | None,
+    num_steps: int,
+    meta: Mapping[str, Any] | None = None,
+    freeze_batch_stats: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    log: Callable[[str], None] = print,
+    extra_val: Mapping[str, data_lib.PairSet] | None = None,
+    gate_cosine: bool = False,
+) -> tuple[step_lib.TrainState, dict[str, Any]]:
+    """Trains ``state`` to ``num_steps`` steps in ``workdir`` (resuming if it can).
+
+    Args:
+      config: the run's config (seed, batch_size, data.*, log/eval/checkpoint cadence).
+      workdir: where metrics and checkpoints go.
+      model, tx: the network and the full optimizer (TGD mask included).
+      state: the starting state (also the template a checkpoint is restored into).
+      train_pairs, val_pairs: data; ``val_pairs=None`` validates on fixed training patches.
+      num_steps: total steps of the run (not of this invocation).
+      meta: extra JSON stored with every checkpoint.
+      freeze_batch_stats: keep the BatchNorm statistics of frozen channels.
+      mesh: device mesh (default: all devices).
+      extra_val: more held-out sets, by name (e.g. ``{"old": ...}`` for the old task):
+        measured with the validation loss, logged as ``val_loss_<name>``, and reported in
+        the summary as ``initial_val_loss_<name>`` / ``final_val_loss_<name>``; they do
+        not choose the best checkpoint.
+      gate_cosine: log the cosine between the gated and the true gradient
+        (:func:`tgd_jax.train.step.train_step`).
+
+    Returns:
+      The final state and the run summary (the commands add their fields and write it
+      to ``summary.json``).
+
+    Raises:
+      NonFiniteLossError: at the first step whose loss is not finite; the checkpoints
+        written before it are kept.
+    """
+    if config.loss not in step_lib.LOSSES:
+        raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
+    workdir = Path(workdir)
+    main = jax.process_index() == 0  # on several hosts only the first one writes files
+    log = log if main else _silent
+    metrics_path = workdir / METRICS_FILE if main else None
+    mesh = mesh or parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    meta = {"config": config.to_dict(), **(meta or {})}
+
+    state = parallel.replicate(resume(ckpt, state, metrics_path, log), mesh)
+    start = int(state.step)
+    loss = step_lib.LOSSES[config.loss]
+    train_fn = parallel.jit_step(functools.partial(
+        step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats,
+        loss=loss, gate_cosine=gate_cosine), mesh)
+    eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model, loss=loss),
+                                mesh, donate_state=False)
+    held_out = functools.partial(validation_batches, config=config, local_batch=local_batch,
+                                 mesh=mesh)
+    validate = Validator(eval_fn, held_out(val_pairs if val_pairs is not None else train_pairs),
+                         {name: held_out(p) for name, p in (extra_val or {}).items()})
+
+    def make_batch(step: int) -> Batch:
+        return parallel.shard_batch(data_lib.sample_batch(
+            train_pairs, seed=config.seed, step=step, batch_size=local_batch,
+            patch_size=config.data.patch_size, augment=config.data.augment,
+            process_index=jax.process_index()), mesh)
+
+    logger = MetricsLogger(metrics_path, num_steps, start, log)
+    where = lambda: (f" The last good checkpoint is step {ckpt.latest_step} in "  # noqa: E731
+                     f"{workdir / 'checkpoints'}")
+    if start >= num_steps:
+        log(f"{workdir} already finished ({start} of {num_steps} steps)")
+    if start > 0:  # a resumed run keeps the step-0 losses its first invocation recorded
+        initial, initial_extra = initial_losses(workdir / METRICS_FILE)
+    else:  # the starting network's validation loss: what training must improve on
+        initial, initial_extra = validate(state)
+        logger.validation(0, initial, initial_extra)
+    last_val, last_extra = None, {}
+    pending: list[dict[str, jax.Array]] = []
+    prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
+    try:
+        for step, batch in prefetch:
+            state, metrics = train_fn(state, batch)
+            pending.append(metrics)
+            done = step + 1
+            evaluate = done % config.eval_every == 0 or done == num_steps
+            if pending and (evaluate or done % config.log_every == 0):
+                logger.train(done, jax.device_get(pending), first_step=done - len(pending),
+                             where=where())
+                pending.clear()
+            if evaluate:
+                last_val, last_extra = validate(state)
+                check_finite("validation loss", last_val, done, where())
+                best = ckpt.save(done, state, meta, val_loss=last_val)
+                logger.validation(done, last_val, last_extra, best=best)
+    finally:
+        prefetch.close()
+        ckpt.wait()
+    if last_val is None:  # nothing left to train: report the restored network
+        last_val, last_extra = validate(state)
+    summary = {
+        "steps": int(state.step),
+        "final_val_loss": last_val,
+        "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
+        "best_step": ckpt.best_step,
+        "initial_val_loss": initial,
+        "resumed_from": start if start else None,
+        "wall_s_this_invocation": logger.elapsed(),
+        "devices": int(mesh.devices.size),
+        "global_batch": int(config.batch_size),
+        **{f"initial_{k}": v for k, v in initial_extra.items()},
+        **{f"final_{k}": v for k, v in last_extra.items()},
+    }
+    ckpt.close()
+    return state, summary
+
+
+def _silent(message: str) -> None:
+    del message
