@@ -20,7 +20,7 @@ def _state(seed=0, features=(4, 6, 3)):
     mask = jax.tree.map(lambda p: jnp.arange(p.size).reshape(p.shape) % 3 == 0,
                         variables["params"])
     tx = optim.tgd(optax.adam(1e-3), mask)
-    return create_train_state(variables, tx, gates={}), tx
+    return create_train_state(variables, tx), tx
 
 
 def _leaves_bytes(tree):

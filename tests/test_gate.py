@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from tgd_jax import masks
 from tgd_jax.gate import TGDGate, tgd_gate
+from tgd_jax.methods import tgd_plan
 from tgd_jax.pet.models import DnCNN
 
 
@@ -29,7 +30,7 @@ def test_vjp_is_the_masked_cotangent():
 @pytest.fixture(scope="module")
 def setup(tiny_dncnn):
     model, variables = tiny_dncnn
-    result = masks.tgd_masks(variables["params"], model.topology(), 0.5)
+    result = tgd_plan(variables["params"], model.topology(), 0.5, mode="paper")
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
     y = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
     return model, variables, result, x, y

@@ -11,6 +11,7 @@ import pytest
 from conftest import OTHER_TOPOLOGY_ARGS, OtherNet, reference_kse
 
 from tgd_jax import masks
+from tgd_jax.methods import tgd_plan
 from tgd_jax.topology import (
     ConvNode,
     dncnn_topology,
@@ -47,18 +48,18 @@ def _expected_channels(params, topology, phi, first="kse"):
 def test_dncnn_rule_matches_reference(tiny_dncnn, phi, first):
     model, variables = tiny_dncnn
     params, topology = variables["params"], model.topology()
-    result = masks.tgd_masks(params, topology, phi, first=first)
+    result = tgd_plan(params, topology, phi, first=first)
     expected = _expected_channels(params, topology, phi, first)
     for node in topology:
         channel = expected[node.conv]
         np.testing.assert_array_equal(result.channels[node.conv], channel)
-        m = result.params[node.conv]
+        m = result.mask[node.conv]
         assert m["kernel"].shape == (1, 1, 1, channel.size)
         np.testing.assert_array_equal(m["kernel"].reshape(-1), channel)
         np.testing.assert_array_equal(m["bias"], channel)
         if node.norm is not None:
-            np.testing.assert_array_equal(result.params[node.norm]["scale"], channel)
-            np.testing.assert_array_equal(result.params[node.norm]["bias"], channel)
+            np.testing.assert_array_equal(result.mask[node.norm]["scale"], channel)
+            np.testing.assert_array_equal(result.mask[node.norm]["bias"], channel)
     # The last conv (noise classifier) is frozen by default.
     assert not np.any(result.channels["conv5"])
     # Non-vacuous: some middle layer has both retrained and frozen channels.
@@ -80,17 +81,17 @@ def test_other_convnet(other):
     _, variables, topology = other
     params = variables["params"]
     validate_topology(params, topology)
-    result = masks.tgd_masks(params, topology, 0.5)
+    result = tgd_plan(params, topology, 0.5)
     expected = _expected_channels(params, topology, 0.5)
     for name, channel in expected.items():
         np.testing.assert_array_equal(result.channels[name], channel)
-    enc = result.params["encoder"]
+    enc = result.mask["encoder"]
     np.testing.assert_array_equal(enc["conv_a"]["kernel"].reshape(-1), expected["encoder/conv_a"])
     assert "bias" not in enc["conv_a"]  # the bias-free conv has no bias leaf to mask
     np.testing.assert_array_equal(enc["norm_a"]["scale"], expected["encoder/conv_a"])
     # The dense head is untouched by the rule: None, which means frozen.
-    assert result.params["head"] == {"kernel": None, "bias": None}
-    assert jax.tree.structure(result.params, is_leaf=lambda x: x is None) == jax.tree.structure(
+    assert result.mask["head"] == {"kernel": None, "bias": None}
+    assert jax.tree.structure(result.mask, is_leaf=lambda x: x is None) == jax.tree.structure(
         jax.tree.map(lambda _: None, params), is_leaf=lambda x: x is None
     )
 
@@ -109,14 +110,14 @@ def test_dncnn_topology_wiring():
 def test_phi_out_of_range(tiny_dncnn, phi):
     model, variables = tiny_dncnn
     with pytest.raises(ValueError, match="phi must be in"):
-        masks.tgd_masks(variables["params"], model.topology(), phi)
+        tgd_plan(variables["params"], model.topology(), phi)
 
 
 def test_topology_naming_missing_layer(tiny_dncnn):
     _, variables = tiny_dncnn
     topology = sequential_topology(["conv1", "conv2", "conv9"])
     with pytest.raises(ValueError, match="'conv9'"):
-        masks.tgd_masks(variables["params"], topology, 0.3)
+        tgd_plan(variables["params"], topology, 0.3)
     with pytest.raises(ValueError, match="BatchNorm 'bn7'"):
         validate_topology(
             variables["params"], sequential_topology(["conv1", "conv2"], norms={"conv1": "bn7"})
@@ -127,15 +128,15 @@ def test_topology_with_channel_mismatch(tiny_dncnn):
     _, variables = tiny_dncnn
     # conv2 (8 outputs) does not feed conv4 (reads 12 channels).
     with pytest.raises(ValueError, match="'conv2' has 8 output channels.*'conv4' reads 12"):
-        masks.tgd_masks(variables["params"], sequential_topology(["conv2", "conv4"]), 0.3)
+        tgd_plan(variables["params"], sequential_topology(["conv2", "conv4"]), 0.3)
 
 
 def test_bad_policies_and_shapes(tiny_dncnn):
     model, variables = tiny_dncnn
     params, topology = variables["params"], model.topology()
     with pytest.raises(ValueError, match="first-layer policy"):
-        masks.tgd_masks(params, topology, 0.3, first="sometimes")
-    channels = masks.tgd_masks(params, topology, 0.3).channels
+        tgd_plan(params, topology, 0.3, first="sometimes")
+    channels = tgd_plan(params, topology, 0.3).channels
     with pytest.raises(ValueError, match="channel mask for 'conv2' has shape"):
         masks.expand_channel_masks(params, topology, {**channels, "conv2": np.ones(3, bool)})
     bad = masks.expand_channel_masks(params, topology, channels)
@@ -149,8 +150,8 @@ def test_bad_policies_and_shapes(tiny_dncnn):
 def test_summary_counts_and_json(tiny_dncnn):
     model, variables = tiny_dncnn
     params, topology = variables["params"], model.topology()
-    result = masks.tgd_masks(params, topology, 0.5)
-    summary = masks.mask_summary(params, result.params, topology, scores=result.scores, phi=0.5)
+    result = tgd_plan(params, topology, 0.5)
+    summary = masks.mask_summary(params, result.mask, topology, scores=result.scores, phi=0.5)
     json.dumps(summary)  # serialisable
     total_retrained = 0
     for entry, node in zip(summary["layers"], topology, strict=True):
@@ -173,10 +174,10 @@ def test_drop_kernels_zeroes_useless_feature_maps(tiny_dncnn):
     params, topology = variables["params"], model.topology()
     # Give BN non-trivial statistics/affine so that zeroing really matters.
     params = jax.tree.map(lambda p: p + 0.3, params)
-    result = masks.tgd_masks(params, topology, 0.5)
-    dropped = masks.drop_kernels(params, result.params)
+    result = tgd_plan(params, topology, 0.5)
+    dropped = masks.drop_kernels(params, result.mask)
     for path_mask, p, d in zip(
-        jax.tree.leaves(result.params), jax.tree.leaves(params), jax.tree.leaves(dropped),
+        jax.tree.leaves(result.mask), jax.tree.leaves(params), jax.tree.leaves(dropped),
         strict=True,
     ):
         m = np.broadcast_to(path_mask, p.shape)
@@ -195,11 +196,11 @@ def test_drop_kernels_zeroes_useless_feature_maps(tiny_dncnn):
 
 def test_freeze_batch_stats(tiny_dncnn):
     model, variables = tiny_dncnn
-    result = masks.tgd_masks(variables["params"], model.topology(), 0.5)
+    result = tgd_plan(variables["params"], model.topology(), 0.5)
     x = 3.0 + jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
     _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     old, new = variables["batch_stats"], updated["batch_stats"]
-    kept = masks.freeze_batch_stats(old, new, result.params)
+    kept = masks.freeze_batch_stats(old, new, result.mask)
     for bn, conv in [("bn2", "conv2"), ("bn3", "conv3"), ("bn4", "conv4")]:
         channel = np.asarray(result.channels[conv])
         assert channel.any() and not channel.all(), "the test needs frozen and retrained"
@@ -224,17 +225,36 @@ def test_sequential_topology_errors():
 
 def test_last_layer_policy_and_its_gate_stays_open(tiny_dncnn):
     _, variables = tiny_dncnn
-    params = variables["params"]
+    # A three-layer network: the tail of the tiny DnCNN.
+    params = {k: variables["params"][k] for k in ("conv3", "conv4", "conv5", "bn3", "bn4")}
     topology = sequential_topology(
         ["conv3", "conv4", "conv5"], norms={"conv3": "bn3", "conv4": "bn4"},
         gates={"conv4": ["gate_conv4"], "conv5": ["gate_last"]},
     )
-    frozen = masks.tgd_masks(params, topology, 0.5)
+    frozen = tgd_plan(params, topology, 0.5, mode="paper")
     assert not np.any(frozen.channels["conv5"])
     # Masking the last layer's cotangent would stop every gradient: its gate stays open.
     np.testing.assert_array_equal(frozen.gates["gate_last"]["mask"], np.ones(3, bool))
     np.testing.assert_array_equal(frozen.gates["gate_conv4"]["mask"], frozen.channels["conv4"])
-    trained = masks.tgd_masks(params, topology, 0.5, last="train")
-    assert np.all(trained.channels["conv5"]) and np.all(trained.params["conv5"]["bias"])
-    projected = masks.tgd_masks(params, topology, 0.5, mode="projected")
-    assert all(np.all(g["mask"]) for g in projected.gates.values())
+    trained = tgd_plan(params, topology, 0.5, last="train")
+    assert np.all(trained.channels["conv5"]) and np.all(trained.mask["conv5"]["bias"])
+    projected = tgd_plan(params, topology, 0.5, mode="projected")
+    assert projected.gates == {}  # no gated backward pass: the model needs no gates
+
+
+def test_a_conv_left_out_of_the_topology_is_named(tiny_dncnn):
+    # conv1 and conv2 both have 8 outputs: without conv2, conv1 -> conv3 matches in channel
+    # counts, so only the check against the params' conv kernels can notice.
+    model, variables = tiny_dncnn
+    names = [node.conv for node in model.topology() if node.conv != "conv2"]
+    with pytest.raises(ValueError, match=r"does not name: \['conv2'\]"):
+        validate_topology(variables["params"], sequential_topology(names))
+
+
+def test_paper_mode_needs_gates_in_the_topology(tiny_dncnn):
+    model, variables = tiny_dncnn
+    no_gates = sequential_topology([node.conv for node in model.topology()],
+                                   norms={n.conv: n.norm for n in model.topology() if n.norm})
+    with pytest.raises(ValueError, match="names no TGD gates"):
+        tgd_plan(variables["params"], no_gates, 0.5, mode="paper")
+    assert tgd_plan(variables["params"], no_gates, 0.5, mode="projected").gates == {}

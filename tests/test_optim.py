@@ -9,15 +9,15 @@ import optax
 import pytest
 from conftest import frozen_and_retrained
 
-from tgd_jax import masks
-from tgd_jax.optim import FreezeMaskedState, find_mask, freeze_masked, replace_mask, tgd
+from tgd_jax.methods import tgd_plan
+from tgd_jax.optim import RetrainOnlyState, find_mask, replace_mask, retrain_only, tgd
 
 
 @pytest.fixture(scope="module")
 def problem(tiny_dncnn):
     model, variables = tiny_dncnn
     params = variables["params"]
-    mask = masks.tgd_masks(params, model.topology(), 0.5).params
+    mask = tgd_plan(params, model.topology(), 0.5).mask
     keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(params)))
     targets = jax.tree.unflatten(
         jax.tree.structure(params),
@@ -64,7 +64,7 @@ def test_frozen_elements_bit_identical(problem, inner):
 
 def test_mask_before_adamw_does_not_protect(problem):
     params, mask, targets = problem
-    wrong = optax.chain(freeze_masked(mask), optax.adamw(1e-2, weight_decay=0.1))
+    wrong = optax.chain(retrain_only(mask), optax.adamw(1e-2, weight_decay=0.1))
     final, _ = _run(wrong, params, targets, steps=5)
     moved = sum(int(np.sum(fb != fa)) for fb, fa, _, _ in frozen_and_retrained(mask, params, final))
     assert moved > 0  # decoupled weight decay moves the "frozen" weights
@@ -73,7 +73,7 @@ def test_mask_before_adamw_does_not_protect(problem):
 def test_none_leaf_is_frozen_and_nan_cannot_leak():
     params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
     mask = {"a": None, "b": jnp.array([True, False])}
-    tx = freeze_masked(mask)
+    tx = retrain_only(mask)
     updates = {"a": jnp.full(3, jnp.nan), "b": jnp.array([[1.0, jnp.nan], [2.0, jnp.inf]])}
     out, _ = tx.update(updates, tx.init(params))
     np.testing.assert_array_equal(out["a"], np.zeros(3))
@@ -101,14 +101,14 @@ def test_replace_mask_without_recompiling(problem):
         assert np.all(rb != ra)
     with pytest.raises(ValueError, match="different tree structure"):
         replace_mask(state, {"conv1": mask["conv1"]})
-    with pytest.raises(ValueError, match="no FreezeMaskedState"):
+    with pytest.raises(ValueError, match="no RetrainOnlyState"):
         replace_mask(optax.adam(1e-2).init(params), mask)
 
 
 def test_mask_is_part_of_the_optimizer_state(problem):
     params, mask, _ = problem
     state = tgd(optax.adam(1e-3), mask).init(params)
-    assert isinstance(state[-1], FreezeMaskedState)
+    assert isinstance(state[-1], RetrainOnlyState)
     mask_leaves = jax.tree.leaves(mask)
     state_leaves = jax.tree.leaves(state)
     # every mask leaf is a state leaf, so checkpointing the state saves the mask

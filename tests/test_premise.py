@@ -3,6 +3,7 @@ TGD^n with gates, and the held-out sets of fine-tuning; each against an independ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -14,6 +15,7 @@ from conftest import TINY_FEATURES, frozen_and_retrained, quiet
 
 from tgd_jax import masks, optim
 from tgd_jax import threshold as threshold_lib
+from tgd_jax.methods import tgd_plan
 from tgd_jax.optim import make_optimizer
 from tgd_jax.pet import pipeline
 from tgd_jax.pet import premise as premise_lib
@@ -60,7 +62,7 @@ def test_coupled_l2_under_adam_decays_an_unused_weight_and_adamw_barely_does():
 def test_frozen_elements_get_no_regulariser_update(tiny_dncnn):
     model, variables = tiny_dncnn
     params = variables["params"]
-    mask = masks.tgd_masks(params, model.topology(), 0.5).params
+    mask = tgd_plan(params, model.topology(), 0.5).mask
     c = config_lib.train_config("tiny")
     c.optimizer.l2 = 1e-2
     tx = optim.tgd(make_optimizer(num_steps=10, **c.optimizer), mask)
@@ -164,9 +166,9 @@ def _batch(key=0):
 def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
     model, variables = tiny_dncnn
     params = variables["params"]
-    tgd = masks.tgd_masks(params, model.topology(), 0.5, mode="paper")
-    tx = optim.tgd(optax.sgd(0.0), tgd.params)
-    state = step.create_train_state(variables, tx, gates=tgd.gates)
+    tgd = tgd_plan(params, model.topology(), 0.5, mode="paper")
+    tx = optim.tgd(optax.sgd(0.0), tgd.mask)
+    state = step.create_train_state(variables, tx, tgd)
     _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
 
     def grad_of(m, gates):
@@ -179,15 +181,15 @@ def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
     gated = grad_of(model, {"tgd": tgd.gates})
     true = grad_of(DnCNN(features=TINY_FEATURES), {})  # the same net without any gate
     a = np.concatenate([g[m].ravel() for m, g in
-                        zip(*_masked_pairs(tgd.params, gated), strict=True)])
+                        zip(*_masked_pairs(tgd.mask, gated), strict=True)])
     b = np.concatenate([g[m].ravel() for m, g in
-                        zip(*_masked_pairs(tgd.params, true), strict=True)])
+                        zip(*_masked_pairs(tgd.mask, true), strict=True)])
     expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     assert 0 < expected < 0.999  # the gates really change the gradient here
     np.testing.assert_allclose(float(metrics["gate_cosine"]), expected, rtol=1e-4)
 
-    open_gates = masks.tgd_masks(params, model.topology(), 0.5, mode="projected")
-    state = step.create_train_state(variables, tx, gates=open_gates.gates)
+    open_gates = tgd_plan(params, model.topology(), 0.5, mode="projected")
+    state = step.create_train_state(variables, tx, open_gates)
     _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
     np.testing.assert_allclose(float(metrics["gate_cosine"]), 1.0, rtol=1e-5)
 
@@ -221,20 +223,20 @@ def test_frozen_bn_running_equals_inference_normalisation(tiny_dncnn):
 def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dncnn):
     model, variables = tiny_dncnn
     topo = model.topology()
-    first = masks.tgd_masks(variables["params"], topo, 0.4, mode="paper")
-    tx = optim.tgd(optax.adam(1e-2), first.params)
+    first = tgd_plan(variables["params"], topo, 0.4, mode="paper")
+    tx = optim.tgd(optax.adam(1e-2), first.mask)
     fn = jax.jit(lambda s, b: step.train_step(s, b, model=model, tx=tx))
-    state = step.create_train_state(variables, tx, gates=first.gates)
+    state = step.create_train_state(variables, tx, first)
     for i in range(3):
         state, _ = fn(state, _batch(i))
-    second = masks.tgd_masks(state.params, topo, 0.6, mode="paper")  # fresh KSE, new phi
+    second = tgd_plan(state.params, topo, 0.6, mode="paper")  # fresh KSE, new phi
     assert any(bool(jnp.any(first.channels[k] != second.channels[k])) for k in first.channels)
-    state = step.replace_tgd(state, second.params, second.gates)
+    state = step.replace_plan(state, second)
     before = jax.device_get(state)
     for i in range(3, 6):
         state, _ = fn(state, _batch(i))
     assert fn._cache_size() == 1  # same structures: no recompilation
-    for fb, fa, _, _ in frozen_and_retrained(second.params, before.params, state.params):
+    for fb, fa, _, _ in frozen_and_retrained(second.mask, before.params, state.params):
         assert fb.tobytes() == fa.tobytes()
     np.testing.assert_equal(jax.device_get(state.gates), jax.device_get(second.gates))
     for i in range(2, len(TINY_FEATURES)):  # BN statistics follow the NEW mask
@@ -244,7 +246,7 @@ def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dnc
             np.testing.assert_array_equal(old, np.asarray(state.batch_stats[f"bn{i}"][name])[
                 frozen])
     with pytest.raises(ValueError, match="different tree structure"):
-        step.replace_tgd(state, second.params, {})
+        step.replace_plan(state, dataclasses.replace(second, gates={}))
 
 
 # --- fine-tuning with held-out new- and old-task sets ------------------------------------

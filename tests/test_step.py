@@ -10,22 +10,23 @@ import optax
 import pytest
 from conftest import frozen_and_retrained
 
-from tgd_jax import masks, optim
+from tgd_jax import optim
+from tgd_jax.methods import tgd_plan
 from tgd_jax.train import step
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_dncnn):
     model, variables = tiny_dncnn
-    result = masks.tgd_masks(variables["params"], model.topology(), 0.5, mode="paper")
+    result = tgd_plan(variables["params"], model.topology(), 0.5, mode="paper")
     x = 1.0 + jax.random.normal(jax.random.key(11), (4, 8, 8, 3))
     batch = {"inputs": x, "targets": 0.5 * x}
     return model, variables, result, batch
 
 
 def _train(model, variables, result, batch, *, freeze_batch_stats, steps=5):
-    tx = optim.tgd(optax.adamw(1e-2, weight_decay=1e-2), result.params)
-    state = step.create_train_state(variables, tx, gates=result.gates)
+    tx = optim.tgd(optax.adamw(1e-2, weight_decay=1e-2), result.mask)
+    state = step.create_train_state(variables, tx, result)
     fn = jax.jit(functools.partial(
         step.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats))
     for _ in range(steps):
@@ -38,7 +39,7 @@ def test_tgd_step_keeps_frozen_params_and_statistics(setup):
     model, variables, result, batch = setup
     state = _train(model, variables, result, batch, freeze_batch_stats=True)
     assert int(state.step) == 5
-    for fb, fa, rb, ra in frozen_and_retrained(result.params, variables["params"], state.params):
+    for fb, fa, rb, ra in frozen_and_retrained(result.mask, variables["params"], state.params):
         assert fb.tobytes() == fa.tobytes()
         assert np.all(rb != ra)
     for bn, conv in [("bn2", "conv2"), ("bn3", "conv3"), ("bn4", "conv4")]:

@@ -1,45 +1,60 @@
 """tgd-jax: Targeted Gradient Descent for Flax ConvNets.
 
-The functional core, one module each:
+The package has three layers, and imports only point downwards:
 
-* :mod:`tgd_jax.kse` - KSE scores of a conv kernel (pure, jit-able).
-* :mod:`tgd_jax.topology` - which params make which feature map (:class:`ConvNode`).
-* :mod:`tgd_jax.masks` - from params to channel masks and mask pytrees; summaries.
-* :mod:`tgd_jax.optim` - the mask as an optax ``GradientTransformation``.
-* :mod:`tgd_jax.gate` - the backward-only TGD layer (``jax.custom_vjp``).
-* :mod:`tgd_jax.pet.models` - the paper's 2.5D DnCNN.
+* the **TGD core**, flat in ``tgd_jax`` (this namespace; any Flax ConvNet, no I/O):
+
+  * :mod:`tgd_jax.kse` - KSE scores of a conv kernel (pure, jit-able).
+  * :mod:`tgd_jax.topology` - which params make which feature map (:class:`ConvNode`).
+  * :mod:`tgd_jax.masks` - from params to channel masks, mask pytrees and collections.
+  * :mod:`tgd_jax.methods` - one decision, one value: :class:`TGDPlan` (TGD and baselines).
+  * :mod:`tgd_jax.optim` - the mask as an optax ``GradientTransformation``; optimizers.
+  * :mod:`tgd_jax.gate` - the backward-only TGD layer (``jax.custom_vjp``).
+  * :mod:`tgd_jax.threshold` - the paper's threshold study, for any network.
+
+* the **training runtime**, :mod:`tgd_jax.train` (data, steps, loop, checkpoints);
+* the **PET application**, :mod:`tgd_jax.pet` (DnCNN, experiments, evaluation) and the
+  simulator :mod:`tgd_jax.sim`.
+
+``docs/method.md`` explains the method and what the paper leaves open.
 """
 
 from tgd_jax.gate import GATE_COLLECTION, TGDGate, tgd_gate
 from tgd_jax.kse import kse_scores
 from tgd_jax.masks import (
-    TGDMasks,
     drop_kernels,
     freeze_batch_stats,
     gate_variables,
+    layer_scores,
     mask_summary,
-    tgd_masks,
 )
-from tgd_jax.optim import freeze_masked, replace_mask, tgd
-from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology
+from tgd_jax.methods import METHODS, TGDPlan, plan_finetune, tgd_plan
+from tgd_jax.optim import freeze_masked, make_optimizer, replace_mask, retrain_only, tgd
+from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology, validate_topology
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GATE_COLLECTION",
+    "METHODS",
     "ConvNode",
     "TGDGate",
-    "TGDMasks",
+    "TGDPlan",
     "dncnn_topology",
     "drop_kernels",
     "freeze_batch_stats",
     "freeze_masked",
     "gate_variables",
     "kse_scores",
+    "layer_scores",
+    "make_optimizer",
     "mask_summary",
+    "plan_finetune",
     "replace_mask",
+    "retrain_only",
     "sequential_topology",
     "tgd",
     "tgd_gate",
-    "tgd_masks",
+    "tgd_plan",
+    "validate_topology",
 ]

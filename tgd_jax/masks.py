@@ -22,7 +22,7 @@ TGD layers on conv2..conv7 only and leaves this open.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +34,9 @@ from tgd_jax.topology import ConvNode, Topology, get_path, has_path, validate_to
 
 __all__ = [
     "LayerPolicy",
-    "TGDMasks",
     "layer_scores",
     "channel_masks_from_scores",
     "expand_channel_masks",
-    "tgd_masks",
     "gate_variables",
     "FROZEN_BN_COLLECTION",
     "frozen_bn_flag",
@@ -63,24 +61,6 @@ Params = Mapping[str, Any]
 ChannelMasks = dict[str, jax.Array]
 
 
-class TGDMasks(NamedTuple):
-    """Everything the TGD rule decided for one network.
-
-    Attributes:
-      params: mask pytree mirroring params (None = frozen leaf).
-      channels: conv path -> ``(C_out,)`` bool channel mask (True = retrain).
-      scores: conv path -> ``(C_out,)`` KSE of its output channels, rated by the consumer;
-        layers without a consumer have no entry.
-      gates: the ``"tgd"`` variable collection for gated models (see
-        :func:`gate_variables`), built for the chosen mode.
-    """
-
-    params: Any
-    channels: ChannelMasks
-    scores: dict[str, jax.Array]
-    gates: dict[str, Any]
-
-
 def check_phi(phi: float) -> float:
     phi = float(phi)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
@@ -97,6 +77,11 @@ def layer_scores(
       conv path -> ``(C_out,)`` scores in [0, 1], for every node that has a consumer.
     """
     validate_topology(params, topology)
+    return _layer_scores(params, topology, alpha=alpha, k=k)
+
+
+def _layer_scores(params: Params, topology: Topology, *, alpha: float, k: int
+                  ) -> dict[str, jax.Array]:
     return {
         node.conv: kse_lib.kse_scores(get_path(params, f"{node.consumer}/kernel"), alpha=alpha, k=k)
         for node in topology
@@ -113,14 +98,31 @@ def channel_masks_from_scores(
     first: LayerPolicy = "kse",
     last: Literal["frozen", "train"] = "frozen",
 ) -> ChannelMasks:
-    """Applies the threshold and the first/last-layer policies: conv path -> ``(C_out,)`` bool."""
+    """Applies the threshold and the first/last-layer policies: conv path -> ``(C_out,)`` bool.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 3))},
+      ...           "b": {"kernel": jnp.zeros((3, 3, 3, 1))}}
+      >>> masks = channel_masks_from_scores(
+      ...     params, sequential_topology(["a", "b"]), {"a": jnp.array([0.1, 0.5, 0.2])}, 0.3)
+      >>> {name: m.tolist() for name, m in masks.items()}
+      {'a': [True, False, True], 'b': [False]}
+    """
+    return _threshold(validate_topology(params, topology), topology, scores, phi,
+                      first=first, last=last)
+
+
+def _threshold(counts: Mapping[str, int], topology: Topology, scores: Mapping[str, Any],
+               phi: float, *, first: str, last: str) -> ChannelMasks:
+    """:func:`channel_masks_from_scores` on validated channel counts (conv -> ``C_out``)."""
     phi = check_phi(phi)
     _check_policy("first", first, ("kse", "frozen", "train"))
     _check_policy("last", last, ("frozen", "train"))
-    validate_topology(params, topology)
     masks: ChannelMasks = {}
     for i, node in enumerate(topology):
-        c_out = get_path(params, f"{node.conv}/kernel").shape[-1]
+        c_out = counts[node.conv]
         policy = last if node.consumer is None else first if i == 0 else "kse"
         if policy == "kse":
             if node.conv not in scores:
@@ -138,15 +140,36 @@ def channel_masks_from_scores(
 
 def layer_leaves(params: Params, node: ConvNode) -> list[str]:
     """Paths of the param leaves indexed by ``node``'s output channels (those that exist)."""
+    return [path for path in _leaf_paths(node) if has_path(params, path)]
+
+
+def _leaf_paths(node: ConvNode) -> list[str]:
+    """Every leaf a node's output channels may own: conv kernel and bias, BN scale and bias."""
     candidates = [f"{node.conv}/kernel", f"{node.conv}/bias"]
     if node.norm is not None:
         candidates += [f"{node.norm}/scale", f"{node.norm}/bias"]
-    return [path for path in candidates if has_path(params, path)]
+    return candidates
 
 
 def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[str, Any]) -> Any:
-    """Channel masks -> mask pytree mirroring ``params`` (leaves no layer owns are None)."""
+    """Channel masks -> mask pytree mirroring ``params`` (leaves no layer owns are None).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+      ...           "head": {"kernel": jnp.zeros((2, 1))}}
+      >>> mask = expand_channel_masks(params, sequential_topology(["a"]),
+      ...                             {"a": jnp.array([True, False])})
+      >>> mask["a"]["kernel"].shape, mask["a"]["bias"].tolist(), mask["head"]["kernel"]
+      ((1, 1, 1, 2), [True, False], None)
+    """
     validate_topology(params, topology)
+    return _expand(params, topology, channels)
+
+
+def _expand(params: Params, topology: Topology, channels: Mapping[str, Any]) -> Any:
+    """:func:`expand_channel_masks` on a validated topology."""
     flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
     mask: dict[str, Any] = dict.fromkeys(flat)
     for node in topology:
@@ -158,47 +181,10 @@ def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[s
             raise ValueError(
                 f"channel mask for '{node.conv}' has shape {channel.shape}, expected ({c_out},)"
             )
-        for path in layer_leaves(params, node):
-            ndim = flat[path].ndim
-            mask[path] = jnp.reshape(channel, (1,) * (ndim - 1) + (c_out,))
+        for path in _leaf_paths(node):
+            if path in flat:
+                mask[path] = jnp.reshape(channel, (1,) * (flat[path].ndim - 1) + (c_out,))
     return traverse_util.unflatten_dict(mask, sep="/")
-
-
-def tgd_masks(
-    params: Params,
-    topology: Topology,
-    phi: float,
-    *,
-    alpha: float = 1.0,
-    k: int = 5,
-    first: LayerPolicy = "kse",
-    last: Literal["frozen", "train"] = "frozen",
-    mode: Mode = "paper",
-    scores: Mapping[str, Any] | None = None,
-) -> TGDMasks:
-    """The whole TGD rule in one call: KSE scores, channel masks, mask pytree and gates.
-
-    Args:
-      params: the network's ``params`` collection.
-      topology: its :class:`~tgd_jax.topology.ConvNode` wiring.
-      phi: KSE threshold in [0, 1]; channels scoring below it are retrained.
-      alpha, k: KSE parameters (see :func:`tgd_jax.kse.kse_scores`).
-      first, last: policies of the first layer and of layers without a consumer.
-      mode: ``"paper"`` or ``"projected"``; decides the gate collection.
-      scores: precomputed :func:`layer_scores` (skips KSE; for trying several thresholds).
-    """
-    check_phi(phi)
-    check_mode(mode)
-    if scores is None:
-        scores = layer_scores(params, topology, alpha=alpha, k=k)
-    scores = dict(scores)
-    channels = channel_masks_from_scores(params, topology, scores, phi, first=first, last=last)
-    return TGDMasks(
-        params=expand_channel_masks(params, topology, channels),
-        channels=channels,
-        scores=scores,
-        gates=gate_variables(topology, channels, mode),
-    )
 
 
 def check_mode(mode: str) -> str:

@@ -1,4 +1,4 @@
-"""Which weights a fine-tuning method retrains: TGD, the paper's baselines, and two ablations.
+"""One fine-tuning decision, one value: :class:`TGDPlan`, made by TGD or a baseline.
 
 * ``tgd``: channels whose KSE (rated in the consumer layer) is below ``phi`` (the paper).
 * ``last_k``: the paper's FT-net: the last ``k`` conv blocks (conv + BatchNorm), whole.
@@ -9,6 +9,13 @@
 
 ``random`` and ``l1`` differ from ``tgd`` only in the choice of channels (same counts, same
 first/last-layer policies, same gates in ``paper`` mode), so they isolate what KSE adds.
+
+The decision itself is the per-layer channel mask; everything a training run needs is
+derived from it once, here, and travels in the plan: the params mask for the optimizer
+(:meth:`TGDPlan.optimizer`), the gate collection for the gated backward pass, the
+frozen-BatchNorm collection, and the JSON record (:meth:`TGDPlan.to_json`). The runtime
+takes the plan whole (``tgd_jax.train.step.create_train_state(..., plan=plan)``) and swaps it
+whole between TGD rounds (``tgd_jax.train.step.replace_plan``).
 """
 
 from __future__ import annotations
@@ -20,66 +27,136 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tgd_jax import masks as masks_lib
-from tgd_jax.topology import Topology, get_path
+from tgd_jax import optim
+from tgd_jax.topology import Topology, get_path, validate_topology
 
-__all__ = ["METHODS", "FinetunePlan", "plan_finetune"]
+__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune"]
 
 METHODS = ("tgd", "last_k", "full", "random", "l1")
+#: How the BatchNorm of frozen channels normalises in training passes: with the batch's
+#: statistics (``"batch"``, the usual) or with its running statistics (``"running"``).
+FROZEN_BN = ("batch", "running")
 
 
-@dataclasses.dataclass
-class FinetunePlan:
-    """What a method retrains.
+@dataclasses.dataclass(frozen=True)
+class TGDPlan:
+    """Which elements of a network a fine-tuning run retrains, in every form the run needs.
 
     Attributes:
       method: one of :data:`METHODS`.
-      mask: pytree mirroring params (True = retrain), or None for ``full``.
-      channels: conv path -> ``(C_out,)`` bool (True = retrain).
-      gates: the ``"tgd"`` collection (``{}``: no gated backward pass).
-      scores: conv path -> KSE of its output channels (``tgd``/``random``/``l1``), else {}.
+      channels: conv path -> ``(C_out,)`` bool, True = output channel retrained. This is
+        the decision; the next three fields are derived from it.
+      mask: params mask pytree (bool leaves broadcastable to each parameter, None = frozen
+        leaf), or None for ``full`` (nothing frozen).
+      gates: the ``"tgd"`` collection of :class:`tgd_jax.gate.TGDGate` masks; ``{}`` unless
+        ``mode="paper"`` (then the model must be built with gates).
+      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`; ``{}`` unless
+        ``frozen_bn="running"``.
+      scores: conv path -> ``(C_out,)`` KSE of its output channels (``tgd``/``random``/
+        ``l1``), else ``{}``.
       summary: :func:`tgd_jax.masks.mask_summary` plus the method's settings (JSON).
     """
 
     method: str
-    mask: Any
     channels: dict[str, Any]
+    mask: Any
     gates: dict[str, Any]
+    frozen_bn: dict[str, Any]
     scores: dict[str, Any]
     summary: dict[str, Any]
 
     @property
     def use_gates(self) -> bool:
+        """Whether the model must carry TGD gates (paper mode)."""
         return bool(self.gates)
+
+    def optimizer(self, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+        """``inner`` restricted to the plan: :func:`tgd_jax.optim.tgd` (``inner`` for full)."""
+        return inner if self.mask is None else optim.tgd(inner, self.mask)
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary plus the channel masks as 0/1 lists (what ``mask.json`` holds)."""
+        return {**self.summary, "channels": {k: np.asarray(v).astype(int).tolist()
+                                             for k, v in self.channels.items()}}
+
+
+def tgd_plan(params: Any, topology: Topology, phi: float, *, alpha: float = 1.0, k: int = 5,
+             first: str = "kse", last: str = "frozen", mode: str = "projected",
+             frozen_bn: str = "batch", scores: Mapping[str, Any] | None = None) -> TGDPlan:
+    """The TGD rule in one call: KSE scores, channel masks, params mask, gates.
+
+    ``plan_finetune("tgd", ...)``; see there for the arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> kernel = lambda key, c_in, c_out: jax.random.normal(key, (3, 3, c_in, c_out))
+      >>> keys = jax.random.split(jax.random.key(0), 3)
+      >>> params = {"a": {"kernel": kernel(keys[0], 1, 4)}, "b": {"kernel": kernel(keys[1], 4, 4)},
+      ...           "c": {"kernel": kernel(keys[2], 4, 1)}}
+      >>> plan = tgd_plan(params, sequential_topology(["a", "b", "c"]), phi=0.99)
+      >>> plan.method, plan.mask["a"]["kernel"].shape, plan.channels["c"].tolist()
+      ('tgd', (1, 1, 1, 4), [False])
+      >>> plan.summary["params_retrained"] <= plan.summary["params_total"]
+      True
+    """
+    return plan_finetune("tgd", params, topology, phi=phi, alpha=alpha, k=k, first=first,
+                         last=last, mode=mode, frozen_bn=frozen_bn, scores=scores)
 
 
 def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 0.3,
                   alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
-                  mode: str = "paper",
+                  mode: str = "projected", frozen_bn: str = "batch",
                   last_k: int = 3, key: jax.Array | None = None,
-                  scores: Mapping[str, Any] | None = None) -> FinetunePlan:
-    """The mask, gates and summary of ``method`` for a network's ``params``.
+                  scores: Mapping[str, Any] | None = None) -> TGDPlan:
+    """The :class:`TGDPlan` of ``method`` for a network's ``params``.
+
+    The topology is checked against the params once, here; the steps after it trust it.
 
     Args:
       method: one of :data:`METHODS`.
       params: the pretrained ``params`` collection.
       topology: its conv wiring (e.g. ``DnCNN(...).topology()``).
-      phi, alpha, k, first, last, mode: TGD settings (used by ``tgd``, ``random``, ``l1``).
+      phi: KSE threshold in [0, 1]; channels scoring below it are retrained
+        (``tgd``, ``random``, ``l1``).
+      alpha, k: KSE parameters (:func:`tgd_jax.kse.kse_scores`).
+      first: first conv's policy: ``"kse"`` (the rule), ``"frozen"`` or ``"train"``.
+      last: policy of convs without a consumer: ``"frozen"`` (the paper) or ``"train"``.
+      mode: ``"projected"`` (the optax mask alone) or ``"paper"`` (also gate the backward
+        pass; needs a topology that names gates, i.e. a model built with them).
+      frozen_bn: one of :data:`FROZEN_BN`.
       last_k: blocks fine-tuned by ``last_k``.
       key: PRNG key for ``random`` (required there).
       scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha and
         k), to try several thresholds without recomputing KSE.
+
+    Raises:
+      ValueError: an unknown method, mode, policy or ``frozen_bn``; ``phi`` outside [0, 1];
+        a topology that does not match the params; ``mode="paper"`` with a topology
+        that names no gates (it would silently train in projected mode).
     """
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
+    masks_lib.check_mode(mode)
+    if frozen_bn not in FROZEN_BN:
+        raise ValueError(f"frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
+    counts = validate_topology(params, topology)
     settings: dict[str, Any] = {"method": method}
-    given_scores, scores = scores, {}
     gates: dict[str, Any] = {}
+    used_scores: dict[str, Any] = {}
     if method in ("tgd", "random", "l1"):
-        tgd = masks_lib.tgd_masks(params, topology, phi, alpha=alpha, k=k, first=first, last=last,
-                                  mode=mode, scores=given_scores)
-        channels, scores = dict(tgd.channels), dict(tgd.scores)
+        masks_lib.check_phi(phi)
+        if mode == "paper" and not any(node.gates for node in topology):
+            raise ValueError("mode='paper' gates the backward pass, but the topology names no "
+                             "TGD gates: build the model with TGDGate modules and list them "
+                             "in ConvNode.gates, or use mode='projected'")
+        used_scores = dict(scores if scores is not None else
+                           masks_lib._layer_scores(params, topology, alpha=alpha, k=k))
+        channels = masks_lib._threshold(counts, topology, used_scores, phi, first=first,
+                                        last=last)
         if method == "random":
             if key is None:
                 raise ValueError("method 'random' needs a PRNG key")
@@ -88,26 +165,27 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
         elif method == "l1":
             channels = _same_counts(channels, lambda i, path, n: jnp.argsort(
                 _filter_l1(params, path), stable=True))
-        gates = masks_lib.gate_variables(topology, channels, mode)
+        gates = masks_lib.gate_variables(topology, channels, mode) if mode == "paper" else {}
         settings.update(phi=phi, alpha=alpha, k=k, first=first, last=last, mode=mode)
     elif method == "last_k":
         if not 1 <= last_k <= len(topology):
             raise ValueError(f"last_k={last_k} must be in [1, {len(topology)}] for this network")
         trainable = {node.conv for node in list(topology)[-last_k:]}
-        channels = {node.conv: jnp.full((get_path(params, f"{node.conv}/kernel").shape[-1],),
-                                        node.conv in trainable) for node in topology}
+        channels = {conv: jnp.full((n,), conv in trainable) for conv, n in counts.items()}
         settings.update(last_k=last_k)
     else:  # full
-        channels = {node.conv: jnp.ones((get_path(params, f"{node.conv}/kernel").shape[-1],),
-                                        bool) for node in topology}
-    mask = masks_lib.expand_channel_masks(params, topology, channels)
+        channels = {conv: jnp.ones((n,), bool) for conv, n in counts.items()}
+    mask = masks_lib._expand(params, topology, channels)
     summary = masks_lib.mask_summary(params, _all_true_where_none(mask, params)
                                      if method == "full" else mask, topology,
-                                     scores=scores or None,
-                                     phi=settings.get("phi"))
-    summary.update(settings)
-    return FinetunePlan(method, None if method == "full" else mask, channels, gates, scores,
-                        summary)
+                                     scores=used_scores or None, phi=settings.get("phi"))
+    summary.update(settings, frozen_bn=frozen_bn)
+    full = method == "full"
+    return TGDPlan(
+        method=method, channels=channels, mask=None if full else mask, gates=gates,
+        frozen_bn=(masks_lib.frozen_bn_variables(topology, channels)
+                   if frozen_bn == "running" and not full else {}),
+        scores=used_scores, summary=summary)
 
 
 def _same_counts(channels: Mapping[str, Any], order_fn: Any) -> dict[str, Any]:

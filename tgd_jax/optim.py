@@ -1,6 +1,8 @@
 """The TGD mask as an optax ``GradientTransformation``.
 
-``freeze_masked(mask)`` zeroes the final update of every frozen element. It must be the LAST
+``retrain_only(mask)`` keeps the final update only where ``mask`` is True (the retrained
+elements) and zeroes it everywhere else. (``optax.freeze(mask)`` has the opposite polarity,
+True = frozen; that is why the name says what the mask selects.) It must be the LAST
 element of an ``optax.chain``: anything after it (decoupled weight decay, momentum, a
 learning-rate schedule adding terms) could move frozen weights again. Put it last and
 ``optax.apply_updates`` leaves every frozen element bit-identical.
@@ -18,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["FreezeMaskedState", "freeze_masked", "tgd", "replace_mask", "find_mask",
-           "kernel_l2", "kernel_leaves", "make_optimizer"]
+__all__ = ["RetrainOnlyState", "retrain_only", "freeze_masked", "tgd", "replace_mask", "find_mask",
+           "kernel_l2", "kernel_leaves", "make_optimizer", "FreezeMaskedState"]
 
 
-class FreezeMaskedState(NamedTuple):
-    """State of :func:`freeze_masked`.
+class RetrainOnlyState(NamedTuple):
+    """State of :func:`retrain_only`.
 
     Attributes:
       mask: pytree mirroring params; bool leaves broadcastable to the parameter
@@ -43,27 +45,27 @@ def _as_bool_mask(mask: Any) -> Any:
     )
 
 
-def freeze_masked(mask: Any) -> optax.GradientTransformation:
-    """Zeroes the updates of frozen elements: ``u -> where(mask, u, 0)``.
+def retrain_only(mask: Any) -> optax.GradientTransformation:
+    """Keeps the updates of retrained elements only: ``u -> where(mask, u, 0)``.
 
     Args:
       mask: pytree mirroring the params: bool leaves broadcastable to each parameter's
         shape (True = retrain, False = freeze), or None for a leaf frozen whole.
 
     Returns:
-      A ``GradientTransformation`` whose state :class:`FreezeMaskedState` holds the mask
+      A ``GradientTransformation`` whose state :class:`RetrainOnlyState` holds the mask
       (the update itself never changes it). ``where`` (not a product) is used so a
       non-finite update of a frozen element cannot leak in as NaN.
     """
     initial = _as_bool_mask(mask)
 
-    def init_fn(params: Any) -> FreezeMaskedState:
+    def init_fn(params: Any) -> RetrainOnlyState:
         del params
-        return FreezeMaskedState(mask=initial)
+        return RetrainOnlyState(mask=initial)
 
     def update_fn(
-        updates: Any, state: FreezeMaskedState, params: Any = None
-    ) -> tuple[Any, FreezeMaskedState]:
+        updates: Any, state: RetrainOnlyState, params: Any = None
+    ) -> tuple[Any, RetrainOnlyState]:
         del params
         masked = jax.tree.map(
             lambda m, u: jnp.zeros_like(u) if m is None else jnp.where(m, u, jnp.zeros_like(u)),
@@ -76,9 +78,24 @@ def freeze_masked(mask: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+#: The earlier name of :func:`retrain_only` (True = RETRAIN, the opposite of optax.freeze).
+freeze_masked = retrain_only
+#: The earlier name of :class:`RetrainOnlyState`.
+FreezeMaskedState = RetrainOnlyState
+
+
 def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-    """``optax.chain(inner, freeze_masked(mask))``: any optimizer, restricted to the mask."""
-    return optax.chain(inner, freeze_masked(mask))
+    """``optax.chain(inner, retrain_only(mask))``: any optimizer, restricted to the mask.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = tgd(optax.sgd(1.0), {"w": jnp.array([True, False, True])})
+      >>> updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [0.0, 1.0, 0.0]
+    """
+    return optax.chain(inner, retrain_only(mask))
 
 
 def kernel_leaves(params: Any) -> Any:
@@ -117,17 +134,17 @@ def kernel_l2(l2: float) -> optax.GradientTransformation:
 
 
 def _is_freeze_state(x: Any) -> bool:
-    return isinstance(x, FreezeMaskedState)
+    return isinstance(x, RetrainOnlyState)
 
 
 def replace_mask(opt_state: Any, mask: Any) -> Any:
-    """Returns ``opt_state`` with the mask of every :class:`FreezeMaskedState` replaced.
+    """Returns ``opt_state`` with the mask of every :class:`RetrainOnlyState` replaced.
 
     Use it between TGD rounds: the inner optimizer's moments are kept (reset them
     separately if a round should start fresh).
 
     Raises:
-      ValueError: if the state holds no :class:`FreezeMaskedState`, or the new mask's
+      ValueError: if the state holds no :class:`RetrainOnlyState`, or the new mask's
         tree structure differs from the old one (that would recompile the step and break
         checkpoint restore).
     """
@@ -144,16 +161,16 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
                 f"new mask has a different tree structure:\nold {old_def}\nnew {new_def}"
             )
         found.append(True)
-        return FreezeMaskedState(mask=new_mask)
+        return RetrainOnlyState(mask=new_mask)
 
     out = jax.tree.map(swap, opt_state, is_leaf=_is_freeze_state)
     if not found:
-        raise ValueError("optimizer state holds no FreezeMaskedState (was it built by tgd()?)")
+        raise ValueError("optimizer state holds no RetrainOnlyState (was it built by tgd()?)")
     return out
 
 
 def find_mask(opt_state: Any) -> Any | None:
-    """The mask held by the (first) :class:`FreezeMaskedState` in ``opt_state``, or None."""
+    """The mask held by the (first) :class:`RetrainOnlyState` in ``opt_state``, or None."""
     for node in jax.tree.leaves(opt_state, is_leaf=_is_freeze_state):
         if _is_freeze_state(node):
             return node.mask

@@ -24,6 +24,7 @@ __all__ = [
     "get_path",
     "has_path",
     "validate_topology",
+    "conv_paths",
 ]
 
 
@@ -135,19 +136,41 @@ def get_path(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def validate_topology(params: Mapping[str, Any], topology: Topology) -> None:
-    """Checks that every named layer exists and that channel counts agree.
+def validate_topology(params: Mapping[str, Any], topology: Topology) -> dict[str, int]:
+    """Checks a topology against the params once, at the entry of a TGD computation.
+
+    Every named layer must exist, channel counts must agree between a conv, its bias, its
+    BatchNorm and its consumer, and EVERY conv kernel in ``params`` (a leaf named
+    ``kernel`` with 3 or more dimensions) must be named by the topology: a conv left out of
+    a :func:`sequential_topology` list would make its two neighbours look connected
+    whenever their channel counts happen to match. List a conv that no other conv reads
+    directly with ``consumer=None`` (it then follows the ``last`` policy).
+
+    Returns:
+      conv path -> its number of output channels ``C_out``.
 
     Raises:
-      ValueError: naming the missing layer or leaf, or the mismatching shapes.
+      ValueError: naming the missing or unlisted layer or leaf, or the mismatching shapes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 4))},
+      ...           "b": {"kernel": jnp.zeros((3, 3, 4, 2))}}
+      >>> validate_topology(params, sequential_topology(["a", "b"]))
+      {'a': 4, 'b': 2}
+      >>> validate_topology(params, sequential_topology(["a"]))
+      Traceback (most recent call last):
+      ...
+      ValueError: params have conv kernels the topology does not name: ['b']; ...
     """
     if not topology:
         raise ValueError("empty topology")
     names = [node.conv for node in topology]
     if len(set(names)) != len(names):
         raise ValueError(f"conv names must be unique, got {names}")
+    counts: dict[str, int] = {}
     for node in topology:
-        c_out = _kernel(params, node.conv).shape[-1]
+        c_out = counts[node.conv] = int(_kernel(params, node.conv).shape[-1])
         if has_path(params, f"{node.conv}/bias"):
             _expect_channels(params, f"{node.conv}/bias", c_out)
         if node.consumer is not None:
@@ -163,6 +186,27 @@ def validate_topology(params: Mapping[str, Any], topology: Topology) -> None:
             for leaf in ("scale", "bias"):
                 if has_path(params, f"{node.norm}/{leaf}"):
                     _expect_channels(params, f"{node.norm}/{leaf}", c_out)
+    unlisted = sorted(set(conv_paths(params)) - set(names))
+    if unlisted:
+        raise ValueError(
+            f"params have conv kernels the topology does not name: {unlisted}; a conv left "
+            "out of the list would make its neighbours look connected. Name every conv "
+            "(one no other conv reads gets consumer=None)")
+    return counts
+
+
+def conv_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Paths of every module in ``params`` with a ``kernel`` of 3 or more dimensions."""
+    out = []
+    for key, value in params.items():
+        if not isinstance(value, Mapping):
+            continue
+        path = f"{prefix}{key}"
+        kernel = value.get("kernel")
+        if kernel is not None and not isinstance(kernel, Mapping) and len(kernel.shape) >= 3:
+            out.append(path)
+        out += conv_paths(value, f"{path}/")
+    return out
 
 
 def _kernel(params: Mapping[str, Any], conv: str) -> Any:

@@ -146,27 +146,22 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     t = config.tgd
     plan = methods_lib.plan_finetune(
         config.method, variables["params"], model_from_config(config.model).topology(),
-        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last,
-        mode=t.mode, last_k=config.last_k,
+        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last, mode=t.mode,
+        frozen_bn=t.frozen_bn, last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
         workdir_lib.write_json(workdir / "mask.json", {
-            **plan.summary, "source_checkpoint": source_meta["checkpoint"],
-            "channels": {k: np.asarray(v).astype(int).tolist()
-                         for k, v in plan.channels.items()},
-        })
+            **plan.to_json(), "source_checkpoint": source_meta["checkpoint"]})
         if plan.scores:
             premise_lib.kse_figure(plan.scores, workdir / "kse_hist.png", phi=t.phi)
     log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
         f"{plan.summary['params_total']:,} parameters retrained "
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
     steps = num_steps_for(config, train_pairs)
-    inner = optim.make_optimizer(num_steps=steps, **config.optimizer)
-    tx = inner if plan.mask is None else optim.tgd(inner, plan.mask)
+    tx = plan.optimizer(optim.make_optimizer(num_steps=steps, **config.optimizer))
     model = model_from_config(config.model, use_gates=plan.use_gates)
-    frozen_bn = _frozen_bn(t.frozen_bn, plan, model.topology())
-    state = step_lib.create_train_state(variables, tx, gates=plan.gates, frozen_bn=frozen_bn)
+    state = step_lib.create_train_state(variables, tx, plan)
     old = config.get("old_task")
     extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
                  if old is not None and old.path else None)
@@ -183,15 +178,6 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                    mode=t.mode, frozen_bn=t.frozen_bn,
                    source_checkpoint=source_meta["checkpoint"])
     return summary, state
-
-
-def _frozen_bn(choice: str, plan: methods_lib.FinetunePlan, topology: Any) -> dict[str, Any]:
-    """The ``"frozen_bn"`` collection: frozen channels of each BatchNorm use running stats."""
-    if choice not in ("batch", "running"):
-        raise ValueError(f"tgd.frozen_bn must be 'batch' or 'running', got {choice!r}")
-    if choice == "batch" or plan.mask is None:
-        return {}
-    return masks_lib.frozen_bn_variables(topology, plan.channels)
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,

@@ -23,10 +23,11 @@ from flax import linen as nn
 
 from tgd_jax import masks as masks_lib
 from tgd_jax.gate import GATE_COLLECTION
+from tgd_jax.methods import TGDPlan
 from tgd_jax.optim import find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
-           "LOSSES", "replace_tgd", "masked_cosine"]
+           "LOSSES", "replace_plan", "masked_cosine"]
 
 Batch = dict[str, jax.Array]
 
@@ -54,42 +55,51 @@ class TrainState:
     frozen_bn: Any = flax.struct.field(default_factory=dict)
 
 
-def create_train_state(
-    variables: dict[str, Any], tx: optax.GradientTransformation, gates: Any = None,
-    frozen_bn: Any = None,
-) -> TrainState:
-    """A fresh state from model variables (``params``, optional ``batch_stats``)."""
+def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
+                       plan: TGDPlan | None = None) -> TrainState:
+    """A fresh state from model variables (``params``, optional ``batch_stats``).
+
+    Args:
+      variables: the model's variables.
+      tx: the full optimizer; for a fine-tuning run ``plan.optimizer(inner)``, so the
+        plan's mask is in ``opt_state``.
+      plan: the :class:`tgd_jax.methods.TGDPlan` being trained: its gate and frozen-BN
+        collections go into the state (None: plain training).
+    """
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        gates={} if gates is None else gates,
-        frozen_bn={} if frozen_bn is None else frozen_bn,
+        gates={} if plan is None else plan.gates,
+        frozen_bn={} if plan is None else plan.frozen_bn,
     )
 
 
-def replace_tgd(state: TrainState, mask: Any, gates: Any) -> TrainState:
+def replace_plan(state: TrainState, plan: TGDPlan) -> TrainState:
     """The next TGD round (TGD^n): swaps every copy of the decision in one call.
 
     The optax mask in ``opt_state`` (which also decides whose BatchNorm statistics stay
-    frozen, see :func:`train_step`) and the gate collection are replaced together, so a
-    paper-mode round can never run on the previous round's gates. Tree structures must
-    match the current ones (no recompilation); the inner optimizer's moments are kept.
+    frozen, see :func:`train_step`), the gate collection and the frozen-BN collection are
+    replaced together, so a round can never run on part of the previous round's decision.
+    Tree structures must match the current ones (no recompilation, same checkpoint
+    layout); the inner optimizer's moments are kept.
 
     Args:
-      state: the current state.
-      mask: the new params mask (e.g. ``tgd_masks(...).params`` of the fine-tuned params).
-      gates: the new ``"tgd"`` collection (``tgd_masks(...).gates``; ``{}`` if the state
-        has none).
+      state: the current state (built with a masked optimizer, ``plan.optimizer(inner)``).
+      plan: the new decision, e.g. ``tgd_plan(state.params, ...)`` on the fine-tuned params.
     """
-    gates = {} if gates is None else gates
-    old = jax.tree.structure(state.gates)
-    if jax.tree.structure(gates) != old:
-        raise ValueError(f"new gates have a different tree structure:\nold {old}\n"
-                         f"new {jax.tree.structure(gates)}")
-    return state.replace(opt_state=replace_mask(state.opt_state, mask), gates=gates)
+    if plan.mask is None:
+        raise ValueError(f"a {plan.method!r} plan has no mask to swap in; TGD rounds need "
+                         "a masked method")
+    for name, old, new in (("gates", state.gates, plan.gates),
+                           ("frozen_bn", state.frozen_bn, plan.frozen_bn)):
+        if jax.tree.structure(new) != jax.tree.structure(old):
+            raise ValueError(f"the new plan's {name} have a different tree structure:\n"
+                             f"old {jax.tree.structure(old)}\nnew {jax.tree.structure(new)}")
+    return state.replace(opt_state=replace_mask(state.opt_state, plan.mask), gates=plan.gates,
+                         frozen_bn=plan.frozen_bn)
 
 
 def masked_cosine(a: Any, b: Any, mask: Any) -> jax.Array:
