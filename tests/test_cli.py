@@ -85,7 +85,7 @@ def test_chain_train_finetune_online_denoise(toy_data, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--phi=1.5"], "finetune.py: error: KSE threshold phi must be in [0, 1]"),
+    (["--phi=1.5"], "finetune.py: error: bad config: config.tgd.phi must be in [0, 1]"),
     (["--config.batch_size=3", "--config.data.patch_size=64"], "patch_size 64 exceeds"),
 ])
 def test_errors_end_with_one_clear_line(toy_data, pretrained, tmp_path, args, message):

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
 from tgd_jax import optim
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
 from tgd_jax.pet.models import DnCNN, model_from_config
 from tgd_jax.train import checkpoints as ckpt_lib
+from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
 from tgd_jax.train import step as step_lib
 from tgd_jax.train import trainer
@@ -49,13 +49,6 @@ def initial_variables(model: DnCNN, config: ml_collections.ConfigDict) -> dict[s
     """Fresh variables from ``config.seed`` (the data use the same seed, another stream)."""
     p = config.data.patch_size
     return model.init(jax.random.key(config.seed), jnp.zeros((1, p, p, 3), jnp.float32))
-
-
-def _check_common(config: ml_collections.ConfigDict) -> None:
-    if config.log_every <= 0 or config.eval_every <= 0:
-        raise ValueError("log_every and eval_every must be positive")
-    if config.eval_batches <= 0:
-        raise ValueError("eval_batches must be positive")
 
 
 def _supervised_data(config: ml_collections.ConfigDict
@@ -90,7 +83,7 @@ def _held_out(held: ml_collections.ConfigDict, version: str,
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
           mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Trains a DnCNN from scratch on ``config.data.version`` (v1-net / v2-net)."""
-    _check_common(config)
+    config_lib.validate(config)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     workdir = workdir_lib.prepare_workdir(workdir, config, "train")
     steps = num_steps_for(config, train_pairs)
@@ -111,31 +104,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
 
 
 def _pretrained(config: ml_collections.ConfigDict, log: Log
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Loads ``config.checkpoint`` and adopts its architecture and intensity scale.
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Loads ``config.checkpoint``: its variables, its metadata, and the fields to adopt.
 
     The network's shape is the checkpoint's, whatever the config says, and the images must
-    be scaled as in pretraining: both are copied into ``config`` (so ``config.json`` shows
-    what actually ran) before being checked against the parameters.
+    be scaled as in pretraining. The third value holds those fields (dotted name -> value,
+    for :func:`tgd_jax.train.config.override`); the variables are checked against the
+    architecture they describe.
     """
-    if not config.checkpoint:
-        raise ValueError("config.checkpoint is empty: give the workdir of the network to "
-                         "start from (--config.checkpoint=runs/v1net)")
     params, batch_stats, source, meta = ckpt_lib.restore(config.checkpoint, config.checkpoint_which)
     log(f"loaded {meta['checkpoint']} (step {meta.get('step')}, validation loss "
         f"{meta.get('val_loss')})")
+    adopted: dict[str, Any] = {}
     if "model" in source:
-        for key in ("features", "width_multiplier", "bn_momentum"):
-            value = source.model[key]
-            config.model[key] = tuple(value) if key == "features" else value
-        config.data.intensity_scale = source.data.intensity_scale
+        adopted = {"model.features": tuple(source.model.features),
+                   "model.width_multiplier": source.model.width_multiplier,
+                   "model.bn_momentum": source.model.bn_momentum,
+                   "data.intensity_scale": source.data.intensity_scale}
+    model_config = {**config.model.to_dict(),
+                    **{k.split(".")[1]: v for k, v in adopted.items() if k.startswith("model.")}}
     variables = {"params": params, "batch_stats": batch_stats}
     # Shapes only (jax.eval_shape): nothing is initialised or computed.
-    template = jax.eval_shape(model_from_config(config.model).init, jax.random.key(0),
+    template = jax.eval_shape(model_from_config(model_config).init, jax.random.key(0),
                               jnp.zeros((1, 8, 8, 3), jnp.float32))
     ckpt_lib.check_tree_match(template, {k: v for k, v in variables.items() if v},
                               meta["checkpoint"])
-    return variables, meta
+    return variables, meta, adopted
+
+
+def _adopt(config: ml_collections.ConfigDict, adopted: dict[str, Any]
+           ) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the checkpoint's fields (``config.json`` shows what ran)."""
+    return config_lib.override(ml_collections.ConfigDict(config.to_dict()), **adopted)
 
 
 def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
@@ -183,12 +183,9 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
 def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
              mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """Fine-tunes a checkpoint with ``config.method`` (tgd, last_k, full, random, l1)."""
-    _check_common(config)
-    masks_lib.check_phi(config.tgd.phi)
-    if config.method not in methods_lib.METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of "
-                         f"{methods_lib.METHODS}")
-    variables, source_meta = _pretrained(config, log)
+    config_lib.validate(config)
+    variables, source_meta, adopted = _pretrained(config, log)
+    config = _adopt(config, adopted)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     workdir = workdir_lib.prepare_workdir(workdir, config, "finetune")
     summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
@@ -206,9 +203,9 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     Writes ``denoised.h5`` (the full-count input, the starting network's output and the
     online-learned network's output) and ``online.png``.
     """
-    _check_common(config)
-    masks_lib.check_phi(config.tgd.phi)
-    start_vars, source_meta = _pretrained(config, log)
+    config_lib.validate(config)
+    start_vars, source_meta, adopted = _pretrained(config, log)
+    config = _adopt(config, adopted)
     info = data_lib.open_dataset(config.data.path)
     study = config.data.study or info.studies[0]
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,

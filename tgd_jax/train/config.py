@@ -11,10 +11,12 @@ A config string after the file selects a size preset (``--config=configs/train.p
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 __all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
-           "apply_preset", "override"]
+           "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS"]
 
 PRESETS = ("paper", "demo", "tiny")
 
@@ -74,30 +76,39 @@ def override(c: ml_collections.ConfigDict, **values: object) -> ml_collections.C
     return c
 
 
-def apply_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
-    """Sizes a config for ``paper`` (unchanged), ``demo`` or ``tiny`` runs."""
-    if preset in ("", "paper"):
-        return c
-    if preset == "demo":  # ~7 steps/s on 2 CPU cores (one device)
-        c.model.width_multiplier = 0.25
-        c.batch_size = 16
-        c.num_epochs = 0.0
-        c.num_steps = 600
-        c.log_every = 50
-        c.eval_every = 200
-    elif preset == "tiny":
-        c.model.features = (8, 8, 8, 3)
-        c.data.patch_size = 16
-        c.batch_size = 4
-        c.num_epochs = 0.0
-        c.num_steps = 12
-        c.log_every = 2
-        c.eval_every = 4
-        c.eval_batches = 1
-        c.data.prefetch = 1
-    else:
+#: Size presets, as data: dotted field -> value, applied with :func:`override` on top of a
+#: command's defaults (``paper`` is the defaults themselves).
+SIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "demo": {  # a quarter-width DnCNN: ~7 steps/s on 2 CPU cores (one device)
+        "model.width_multiplier": 0.25, "batch_size": 16, "num_epochs": 0.0,
+        "num_steps": 600, "log_every": 50, "eval_every": 200,
+    },
+    "tiny": {  # a few hundred parameters and a handful of steps, for the test suite
+        "model.features": (8, 8, 8, 3), "data.patch_size": 16, "batch_size": 4,
+        "num_epochs": 0.0, "num_steps": 12, "log_every": 2, "eval_every": 4,
+        "eval_batches": 1, "data.prefetch": 1,
+    },
+}
+PRESETS = tuple(SIZE_PRESETS)
+
+#: Per-command changes applied after the size preset (the demo lengths were measured:
+#: README, "The premise").
+COMMAND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "train": {"demo": {"num_steps": 1200, "eval_every": 400, "eval_batches": 16}},
+    "finetune": {"demo": {"num_steps": 300, "eval_every": 50, "eval_batches": 16}},
+    "online": {"demo": {"num_steps": 200, "eval_every": 100}},
+}
+
+
+def apply_preset(c: ml_collections.ConfigDict, preset: str, command: str = ""
+                 ) -> ml_collections.ConfigDict:
+    """Applies size preset ``preset`` ("" = ``paper``) and then ``command``'s own changes."""
+    preset = preset or "paper"
+    if preset not in SIZE_PRESETS:
         raise ValueError(f"unknown config preset {preset!r}; have {PRESETS}")
-    return c
+    override(c, **SIZE_PRESETS[preset])
+    return override(c, **COMMAND_PRESETS.get(command, {}).get(preset, {}))
 
 
 #: The pretraining recipe chosen by experiments/premise.py (README, "The premise").
@@ -115,12 +126,7 @@ def train_config(preset: str = "") -> ml_collections.ConfigDict:
     c.data.path = "runs/demo/data/train.h5"
     c.optimizer.l2 = PRETRAIN_L2
     c.optimizer.schedule = PRETRAIN_SCHEDULE
-    apply_preset(c, preset)
-    if preset == "demo":
-        c.num_steps = 1200
-        c.eval_every = 400
-        c.eval_batches = 16
-    return c
+    return apply_preset(c, preset, "train")
 
 
 def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -141,12 +147,7 @@ def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
     # data.val_studies; "" version: data.version); chooses the best checkpoint
     c.old_task = held_out_section(version="v1")  # old-task held-out set, to measure
     # forgetting ("" path: none); logged as val_loss_old
-    apply_preset(c, preset)
-    if preset == "demo":
-        c.num_steps = 300
-        c.eval_every = 50
-        c.eval_batches = 16
-    return c
+    return apply_preset(c, preset, "finetune")
 
 
 def online_config(preset: str = "") -> ml_collections.ConfigDict:
@@ -158,11 +159,7 @@ def online_config(preset: str = "") -> ml_collections.ConfigDict:
     c.num_epochs = 150.0  # the paper's online-learning epochs
     c.tgd.phi = 0.4  # the paper's threshold for N2N online learning
     c.optimizer.learning_rate = 1e-3  # the paper's (online learning was not re-measured)
-    apply_preset(c, preset)
-    if preset == "demo":
-        c.num_steps = 200
-        c.eval_every = 100
-    return c
+    return apply_preset(c, preset, "online")
 
 
 def tgd_section(phi: float) -> ml_collections.ConfigDict:
@@ -186,3 +183,68 @@ def held_out_section(version: str) -> ml_collections.ConfigDict:
     h.version = version
     h.studies = 1
     return h
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks every field a command reads, once, before anything is read or written.
+
+    Fine-tuning fields (``tgd``, ``method``, ``checkpoint``, ...) are checked when the config
+    has them. Returns ``c`` unchanged.
+
+    Raises:
+      ValueError: listing every bad field as ``config.<field>: <problem>, got <value>``.
+    """
+    from tgd_jax import masks, methods  # the core's vocabularies (no cycle: core is below)
+    from tgd_jax.train.step import LOSSES
+
+    problems: list[str] = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            value = c
+            for part in field.split("."):
+                value = value[part]
+            problems.append(f"config.{field} {rule}, got {value!r}")
+
+    def positive(field: str, value: Any) -> None:
+        need(isinstance(value, int | float) and value > 0, field, "must be > 0")
+
+    def one_of(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+        need(value in allowed, field, f"must be one of {allowed}")
+
+    for field in ("batch_size", "log_every", "eval_every", "eval_batches", "keep_checkpoints",
+                  "data.patch_size", "data.intensity_scale", "optimizer.learning_rate"):
+        node = c
+        for part in field.split("."):
+            node = node[part]
+        positive(field, node)
+    need(c.num_steps > 0 or c.num_epochs > 0, "num_steps",
+         "must be > 0, or num_epochs > 0")
+    need(bool(c.data.path), "data.path", "must name an HDF5 dataset")
+    need(bool(c.data.version), "data.version", "must name a reconstruction version")
+    need(c.data.val_studies >= 0, "data.val_studies", "must be >= 0")
+    need(c.data.prefetch >= 1, "data.prefetch", "must be >= 1")
+    one_of("loss", c.loss, tuple(LOSSES))
+    one_of("optimizer.name", c.optimizer.name, ("adam", "adamw", "sgd"))
+    one_of("optimizer.schedule", c.optimizer.schedule, ("constant", "cosine"))
+    for field in ("l2", "weight_decay", "grad_clip"):
+        need(c.optimizer[field] >= 0, f"optimizer.{field}", "must be >= 0")  # NaN fails
+    if "tgd" in c:
+        t = c.tgd
+        one_of("method", c.method, methods.METHODS)
+        need(0.0 <= t.phi <= 1.0, "tgd.phi", "must be in [0, 1] (KSE is normalised)")
+        one_of("tgd.mode", t.mode, masks.MODES)
+        one_of("tgd.first", t.first, ("kse", "frozen", "train"))
+        one_of("tgd.last", t.last, ("frozen", "train"))
+        one_of("tgd.frozen_bn", t.frozen_bn, methods.FROZEN_BN)
+        positive("tgd.alpha", t.alpha)
+        positive("tgd.k", t.k)
+        positive("last_k", c.last_k)
+        need(bool(c.checkpoint), "checkpoint",
+             "must name the network to start from (--config.checkpoint=runs/v1net)")
+        for section in ("validation", "old_task"):
+            if section in c and c[section].path:
+                positive(f"{section}.studies", c[section].studies)
+    if problems:
+        raise ValueError("bad config: " + "; ".join(problems))
+    return c
