@@ -29,6 +29,7 @@ _BATCH = flags.DEFINE_integer("batch_slices", 8, "Slices per network call.")
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_start()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_libraries()

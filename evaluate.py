@@ -25,6 +25,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_start()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     networks = {}

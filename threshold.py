@@ -34,6 +34,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint>/th
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_start()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

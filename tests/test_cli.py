@@ -183,3 +183,4 @@ def test_one_and_four_devices_give_the_same_parameters(toy_data, tmp_path):
     one, _, _, _ = checkpoints.restore(tmp_path / "d1", "latest")
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * (np.max(np.abs(a)) + 1e-3))
+

@@ -18,7 +18,9 @@ from tgd_jax.train.checkpoints import CheckpointError
 from tgd_jax.train.dataset import DatasetError
 from tgd_jax.train.trainer import NonFiniteLossError
 
-__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag"]
+__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "quiet_start"]
+
+quiet_start = parallel.quiet_start
 
 #: The ``configs/`` folder next to the package (a source checkout).
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -16,6 +16,7 @@ from pathlib import Path
 from absl import app, flags
 
 from tgd_jax.sim import generate
+from tgd_jax.train import parallel
 from tgd_jax.train.dataset import ROLES
 
 FLAGS = flags.FLAGS
@@ -36,6 +37,7 @@ flags.DEFINE_bool("report", False, "Measure the SIMULATION.md properties of <out
 
 def main(argv: list[str]) -> None:
     del argv
+    parallel.quiet_start()
     out = Path(FLAGS.out)
     if FLAGS.report:
         from tgd_jax.sim import report

@@ -10,6 +10,7 @@ each process passes only its own rows (:func:`shard_batch`), and
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["DATA_AXIS", "use_cpu_cores", "cpu_device_count", "make_mesh", "batch_sharding",
            "replicated", "check_batch_size", "local_batch_size", "shard_batch", "replicate",
-           "jit_step"]
+           "jit_step", "quiet_start"]
 
 DATA_AXIS = "data"
 #: Environment variable that overrides the number of CPU devices chosen by use_cpu_cores.
@@ -152,3 +153,20 @@ def jit_step(step_fn: Callable[..., Any], mesh: Mesh, *, donate_state: bool = Tr
         out_shardings=replicated(mesh),
         donate_argnums=(0,) if donate_state else (),
     )
+
+
+class _DropBackendProbe(logging.Filter):
+    """Drops JAX's INFO line about each platform it probed and did not find ("Unable to
+    initialize backend 'tpu'"): on a machine without a TPU it is not news. Warnings and
+    errors from the same logger (a GPU present but unusable, say) still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO
+                    and record.getMessage().startswith("Unable to initialize backend"))
+
+
+def quiet_start() -> None:
+    """Call first in every command's ``main``, before JAX picks its backend."""
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _DropBackendProbe) for f in logger.filters):
+        logger.addFilter(_DropBackendProbe())
