@@ -30,6 +30,14 @@ def tgd_gate(x: jax.Array, mask: jax.Array) -> jax.Array:
 
     Returns:
       ``x`` unchanged. The mask gets no gradient.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mask = jnp.array([True, False])
+      >>> tgd_gate(jnp.array([3.0, 4.0]), mask).tolist()  # identity forward
+      [3.0, 4.0]
+      >>> jax.grad(lambda x: tgd_gate(x, mask).sum())(jnp.ones(2)).tolist()  # masked backward
+      [1.0, 0.0]
     """
     del mask
     return x
@@ -54,6 +62,15 @@ class TGDGate(nn.Module):
     (``"tgd"``) collection; ``init`` creates it all True (gradient passes). If the
     collection is not passed to ``apply`` the gate is a plain identity, so models with
     gates evaluate and train normally without TGD.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> gate, x = TGDGate(), jnp.ones((1, 2))
+      >>> variables = {"tgd": {"mask": jnp.array([False, True])}}
+      >>> jax.grad(lambda x: gate.apply(variables, x).sum())(x).tolist()
+      [[0.0, 1.0]]
+      >>> jax.grad(lambda x: gate.apply({}, x).sum())(x).tolist()  # no collection: identity
+      [[1.0, 1.0]]
     """
 
     @nn.compact

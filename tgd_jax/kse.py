@@ -56,7 +56,12 @@ _TIE_RTOL = 1e-5
 
 
 def effective_k(k: int, num_kernels: int) -> int:
-    """The number of neighbours actually used: ``min(k, num_kernels - 1)``, at least 0."""
+    """The number of neighbours actually used: ``min(k, num_kernels - 1)``, at least 0.
+
+    Example:
+      >>> effective_k(5, 3), effective_k(5, 1)
+      (2, 0)
+    """
     if k < 1:
         raise ValueError(f"KSE needs k >= 1 nearest neighbours, got k={k}")
     return max(0, min(k, num_kernels - 1))
@@ -70,6 +75,11 @@ def kernel_groups(kernel: Array) -> Array:
 
     Returns:
       ``(C_in, C_out, prod(spatial))``: row ``[c, n]`` is the flattened 2D kernel W[n, c].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> kernel_groups(jnp.zeros((3, 3, 4, 8))).shape  # (C_in, C_out, kh * kw)
+      (4, 8, 9)
     """
     if kernel.ndim < 3:
         raise ValueError(
@@ -82,7 +92,14 @@ def kernel_groups(kernel: Array) -> Array:
 
 @jax.jit
 def kernel_sparsity(kernel: Array) -> Array:
-    """``s_c = sum_n |W[n, c]|_1``: ``(*spatial, C_in, C_out) -> (C_in,)``."""
+    """``s_c = sum_n |W[n, c]|_1``: ``(*spatial, C_in, C_out) -> (C_in,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.ones((3, 3, 2, 4)).at[:, :, 1, :].set(0.0)  # input channel 1 is never read
+      >>> kernel_sparsity(w).tolist()
+      [36.0, 0.0]
+    """
     return jnp.sum(jnp.abs(kernel_groups(kernel)), axis=(1, 2))
 
 
@@ -105,6 +122,12 @@ def kernel_density(kernel: Array, *, k: int = 5) -> Array:
 
     The sum of Euclidean distances from kernel W[i, c] to its ``min(k, C_out - 1)`` nearest
     neighbours in its input-channel group, itself excluded.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.zeros((1, 1, 1, 3)).at[0, 0, 0].set(jnp.array([0.0, 1.0, 3.0]))
+      >>> kernel_density(w, k=1).tolist()  # distance to the nearest other kernel
+      [[1.0, 1.0, 2.0]]
     """
     groups = kernel_groups(kernel)
     k_eff = effective_k(k, groups.shape[1])
@@ -151,6 +174,11 @@ def kernel_entropy(kernel: Array, *, k: int = 5) -> Array:
     """``e_c`` in bits: ``(*spatial, C_in, C_out) -> (C_in,)``, each in ``[0, log2(C_out)]``.
 
     ``0 * log 0`` is 0; a group whose densities are all 0 has entropy 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> kernel_entropy(jnp.ones((3, 3, 2, 4))).tolist()  # identical kernels: no diversity
+      [0.0, 0.0]
     """
     dm = kernel_density(kernel, k=k)
     return jnp.log2(float(dm.shape[1])) - _entropy_deficit(dm)
@@ -165,6 +193,13 @@ def minmax_normalize(x: Array) -> Array:
     float32 sums of equal values in a different order differ in their last bits, and
     stretching that to [0, 1] would rank channels by rounding noise. Inputs are assumed
     non-negative (true of every quantity KSE normalises).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> minmax_normalize(jnp.array([1.0, 3.0, 2.0])).tolist()
+      [0.0, 1.0, 0.5]
+      >>> minmax_normalize(jnp.array([2.0, 2.0])).tolist()  # no spread: divided by the maximum
+      [1.0, 1.0]
     """
     lo, hi = jnp.min(x), jnp.max(x)
     span = hi - lo
@@ -188,6 +223,13 @@ def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
     Returns:
       ``(C_in,)`` float32 array in ``[0, 1]``. Low scores mark input feature maps that carry
       little information: TGD retrains the kernels of the previous layer that make them.
+
+    Example:
+      >>> import jax
+      >>> w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8)).at[:, :, 2, :].set(0.0)
+      >>> scores = kse_scores(w)  # input channel 2 is read by all-zero kernels only
+      >>> scores.shape, float(scores[2]), round(float(scores.max()), 5)
+      ((4,), 0.0, 1.0)
     """
     kernel = jnp.asarray(kernel, jnp.float32)
     s = minmax_normalize(kernel_sparsity(kernel))

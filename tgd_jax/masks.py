@@ -62,6 +62,12 @@ ChannelMasks = dict[str, jax.Array]
 
 
 def check_phi(phi: float) -> float:
+    """``phi`` as a float, or a ValueError if it is not a KSE threshold in [0, 1].
+
+    Example:
+      >>> check_phi(0.3)
+      0.3
+    """
     phi = float(phi)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
         raise ValueError(f"KSE threshold phi must be in [0, 1] (KSE is normalised), got {phi}")
@@ -75,6 +81,16 @@ def layer_scores(
 
     Returns:
       conv path -> ``(C_out,)`` scores in [0, 1], for every node that has a consumer.
+
+    Example:
+      >>> import jax
+      >>> from tgd_jax.topology import sequential_topology
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {"a": {"kernel": jax.random.normal(k1, (3, 3, 1, 4))},
+      ...           "b": {"kernel": jax.random.normal(k2, (3, 3, 4, 2))}}
+      >>> scores = layer_scores(params, sequential_topology(["a", "b"]))
+      >>> {conv: s.shape for conv, s in scores.items()}
+      {'a': (4,)}
     """
     validate_topology(params, topology)
     return _layer_scores(params, topology, alpha=alpha, k=k)
@@ -139,7 +155,16 @@ def _threshold(counts: Mapping[str, int], topology: Topology, scores: Mapping[st
 
 
 def layer_leaves(params: Params, node: ConvNode) -> list[str]:
-    """Paths of the param leaves indexed by ``node``'s output channels (those that exist)."""
+    """Paths of the param leaves indexed by ``node``'s output channels (those that exist).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import ConvNode
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+      ...           "bn": {"scale": jnp.ones(2)}}
+      >>> layer_leaves(params, ConvNode("a", norm="bn"))
+      ['a/kernel', 'a/bias', 'bn/scale']
+    """
     return [path for path in _leaf_paths(node) if has_path(params, path)]
 
 
@@ -188,6 +213,12 @@ def _expand(params: Params, topology: Topology, channels: Mapping[str, Any]) -> 
 
 
 def check_mode(mode: str) -> str:
+    """``mode`` itself, or a ValueError naming :data:`MODES` if it is not one of them.
+
+    Example:
+      >>> check_mode("projected")
+      'projected'
+    """
     if mode not in MODES:
         raise ValueError(f"TGD mode must be one of {MODES}, got {mode!r}")
     return mode
@@ -204,6 +235,16 @@ def gate_variables(
     without a consumer: masking the last layer's cotangent would stop every gradient, so
     those stay open and the layer is frozen by the optax mask alone. In ``"projected"``
     mode every gate is open (all ones) and only the optax mask acts.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> topology = sequential_topology(["a", "b"], gates={"a": ["gate_a"]})
+      >>> channels = {"a": jnp.array([True, False]), "b": jnp.array([False])}
+      >>> gate_variables(topology, channels, "paper")["gate_a"]["mask"].tolist()
+      [True, False]
+      >>> gate_variables(topology, channels, "projected")["gate_a"]["mask"].tolist()
+      [True, True]
     """
     check_mode(mode)
     flat: dict[str, Any] = {}
@@ -224,13 +265,27 @@ FROZEN_BN_COLLECTION = "frozen_bn"
 
 
 def frozen_bn_flag(norm: str) -> str:
-    """Name of BatchNorm module ``norm``'s entry in :data:`FROZEN_BN_COLLECTION`."""
+    """Name of BatchNorm module ``norm``'s entry in :data:`FROZEN_BN_COLLECTION`.
+
+    Example:
+      >>> frozen_bn_flag("bn2")
+      'bn2_use_running'
+    """
     return f"{norm}_use_running"
 
 
 def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`FROZEN_BN_COLLECTION`: every frozen channel (False in ``channels``) of each
-    layer's BatchNorm normalises with its running statistics while training."""
+    layer's BatchNorm normalises with its running statistics while training.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> topology = sequential_topology(["a", "b"], norms={"a": "bn_a"})
+      >>> flags = frozen_bn_variables(topology, {"a": jnp.array([True, False])})
+      >>> flags["bn_a_use_running"].tolist()
+      [False, True]
+    """
     return {frozen_bn_flag(node.norm): ~np.asarray(channels[node.conv], bool)
             for node in topology if node.norm is not None}
 
@@ -249,6 +304,15 @@ def mask_summary(
     and in total, the KSE values if given), ``params_retrained``, ``params_total`` and
     ``retrained_fraction`` over ALL parameters of the network (leaves outside the topology
     count as frozen unless their mask says otherwise).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2)), "bias": jnp.zeros(2)}}
+      >>> mask = {"a": {"kernel": jnp.array([[[[True, False]]]]), "bias": jnp.array([True, False])}}
+      >>> s = mask_summary(params, mask, sequential_topology(["a"]))
+      >>> s["params_retrained"], s["params_total"], s["layers"][0]["channels_retrained"]
+      (10, 20, 1)
     """
     flat_params = traverse_util.flatten_dict(_as_dict(params), sep="/")
     flat_mask = _flat_mask(mask, flat_params)
@@ -295,6 +359,13 @@ def drop_kernels(params: Params, mask: Any) -> Any:
     This is the paper's threshold study: with the filter, bias and BatchNorm scale/offset of
     a channel zeroed, that feature map is exactly 0 at inference. None leaves (frozen) are
     kept.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> dropped = drop_kernels({"w": jnp.ones(2), "b": jnp.ones(2)},
+      ...                        {"w": jnp.array([True, False]), "b": None})
+      >>> dropped["w"].tolist(), dropped["b"].tolist()
+      ([0.0, 1.0], [1.0, 1.0])
     """
     return jax.tree.map(
         lambda m, p: p if m is None else jnp.where(m, jnp.zeros_like(p), p),
@@ -315,6 +386,13 @@ def freeze_batch_stats(old: Params, new: Params, mask: Any) -> Any:
     Args:
       old, new: ``batch_stats`` collections before and after the forward pass.
       mask: params mask pytree.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> old, new = {"bn": {"mean": jnp.zeros(2)}}, {"bn": {"mean": jnp.ones(2)}}
+      >>> kept = freeze_batch_stats(old, new, {"bn": {"scale": jnp.array([True, False])}})
+      >>> kept["bn"]["mean"].tolist()
+      [1.0, 0.0]
     """
     flat_mask = traverse_util.flatten_dict(_as_dict(mask), sep="/")
     flat_old = traverse_util.flatten_dict(_as_dict(old), sep="/")

@@ -58,6 +58,18 @@ class TGDPlan:
       scores: conv path -> ``(C_out,)`` KSE of its output channels (``tgd``/``random``/
         ``l1``), else ``{}``.
       summary: :func:`tgd_jax.masks.mask_summary` plus the method's settings (JSON).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.ones((3, 3, 1, 2))},
+      ...           "b": {"kernel": jnp.ones((3, 3, 2, 1))}}
+      >>> plan = plan_finetune("last_k", params, sequential_topology(["a", "b"]), last_k=1)
+      >>> {conv: m.tolist() for conv, m in plan.channels.items()}
+      {'a': [False, False], 'b': [True]}
+      >>> tx = plan.optimizer(optax.adam(1e-3))  # the mask rides in the optimizer state
+      >>> plan.to_json()["channels"], plan.use_gates
+      ({'a': [0, 0], 'b': [1]}, False)
     """
 
     method: str
@@ -137,6 +149,17 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
       ValueError: an unknown method, mode, policy or ``frozen_bn``; ``phi`` outside [0, 1];
         a topology that does not match the params; ``mode="paper"`` with a topology
         that names no gates (it would silently train in projected mode).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 1, 8))},
+      ...           "b": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 8, 1))}}
+      >>> topology = sequential_topology(["a", "b"])
+      >>> tgd = plan_finetune("tgd", params, topology, phi=0.5)
+      >>> rnd = plan_finetune("random", params, topology, phi=0.5, key=jax.random.key(2))
+      >>> int(tgd.channels["a"].sum()) == int(rnd.channels["a"].sum())  # same count, other maps
+      True
     """
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")

@@ -30,6 +30,11 @@ class RetrainOnlyState(NamedTuple):
     Attributes:
       mask: pytree mirroring params; bool leaves broadcastable to the parameter
         (True = retrain) or None (frozen leaf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> retrain_only({"w": jnp.array([True, False])}).init({"w": jnp.zeros(2)}).mask["w"].tolist()
+      [True, False]
     """
 
     mask: Any
@@ -56,6 +61,14 @@ def retrain_only(mask: Any) -> optax.GradientTransformation:
       A ``GradientTransformation`` whose state :class:`RetrainOnlyState` holds the mask
       (the update itself never changes it). ``where`` (not a product) is used so a
       non-finite update of a frozen element cannot leak in as NaN.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = retrain_only({"w": jnp.array([True, False]), "b": None})
+      >>> grads = {"w": jnp.ones(2), "b": jnp.ones(1)}
+      >>> updates, _ = tx.update(grads, tx.init(grads))
+      >>> updates["w"].tolist(), updates["b"].tolist()
+      ([1.0, 0.0], [0.0])
     """
     initial = _as_bool_mask(mask)
 
@@ -103,6 +116,11 @@ def kernel_leaves(params: Any) -> Any:
 
     Biases and normalisation parameters are not regularised, as with Keras'
     ``kernel_regularizer``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> kernel_leaves({"conv": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.zeros(2)}})
+      {'conv': {'bias': False, 'kernel': True}}
     """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
@@ -125,6 +143,15 @@ def kernel_l2(l2: float) -> optax.GradientTransformation:
 
     Args:
       l2: coefficient (>= 0); 0 returns the identity.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"conv": {"kernel": jnp.full(2, 2.0), "bias": jnp.full(2, 2.0)}}
+      >>> zero = {"conv": {"kernel": jnp.zeros(2), "bias": jnp.zeros(2)}}
+      >>> tx = kernel_l2(0.1)
+      >>> updates, _ = tx.update(zero, tx.init(params), params)
+      >>> updates["conv"]["kernel"].tolist(), updates["conv"]["bias"].tolist()
+      ([0.2..., 0.2...], [0.0, 0.0])
     """
     if not l2 >= 0:  # also rejects NaN
         raise ValueError(f"l2 must be >= 0, got {l2}")
@@ -147,6 +174,13 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
       ValueError: if the state holds no :class:`RetrainOnlyState`, or the new mask's
         tree structure differs from the old one (that would recompile the step and break
         checkpoint restore).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tgd(optax.sgd(1.0), {"w": jnp.array([True, False])}).init(params)
+      >>> find_mask(replace_mask(state, {"w": jnp.array([False, True])}))["w"].tolist()
+      [False, True]
     """
     new_mask = _as_bool_mask(mask)
     found = []
@@ -170,7 +204,14 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
 
 
 def find_mask(opt_state: Any) -> Any | None:
-    """The mask held by the (first) :class:`RetrainOnlyState` in ``opt_state``, or None."""
+    """The mask held by the (first) :class:`RetrainOnlyState` in ``opt_state``, or None.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> state = tgd(optax.adam(1e-3), {"w": jnp.array([True])}).init({"w": jnp.zeros(1)})
+      >>> find_mask(state)["w"].tolist(), find_mask(optax.adam(1e-3).init({"w": jnp.zeros(1)}))
+      ([True], None)
+    """
     for node in jax.tree.leaves(opt_state, is_leaf=_is_freeze_state):
         if _is_freeze_state(node):
             return node.mask

@@ -39,7 +39,14 @@ Evaluate = Callable[[Any], tuple[float, np.ndarray]]
 def output_change(outputs: np.ndarray, intact: np.ndarray, inputs: np.ndarray) -> float:
     """``||outputs - intact|| / ||inputs - intact||``: how much zeroing changed the output,
     relative to what the intact network changes in its input (0 = unchanged; 1 = a change
-    as large as the whole denoising)."""
+    as large as the whole denoising).
+
+    Example:
+      >>> import numpy as np
+      >>> intact, inputs = np.zeros(4), np.ones(4)
+      >>> output_change(intact, intact, inputs), output_change(inputs, intact, inputs)
+      (0.0, 1.0)
+    """
     scale = float(np.linalg.norm(np.asarray(inputs) - np.asarray(intact)))
     return float(np.linalg.norm(np.asarray(outputs) - np.asarray(intact))) / max(scale, 1e-30)
 
@@ -50,6 +57,14 @@ def consumer_share(params: Any, topology: Topology, channels: dict[str, Any]) ->
     This is what paper-mode TGD assumes to be ~0: a "useless" map is one the next layer
     does not read. A random choice of a fraction f of the maps gets a share of about f.
     Returns ``{layer: share}`` for layers with a consumer and at least one retrained map.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.ones((1, 1, 1, 2))},
+      ...           "b": {"kernel": jnp.array([1.0, 3.0]).reshape(1, 1, 2, 1)}}
+      >>> consumer_share(params, sequential_topology(["a", "b"]), {"a": jnp.array([True, False])})
+      {'a': 0.25}
     """
     out = {}
     for node in topology:
@@ -96,6 +111,21 @@ def threshold_study(
       ``channels`` (per layer), ``consumer_share`` (:func:`consumer_share` of TGD's
       choice), and for ``kse``, ``random``, ``l1``: ``loss``,
       ``loss_sd`` (random only), ``output_change``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from tgd_jax.topology import sequential_topology
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {"a": {"kernel": jax.random.normal(k1, (1, 1, 1, 8))},
+      ...           "b": {"kernel": jax.random.normal(k2, (1, 1, 8, 1))}}
+      >>> x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 4, 4, 1)
+      >>> def evaluate(p):  # a linear 1x1 conv pair; loss against the input itself
+      ...     y = x @ p["a"]["kernel"][0, 0] @ p["b"]["kernel"][0, 0]
+      ...     return float(np.mean((y - x) ** 2)), np.asarray(y)
+      >>> study = threshold_study(params, sequential_topology(["a", "b"]), evaluate, x,
+      ...                         phis=(0.5,), key=jax.random.key(1))
+      >>> sorted(study["rows"][0]["kse"]), 0 < study["rows"][0]["fraction"] < 1
+      (['loss', 'output_change'], True)
     """
     if random_draws < 1:
         raise ValueError(f"random_draws must be >= 1, got {random_draws}")

@@ -41,6 +41,10 @@ class ConvNode:
         (its ``scale``/``bias`` params and ``mean``/``var`` statistics are per channel).
       gates: paths of the TGD gate modules that carry this layer's output-channel mask in
         the ``"tgd"`` variable collection (see :mod:`tgd_jax.gate`).
+
+    Example:
+      >>> ConvNode("conv2", consumer="conv3", norm="bn2").to_dict()
+      {'conv': 'conv2', 'consumer': 'conv3', 'norm': 'bn2', 'gates': ()}
     """
 
     conv: str
@@ -67,8 +71,15 @@ def sequential_topology(
       norms: conv path -> path of the BatchNorm that follows it (omit convs without one).
       gates: conv path -> paths of the TGD gates carrying its output-channel mask.
 
+    A conv left out of ``convs`` cannot be noticed here (its neighbours would look
+    connected whenever their channel counts match); :func:`validate_topology` checks the
+    list against the params' conv kernels.
+
     Example:
-      ``sequential_topology(['stem', 'body/conv_0', 'head'], norms={'body/conv_0': 'body/bn_0'})``
+      >>> topology = sequential_topology(["stem", "body/conv_0", "head"],
+      ...                                norms={"body/conv_0": "body/bn_0"})
+      >>> [(node.conv, node.consumer, node.norm) for node in topology]
+      [('stem', 'body/conv_0', None), ('body/conv_0', 'head', 'body/bn_0'), ('head', None, None)]
     """
     convs = list(convs)
     if not convs:
@@ -97,6 +108,11 @@ def dncnn_topology(num_layers: int = 8) -> Topology:
 
     Gates (``gate_conv{i}``, ``gate_bn{i}``) sit after every conv and BatchNorm except the
     last conv, whose cotangent must reach the rest of the network.
+
+    Example:
+      >>> topology = dncnn_topology(4)
+      >>> [node.conv for node in topology], topology[1].norm, topology[1].gates
+      (['conv1', 'conv2', 'conv3', 'conv4'], 'bn2', ('gate_conv2', 'gate_bn2'))
     """
     if num_layers < 2:
         raise ValueError(f"a DnCNN has at least 2 conv layers, got {num_layers}")
@@ -114,6 +130,12 @@ def _split(path: str) -> tuple[str, ...]:
 
 
 def has_path(tree: Mapping[str, Any], path: str) -> bool:
+    """Whether ``tree['a']['b']`` exists for ``path='a/b'``.
+
+    Example:
+      >>> has_path({"a": {"b": 1}}, "a/b"), has_path({"a": {"b": 1}}, "a/c")
+      (True, False)
+    """
     node: Any = tree
     for key in _split(path):
         if not isinstance(node, Mapping) or key not in node:
@@ -123,7 +145,12 @@ def has_path(tree: Mapping[str, Any], path: str) -> bool:
 
 
 def get_path(tree: Mapping[str, Any], path: str) -> Any:
-    """``tree['a']['b']`` for ``path='a/b'``; a KeyError names the missing part."""
+    """``tree['a']['b']`` for ``path='a/b'``; a KeyError names the missing part.
+
+    Example:
+      >>> get_path({"encoder": {"conv": {"bias": 0.5}}}, "encoder/conv/bias")
+      0.5
+    """
     node: Any = tree
     walked: list[str] = []
     for key in _split(path):
@@ -196,7 +223,14 @@ def validate_topology(params: Mapping[str, Any], topology: Topology) -> dict[str
 
 
 def conv_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Paths of every module in ``params`` with a ``kernel`` of 3 or more dimensions."""
+    """Paths of every module in ``params`` with a ``kernel`` of 3 or more dimensions.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> conv_paths({"enc": {"conv": {"kernel": jnp.zeros((3, 3, 1, 2))}},
+      ...             "head": {"kernel": jnp.zeros((2, 1))}})  # a dense kernel is not a conv
+      ['enc/conv']
+    """
     out = []
     for key, value in params.items():
         if not isinstance(value, Mapping):
