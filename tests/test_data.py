@@ -131,3 +131,26 @@ def test_prefetcher_keeps_order_runs_ahead_and_reraises():
     assert out == [(2, 20), (3, 30), (4, 40)]
     assert made == [2, 3, 4, 5]  # stops producing after the failure
     assert list(data.Prefetcher(lambda s: s, 0, 3)) == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_prefetcher_prepares_batches_on_another_thread_before_they_are_asked_for():
+    # A synchronous iterator would make step 1 only when the consumer asks for it; here the
+    # consumer holds on to step 0 and waits until steps 1 and 2 (depth 2) exist already.
+    ready = {1: threading.Event(), 2: threading.Event()}
+    threads: set[int] = set()
+
+    def make(step):
+        threads.add(threading.get_ident())
+        if step in ready:
+            ready[step].set()
+        return step
+
+    prefetch = data.Prefetcher(make, 0, 4, depth=2)
+    try:
+        iterator = iter(prefetch)
+        assert next(iterator) == (0, 0)
+        assert ready[1].wait(timeout=10) and ready[2].wait(timeout=10)
+        assert list(iterator) == [(1, 1), (2, 2), (3, 3)]
+    finally:
+        prefetch.close()
+    assert threading.get_ident() not in threads and len(threads) == 1

@@ -41,8 +41,12 @@ def test_evaluate_command_on_toy_data(toy_data, pretrained, tmp_path):
     assert "| input | study_000 |" in proc.stdout and "| tiny | study_000 |" in proc.stdout
     with h5py.File(toy_data["test"]) as f:
         g = f["study_000"]
-        expected = evaluate.liver_cov(g["v2/realisations"][()],
-                                      g["rois/liver_voi"][()].astype(bool))
+        # The definition written out, not evaluate.liver_cov: per-voxel sample standard
+        # deviation over the R realisations, averaged over the VOI, over the VOI mean.
+        voxels = g["v2/realisations"][()][:, g["rois/liver_voi"][()].astype(bool)]
+        r = voxels.shape[0]
+        sd = np.sqrt(((voxels - voxels.sum(0) / r) ** 2).sum(0) / (r - 1))
+        expected = 100 * float(sd.sum() / sd.size) / float(voxels.sum() / voxels.size)
     import json
 
     rows = json.loads((tmp_path / "evaluation.json").read_text())["rows"]
