@@ -263,3 +263,19 @@ def test_axial_post_filter_preserves_uniform_stacks_and_smooths_noise():
     assert np.allclose(m, m.T, atol=0.05) and np.all(np.diag(m) < 1)
     noise = np.random.default_rng(0).normal(size=(6, 500))
     assert (m @ noise)[1:-1].var() < 0.8 * noise[1:-1].var()
+
+
+def test_noise_levels_are_read_per_version():
+    # The demo dataset's measured liver CoV (%), rounded: inside the bands of each version.
+    cov = {"v1": {"low": {"600": 3.4, "030": 9.3, "180": 4.6},
+                  "high": {"600": 3.0, "030": 13.0, "180": 5.7}},
+           "v2": {"low": {"600": 6.7, "030": 25.0, "180": 11.0},
+                  "high": {"600": 8.6, "030": 37.7, "180": 16.4}}}
+    assert report.noise_levels_ok(cov) == (True, True)
+    v1_too_noisy = {**cov, "v1": {**cov["v1"], "high": {"600": 3.0, "030": 16.0, "180": 5.7}}}
+    assert report.noise_levels_ok(v1_too_noisy) == (False, True)  # 16 % > v1's 15 %
+    v2_target_noisy = {**cov, "v2": {**cov["v2"], "high": {"600": 11.0, "030": 37.7,
+                                                          "180": 16.4}}}
+    assert report.noise_levels_ok(v2_target_noisy)[0] is False
+    swapped = {"v2": {"low": cov["v2"]["high"], "high": cov["v2"]["low"]}}
+    assert report.noise_levels_ok(swapped) == (True, False)

@@ -10,7 +10,7 @@ Conventions:
   **``None`` means frozen**: TGD changes only what a mask explicitly marks retrainable (to
   train a whole extra leaf, e.g. a user's dense head, set it to ``jnp.ones((), bool)``).
 
-The TGD rule (PAPER_NOTES section 3): output channel ``n`` of a conv (its whole filter, its
+The TGD rule (docs/method.md, section 4): output channel ``n`` of a conv (its whole filter, its
 bias, its BatchNorm scale and offset) is retrainable iff the KSE of input channel ``n`` of the
 conv that consumes it is ``< phi``. Layers without a consumer (the DnCNN's last conv, the
 "noise classifier") follow ``last`` (default ``"frozen"``, as in the paper). The first conv

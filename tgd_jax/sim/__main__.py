@@ -2,7 +2,7 @@ r"""Generate simulated PET datasets, or report their measured properties.
 
     python -m tgd_jax.sim --preset=demo --out=data/demo           # all four roles
     python -m tgd_jax.sim --preset=paper --role=train --out=data/paper
-    python -m tgd_jax.sim --report --out=data/demo                 # SIMULATION.md checks
+    python -m tgd_jax.sim --report --out=data/demo                 # docs/simulator.md checks
 
 Each role is written to ``<out>/<role>.h5`` (atomically); the report prints the measured
 properties, writes ``<out>/report.json`` and ``<out>/examples.png``.
@@ -32,7 +32,7 @@ flags.DEFINE_list("versions", None, "Override the reconstruction versions (v1, v
 flags.DEFINE_list("levels", None, "Override the input count levels, s/bed.")
 flags.DEFINE_integer("realisations", None, "Override the number of 60 s realisations.")
 flags.DEFINE_bool("ood", None, "Override: add out-of-distribution features.")
-flags.DEFINE_bool("report", False, "Measure the SIMULATION.md properties of <out> instead.")
+flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of <out> instead.")
 
 
 def main(argv: list[str]) -> None:

@@ -23,7 +23,7 @@ __all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES"]
 #: 511 keV linear attenuation coefficients, 1/mm.
 MU_WATER, MU_FAT, MU_LUNG, MU_SPONGY, MU_CORTICAL = 0.0096, 0.0090, 0.0030, 0.0120, 0.0160
 
-#: Typical FDG SUV ranges (SIMULATION.md).
+#: Typical FDG SUV ranges (docs/simulator.md).
 SUV_RANGES: dict[str, tuple[float, float]] = {
     "liver": (1.8, 2.6), "spleen": (1.6, 2.2), "blood": (1.5, 2.0), "lung": (0.3, 0.6),
     "muscle": (0.5, 1.0), "fat": (0.3, 0.3), "marrow": (1.5, 2.5), "cortical": (0.3, 0.3),

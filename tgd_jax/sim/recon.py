@@ -13,7 +13,7 @@ reconstruction grid and ``G`` the version's resolution (PSF) model. The update
 keeps ``x >= 0``. Images are in the truth's units (SUV) at every count level, since ``m``
 carries the acquisition time.
 
-The versions differ as SIMULATION.md asks: v1 models the resolution with a wrong,
+The versions differ as docs/simulator.md describes: v1 models the resolution with a wrong,
 anisotropic PSF (7 mm along y, none along x), under-estimates scatter by 10 %, stops early
 (3 iterations x 12 subsets) and uses a heavier 6 mm post-filter; v2 models the true 4.5 mm
 PSF, uses the accurate scatter estimate, a 5 mm post-filter and many more sub-iterations

@@ -1,4 +1,4 @@
-"""Measures the properties SIMULATION.md requires of a generated dataset folder.
+"""Measures the properties docs/simulator.md requires of a generated dataset folder.
 
 ``python -m tgd_jax.sim --report --out=<folder>`` reads ``train.h5`` and ``test.h5`` (and
 checks the projector and the count splitting directly), prints one line per property with
@@ -123,7 +123,7 @@ def splitting_check(seed: int = 0) -> dict[str, float]:
 
 
 def measure(folder: Path) -> dict[str, Any]:
-    """All seven properties of SIMULATION.md on the datasets in ``folder``."""
+    """All seven properties of docs/simulator.md (section 5) on the datasets in ``folder``."""
     results: dict[str, Any] = {}
     test = open_dataset(folder / "test.h5")
     study = load_study(test.path, test.studies[0])
@@ -169,18 +169,9 @@ def measure(folder: Path) -> dict[str, Any]:
     cov_mean = {v: {b: {lv: float(np.mean(x)) for lv, x in d.items()} for b, d in bb.items()}
                 for v, bb in cov.items()}
     results["liver_cov_percent"] = cov_mean
-    ok_levels, ok_bmi = True, True
-    for by_bmi in cov_mean.values():
-        for values in by_bmi.values():
-            ok_levels &= values["600"] < 10.0
-            ok_levels &= all(8.0 <= val <= 45.0 for lv, val in values.items() if lv != "600")
-        if "low" in by_bmi and "high" in by_bmi:
-            # At the input levels, where noise dominates the spatial CoV; at 600 s the
-            # liver's residual structure (about 1-2 %) is of the same size as the noise.
-            ok_bmi &= all(by_bmi["high"][lv] > by_bmi["low"][lv] for lv in by_bmi["low"]
-                          if lv != "600")
-    checks["5_noise_levels_plausible"] = bool(ok_levels)
-    checks["5b_high_bmi_noisier"] = bool(ok_bmi)
+    ok_levels, ok_bmi = noise_levels_ok(cov_mean)
+    checks["5_noise_levels_plausible"] = ok_levels
+    checks["5b_high_bmi_noisier"] = ok_bmi
 
     splits = splitting_check()
     results["splitting"] = splits
@@ -193,6 +184,34 @@ def measure(folder: Path) -> dict[str, Any]:
     checks["7_projector_adjoint_and_chords"] = adjoint < 1e-5 and chord < 0.01
     results["checks"] = checks
     return results
+
+
+#: Property 5's bands of liver CoV (%), read per reconstruction version: v1 is smoother
+#: than v2 at equal counts by design (properties 1-3), so one band for both cannot hold.
+NOISE_BANDS: dict[str, dict[str, tuple[float, float]]] = {
+    "v1": {"target": (0.0, 5.0), "inputs": (4.0, 15.0)},
+    "v2": {"target": (0.0, 10.0), "inputs": (10.0, 40.0)},
+}
+
+
+def noise_levels_ok(cov: dict[str, dict[str, dict[str, float]]]) -> tuple[bool, bool]:
+    """Property 5 from ``{version: {bmi: {level: liver CoV %}}}`` (level ``"600"`` = target).
+
+    Returns (every CoV inside its version's :data:`NOISE_BANDS`, high BMI noisier than low
+    BMI at every input level). At 600 s the liver's residual structure (about 1-2 %) is of
+    the size of the noise, so the BMI ordering is read at the input levels only.
+    """
+    ok_levels, ok_bmi = True, True
+    for version, by_bmi in cov.items():
+        bands = NOISE_BANDS[version]
+        for values in by_bmi.values():
+            for level, value in values.items():
+                low, high = bands["target" if level == "600" else "inputs"]
+                ok_levels &= low <= value <= high
+        if "low" in by_bmi and "high" in by_bmi:
+            ok_bmi &= all(by_bmi["high"][lv] > by_bmi["low"][lv] for lv in by_bmi["low"]
+                          if lv != "600")
+    return bool(ok_levels), bool(ok_bmi)
 
 
 def _figure(folder: Path, out: Path) -> None:
