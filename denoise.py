@@ -7,12 +7,10 @@ r"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or N
 NIfTI needs the optional extra: pip install 'tgd-jax[nifti]'.
 """
 
-import sys
-
 from absl import app, flags
 
 from tgd_jax.pet import cli, denoise
-from tgd_jax.train import checkpoints
+from tgd_jax.train import errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint folder.",
                                   required=True)
@@ -25,25 +23,25 @@ _KEY = flags.DEFINE_string("key", "", "HDF5 input: the image key (e.g. v2/halves
 _INDEX = flags.DEFINE_integer("index", 0, "Which volume of a 4D HDF5 key.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .h5 (dataset 'denoised') or .nii[.gz].",
                               required=True)
-_BATCH = flags.DEFINE_integer("batch_slices", 8, "Slices per network call.")
+_BATCH = flags.DEFINE_integer("batch_slices", 8, "Slices per network call (>= 1).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it exists (never the "
+                               "input itself).")
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
 
 
 def main(argv: list[str]) -> None:
     cli.quiet_start()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.quiet_libraries()
-    try:
+    with cli.reported("denoise.py"):
+        if len(argv) > 1:
+            raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.quiet_libraries()
         result = denoise.denoise_file(
             _CHECKPOINT.value, _INPUT.value, _OUTPUT.value, which=_WHICH.value,
             study=_STUDY.value, key=_KEY.value, index=_INDEX.value,
-            batch_slices=_BATCH.value)
-    except (checkpoints.CheckpointError, ValueError, KeyError, FileNotFoundError,
-            ImportError) as e:
-        sys.exit(f"denoise.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
+            batch_slices=_BATCH.value, overwrite=_OVERWRITE.value)
     cli.progress(f"wrote {result['output']}: {result['slices']} slices in "
                  f"{result['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -6,15 +6,12 @@ r"""The paper's test metrics (lesion ensemble bias, liver CoV) for several netwo
 Writes evaluation.json, evaluation.md (a table) and examples.png into --out.
 """
 
-import sys
-
 from absl import app, flags
 
 from tgd_jax.pet import cli
 from tgd_jax.pet import evaluate as evaluate_lib
-from tgd_jax.train import checkpoints
+from tgd_jax.train import errors
 from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.dataset import DatasetError
 
 _TEST = flags.DEFINE_string("test", "runs/demo/data/test.h5", "A 'test' dataset (HDF5).")
 _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evaluate "
@@ -22,31 +19,42 @@ _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evalu
 _VERSION = flags.DEFINE_string("version", "v2", "Reconstruction version of the test images.")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of each workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
 
 
 def main(argv: list[str]) -> None:
     cli.quiet_start()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    networks = {}
-    for item in _NETS.value:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise app.UsageError(f"--net expects NAME=WORKDIR, got {item!r}")
-        networks[name] = path
-    cli.quiet_libraries()
-    try:
+    with cli.reported("evaluate.py"):
+        if len(argv) > 1:
+            raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+        networks = parse_nets(_NETS.value)
+        out = workdir_lib.check_writable(_OUT.value)  # before any work
+        cli.quiet_libraries()
         result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
                                        which=_WHICH.value)
-    except (DatasetError, checkpoints.CheckpointError, ValueError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
-    examples = result.pop("examples")
-    workdir_lib.write_json(f"{_OUT.value}/evaluation.json", result)
-    text = evaluate_lib.table(result["rows"])
-    workdir_lib.atomic_write_bytes(f"{_OUT.value}/evaluation.md", (text + "\n").encode())
-    evaluate_lib.figure(examples, f"{_OUT.value}/examples.png")
+        examples = result.pop("examples")
+        workdir_lib.write_json(out / "evaluation.json", result)
+        text = evaluate_lib.table(result["rows"])
+        workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode())
+        evaluate_lib.figure(examples, out / "examples.png")
     print(text)
 
 
+def parse_nets(items: list[str]) -> dict[str, str]:
+    """``["A=runs/a", ...]`` -> ``{"A": "runs/a"}``; refuses malformed and repeated names."""
+    networks: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise errors.UsageError(f"--net expects NAME=WORKDIR, got {item!r}")
+        if name in networks:
+            raise errors.UsageError(f"--net name {name!r} is given twice ({networks[name]} "
+                                    f"and {path}); names label the rows, so they must differ")
+        if name == "input":
+            raise errors.UsageError("--net name 'input' is taken by the un-denoised input row")
+        networks[name] = path
+    return networks
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

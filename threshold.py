@@ -10,14 +10,12 @@ The held-out patches come from the LAST --studies studies of --data (for a v1-ne
 with val_studies=1, its held-out study).
 """
 
-import sys
-
 from absl import app, flags
 
 from tgd_jax.pet import cli
 from tgd_jax.pet import premise as premise_lib
-from tgd_jax.train import checkpoints
-from tgd_jax.train.dataset import DatasetError
+from tgd_jax.train import checkpoints, errors
+from tgd_jax.train import workdir as workdir_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir (or checkpoint folder) of "
                                   "the network.", required=True)
@@ -31,26 +29,27 @@ _DRAWS = flags.DEFINE_integer("random_draws", 3, "Random choices per phi.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the patches and the random choices.")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of the workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint>/threshold).")
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
 
 
 def main(argv: list[str]) -> None:
     cli.quiet_start()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        phis = tuple(float(p) for p in _PHIS.value)
-    except ValueError as e:
-        raise app.UsageError(f"--phis must be numbers: {e}") from None
-    cli.quiet_libraries()
-    try:
+    with cli.reported("threshold.py"):
+        if len(argv) > 1:
+            raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+        try:
+            phis = tuple(float(p) for p in _PHIS.value)
+        except ValueError as e:
+            raise errors.UsageError(f"--phis must be numbers: {e}") from None
+        checkpoints.resolve(_CHECKPOINT.value, _WHICH.value)  # exists, before making <out>
+        out = workdir_lib.check_writable(_OUT.value or f"{_CHECKPOINT.value}/threshold")
+        cli.quiet_libraries()
         premise_lib.threshold_checkpoint(
-            _CHECKPOINT.value, _DATA.value, _OUT.value or f"{_CHECKPOINT.value}/threshold",
-            version=_VERSION.value, studies=_STUDIES.value, examples=_EXAMPLES.value,
-            phis=phis, random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
+            _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
+            studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
+            random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
             log=cli.progress)
-    except (DatasetError, checkpoints.CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"threshold.py: error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -91,7 +91,7 @@ def test_chain_train_finetune_online_denoise(toy_data, tmp_path):
 def test_errors_end_with_one_clear_line(toy_data, pretrained, tmp_path, args, message):
     proc = _run("finetune.py", f"--workdir={tmp_path}", f"--checkpoint={pretrained}",
                 *_tiny("finetune", toy_data["finetune"]), *args, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error: fix the command
     assert message in proc.stderr.strip().splitlines()[-1]
 
 

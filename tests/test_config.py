@@ -62,10 +62,10 @@ def test_validate_names_every_bad_field_at_once():
         config_lib.validate(c)
     message = str(error.value)
     for expected in ("config.tgd.phi must be in [0, 1] (KSE is normalised), got 1.5",
-                     "config.batch_size must be > 0, got 0",
+                     "config.batch_size must be finite and > 0, got 0",
                      "config.optimizer.name must be one of ('adam', 'adamw', 'sgd'), "
                      "got 'rmsprop'",
-                     "config.keep_checkpoints must be > 0, got 0",
+                     "config.keep_checkpoints must be finite and > 0, got 0",
                      "config.optimizer.l2 must be >= 0, got nan",
                      "config.tgd.frozen_bn must be one of ('batch', 'running'), "
                      "got 'sometimes'"):
@@ -79,7 +79,7 @@ def test_unknown_preset_is_refused():
 
 
 def test_a_bad_config_leaves_no_workdir(toy_data, tmp_path):
-    with pytest.raises(ValueError, match="config.eval_every must be > 0"):
+    with pytest.raises(ValueError, match="config.eval_every must be finite and > 0"):
         pipeline.train(tiny_train_config(toy_data["train"], eval_every=0), tmp_path / "run",
                        log=quiet)
     assert not (tmp_path / "run").exists()

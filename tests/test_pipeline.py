@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     ({"tgd.phi": 1.5}, ValueError, r"config.tgd.phi must be in \[0, 1\].*got 1.5"),
     ({"method": "prune"}, ValueError, "config.method must be one of .*got 'prune'"),
     ({"data.version": "v1"}, DatasetError, "no reconstruction version 'v1'"),
-    ({"batch_size": 0}, ValueError, "config.batch_size must be > 0, got 0"),
+    ({"batch_size": 0}, ValueError, "config.batch_size must be finite and > 0, got 0"),
 ])
 def test_finetune_errors_name_the_problem(toy_data, pretrained, tmp_path, overrides, error,
                                           message):

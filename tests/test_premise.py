@@ -303,7 +303,7 @@ def test_a_bad_held_out_count_is_named(toy_data, pretrained, tmp_path):
     c = config_lib.override(config_lib.finetune_config("tiny"), **{
         "data.path": str(toy_data["finetune"]), "checkpoint": str(pretrained),
         "validation.path": str(toy_data["train"]), "validation.studies": 0})
-    with pytest.raises(ValueError, match="config.validation.studies must be > 0, got 0"):
+    with pytest.raises(ValueError, match="config.validation.studies must be finite and > 0, got 0"):
         pipeline.finetune(c, tmp_path / "run", log=quiet)
     assert not (tmp_path / "run").exists()  # refused before the workdir was touched
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -13,21 +14,15 @@ import ml_collections
 from absl import flags, logging
 
 from tgd_jax.train import config as config_lib
-from tgd_jax.train import parallel
-from tgd_jax.train.checkpoints import CheckpointError
-from tgd_jax.train.dataset import DatasetError
-from tgd_jax.train.trainer import NonFiniteLossError
+from tgd_jax.train import errors, parallel
 
-__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "quiet_start"]
+__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "quiet_start",
+           "reported", "parse_flags"]
 
 quiet_start = parallel.quiet_start
 
 #: The ``configs/`` folder next to the package (a source checkout).
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-_EXPECTED = (DatasetError, CheckpointError, NonFiniteLossError, ValueError, KeyError,
-             FileNotFoundError, ImportError)
-
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
     """Copies shortcut flags (``--method`` -> ``config.method``) that were given."""
@@ -41,21 +36,41 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "it is opt-in). Ignored on GPU/TPU.")
 
 
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, f"On an error, show the traceback instead of one line (also "
+    f"${errors.VERBOSE_ENV}=1).")
+
+
+def reported(name: str) -> contextlib.AbstractContextManager[None]:
+    """One line ``<name>: error: ...`` and exit code 2 (usage) or 1 (failure) for every
+    expected error in the block (:mod:`tgd_jax.train.errors`)."""
+    return errors.reported(name, verbose=_VERBOSE.value)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``app.run(main, flags_parser=cli.parse_flags)``: a bad flag, including an unknown or
+    mistyped ``--config.<field>``, is one line on stderr and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - absl and ml_collections raise many kinds
+        name = Path(argv[0]).name if argv else "command"
+        message = errors.one_line(error)
+        if isinstance(error, AttributeError | KeyError):
+            message = f"unknown config field or flag {message.strip(chr(34) + chr(39))}"
+        print(f"{name}: error: {message} (--helpfull lists the flags)", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
+
+
 def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,
         workdir: str) -> None:
     """Runs an experiment function; expected errors end the program with one clear line."""
-    try:
+    with reported(name):
         parallel.use_cpu_cores(int(config.batch_size), _CPU_DEVICES.value)
-    except ValueError as e:
-        sys.exit(f"{name}: error: {e}")
-    quiet_libraries()
-    if config.get("distributed"):
-        jax.distributed.initialize()
-    try:
+        quiet_libraries()
+        if config.get("distributed"):
+            jax.distributed.initialize()
         summary = fn(config, workdir, log=progress)
-    except _EXPECTED as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        sys.exit(f"{name}: error: {message}")
     progress(f"{name} finished: " + ", ".join(
         f"{k}={summary[k]}" for k in sorted(summary) if not isinstance(summary[k], list | dict)))
 

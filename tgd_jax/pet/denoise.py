@@ -18,7 +18,8 @@ import numpy as np
 from flax import linen as nn
 
 from tgd_jax.pet.models import model_from_config
-from tgd_jax.train.workdir import atomic_path
+from tgd_jax.train.errors import UsageError
+from tgd_jax.train.workdir import atomic_path, check_output_file
 
 __all__ = ["slice_stacks", "denoise_volume", "denoise_file",
            "read_volume", "write_volume"]
@@ -49,6 +50,12 @@ def denoise_volume(model: nn.Module, variables: Mapping[str, Any], volume: np.nd
       scale: the training run's ``data.intensity_scale`` (undone on the output).
       batch_slices: slices per network call (memory vs. speed).
     """
+    if not (np.isfinite(scale) and scale > 0):
+        raise UsageError(f"intensity scale must be finite and > 0, got {scale} (the "
+                         "checkpoint's data.intensity_scale)")
+    if batch_slices < 1:
+        raise UsageError(f"batch_slices must be >= 1, got {batch_slices}")
+    check_finite_volume(volume)
     stacks = slice_stacks(volume) * np.float32(scale)
     variables = {k: v for k, v in variables.items() if v}
     out = np.empty(stacks.shape[:3], np.float32)
@@ -60,6 +67,16 @@ def denoise_volume(model: nn.Module, variables: Mapping[str, Any], volume: np.nd
                                                     np.float32)])
         out[start:start + n] = np.asarray(_apply(model, variables, jnp.asarray(chunk)))[:n]
     return out / np.float32(scale)
+
+
+def check_finite_volume(volume: np.ndarray, where: str = "input volume") -> None:
+    """Refuses NaN/inf voxels (a network spreads each one over its receptive field),
+    naming the first one as ``(z, y, x)``."""
+    bad = ~np.isfinite(volume)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise UsageError(f"{where}: {int(bad.sum())} non-finite voxel(s), the first at "
+                         f"(z, y, x) = {first}: {volume[first]}")
 
 
 def read_volume(path: str | Path, *, study: str = "", key: str = "",
@@ -76,14 +93,23 @@ def read_volume(path: str | Path, *, study: str = "", key: str = "",
         raise FileNotFoundError(f"{path}: no such file")
     if path.name.endswith((".nii", ".nii.gz")):
         nib = _nibabel()
-        image = nib.load(str(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
+        try:
+            image = nib.load(str(path))
+            data = np.asarray(image.get_fdata(dtype=np.float32))
+        except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for bad bytes
+            raise UsageError(f"{path}: not a readable NIfTI image ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if data.ndim != 3:
             raise ValueError(f"{path}: expected a 3D NIfTI image, got shape {data.shape}")
         return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
     import h5py
 
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UsageError(f"{path}: not a readable HDF5 file ({e}); NIfTI inputs must end in "
+                         ".nii or .nii.gz") from None
+    with f:
         if not study or not key:
             raise ValueError(f"{path}: HDF5 input needs --study and --key (studies: "
                              f"{sorted(f)})")
@@ -106,15 +132,26 @@ def read_volume(path: str | Path, *, study: str = "", key: str = "",
 
 def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
                  *, which: str = "best", study: str = "", key: str = "", index: int = 0,
-                 batch_slices: int = 8) -> dict[str, Any]:
-    """Loads a checkpoint, denoises one volume from a file and writes the result atomically."""
+                 batch_slices: int = 8, overwrite: bool = False) -> dict[str, Any]:
+    """Loads a checkpoint, denoises one volume from a file and writes the result atomically.
+
+    Everything is checked before the network runs: the output path (not the input, not an
+    existing file unless ``overwrite``, in a writable folder), ``batch_slices``, the
+    checkpoint against its architecture, and the volume (finite).
+    """
     import time
 
     from tgd_jax.train import checkpoints
 
+    if batch_slices < 1:
+        raise UsageError(f"--batch_slices must be >= 1, got {batch_slices}")
+    check_output_file(output_path, inputs=[input_path], overwrite=overwrite)
     params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
     model = model_from_config(config.model)
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    checkpoints.check_tree_match(template["params"], params, meta["checkpoint"])
     volume, affine = read_volume(input_path, study=study, key=key, index=index)
+    check_finite_volume(volume, str(input_path))
     t0 = time.perf_counter()
     out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
                          scale=float(config.data.intensity_scale), batch_slices=batch_slices)

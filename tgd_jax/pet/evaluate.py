@@ -22,21 +22,34 @@ from tgd_jax.pet.denoise import denoise_volume
 from tgd_jax.pet.models import model_from_config
 from tgd_jax.train import checkpoints
 from tgd_jax.train.dataset import DatasetError, open_dataset
+from tgd_jax.train.errors import UsageError
 
 __all__ = ["lesion_bias", "liver_cov", "evaluate", "table", "figure"]
 
 
 def lesion_bias(realisations: np.ndarray, reference: np.ndarray, lesion: np.ndarray) -> float:
     """Ensemble bias (%) of ``(R, Z, H, W)`` images in a boolean lesion mask."""
+    _check_roi(lesion, "lesion")
     target = float(reference[lesion].mean())
+    if not np.isfinite(target) or target == 0:
+        raise UsageError(f"the reference's mean in the lesion is {target}; the bias is "
+                         "relative to it and needs a finite, non-zero value")
     means = realisations[:, lesion].mean(axis=1)
     return float(np.mean((means - target) / target) * 100)
 
 
 def liver_cov(realisations: np.ndarray, voi: np.ndarray) -> float:
     """Mean voxel-wise standard deviation across realisations over the VOI mean (%)."""
+    _check_roi(voi, "liver VOI")
+    if realisations.shape[0] < 2:
+        raise UsageError(f"liver CoV needs at least 2 realisations, got {realisations.shape[0]}")
     values = realisations[:, voi]  # (R, N)
     return float(values.std(axis=0, ddof=1).mean() / values.mean() * 100)
+
+
+def _check_roi(mask: np.ndarray, name: str) -> None:
+    if not np.any(mask):
+        raise UsageError(f"the {name} ROI is empty: no voxel to measure")
 
 
 def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
@@ -46,6 +59,9 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
     Returns ``{"rows": [{"network", "study", "lesion_bias_pct", "liver_cov_pct"}, ...],
     "examples": {network: (H, W) slice through the first lesion, first realisation}}``.
     """
+    if "input" in networks:
+        raise UsageError("a network may not be named 'input': that row is the un-denoised "
+                         "input")
     info = open_dataset(test_path)
     if info.role != "test" or version not in info.versions:
         raise DatasetError(f"{test_path}: need a 'test' dataset with version '{version}' "
@@ -66,6 +82,9 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
                 raise DatasetError(f"{test_path}: study '{study}' has no lesion ROI")
             lesion = g[f"rois/{lesions[0]}"][()].astype(bool)
             voi = g["rois/liver_voi"][()].astype(bool)
+            for roi, mask in ((lesions[0], lesion), ("liver_voi", voi)):
+                if not mask.any():
+                    raise DatasetError(f"{test_path}: study '{study}': ROI '{roi}' is empty")
             reference = g[f"{version}/target"][()]
             noisy = g[f"{version}/realisations"][()]
             z = int(np.argmax(lesion.sum(axis=(1, 2))))

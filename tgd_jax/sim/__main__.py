@@ -16,7 +16,8 @@ from pathlib import Path
 from absl import app, flags
 
 from tgd_jax.sim import generate
-from tgd_jax.train import parallel
+from tgd_jax.train import errors, parallel
+from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.dataset import ROLES
 
 FLAGS = flags.FLAGS
@@ -32,13 +33,19 @@ flags.DEFINE_list("versions", None, "Override the reconstruction versions (v1, v
 flags.DEFINE_list("levels", None, "Override the input count levels, s/bed.")
 flags.DEFINE_integer("realisations", None, "Override the number of 60 s realisations.")
 flags.DEFINE_bool("ood", None, "Override: add out-of-distribution features.")
+flags.DEFINE_bool("verbose", False, "On an error, show the traceback instead of one line.")
 flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of <out> instead.")
 
 
 def main(argv: list[str]) -> None:
-    del argv
     parallel.quiet_start()
-    out = Path(FLAGS.out)
+    with errors.reported("python -m tgd_jax.sim", verbose=FLAGS.verbose):
+        if len(argv) > 1:
+            raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
+        _main(Path(FLAGS.out))
+
+
+def _main(out: Path) -> None:
     if FLAGS.report:
         from tgd_jax.sim import report
 
@@ -46,15 +53,25 @@ def main(argv: list[str]) -> None:
         return
     unknown = sorted(set(FLAGS.role) - set(ROLES))
     if unknown:
-        raise app.UsageError(f"unknown role(s) {unknown}; choose from {ROLES}")
+        raise errors.UsageError(f"unknown role(s) {unknown}; choose from {ROLES}")
     levels = None
     if FLAGS.levels:
         try:
             levels = tuple(float(v) for v in FLAGS.levels)
         except ValueError:
-            raise app.UsageError(f"--levels must be numbers of s/bed, got {FLAGS.levels}") from None
+            raise errors.UsageError(
+                f"--levels must be numbers of s/bed, got {FLAGS.levels}") from None
         if any(not 0 < v <= 600 for v in levels):
-            raise app.UsageError(f"--levels must lie in (0, 600] s/bed, got {FLAGS.levels}")
+            raise errors.UsageError(f"--levels must lie in (0, 600] s/bed, got {FLAGS.levels}")
+    for name, value, low in (("studies", FLAGS.studies, 1), ("slices", FLAGS.slices, 2),
+                             ("realisations", FLAGS.realisations, 2)):
+        if value is not None and value < low:
+            raise errors.UsageError(f"--{name} must be >= {low}, got {value}"
+                                    + (" (the network reads 3 neighbouring slices)"
+                                       if name == "slices" else ""))
+    if FLAGS.high_bmi_fraction is not None and not 0 <= FLAGS.high_bmi_fraction <= 1:
+        raise errors.UsageError(
+            f"--high_bmi_fraction must be in [0, 1], got {FLAGS.high_bmi_fraction}")
     specs = [
         generate.spec_from_args(
             FLAGS.preset, role, n_studies=FLAGS.studies, n_slices=FLAGS.slices,
@@ -63,6 +80,7 @@ def main(argv: list[str]) -> None:
             levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood)
         for role in FLAGS.role
     ]
+    workdir_lib.check_writable(out)  # before hours of simulation
     print(f"preset {FLAGS.preset}: {generate.describe(specs)} -> {out}/", flush=True)
     t0 = time.perf_counter()
     for spec in specs:

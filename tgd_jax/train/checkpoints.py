@@ -13,7 +13,8 @@ renames it when complete, so a run killed mid-save leaves the previous ones inta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,14 +24,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored", "restore", "load", "resolve",
-           "check_tree_match"]
+from tgd_jax.train.errors import RunError, UsageError
 
-LATEST_DIR, BEST_DIR = "checkpoints", "best"
+__all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
+           "load", "resolve", "check_tree_match"]
+
+LATEST_DIR, BEST_DIR, DAMAGED_DIR = "checkpoints", "best", "damaged"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint is missing or does not fit the model it is loaded into."""
+
+
+class CorruptCheckpointError(CheckpointError, RunError):
+    """A checkpoint's files are damaged (unreadable data or metadata)."""
 
 
 def _manager(directory: Path, keep: int, create: bool = True) -> ocp.CheckpointManager:
@@ -49,13 +56,23 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep.
     """
 
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    def __init__(self, workdir: str | Path, keep: int = 3, log: Callable[[str], None] = print):
+        if keep < 1:
+            raise UsageError(f"keep_checkpoints must be >= 1 (a run must be able to resume), "
+                             f"got {keep}")
         self.workdir = Path(workdir).absolute()  # orbax needs absolute paths
+        self.log = log
         self._latest = _manager(self.workdir / LATEST_DIR, keep)
         self._best = _manager(self.workdir / BEST_DIR, 1)
         best_step = self._best.latest_step()
-        self.best_loss = (float("inf") if best_step is None
-                          else float(self._restore_meta(self._best, best_step)["val_loss"]))
+        self.best_loss = float("inf")
+        if best_step is not None:
+            where = self.workdir / BEST_DIR / str(best_step)
+            try:
+                self.best_loss = float(_guarded(where, lambda: self._restore_meta(
+                    self._best, best_step))["val_loss"])
+            except CorruptCheckpointError as error:
+                self._set_aside(self._best, BEST_DIR, best_step, error)
 
     @property
     def latest_step(self) -> int | None:
@@ -84,12 +101,44 @@ class Checkpointer:
             self._best.save(step, args=args, force=True)
         return improved
 
-    def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The newest checkpoint restored into ``template``'s structure, or None if none."""
-        step = self._latest.latest_step()
-        if step is None:
-            return None
-        return restore_into(self._latest, step, template, self.workdir / LATEST_DIR)
+    def restore_latest(self, template: Any, log: Callable[[str], None] = print
+                       ) -> tuple[Any, dict[str, Any]] | None:
+        """The newest INTACT checkpoint restored into ``template``'s structure (None if none).
+
+        A damaged checkpoint (unreadable data or metadata) is skipped, with a line in
+        ``log`` saying which and why, and the next older one is tried; a run killed while
+        writing its newest checkpoint thus resumes from the one before. A checkpoint that
+        reads but does not fit ``template`` is an error, not skipped.
+
+        Raises:
+          CorruptCheckpointError: if every checkpoint is damaged.
+          CheckpointError: if one does not fit ``template``.
+        """
+        steps = sorted(self._latest.all_steps(), reverse=True)
+        skipped = []
+        for step in steps:
+            try:
+                return restore_into(self._latest, step, template, self.workdir / LATEST_DIR)
+            except CorruptCheckpointError as error:
+                skipped.append(step)
+                self._set_aside(self._latest, LATEST_DIR, step, error, log)
+        if skipped:
+            raise CorruptCheckpointError(f"{self.workdir / LATEST_DIR}: every checkpoint is "
+                                         f"damaged (steps {sorted(skipped)}); delete the folder "
+                                         "to start over")
+        return None
+
+    def _set_aside(self, manager: ocp.CheckpointManager, kind: str, step: int,
+                   error: Exception, log: Callable[[str], None] | None = None) -> None:
+        """Moves a damaged checkpoint to ``<workdir>/damaged/`` (kept for inspection, out of
+        the way of the step that will be written again) and says so."""
+        source = self.workdir / kind / str(step)
+        target = self.workdir / DAMAGED_DIR / f"{kind}-{step}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        source.rename(target)
+        manager.reload()
+        (log or self.log)(f"skipped damaged checkpoint {error}; moved it to {target}")
 
     def wait(self) -> None:
         self._latest.wait_until_finished()
@@ -108,13 +157,40 @@ def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,
                  where: Path) -> tuple[Any, dict[str, Any]]:
     """Restores step ``step`` with ``template``'s structure, shapes, dtypes and shardings."""
     target = serialization.to_state_dict(template)
-    metadata = manager.item_metadata(step)["state"]
+    folder = Path(where) / str(step)
+    metadata = _guarded(folder, lambda: manager.item_metadata(step)["state"])
     saved = metadata.tree if hasattr(metadata, "tree") else metadata
-    check_tree_match(target, saved, f"{where}/{step}")
+    check_tree_match(target, saved, str(folder))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    restored = _guarded(folder, lambda: manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
+    _check_finite_state(restored["state"], folder)
     return serialization.from_state_dict(template, restored["state"]), restored["meta"]
+
+
+def _guarded(folder: Path, read: Callable[[], Any]) -> Any:
+    """``read()``, with any failure of orbax/tensorstore/JSON reported as one line."""
+    try:
+        out = read()
+    except CheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever the storage layer raises
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        raise CorruptCheckpointError(
+            f"{folder}: unreadable ({type(error).__name__}: {first[:200]})") from error
+    if out is None:
+        raise CorruptCheckpointError(f"{folder}: unreadable (no metadata)")
+    return out
+
+
+def _check_finite_state(state: Any, folder: Path) -> None:
+    """Checkpoints are only written for finite losses: non-finite params mean damage."""
+    for path, leaf in traverse_util.flatten_dict(_to_dict(state.get("params", {})),
+                                                 sep="/").items():
+        if hasattr(leaf, "dtype") and np.issubdtype(np.asarray(leaf).dtype, np.floating) and (
+                not np.all(np.isfinite(np.asarray(leaf)))):
+            raise CorruptCheckpointError(f"{folder}: parameter '{path}' holds non-finite "
+                                         "values")
 
 
 def check_tree_match(expected: Any, saved: Any, where: str) -> None:
@@ -210,17 +286,19 @@ def restore(path: str | Path, which: str = "best") -> Restored:
     try:
         # Onto this process's first device, whatever mesh wrote it (a run on 2 CPU devices
         # saves shardings that a 1-device process could not otherwise restore).
-        metadata = manager.item_metadata(step)["state"]
+        where = folder / str(step)
+        metadata = _guarded(where, lambda: manager.item_metadata(step)["state"])
         saved = metadata.tree if hasattr(metadata, "tree") else metadata
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
             if hasattr(m, "shape") else m, saved)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        restored = _guarded(where, lambda: manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
     finally:
         manager.close()
     state, meta = restored["state"], dict(restored["meta"])
+    _check_finite_state(state, where)
     if "params" not in state:
         raise CheckpointError(f"{folder}/{step}: no 'params' in the checkpoint's state")
     to_numpy = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731

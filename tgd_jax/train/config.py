@@ -195,6 +195,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ValueError: listing every bad field as ``config.<field>: <problem>, got <value>``.
     """
     from tgd_jax import masks, methods  # the core's vocabularies (no cycle: core is below)
+    from tgd_jax.train.errors import UsageError
     from tgd_jax.train.step import LOSSES
 
     problems: list[str] = []
@@ -207,7 +208,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             problems.append(f"config.{field} {rule}, got {value!r}")
 
     def positive(field: str, value: Any) -> None:
-        need(isinstance(value, int | float) and value > 0, field, "must be > 0")
+        need(isinstance(value, int | float) and 0 < value < float("inf"), field,
+             "must be finite and > 0")
 
     def one_of(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         need(value in allowed, field, f"must be one of {allowed}")
@@ -246,5 +248,5 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             if section in c and c[section].path:
                 positive(f"{section}.studies", c[section].studies)
     if problems:
-        raise ValueError("bad config: " + "; ".join(problems))
+        raise UsageError("bad config: " + "; ".join(problems))
     return c

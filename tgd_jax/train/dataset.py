@@ -33,6 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.train.errors import UsageError
 from tgd_jax.train.workdir import atomic_path
 
 __all__ = [
@@ -60,7 +61,7 @@ _ROOT_ATTRS = ("schema_version", "role", "versions", "levels_s", "sim_config", "
 _REQUIRED_ROIS = ("body", "liver_voi")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """A dataset file is missing, malformed or inconsistent (the message says where)."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tgd_jax.train import workdir as workdir_lib
+from tgd_jax.train.errors import RunError
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
            "truncate_metrics", "initial_losses", "hms"]
@@ -26,7 +27,7 @@ __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite"
 METRICS_FILE = "metrics.jsonl"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RunError, FloatingPointError):
     """The training or validation loss became NaN or infinite."""
 
 

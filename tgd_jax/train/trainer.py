@@ -54,7 +54,7 @@ def resume(ckpt: Checkpointer, state: step_lib.TrainState, metrics_path: Path | 
     ``metrics.jsonl`` is cut back to the restored step (to nothing on a fresh start), so the
     records written after that checkpoint by a killed invocation are not kept twice.
     """
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(state, log)
     if restored is not None:
         state = restored[0]
         log(f"resuming from {ckpt.workdir / 'checkpoints'} at step {int(state.step)}")
@@ -148,7 +148,7 @@ def fit(
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     local_batch = parallel.local_batch_size(config.batch_size, mesh)
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, log=log)
     meta = {"config": config.to_dict(), **(meta or {})}
 
     state = parallel.replicate(resume(ckpt, state, metrics_path, log), mesh)

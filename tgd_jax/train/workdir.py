@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from tgd_jax.train.errors import UsageError
+
 __all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
-           "save_figure", "prepare_workdir", "config_diff"]
+           "save_figure", "prepare_workdir", "config_diff", "check_writable",
+           "check_output_file"]
 
 
 @contextlib.contextmanager
@@ -35,10 +39,18 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _default_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -113,32 +125,87 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
                     command: str) -> Path:
     """Creates ``workdir`` and writes ``config.json`` and ``versions.json``.
 
-    A workdir whose checkpoints come from a DIFFERENT config is refused (they would be
-    resumed into the wrong experiment); the same config resumes. A workdir without
-    checkpoints (a run that failed before its first one) is simply reused.
+    A workdir whose checkpoints (``checkpoints/`` or ``best/``) come from a DIFFERENT config,
+    or from an unknown one (no readable ``config.json``), is refused: they would be resumed
+    into, or reported as the best of, the wrong experiment. The same config resumes. A
+    workdir without checkpoints (a run that failed before its first one) is reused.
     """
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"{workdir}: exists and is not a folder; choose another --workdir")
     saved = workdir / "config.json"
     new = {"command": command, "config": config.to_dict()}
-    has_checkpoints = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
-    if saved.exists() and has_checkpoints:
-        old = json.loads(saved.read_text())
+    has_checkpoints = any(p.name.isdigit() for kind in ("checkpoints", "best")
+                          for p in (workdir / kind).glob("*"))
+    if has_checkpoints:
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{workdir} holds checkpoints but no readable config.json, so "
+                             "their run is unknown; use a new --workdir, or delete it to "
+                             "start over") from None
         diff = config_diff(_jsonable(old), _jsonable(new))
         if diff:
-            raise ValueError(f"{workdir} holds a run with a different config ({diff}); "
+            raise UsageError(f"{workdir} holds a run with a different config ({diff}); "
                              "use a new --workdir, or delete it to start over")
     if jax.process_index() == 0:
+        check_writable(workdir)
         write_json(saved, new)
         write_json(workdir / "versions.json", versions())
     return workdir
 
 
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Creates ``folder`` if needed and checks that files can be created in it.
+
+    Raises:
+      UsageError: naming the folder, if it is a file or not writable (before any work).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{folder}: a file is in the way of this output folder") from None
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot write here ({e.strerror})") from None
+    return folder
+
+
+def check_output_file(path: str | os.PathLike[str], *,
+                      inputs: Sequence[str | os.PathLike[str]] = (),
+                      overwrite: bool = False) -> Path:
+    """Checks, before any work, that ``path`` can be written without losing anything.
+
+    Raises:
+      UsageError: if ``path`` is one of ``inputs``, is a folder, already exists (unless
+        ``overwrite``), or its folder is not writable.
+    """
+    path = Path(path)
+    for source in inputs:
+        source = Path(source)
+        if source.exists() and path.exists() and os.path.samefile(source, path):
+            raise UsageError(f"{path}: the output would replace the input; choose another "
+                             "output path")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a file name for the output")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path}: exists; choose another output path, or pass --overwrite "
+                         "to replace it")
+    check_writable(path.parent)
+    return path
+
+
 def _plain(obj: Any) -> Any:
-    """Converts numpy/JAX values and containers to JSON-native types."""
+    """Converts numpy/JAX values and containers to JSON-native types (NaN/inf -> null)."""
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     if hasattr(obj, "tolist"):  # numpy / JAX arrays and scalars
-        return obj.tolist()
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # standard JSON has no NaN or Infinity
     return obj
