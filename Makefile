@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint demo premise clean
+.PHONY: venv test lint demo premise bench clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,12 @@ demo: $(STAMP)
 premise: $(STAMP)
 	test -f $(DATA)/train.h5 || $(PY) -m tgd_jax.sim --preset=demo --out=$(DATA)
 	$(PY) experiments/premise.py --out=runs/premise --data=$(DATA)
+
+# Every speed figure (train step vs PyTorch, TGD overhead, KSE, OSEM, device scaling) in one
+# run: runs/bench/bench.{json,md}; benchmarks/RESULTS.md holds a dated copy.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks --out=runs/bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,18 +6,18 @@ additive, no PSF model, interleaved subsets. Timed after one warm-up call each, 
 on the same machine; prints slices/second for both and the ratio.
 
     pip install -e '.[bench]'
-    python benchmarks/osem_vs_skimage.py --slices 16 --iterations 3 --subsets 12
+    python -m benchmarks.osem_vs_skimage --slices 16 --iterations 3 --subsets 12
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 from skimage.transform import iradon, radon
 
+from benchmarks.timing import time_rounds
 from tgd_jax.sim import acquisition
 from tgd_jax.sim.phantom import make_phantom
 from tgd_jax.sim.projector import system_matrix
@@ -50,14 +50,10 @@ def reference_osem(counts, mult, add, angles_deg, iterations, subsets, n, pixel_
     return np.stack(images)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--subsets", type=int, default=12)
-    args = parser.parse_args()
-
-    config = SimConfig(n_slices=args.slices)
+def measure(slices: int = 16, iterations: int = 3, subsets: int = 12,
+            rounds: int = 3) -> dict[str, float]:
+    """Slices/s of our OSEM and of the scikit-image reference, measured in one run."""
+    config = SimConfig(n_slices=slices)
     phantom = make_phantom(simulation_key(0), config.fine_grid, bmi="low", n_lesions=1)
     emission, mu = project_phantom(phantom, config)
     rates = acquisition.expected_rates(emission, mu, sensitivity=sensitivity(config),
@@ -67,33 +63,48 @@ def main() -> None:
                         np.float32)
     mult = seconds * rates.multiplicative
     add = seconds * (rates.scatter + rates.randoms)
-    settings = ReconSettings(args.iterations, args.subsets, 0.0, 0.0, 0.0, 1.0)
-    system = system_matrix(config.recon_n, config.recon_pixel_mm, config.geometry, args.subsets)
+    settings = ReconSettings(iterations, subsets, 0.0, 0.0, 0.0, 1.0)
+    system = system_matrix(config.recon_n, config.recon_pixel_mm, config.geometry, subsets)
     angles = np.degrees(config.geometry.angles())
     # skimage's detector spacing is one pixel: our bins (4 mm) equal the pixel (4 mm).
     assert config.geometry.bin_mm == config.recon_pixel_mm
-
-    osem(counts, mult, add, system, settings)  # warm-up (compile)
-    t0 = time.perf_counter()
-    ours = osem(counts, mult, add, system, settings)
-    ours_s = time.perf_counter() - t0
-
     px = config.recon_pixel_mm
-    reference_osem(counts[:1], mult[:1], add[:1], angles, 1, args.subsets, config.recon_n, px)
-    t0 = time.perf_counter()
-    ref = reference_osem(counts, mult, add, angles, args.iterations, args.subsets,
-                         config.recon_n, px)
-    ref_s = time.perf_counter() - t0
+    out: dict[str, object] = {}
 
+    def ours() -> None:
+        out["ours"] = np.asarray(osem(counts, mult, add, system, settings))
+
+    def ref() -> None:
+        out["ref"] = reference_osem(counts, mult, add, angles, iterations, subsets,
+                                    config.recon_n, px)
+
+    t_ours = time_rounds(ours, rounds=rounds, warmup=1)
+    t_ref = time_rounds(ref, rounds=max(1, rounds - 1), warmup=0)
     liver = np.asarray(phantom.rois["liver_voi"]).reshape(
-        args.slices, config.recon_n, 2, config.recon_n, 2).mean((2, 4)) >= 0.5
+        slices, config.recon_n, 2, config.recon_n, 2).mean((2, 4)) >= 0.5
+    return {"slices": slices, "iterations": iterations, "subsets": subsets,
+            "ours_slices_per_s": slices / t_ours["min_s"],
+            "skimage_slices_per_s": slices / t_ref["min_s"],
+            "ratio": t_ref["min_s"] / t_ours["min_s"],
+            "liver_mean_ours": float(out["ours"][liver].mean()),
+            "liver_mean_skimage": float(out["ref"][liver].mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--subsets", type=int, default=12)
+    args = parser.parse_args()
+    result = measure(args.slices, args.iterations, args.subsets)
     print(f"device: {jax.devices()[0]}")
     print(f"slices: {args.slices}, {args.iterations} iterations x {args.subsets} subsets")
-    print(f"ours (JAX, sparse matched projector): {args.slices / ours_s:8.2f} slices/s")
-    print(f"reference (scikit-image radon/iradon): {args.slices / ref_s:8.2f} slices/s")
-    print(f"speed-up: {ref_s / ours_s:.1f}x")
-    print(f"liver mean, ours {ours[liver].mean():.3f}, reference {ref[liver].mean():.3f} "
-          f"(truth {phantom.activity[np.asarray(phantom.rois['liver_voi'])].mean():.3f})")
+    print(f"ours (JAX, sparse matched projector): {result['ours_slices_per_s']:8.2f} slices/s")
+    print(f"reference (scikit-image radon/iradon): {result['skimage_slices_per_s']:8.2f} "
+          "slices/s")
+    print(f"speed-up: {result['ratio']:.1f}x")
+    print(f"liver mean, ours {result['liver_mean_ours']:.3f}, reference "
+          f"{result['liver_mean_skimage']:.3f}")
 
 
 if __name__ == "__main__":

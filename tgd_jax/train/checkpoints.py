@@ -39,6 +39,9 @@ class CheckpointError(UsageError):
 class CorruptCheckpointError(CheckpointError, RunError):
     """A checkpoint's files are damaged (unreadable data or metadata)."""
 
+    #: Read by :func:`tgd_jax.train.errors.reported`: exit without interpreter teardown.
+    skip_teardown = True
+
 
 def _manager(directory: Path, keep: int, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)

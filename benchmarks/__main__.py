@@ -1,0 +1,178 @@
+r"""One command for every speed figure: ``python -m benchmarks`` (or ``make bench``).
+
+  python -m benchmarks --out=runs/bench                  # everything (~10 min on 2 cores)
+  python -m benchmarks --sections=step,tgd --rounds=3    # a part
+
+Writes ``bench.json`` (every timing: min and median of the rounds, the machine, versions)
+and ``bench.md`` (the table). PyTorch, scikit-learn and scikit-image comparisons need the
+``bench`` extra (``pip install -e '.[bench]'``); without them those rows say so.
+
+Sections: ``peak`` (4096^2 float32 matmul), ``step`` (train step, ours vs PyTorch, demo and
+paper widths, with FLOP rates), ``tgd`` (plain / projected / paper step at demo width),
+``kse`` (paper network, cold and warm, vs the scikit-learn loop), ``osem`` (vs
+scikit-image), ``scaling`` (the demo step on 1 / 2 / 4 host devices, separate processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+SECTIONS = ("peak", "step", "tgd", "kse", "osem", "scaling")
+#: (name, width multiplier, global batch) of the two step sizes.
+SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32))
+
+
+def _scaling_worker(devices: int, rounds: int) -> None:
+    """Run in a fresh process whose XLA_FLAGS split the CPU into ``devices`` devices."""
+    from benchmarks import step
+
+    print(json.dumps(step.time_jax(0.25, 16, rounds=rounds, devices=devices)))
+
+
+def run(sections: tuple[str, ...], rounds: int) -> dict[str, Any]:
+    from benchmarks import step
+    from benchmarks.timing import machine
+    from tgd_jax.pet.models import PAPER_FEATURES, scaled_features
+
+    result: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": machine()}
+    if "peak" in sections:
+        result["peak"] = step.matmul_peak(rounds=rounds)
+        print(f"matmul peak: {result['peak']['gflops']:.0f} GFLOP/s", flush=True)
+    if "step" in sections:
+        rows = []
+        for name, width, batch in SIZES:
+            flops = step.train_flops(scaled_features(PAPER_FEATURES, width), batch, 32)
+            ours = step.time_jax(width, batch, rounds=rounds)
+            torch = step.time_torch(width, batch, rounds=rounds)
+            row = {"size": name, "width": width, "batch": batch, "train_flops": flops,
+                   "ours": ours, "torch": torch,
+                   "ours_gflops": flops / ours["min_s"] / 1e9,
+                   "torch_gflops": flops / torch["min_s"] / 1e9 if torch else None,
+                   "speedup_vs_torch": torch["min_s"] / ours["min_s"] if torch else None}
+            rows.append(row)
+            print(f"step {name}: ours {1e3 * ours['min_s']:.1f} ms"
+                  + (f", PyTorch {1e3 * torch['min_s']:.1f} ms" if torch else ""), flush=True)
+        result["step"] = rows
+    if "tgd" in sections:
+        modes = step.time_modes(0.25, 16, rounds=2 * rounds)
+        result["tgd"] = {**modes, **{f"{m}_overhead": modes[m]["min_s"] / modes["plain"][
+            "min_s"] - 1 for m in ("projected", "paper")}}
+        print(f"TGD overhead: projected {100 * result['tgd']['projected_overhead']:+.1f} %, "
+              f"paper {100 * result['tgd']['paper_overhead']:+.1f} %", flush=True)
+    if "kse" in sections:
+        from benchmarks import kse_bench
+
+        result["kse"] = kse_bench.measure(rounds=rounds)
+        print(f"KSE warm {1e3 * result['kse']['warm']['min_s']:.0f} ms, cold "
+              f"{result['kse']['cold']['first_call_s']:.2f} s", flush=True)
+    if "osem" in sections:
+        try:
+            from benchmarks import osem_vs_skimage
+        except ImportError as e:
+            result["osem"] = {"skipped": str(e)}
+        else:
+            result["osem"] = osem_vs_skimage.measure(rounds=max(2, rounds // 2))
+            print(f"OSEM {result['osem']['ratio']:.1f}x scikit-image", flush=True)
+    if "scaling" in sections:
+        scaling = {}
+        for devices in (1, 2, 4):
+            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count="
+                                              f"{devices}", "JAX_PLATFORMS": "cpu"}
+            proc = subprocess.run([sys.executable, "-m", "benchmarks", "--_worker",
+                                   str(devices), f"--rounds={rounds}"], env=env,
+                                  capture_output=True, text=True, check=True)
+            scaling[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{devices} device(s): {1e3 * scaling[devices]['min_s']:.1f} ms", flush=True)
+        result["scaling"] = {str(d): {**t, "speedup": scaling[1]["min_s"] / t["min_s"]}
+                             for d, t in scaling.items()}
+    return result
+
+
+def table(r: dict[str, Any]) -> str:
+    """The markdown summary of a :func:`run` result."""
+    m = r["machine"]
+    out = [f"Measured {r['date']} on {m['cpu']} ({m['cores']} cores, {m['platform']}, "
+           f"jax {m['versions']['jax']}, torch {m['versions']['torch']}). Min of the "
+           "timed rounds after warm-up; ratios from the same run.", ""]
+    if "peak" in r:
+        out += [f"Matmul peak (4096^2 float32): **{r['peak']['gflops']:.0f} GFLOP/s**.", ""]
+    if "step" in r:
+        out += ["| train step | ours | PyTorch | ours / PyTorch speed | GFLOP/s ours / PyTorch"
+                " | ours % of matmul peak |", "|---|---|---|---|---|---|"]
+        for row in r["step"]:
+            torch = row["torch"]
+            peak = r.get("peak", {}).get("gflops")
+            out.append(
+                f"| {row['size']} (width {row['width']}, batch {row['batch']}, 32x32) | "
+                f"{1e3 * row['ours']['min_s']:.1f} ms | "
+                + (f"{1e3 * torch['min_s']:.1f} ms | **{row['speedup_vs_torch']:.2f}x** | "
+                   f"{row['ours_gflops']:.0f} / {row['torch_gflops']:.0f} |" if torch else
+                   f"- | - | {row['ours_gflops']:.0f} / - |")
+                + (f" {100 * row['ours_gflops'] / peak:.0f} % |" if peak else " - |"))
+        out.append("")
+    if "tgd" in r:
+        t = r["tgd"]
+        out += [f"TGD overhead at demo width (step time vs plain {1e3 * t['plain']['min_s']:.1f}"
+                f" ms): projected **{100 * t['projected_overhead']:+.1f} %**, paper "
+                f"**{100 * t['paper_overhead']:+.1f} %**.", ""]
+    if "kse" in r:
+        k = r["kse"]
+        sk = k["sklearn"]
+        out += [f"KSE of the paper network (7 layers): warm **{1e3 * k['warm']['min_s']:.0f} "
+                f"ms**, cold {k['cold']['first_call_s']:.2f} s (first call in a fresh "
+                "process, compilation included)"
+                + (f"; scikit-learn NearestNeighbors loop (density only) "
+                   f"{1e3 * sk['min_s']:.0f} ms, so ours is **"
+                   f"{sk['min_s'] / k['warm']['min_s']:.1f}x** warm." if sk else "."), ""]
+        lay = k["largest_layer_s"]
+        out += [f"Its largest layer (256 -> 256): KSE {1e3 * lay['kse_scores']:.0f} ms, of "
+                f"which the density {1e3 * lay['kernel_density']:.0f} ms; XLA's top_k alone "
+                f"on its 256 x 256 x 256 distances takes {1e3 * lay['top_k_of_distances']:.0f}"
+                " ms.", ""]
+    if "osem" in r and "ratio" in r["osem"]:
+        o = r["osem"]
+        out += [f"OSEM ({o['slices']} slices, {o['iterations']} x {o['subsets']}): ours "
+                f"{o['ours_slices_per_s']:.1f} slices/s, scikit-image "
+                f"{o['skimage_slices_per_s']:.1f} slices/s: **{o['ratio']:.1f}x** (liver "
+                f"mean {o['liver_mean_ours']:.3f} vs {o['liver_mean_skimage']:.3f}).", ""]
+    if "scaling" in r:
+        s = r["scaling"]
+        out += ["| host devices (demo step) | step | speed-up |", "|---|---|---|"]
+        out += [f"| {d} | {1e3 * t['min_s']:.1f} ms | {t['speedup']:.2f}x |"
+                for d, t in s.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--_worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._worker:
+        _scaling_worker(args._worker, args.rounds)
+        return
+    sections = tuple(s for s in args.sections.split(",") if s)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    from tgd_jax.train import workdir
+
+    out = workdir.check_writable(args.out)
+    result = run(sections, args.rounds)
+    workdir.write_json(out / "bench.json", result)
+    text = table(result)
+    workdir.atomic_write_bytes(out / "bench.md", (text + "\n").encode())
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
