@@ -120,7 +120,8 @@ def test_a_nan_voxel_in_a_file_is_one_line(toy_data, pretrained, tmp_path):
     with h5py.File(data, "r+") as f:
         f["study_000/v2/realisations"][0, 1, 2, 3] = np.nan
     out = tmp_path / "out.h5"
-    _one_line(_denoise(pretrained, data, f"--output={out}"), 2, "(z, y, x) = (1, 2, 3)")
+    _one_line(_denoise(pretrained, data, f"--output={out}"), 2, str(data),
+              "(z, y, x) = (1, 2, 3)")
     assert not out.exists()
 
 
@@ -250,13 +251,11 @@ def test_bad_outputs_inputs_and_flags_are_one_line(toy_data, pretrained, tmp_pat
 def test_a_checkpoint_that_does_not_fit_its_model_is_one_line(toy_data, pretrained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(pretrained, workdir)
-    config = json.loads((workdir / "config.json").read_text())
     for step in (workdir / "best").iterdir():  # the stored config now names other widths
         meta = step / "meta" / "metadata"
         record = json.loads(meta.read_text())
         record["config"]["model"]["features"] = [8, 6, 8, 3]
         meta.write_text(json.dumps(record))
-    del config
     _one_line(_denoise(workdir, toy_data["test"], f"--output={tmp_path / 'o.h5'}"), 2,
               "has shape")
 

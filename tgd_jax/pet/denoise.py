@@ -40,7 +40,8 @@ def _apply(model: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
 
 
 def denoise_volume(model: nn.Module, variables: Mapping[str, Any], volume: np.ndarray, *,
-                   scale: float = 1.0, batch_slices: int = 8) -> np.ndarray:
+                   scale: float = 1.0, batch_slices: int = 8,
+                   name: str = "input volume") -> np.ndarray:
     """Denoises a ``(Z, H, W)`` volume; returns ``(Z, H, W)`` float32 in the input's units.
 
     Args:
@@ -49,13 +50,14 @@ def denoise_volume(model: nn.Module, variables: Mapping[str, Any], volume: np.nd
       volume: the image, e.g. SUV.
       scale: the training run's ``data.intensity_scale`` (undone on the output).
       batch_slices: slices per network call (memory vs. speed).
+      name: what to call the volume in an error message (e.g. its file).
     """
     if not (np.isfinite(scale) and scale > 0):
         raise UsageError(f"intensity scale must be finite and > 0, got {scale} (the "
                          "checkpoint's data.intensity_scale)")
     if batch_slices < 1:
         raise UsageError(f"batch_slices must be >= 1, got {batch_slices}")
-    check_finite_volume(volume)
+    check_finite_volume(volume, name)
     stacks = slice_stacks(volume) * np.float32(scale)
     variables = {k: v for k, v in variables.items() if v}
     out = np.empty(stacks.shape[:3], np.float32)
@@ -151,10 +153,10 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     checkpoints.check_tree_match(template["params"], params, meta["checkpoint"])
     volume, affine = read_volume(input_path, study=study, key=key, index=index)
-    check_finite_volume(volume, str(input_path))
     t0 = time.perf_counter()
     out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
-                         scale=float(config.data.intensity_scale), batch_slices=batch_slices)
+                         scale=float(config.data.intensity_scale), batch_slices=batch_slices,
+                         name=str(input_path))
     seconds = time.perf_counter() - t0
     write_volume(output_path, out, affine=affine, attrs={
         "checkpoint": meta["checkpoint"], "input": str(input_path), "study": study,

@@ -15,6 +15,10 @@ from typing import Any
 
 import ml_collections
 
+from tgd_jax import masks, methods
+from tgd_jax.train.errors import UsageError
+from tgd_jax.train.step import LOSSES
+
 __all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
            "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS"]
 
@@ -194,9 +198,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises:
       ValueError: listing every bad field as ``config.<field>: <problem>, got <value>``.
     """
-    from tgd_jax import masks, methods  # the core's vocabularies (no cycle: core is below)
-    from tgd_jax.train.errors import UsageError
-    from tgd_jax.train.step import LOSSES
 
     problems: list[str] = []
 
