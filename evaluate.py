@@ -3,9 +3,11 @@ r"""The paper's test metrics (lesion ensemble bias, liver CoV) for several netwo
   python evaluate.py --test=runs/demo/data/test.h5 --out=runs/demo/evaluation \
       --net=v1-net=runs/demo/v1net --net=TGD-net=runs/demo/tgdnet
 
-Writes evaluation.json, evaluation.md (a table) and examples.png into --out.
+Writes evaluation.json, evaluation.md (a table), examples.npz (one realisation's slice
+through each study's lesion, per network) and examples.png into --out.
 """
 
+import numpy as np
 from absl import app, flags
 
 from tgd_jax.pet import cli
@@ -36,6 +38,8 @@ def main(argv: list[str]) -> None:
         workdir_lib.write_json(out / "evaluation.json", result)
         text = evaluate_lib.table(result["rows"])
         workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode())
+        with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz") as tmp:
+            np.savez_compressed(tmp, **examples)
         evaluate_lib.figure(examples, out / "examples.png")
     print(text)
 

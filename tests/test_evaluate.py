@@ -53,3 +53,69 @@ def test_evaluate_command_on_toy_data(toy_data, pretrained, tmp_path):
     assert rows[0]["network"] == "input"
     assert rows[0]["liver_cov_pct"] == pytest.approx(expected)
     assert (tmp_path / "examples.png").stat().st_size > 0
+
+
+# --- the simulator's extra metrics, against definitions and scikit-image -------------------
+
+
+def test_contrast_recovery_is_measured_over_true_contrast():
+    truth = np.ones((1, 4, 4))
+    lesion = np.zeros((1, 4, 4), bool)
+    lesion[0, :2, :2] = True
+    liver = ~lesion
+    truth[lesion] = 5.0  # true contrast 5 / 1 - 1 = 4
+    a = np.where(lesion, 3.0, 1.0)  # contrast 2 -> 50 %
+    b = np.where(lesion, 8.0, 2.0)  # contrast 3 -> 75 %
+    assert evaluate.contrast_recovery(np.stack([a, b]), truth, lesion, liver) == \
+        pytest.approx(62.5)
+    assert evaluate.contrast_recovery(truth[None], truth, lesion, liver) == pytest.approx(100)
+
+
+def _noisy_pair(shape=(3, 24, 28), seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:shape[1], :shape[2]]
+    reference = np.stack([np.exp(-((yy - 12) ** 2 + (xx - 14 + z) ** 2) / 40.0) * 4 + 0.5
+                          for z in range(shape[0])])
+    images = reference[None] + rng.normal(0, 0.3, (2, *shape))
+    return images, reference
+
+
+def test_body_psnr_matches_scikit_image_over_the_body_voxels():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    images, reference = _noisy_pair()
+    body = reference > 1.0
+    top = reference[body].max()
+    expected = np.mean([peak_signal_noise_ratio(reference[body], image[body], data_range=top)
+                        for image in images])
+    assert evaluate.body_psnr(images, reference, body) == pytest.approx(expected, rel=1e-5)
+
+
+def test_body_ssim_matches_scikit_image_whole_image_and_masked():
+    from skimage.metrics import structural_similarity
+
+    images, reference = _noisy_pair()
+    pad = evaluate.SSIM_WINDOW // 2
+    everywhere = np.ones(reference.shape, bool)
+    top = float(reference.max())
+    kwargs = dict(data_range=top, gaussian_weights=True, sigma=1.5,
+                  use_sample_covariance=False)
+    # Whole image: scikit-image's mean SSIM crops the same border; averaged over slices.
+    whole = np.mean([[structural_similarity(r, im, **kwargs) for r, im in zip(reference, image,
+                                                                              strict=True)]
+                     for image in images])
+    assert evaluate.body_ssim(images, reference, everywhere) == pytest.approx(whole, abs=1e-4)
+    # Masked: scikit-image's full map, border cropped, averaged over the body pixels.
+    body = reference > 1.0
+    top = float(reference[body].max())
+    kwargs["data_range"] = top
+    values = []
+    for image in images:
+        maps = np.stack([structural_similarity(r, im, full=True, **kwargs)[1]
+                         for r, im in zip(reference, image, strict=True)])
+        inner = (slice(None), slice(pad, -pad), slice(pad, -pad))
+        values.append(maps[inner][body[inner]].mean())
+    assert evaluate.body_ssim(images, reference, body) == pytest.approx(np.mean(values), abs=1e-4)
+    # and it can fail: a worse image scores lower
+    assert evaluate.body_ssim(images * 0.5, reference, body) < evaluate.body_ssim(
+        images, reference, body)

@@ -11,6 +11,7 @@ denoised, then (supplement of Chen et al. 2021):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ from tgd_jax.train import checkpoints
 from tgd_jax.train.dataset import DatasetError, open_dataset
 from tgd_jax.train.errors import UsageError
 
-__all__ = ["lesion_bias", "liver_cov", "evaluate", "table", "figure"]
+__all__ = ["lesion_bias", "liver_cov", "contrast_recovery", "body_psnr", "body_ssim",
+           "SSIM_WINDOW", "evaluate", "table", "figure"]
+
+#: dm-pix's default SSIM window (and scikit-image's with ``gaussian_weights=True``).
+SSIM_WINDOW = 11
 
 
 def lesion_bias(realisations: np.ndarray, reference: np.ndarray, lesion: np.ndarray) -> float:
@@ -47,6 +52,59 @@ def liver_cov(realisations: np.ndarray, voi: np.ndarray) -> float:
     return float(values.std(axis=0, ddof=1).mean() / values.mean() * 100)
 
 
+def contrast_recovery(realisations: np.ndarray, truth: np.ndarray, lesion: np.ndarray,
+                      background: np.ndarray) -> float:
+    """Lesion-to-background contrast of ``(R, Z, H, W)`` images over the true one (%)."""
+    _check_roi(lesion, "lesion")
+    _check_roi(background, "background")
+    t_l, t_b = float(truth[lesion].mean()), float(truth[background].mean())
+    if not (np.isfinite(t_l) and np.isfinite(t_b)) or t_b <= 0 or t_l == t_b:
+        raise UsageError(f"true lesion mean {t_l} and background mean {t_b}: contrast "
+                         "recovery needs a positive background and a non-zero true contrast")
+    ratios = realisations[:, lesion].mean(axis=1) / realisations[:, background].mean(axis=1)
+    return float(np.mean(ratios - 1) / (t_l / t_b - 1) * 100)
+
+
+def _data_range(reference: np.ndarray, body: np.ndarray) -> float:
+    _check_roi(body, "body")
+    top = float(reference[body].max())
+    if not np.isfinite(top) or top <= 0:
+        raise UsageError(f"the reference's maximum in the body is {top}; PSNR and SSIM need "
+                         "a positive data range")
+    return top
+
+
+def body_psnr(images: np.ndarray, reference: np.ndarray, body: np.ndarray) -> float:
+    """Mean PSNR (dB) of ``(R, Z, H, W)`` images against ``(Z, H, W)`` over body voxels."""
+    import dm_pix
+
+    top = _data_range(reference, body)
+    a = images[:, body][:, :, None, None] / top  # (R, N, 1, 1): dm-pix reduces H, W, C
+    b = np.broadcast_to(reference[body][None, :, None, None] / top, a.shape)
+    return float(np.mean(dm_pix.psnr(a, b)))
+
+
+def body_ssim(images: np.ndarray, reference: np.ndarray, body: np.ndarray) -> float:
+    """Mean SSIM of ``(R, Z, H, W)`` images against ``(Z, H, W)``, over body pixels.
+
+    The SSIM map is computed per slice (``dm_pix.ssim(..., return_map=True)``, valid
+    windows only, so the map lacks a ``SSIM_WINDOW // 2`` border) and averaged over the body
+    pixels it covers.
+    """
+    import dm_pix
+
+    top = _data_range(reference, body)
+    pad = SSIM_WINDOW // 2
+    inner = body[:, pad:-pad, pad:-pad]
+    _check_roi(inner, f"body (more than {pad} pixels from the edge)")
+    values = []
+    for image in images:  # one realisation at a time keeps memory at one volume
+        ssim_map = dm_pix.ssim(image[..., None], reference[..., None], max_val=top,
+                               filter_size=SSIM_WINDOW, return_map=True)[..., 0]
+        values.append(float(np.asarray(ssim_map)[inner].mean()))
+    return float(np.mean(values))
+
+
 def _check_roi(mask: np.ndarray, name: str) -> None:
     if not np.any(mask):
         raise UsageError(f"the {name} ROI is empty: no voxel to measure")
@@ -56,8 +114,10 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
              version: str = "v2", which: str = "best") -> dict[str, Any]:
     """Metrics of the input and of each named checkpoint on every study of ``test_path``.
 
-    Returns ``{"rows": [{"network", "study", "lesion_bias_pct", "liver_cov_pct"}, ...],
-    "examples": {network: (H, W) slice through the first lesion, first realisation}}``.
+    Returns ``{"rows": [row, ...], "examples": {"<network>/<study>": (H, W) slice through
+    the first lesion, first realisation}}``; each row has ``network``, ``study``,
+    ``bmi_class``, ``lesion_bias_pct``, ``liver_cov_pct``, ``lesion_bias_truth_pct``,
+    ``contrast_recovery_pct``, ``psnr_db``, ``ssim`` and ``checkpoint``.
     """
     if "input" in networks:
         raise UsageError("a network may not be named 'input': that row is the un-denoised "
@@ -82,18 +142,26 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
                 raise DatasetError(f"{test_path}: study '{study}' has no lesion ROI")
             lesion = g[f"rois/{lesions[0]}"][()].astype(bool)
             voi = g["rois/liver_voi"][()].astype(bool)
-            for roi, mask in ((lesions[0], lesion), ("liver_voi", voi)):
+            body = g["rois/body"][()].astype(bool)
+            truth = g["truth"][()]
+            bmi = json.loads(g.attrs.get("attrs", "{}")).get("bmi_class", "")
+            for roi, mask in ((lesions[0], lesion), ("liver_voi", voi), ("body", body)):
                 if not mask.any():
                     raise DatasetError(f"{test_path}: study '{study}': ROI '{roi}' is empty")
             reference = g[f"{version}/target"][()]
             noisy = g[f"{version}/realisations"][()]
             z = int(np.argmax(lesion.sum(axis=(1, 2))))
             for name, images in _outputs(noisy, loaded):
-                rows.append({"network": name, "study": study,
+                rows.append({"network": name, "study": study, "bmi_class": bmi,
                              "lesion_bias_pct": lesion_bias(images, reference, lesion),
                              "liver_cov_pct": liver_cov(images, voi),
+                             "lesion_bias_truth_pct": lesion_bias(images, truth, lesion),
+                             "contrast_recovery_pct": contrast_recovery(images, truth, lesion,
+                                                                        voi),
+                             "psnr_db": body_psnr(images, reference, body),
+                             "ssim": body_ssim(images, reference, body),
                              "checkpoint": loaded[name][3] if name in loaded else None})
-                examples.setdefault(name, images[0, z])
+                examples[f"{name}/{study}"] = images[0, z]
     return {"rows": rows, "examples": examples, "version": version, "test": str(test_path)}
 
 
@@ -105,14 +173,17 @@ def _outputs(noisy: np.ndarray, loaded: Mapping[str, Any]):
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of the rows."""
-    lines = ["| network | study | lesion bias % | liver CoV % |", "|---|---|---|---|"]
-    lines += [f"| {r['network']} | {r['study']} | {r['lesion_bias_pct']:.2f} | "
-              f"{r['liver_cov_pct']:.2f} |" for r in rows]
+    lines = ["| network | study | BMI | lesion bias % | liver CoV % | bias vs truth % | "
+             "contrast recovery % | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['study']} | {r.get('bmi_class', '')} | "
+              f"{r['lesion_bias_pct']:.2f} | {r['liver_cov_pct']:.2f} | "
+              f"{r['lesion_bias_truth_pct']:.2f} | {r['contrast_recovery_pct']:.1f} | "
+              f"{r['psnr_db']:.2f} | {r['ssim']:.4f} |" for r in rows]
     return "\n".join(lines)
 
 
 def figure(examples: Mapping[str, np.ndarray], path: str | Path) -> None:
-    """One realisation's slice through the lesion, per network."""
+    """One realisation's slice through the lesion, per network (and study)."""
     import matplotlib
 
     matplotlib.use("Agg")
