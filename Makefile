@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint demo premise bench clean
+.PHONY: venv test lint demo reproduce premise bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -22,33 +22,21 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -n 2 -q
 
-# The paper's pipeline at CPU scale on the simulator: datasets (+ their measured report),
-# v1-net (coupled L2, cosine: the measured recipe) and its threshold study, then FT-net
-# (last 3 blocks) and TGD-net fine-tuned on 2 low-BMI v2 studies, judged on the held-out
-# study's v2 images (new task) and v1 images (old task), noise-2-noise online TGD on the OOD
-# study, and the test metrics of every network.
-DATA = runs/demo/data
-HELDOUT = --config.validation.path=$(DATA)/train.h5 --config.validation.version=v2 \
-    --config.old_task.path=$(DATA)/train.h5 --config.old_task.version=v1
+# The paper end to end at CPU scale (reproduce.py --preset=demo): datasets and the
+# simulator's report, v1-net and v2-net, the threshold study, FT-net, TGD-net (both modes),
+# full fine-tuning, random and L1 masks, online TGD_N2N / TGD^2_N2N / plain N2N, the test
+# metrics of every network, then runs/demo/report.md with its figures. Resumable.
 demo: $(STAMP)
-	$(PY) -m tgd_jax.sim --preset=demo --out=$(DATA)
-	$(PY) -m tgd_jax.sim --report --out=$(DATA)
-	$(PY) train.py --workdir=runs/demo/v1net --config=configs/train.py:demo \
-	    --config.data.path=$(DATA)/train.h5 --config.data.version=v1
-	$(PY) threshold.py --checkpoint=runs/demo/v1net --data=$(DATA)/train.h5 --version=v1 \
-	    --studies=1 --out=runs/demo/v1net/threshold
-	$(PY) finetune.py --workdir=runs/demo/tgdnet --config=configs/finetune.py:demo \
-	    --config.data.path=$(DATA)/finetune.h5 --checkpoint=runs/demo/v1net --method=tgd $(HELDOUT)
-	$(PY) finetune.py --workdir=runs/demo/ftnet --config=configs/finetune.py:demo \
-	    --config.data.path=$(DATA)/finetune.h5 --checkpoint=runs/demo/v1net --method=last_k \
-	    $(HELDOUT)
-	$(PY) online.py --workdir=runs/demo/online --config=configs/online.py:demo \
-	    --config.data.path=$(DATA)/online.h5 --checkpoint=runs/demo/tgdnet
-	$(PY) evaluate.py --test=$(DATA)/test.h5 --out=runs/demo/evaluation \
-	    --net=v1-net=runs/demo/v1net --net=FT-net=runs/demo/ftnet --net=TGD-net=runs/demo/tgdnet
+	$(PY) reproduce.py --preset=demo
+
+# Any preset: make reproduce PRESET=study (3 seeds, ~1 h on 2 cores) or PRESET=paper (GPU).
+PRESET ?= study
+reproduce: $(STAMP)
+	$(PY) reproduce.py --preset=$(PRESET)
 
 # The sweep behind the README's "premise" section (pretraining recipes x 3 seeds, threshold
 # studies, fine-tuning methods and learning rates): hours on 2 cores; resumable.
+DATA = runs/premise/data
 premise: $(STAMP)
 	test -f $(DATA)/train.h5 || $(PY) -m tgd_jax.sim --preset=demo --out=$(DATA)
 	$(PY) experiments/premise.py --out=runs/premise --data=$(DATA)
@@ -58,6 +46,13 @@ premise: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks --out=runs/bench
+
+# The same benchmark on a GPU: float32 and bfloat16, with batches that fill the card, MFU
+# against the measured matmul peak of each dtype (benchmarks/RESULTS.md, GPU section).
+bench-gpu: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m benchmarks --out=runs/bench-gpu --sections=peak,step,tgd,kse \
+	    --sizes=demo,paper,paper-b256,paper-b1024 --dtypes=float32,bfloat16
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,203 @@
+"""reproduce.py: the job graph, the scheduler (order, parallelism, failure, resume), the
+report's verdict rules, and the tiny preset end to end with its report checked against the
+files it was written from."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tgd_jax.pet import report
+from tgd_jax.pet import reproduce as rp
+from tgd_jax.train.errors import RunError, UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", sorted(rp.PRESETS))
+def test_plan_is_a_valid_graph_with_every_system(preset, tmp_path):
+    jobs = rp.plan(preset, tmp_path)
+    names = [j.name for j in jobs]
+    assert len(set(names)) == len(names)
+    position = {n: i for i, n in enumerate(names)}
+    for job in jobs:
+        assert all(position[d] < position[job.name] for d in job.deps), job.name
+    seeds = rp.PRESETS[preset].seeds
+    labels = [(j.system.label, j.system.seed) for j in jobs if j.system]
+    for seed in seeds:  # the key comparison on every seed
+        for label in ("v1-net", "v2-net", "FT-net", "TGD-net", "random mask"):
+            assert (label, seed) in labels
+    for label in ("full fine-tuning", "TGD-net, paper mode", "L1 mask", "TGD_N2N-net",
+                  "TGD^2_N2N-net", "N2N, all weights"):
+        assert (label, seeds[0]) in labels
+    # every network is evaluated on v2, and v1-net's descendants on v1 (forgetting)
+    evals = {n for n in names if n.startswith("eval-")}
+    for job in jobs:
+        if job.system:
+            assert f"eval-{job.name}-v2" in evals
+    assert f"eval-tgdnet-s{seeds[0]}-v1" in evals
+    # TGD^2 starts from TGD-net, TGD_N2N from v2-net
+    by_name = {j.name: j for j in jobs}
+    assert by_name["tgd2n2n"].system.start == f"tgdnet-s{seeds[0]}"
+    assert by_name["tgdn2n"].system.start == f"v2net-s{seeds[0]}"
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="unknown preset"):
+        rp.plan("huge", tmp_path)
+
+
+# --- the scheduler --------------------------------------------------------------------------
+
+
+def _job(name, out, deps=(), code=""):
+    """A job that checks its dependencies' records exist, then logs its own start/end."""
+    script = (
+        "import json, sys, time, pathlib\n"
+        f"out = pathlib.Path({str(out)!r})\n"
+        f"for d in {list(deps)!r}:\n"
+        "    assert (out / 'jobs' / f'{d}.json').exists(), d\n"
+        f"with open(out / 'trace.txt', 'a') as f: f.write('start {name}\\n')\n"
+        "time.sleep(0.3)\n"
+        f"{code}\n"
+        f"with open(out / 'trace.txt', 'a') as f: f.write('end {name}\\n')\n")
+    return rp.Job(name, (sys.executable, "-c", script), deps=tuple(deps))
+
+
+def test_run_respects_dependencies_and_runs_in_parallel(tmp_path):
+    jobs = [_job("a", tmp_path), _job("b", tmp_path), _job("c", tmp_path, deps=("a", "b")),
+            _job("d", tmp_path, deps=("c",))]
+    records = rp.run(jobs, tmp_path, workers=2, log=lambda m: None)
+    assert set(records) == {"a", "b", "c", "d"}
+    trace = (tmp_path / "trace.txt").read_text().split("\n")
+    # a and b overlapped (both started before either ended); c after both, d after c
+    assert trace.index("start b") < trace.index("end a") or \
+        trace.index("start a") < trace.index("end b")
+    assert trace.index("start c") > max(trace.index("end a"), trace.index("end b"))
+    assert trace.index("start d") > trace.index("end c")
+    for name in "abcd":
+        record = json.loads((tmp_path / "jobs" / f"{name}.json").read_text())
+        assert record["wall_s"] > 0.25 and (tmp_path / "logs" / f"{name}.log").exists()
+
+
+def test_failure_stops_dependents_names_the_job_and_a_rerun_resumes(tmp_path):
+    flag = tmp_path / "fail"
+    flag.write_text("1")
+    fail = f"import os\nif os.path.exists({str(flag)!r}): raise SystemExit('boom in b')"
+    jobs = [_job("a", tmp_path), _job("b", tmp_path, deps=("a",), code=fail),
+            _job("c", tmp_path, deps=("b",))]
+    with pytest.raises(RunError, match="'b' failed.*boom in b"):
+        rp.run(jobs, tmp_path, workers=1, log=lambda m: None)
+    assert not (tmp_path / "jobs" / "c.json").exists()
+    assert "start c" not in (tmp_path / "trace.txt").read_text()
+    flag.unlink()
+    (tmp_path / "trace.txt").write_text("")
+    lines = []
+    rp.run(jobs, tmp_path, workers=1, log=lines.append)
+    assert "1 already done, 2 to run" in lines[0]
+    assert (tmp_path / "trace.txt").read_text().split() == ["start", "b", "end", "b", "start",
+                                                            "c", "end", "c"]
+
+
+def test_a_job_made_by_another_command_is_not_reused(tmp_path):
+    rp.run([_job("a", tmp_path)], tmp_path, workers=1, log=lambda m: None)
+    changed = _job("a", tmp_path, code="x = 1")
+    with pytest.raises(UsageError, match="job 'a' .* another command"):
+        rp.run([changed], tmp_path, workers=1, log=lambda m: None)
+
+
+# --- the report's rules ---------------------------------------------------------------------
+
+
+def test_compare_counts_only_differences_beyond_twice_the_spread():
+    a = report.stat([1.0, 1.2, 0.8])  # sd 0.2
+    assert report.compare(a, report.stat([1.3, 1.5, 1.1])) == 0  # 0.3 apart <= 0.4
+    assert report.compare(a, report.stat([1.5, 1.7, 1.3])) == -1  # 0.5 apart > 0.4
+    assert report.compare(report.stat([2.0]), a) is None  # one seed: no finding
+    assert str(report.stat([1.0, 3.0])) == "2.00 ± 1.41"
+
+
+def _collection(tgd_bias, v2_bias, tgd_cov=7.0, v2_cov=7.0):
+    systems = {f"{p}-s{s}": rp.System(label, s, kind="train" if p.endswith("net") and p[0] == "v"
+                                      else "finetune")
+               for s in range(3) for p, label in (("v1net", "v1-net"), ("v2net", "v2-net"),
+                                                  ("ftnet", "FT-net"), ("tgdnet", "TGD-net"))}
+    values = {"v1-net": (-10.0, 7.0), "v2-net": (v2_bias, v2_cov), "FT-net": (-9.0, 8.0),
+              "TGD-net": (tgd_bias, tgd_cov)}
+    evals = []
+    for name, s in systems.items():
+        bias, cov = values[s.label]
+        for bmi in ("low", "high"):
+            evals.append({"network": name, "study": bmi, "bmi_class": bmi, "version": "v2",
+                          "lesion_bias_pct": bias + 0.1 * s.seed, "liver_cov_pct": cov,
+                          "psnr_db": 30.0})
+    return {"preset": "study", "systems": systems, "evals": evals, "summaries": {},
+            "records": {}, "datasets": {}, "threshold": None}
+
+
+def test_claim_on_par_follows_the_rule_both_ways():
+    on_par = report.claims(_collection(tgd_bias=-4.0, v2_bias=-4.1))[0]
+    assert on_par[1] == "supported"
+    worse = report.claims(_collection(tgd_bias=-8.0, v2_bias=-4.0))[0]
+    assert worse[1] == "not supported" and "7.90 ± 0.10 vs 3.90 ± 0.10" in worse[2]
+    noisier = report.claims(_collection(tgd_bias=-4.0, v2_bias=-4.0, tgd_cov=9.0))[0]
+    assert noisier[1] == "not supported"
+
+
+# --- the tiny preset end to end ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce") / "tiny"
+    proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--preset=tiny",
+                           f"--out={out}", "--jobs=2"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
+    out, stdout = tiny_run
+    text = (out / "report.md").read_text()
+    for section in ("## Table 1", "## Forgetting", "## High-BMI retention",
+                    "## Threshold study", "## Online learning", "## Cost",
+                    "## The paper's claims"):
+        assert section in text
+    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (out / figure).stat().st_size > 0, figure
+    assert {"panel.png", "bias_vs_cov.png", "curves.png", "threshold.png", "kse_hist.png",
+            "online_tgdn2n.png"} <= {p.name for p in (out / "figures").iterdir()}
+    claims = json.loads((out / "report.json").read_text())["claims"]
+    assert len(claims) == 9 and all(c["verdict"] for c in claims)
+    assert "35 jobs, 0 already done" in stdout
+
+
+def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
+    out, _ = tiny_run
+    rows = json.loads((out / "eval" / "tgdnet-s0-v2" / "evaluation.json").read_text())["rows"]
+    low = next(r for r in rows if r["network"] == "tgdnet-s0" and r["bmi_class"] == "low")
+    high = next(r for r in rows if r["network"] == "tgdnet-s0" and r["bmi_class"] == "high")
+    line = next(ln for ln in (out / "report.md").read_text().splitlines()
+                if ln.startswith("| TGD-net | 1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:6] == [f"{low['lesion_bias_pct']:.2f}", f"{low['liver_cov_pct']:.2f}",
+                          f"{high['lesion_bias_pct']:.2f}", f"{high['liver_cov_pct']:.2f}"]
+    assert cells[6:8] == ["-3.77", "6.46"]  # the paper's, beside ours
+
+
+def test_tiny_rerun_skips_every_job(tiny_run):
+    out, _ = tiny_run
+    proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--preset=tiny",
+                           f"--out={out}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "35 already done, 0 to run" in proc.stdout
