@@ -2,6 +2,7 @@ r"""One command for every speed figure: ``python -m benchmarks`` (or ``make benc
 
   python -m benchmarks --out=runs/bench                  # everything (~10 min on 2 cores)
   python -m benchmarks --sections=step,tgd --rounds=3    # a part
+  python -m benchmarks --dtypes=float32,bfloat16 --sizes=demo,paper,paper-b256  # a GPU
 
 Writes ``bench.json`` (every timing: min and median of the rounds, the machine, versions)
 and ``bench.md`` (the table). PyTorch, scikit-learn and scikit-image comparisons need the
@@ -24,8 +25,11 @@ import sys
 from typing import Any
 
 SECTIONS = ("peak", "step", "tgd", "kse", "osem", "scaling")
-#: (name, width multiplier, global batch) of the two step sizes.
-SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32))
+#: (name, width multiplier, global batch) of the step sizes; the first two are the
+#: default (the demo's and the paper's); the large batches keep a GPU busy.
+SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32), ("paper-b256", 1.0, 256),
+         ("paper-b1024", 1.0, 1024))
+DTYPES = ("float32", "bfloat16")
 
 
 def _scaling_worker(devices: int, rounds: int) -> None:
@@ -35,29 +39,36 @@ def _scaling_worker(devices: int, rounds: int) -> None:
     print(json.dumps(step.time_jax(0.25, 16, rounds=rounds, devices=devices)))
 
 
-def run(sections: tuple[str, ...], rounds: int) -> dict[str, Any]:
+def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo", "paper"),
+        dtypes: tuple[str, ...] = ("float32",)) -> dict[str, Any]:
     from benchmarks import step
     from benchmarks.timing import machine
     from tgd_jax.pet.models import PAPER_FEATURES, scaled_features
 
     result: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": machine()}
     if "peak" in sections:
-        result["peak"] = step.matmul_peak(rounds=rounds)
-        print(f"matmul peak: {result['peak']['gflops']:.0f} GFLOP/s", flush=True)
+        result["peaks"] = {d: step.matmul_peak(rounds=rounds, dtype=d) for d in dtypes}
+        result["peak"] = result["peaks"][dtypes[0]]
+        for d, peak in result["peaks"].items():
+            print(f"matmul peak {d}: {peak['gflops']:.0f} GFLOP/s", flush=True)
     if "step" in sections:
         rows = []
-        for name, width, batch in SIZES:
-            flops = step.train_flops(scaled_features(PAPER_FEATURES, width), batch, 32)
-            ours = step.time_jax(width, batch, rounds=rounds)
-            torch = step.time_torch(width, batch, rounds=rounds)
-            row = {"size": name, "width": width, "batch": batch, "train_flops": flops,
-                   "ours": ours, "torch": torch,
-                   "ours_gflops": flops / ours["min_s"] / 1e9,
-                   "torch_gflops": flops / torch["min_s"] / 1e9 if torch else None,
-                   "speedup_vs_torch": torch["min_s"] / ours["min_s"] if torch else None}
-            rows.append(row)
-            print(f"step {name}: ours {1e3 * ours['min_s']:.1f} ms"
-                  + (f", PyTorch {1e3 * torch['min_s']:.1f} ms" if torch else ""), flush=True)
+        for name, width, batch in (s for s in SIZES if s[0] in sizes):
+            for dtype in dtypes:
+                flops = step.train_flops(scaled_features(PAPER_FEATURES, width), batch, 32)
+                ours = step.time_jax(width, batch, rounds=rounds, dtype=dtype)
+                torch = step.time_torch(width, batch, rounds=rounds, dtype=dtype)
+                peak = result.get("peaks", {}).get(dtype, {}).get("gflops")
+                row = {"size": name, "width": width, "batch": batch, "dtype": dtype,
+                       "train_flops": flops, "ours": ours, "torch": torch,
+                       "ours_gflops": flops / ours["min_s"] / 1e9,
+                       "torch_gflops": flops / torch["min_s"] / 1e9 if torch else None,
+                       "speedup_vs_torch": torch["min_s"] / ours["min_s"] if torch else None,
+                       "mfu": flops / ours["min_s"] / 1e9 / peak if peak else None}
+                rows.append(row)
+                print(f"step {name} {dtype}: ours {1e3 * ours['min_s']:.2f} ms"
+                      + (f", PyTorch {1e3 * torch['min_s']:.2f} ms" if torch else ""),
+                      flush=True)
         result["step"] = rows
     if "tgd" in sections:
         modes = step.time_modes(0.25, 16, rounds=2 * rounds)
@@ -100,18 +111,21 @@ def table(r: dict[str, Any]) -> str:
     out = [f"Measured {r['date']} on {m['cpu']} ({m['cores']} cores, {m['platform']}, "
            f"jax {m['versions']['jax']}, torch {m['versions']['torch']}). Min of the "
            "timed rounds after warm-up; ratios from the same run.", ""]
-    if "peak" in r:
-        out += [f"Matmul peak (4096^2 float32): **{r['peak']['gflops']:.0f} GFLOP/s**.", ""]
+    peaks = r.get("peaks") or ({"float32": r["peak"]} if "peak" in r else {})
+    if peaks:
+        out += ["Matmul peak (4096^2): " + ", ".join(
+            f"{d} **{p['gflops']:.0f} GFLOP/s**" for d, p in peaks.items()) + ".", ""]
     if "step" in r:
-        out += ["| train step | ours | PyTorch | ours / PyTorch speed | GFLOP/s ours / PyTorch"
-                " | ours % of matmul peak |", "|---|---|---|---|---|---|"]
+        out += ["| train step | dtype | ours | PyTorch | ours / PyTorch speed | GFLOP/s ours / "
+                "PyTorch | ours % of matmul peak (MFU) |", "|---|---|---|---|---|---|---|"]
         for row in r["step"]:
             torch = row["torch"]
-            peak = r.get("peak", {}).get("gflops")
+            dtype = row.get("dtype", "float32")
+            peak = peaks.get(dtype, {}).get("gflops")
             out.append(
                 f"| {row['size']} (width {row['width']}, batch {row['batch']}, 32x32) | "
-                f"{1e3 * row['ours']['min_s']:.1f} ms | "
-                + (f"{1e3 * torch['min_s']:.1f} ms | **{row['speedup_vs_torch']:.2f}x** | "
+                f"{dtype} | {1e3 * row['ours']['min_s']:.2f} ms | "
+                + (f"{1e3 * torch['min_s']:.2f} ms | **{row['speedup_vs_torch']:.2f}x** | "
                    f"{row['ours_gflops']:.0f} / {row['torch_gflops']:.0f} |" if torch else
                    f"- | - | {row['ours_gflops']:.0f} / - |")
                 + (f" {100 * row['ours_gflops'] / peak:.0f} % |" if peak else " - |"))
@@ -155,6 +169,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sizes", default="demo,paper",
+                        help=f"step sizes, from {[s[0] for s in SIZES]}")
+    parser.add_argument("--dtypes", default="float32", help=f"step dtypes, from {DTYPES}")
     parser.add_argument("--_worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -164,10 +181,16 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {SECTIONS}")
+    sizes = tuple(s for s in args.sizes.split(",") if s)
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    for given, known, what in ((sizes, [s[0] for s in SIZES], "size"), (dtypes, DTYPES, "dtype")):
+        bad = sorted(set(given) - set(known))
+        if bad or not given:
+            parser.error(f"unknown or no {what}(s) {bad}; choose from {list(known)}")
     from tgd_jax.train import workdir
 
     out = workdir.check_writable(args.out)
-    result = run(sections, args.rounds)
+    result = run(sections, args.rounds, sizes, dtypes)
     workdir.write_json(out / "bench.json", result)
     text = table(result)
     workdir.atomic_write_bytes(out / "bench.md", (text + "\n").encode())

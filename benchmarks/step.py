@@ -1,7 +1,9 @@
 """The training step: ours (JAX/Flax, the library's own train_step) against PyTorch.
 
 Both train the same 2.5D DnCNN (3x3 convs, conv bias, BatchNorm, ReLU, residual output)
-with Adam and an MSE loss on ``(B, 32, 32, 3)`` patches, in float32.
+with Adam and an MSE loss on ``(B, 32, 32, 3)`` patches, in float32 or with bfloat16
+computation (parameters and optimizer state stay float32 in both: Flax's ``dtype``, and
+PyTorch's autocast). On a GPU, PyTorch runs on the GPU too.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def _batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def jax_step(width: float, batch: int, size: int = 32, mode: str = "plain",
-             devices: int | None = None) -> tuple[Any, Any, Any]:
+             devices: int | None = None, dtype: str = "float32") -> tuple[Any, Any, Any]:
     """``(fn, state, batch)``: ``fn(state, batch)`` is one jitted, data-parallel step.
 
-    ``mode``: ``plain`` (no TGD), ``projected`` or ``paper`` (TGD plan at phi 0.3).
+    ``mode``: ``plain`` (no TGD), ``projected`` or ``paper`` (TGD plan at phi 0.3);
+    ``dtype``: the computation dtype (``float32`` or ``bfloat16``).
     """
-    model = DnCNN(width_multiplier=width, use_gates=mode == "paper")
+    model = DnCNN(width_multiplier=width, use_gates=mode == "paper", dtype=jnp.dtype(dtype))
     variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     inner = optim.make_optimizer(num_steps=1000, learning_rate=1e-3)
     plan = None
@@ -66,9 +69,9 @@ def jax_step(width: float, batch: int, size: int = 32, mode: str = "plain",
 
 
 def runner(width: float, batch: int, *, mode: str = "plain",
-           devices: int | None = None) -> Any:
+           devices: int | None = None, dtype: str = "float32") -> Any:
     """A no-argument function running one blocking step (the state carried along)."""
-    fn, state, data = jax_step(width, batch, mode=mode, devices=devices)
+    fn, state, data = jax_step(width, batch, mode=mode, devices=devices, dtype=dtype)
     holder = {"state": state}
 
     def run() -> None:
@@ -80,9 +83,10 @@ def runner(width: float, batch: int, *, mode: str = "plain",
 
 
 def time_jax(width: float, batch: int, *, mode: str = "plain", rounds: int = 5,
-             number: int = 3, devices: int | None = None) -> dict[str, Any]:
-    return time_rounds(runner(width, batch, mode=mode, devices=devices), rounds=rounds,
-                       number=number)
+             number: int = 3, devices: int | None = None, dtype: str = "float32"
+             ) -> dict[str, Any]:
+    return time_rounds(runner(width, batch, mode=mode, devices=devices, dtype=dtype),
+                       rounds=rounds, number=number)
 
 
 def time_modes(width: float, batch: int, *, rounds: int = 5, number: int = 3
@@ -94,12 +98,16 @@ def time_modes(width: float, batch: int, *, rounds: int = 5, number: int = 3
 
 
 def time_torch(width: float, batch: int, *, rounds: int = 5, number: int = 3,
-               size: int = 32) -> dict[str, Any] | None:
-    """The same step in PyTorch (channels_last, oneDNN), or None if torch is missing."""
+               size: int = 32, dtype: str = "float32") -> dict[str, Any] | None:
+    """The same step in PyTorch (channels_last; oneDNN on a CPU, cuDNN with autotuning on
+    the GPU when JAX runs on one), or None if torch is missing."""
     try:
         import torch
     except ImportError:
         return None
+    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cudnn.benchmark = True
     features = scaled_features(PAPER_FEATURES, width)
     layers: list[Any] = []
     c_in = 3
@@ -110,27 +118,32 @@ def time_torch(width: float, batch: int, *, rounds: int = 5, number: int = 3,
         if i < len(features) - 1:
             layers.append(torch.nn.ReLU())
         c_in = c_out
-    net = torch.nn.Sequential(*layers).to(memory_format=torch.channels_last)
+    net = torch.nn.Sequential(*layers).to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     data = _batch(batch, size)
-    x = torch.from_numpy(data["inputs"]).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
-    y = torch.from_numpy(data["targets"]).permute(0, 3, 1, 2).contiguous(
-        memory_format=torch.channels_last)
+    x, y = (torch.from_numpy(data[k]).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last).to(device) for k in ("inputs", "targets"))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=dtype == "bfloat16")
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = torch.mean((x - net(x) - y) ** 2)
+        with autocast:
+            loss = torch.mean((x - net(x).float() - y) ** 2)
         loss.backward()
         opt.step()
+        if cuda:
+            torch.cuda.synchronize()
 
     return {**time_rounds(run, rounds=rounds, number=number),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": device.type}
 
 
-def matmul_peak(n: int = 4096, rounds: int = 5) -> dict[str, float]:
-    """GFLOP/s of an ``n x n`` float32 matmul in JAX: the machine's practical peak."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak(n: int = 4096, rounds: int = 5, dtype: str = "float32") -> dict[str, Any]:
+    """GFLOP/s of an ``n x n`` matmul in JAX: the machine's practical peak for ``dtype``
+    (the denominator of the MFU figures). On a GPU, float32 matmuls use XLA's default
+    precision (TF32 tensor cores on Ampere and later)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     t = time_rounds(lambda: jax.block_until_ready(f(a)), rounds=rounds, number=1)
-    return {**t, "gflops": 2 * n ** 3 / t["min_s"] / 1e9, "n": n}
+    return {**t, "gflops": 2 * n ** 3 / t["min_s"] / 1e9, "n": n, "dtype": dtype}
