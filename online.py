@@ -33,7 +33,7 @@ _PHI = flags.DEFINE_float("phi", None, "KSE threshold (default 0.4). Same as "
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_start()
+    cli.start()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value

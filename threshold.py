@@ -33,7 +33,7 @@ flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_start()
+    cli.start()
     with cli.reported("threshold.py"):
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv: list[str]) -> None:
-    cli.quiet_start()
+    cli.start()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.run("train.py", pipeline.train, _CONFIG.value, _WORKDIR.value)

@@ -11,7 +11,9 @@ and ``bench.md`` (the table). PyTorch, scikit-learn and scikit-image comparisons
 Sections: ``peak`` (4096^2 float32 matmul), ``step`` (train step, ours vs PyTorch, demo and
 paper widths, with FLOP rates), ``tgd`` (plain / projected / paper step at demo width),
 ``kse`` (paper network, cold and warm, vs the scikit-learn loop), ``osem`` (vs
-scikit-image), ``scaling`` (the demo step on 1 / 2 / 4 host devices, separate processes).
+scikit-image), ``scaling`` (the demo step on 1 / 2 / 4 host devices, separate processes),
+``launch`` (a one-step ``train.py``: imports, and the whole run with the persistent
+compilation cache off, filling, and filled).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import subprocess
 import sys
 from typing import Any
 
-SECTIONS = ("peak", "step", "tgd", "kse", "osem", "scaling")
+SECTIONS = ("peak", "step", "tgd", "kse", "osem", "scaling", "launch")
 #: (name, width multiplier, global batch) of the step sizes; the first two are the
 #: default (the demo's and the paper's); the large batches keep a GPU busy.
 SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32), ("paper-b256", 1.0, 256),
@@ -102,6 +104,12 @@ def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo"
             print(f"{devices} device(s): {1e3 * scaling[devices]['min_s']:.1f} ms", flush=True)
         result["scaling"] = {str(d): {**t, "speedup": scaling[1]["min_s"] / t["min_s"]}
                              for d, t in scaling.items()}
+    if "launch" in sections:
+        from benchmarks import launch
+
+        result["launch"] = launch.measure()
+        print("launch: " + ", ".join(f"{k} {v:.1f}" for k, v in result["launch"].items()),
+              flush=True)
     return result
 
 
@@ -138,9 +146,12 @@ def table(r: dict[str, Any]) -> str:
     if "kse" in r:
         k = r["kse"]
         sk = k["sklearn"]
+        cached = k.get("cold_cached")
         out += [f"KSE of the paper network (7 layers): warm **{1e3 * k['warm']['min_s']:.0f} "
                 f"ms**, cold {k['cold']['first_call_s']:.2f} s (first call in a fresh "
                 "process, compilation included)"
+                + (f", cold with the persistent compilation cache filled "
+                   f"**{cached['first_call_s']:.2f} s**" if cached else "")
                 + (f"; scikit-learn NearestNeighbors loop (density only) "
                    f"{1e3 * sk['min_s']:.0f} ms, so ours is **"
                    f"{sk['min_s'] / k['warm']['min_s']:.1f}x** warm." if sk else "."), ""]
@@ -155,6 +166,12 @@ def table(r: dict[str, Any]) -> str:
                 f"{o['ours_slices_per_s']:.1f} slices/s, scikit-image "
                 f"{o['skimage_slices_per_s']:.1f} slices/s: **{o['ratio']:.1f}x** (liver "
                 f"mean {o['liver_mean_ours']:.3f} vs {o['liver_mean_skimage']:.3f}).", ""]
+    if "launch" in r:
+        la = r["launch"]
+        out += [f"Launch: a one-step `train.py` (demo config) takes {la['cache_off_s']:.1f} s "
+                f"without the compilation cache, {la['cache_filling_s']:.1f} s filling it and "
+                f"**{la['cache_hit_s']:.1f} s** with it filled; the imports alone take "
+                f"{la['imports_s']:.1f} s.", ""]
     if "scaling" in r:
         s = r["scaling"]
         out += ["| host devices (demo step) | step | speed-up |", "|---|---|---|"]

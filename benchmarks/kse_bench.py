@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -13,11 +14,13 @@ import numpy as np
 from benchmarks.timing import time_rounds
 
 _COLD = """
-import json, time
+import json, sys, time
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
 from tgd_jax import masks
 from tgd_jax.pet.models import DnCNN
+from tgd_jax.train import parallel
+parallel.use_compilation_cache(sys.argv[1])
 model = DnCNN()
 params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
 t1 = time.perf_counter()
@@ -77,13 +80,20 @@ def measure(rounds: int = 5) -> dict[str, Any]:
 
     from tgd_jax import masks
 
-    proc = subprocess.run([sys.executable, "-c", _COLD], capture_output=True, text=True,
-                          check=True)
-    cold = json.loads(proc.stdout.strip().splitlines()[-1])
+    def fresh_process(cache: str) -> dict[str, float]:
+        proc = subprocess.run([sys.executable, "-c", _COLD, cache], capture_output=True,
+                              text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cold = fresh_process("off")
+    with tempfile.TemporaryDirectory() as cache:
+        fresh_process(cache)  # fills the persistent compilation cache
+        cold_cached = fresh_process(cache)
     params, topology, kernels = _paper_kernels()
     warm = time_rounds(lambda: jax.block_until_ready(masks.layer_scores(params, topology)),
                        rounds=rounds)
-    result: dict[str, Any] = {"cold": cold, "warm": warm, "sklearn": None,
+    result: dict[str, Any] = {"cold": cold, "cold_cached": cold_cached, "warm": warm,
+                              "sklearn": None,
                               "largest_layer_s": profile_largest_layer(rounds)}
     if sklearn_density(kernels[-1]) is not None:  # the density alone, the costly part
         result["sklearn"] = time_rounds(lambda: [sklearn_density(k) for k in kernels],

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import jax
 import numpy as np
+
+# Commands started by the tests keep their compiled programs in a throw-away folder per
+# test process, not in the user's ~/.cache (tgd_jax.train.parallel.use_compilation_cache).
+os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-cache-"))
 
 # Threefry's XLA:CPU compile takes ~1.5 s per distinct shape on the CI machine, which would
 # dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the

@@ -133,6 +133,24 @@ def test_sigkill_then_rerun_resumes_bit_identically(toy_data, tmp_path):
     assert steps == list(range(25, 301, 25))  # no duplicates after the resume
 
 
+def test_compilation_cache_loads_programs_and_changes_no_bit(toy_data, tmp_path):
+    args = _tiny("train", toy_data["train"], "--config.num_steps=6")
+    cache = tmp_path / "cache"
+    runs = {}
+    for name, setting in (("off", "off"), ("fill", str(cache)), ("hit", str(cache))):
+        _run("train.py", f"--workdir={tmp_path / name}", *args,
+             env={**ENV, "TGD_COMPILATION_CACHE": setting})
+        runs[name] = _params_bytes(tmp_path / name)
+        recorded = json.loads((tmp_path / name / "versions.json").read_text())
+        assert recorded["compilation_cache"] == (None if setting == "off" else setting)
+        if name == "fill":
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "nothing was cached"
+    # The second process found every program it needed: nothing new was written.
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert runs["fill"] == runs["off"] and runs["hit"] == runs["off"]
+
+
 FOUR_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np

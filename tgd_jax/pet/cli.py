@@ -16,10 +16,17 @@ from absl import flags, logging
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import errors, parallel
 
-__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "quiet_start",
-           "reported", "parse_flags"]
+__all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "start",
+           "quiet_start", "reported", "parse_flags"]
 
 quiet_start = parallel.quiet_start
+
+
+def start() -> None:
+    """First line of every command's ``main``: quiet backend probing, and the persistent
+    compilation cache (``$TGD_COMPILATION_CACHE``; ``off`` disables it)."""
+    parallel.quiet_start()
+    parallel.use_compilation_cache()
 
 #: The ``configs/`` folder next to the package (a source checkout).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

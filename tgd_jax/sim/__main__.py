@@ -39,6 +39,7 @@ flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of 
 
 def main(argv: list[str]) -> None:
     parallel.quiet_start()
+    parallel.use_compilation_cache()
     with errors.reported("python -m tgd_jax.sim", verbose=FLAGS.verbose):
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -89,6 +89,7 @@ def versions() -> dict[str, Any]:
 
     out["devices"] = [str(d) for d in jax.devices()]
     out["device_count"] = jax.device_count()  # CPU: parallel.use_cpu_cores (--cpu_devices)
+    out["compilation_cache"] = jax.config.jax_compilation_cache_dir  # None: off
     return out
 
 
