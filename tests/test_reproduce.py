@@ -201,3 +201,15 @@ def test_tiny_rerun_skips_every_job(tiny_run):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "35 already done, 0 to run" in proc.stdout
+
+
+def test_bad_output_folder_is_one_line_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--preset=tiny",
+                           f"--out={blocker}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("reproduce.py: error:") and str(blocker) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
