@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
                 "python": sys.version.split()[0], "command": " ".join(sys.argv),
                 "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
                          for name, r in records.items()}})
-        collected = report_lib.collect(out.resolve(), _PRESET.value)
+        collected = report_lib.collect(out, _PRESET.value)
         path = report_lib.write(collected, out)
         report_lib.write_json(collected, out / "report.json")
     print(f"wrote {path}")
