@@ -20,6 +20,14 @@ def conv_xla(x: jax.Array, w: jax.Array) -> jax.Array:
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def conv_nchw(x: jax.Array, w: jax.Array) -> jax.Array:
+    """The same convolution with channels-first activations (the layout lever). Takes and
+    returns NHWC; the transposes sit at the ends, so XLA may keep NCHW in between."""
+    y = jax.lax.conv_general_dilated(jnp.transpose(x, (0, 3, 1, 2)), w, (1, 1), "SAME",
+                                     dimension_numbers=("NCHW", "HWIO", "NCHW"))
+    return jnp.transpose(y, (0, 2, 3, 1))
+
+
 def conv_im2col(x: jax.Array, w: jax.Array) -> jax.Array:
     """The same 'SAME' 3x3 convolution: the 9 shifted copies side by side, then one dot."""
     kh, kw, c_in, c_out = w.shape
@@ -57,10 +65,23 @@ def main() -> None:
     w = jax.random.normal(jax.random.key(2), (3, 3, 5, 4))
     error = float(jnp.max(jnp.abs(conv_xla(x, w) - conv_im2col(x, w))))
     print(f"max |xla - im2col| on a test input: {error:.2e}")
+    error = float(jnp.max(jnp.abs(conv_xla(x, w) - conv_nchw(x, w))))
+    print(f"max |xla - nchw| on a test input: {error:.2e}")
+    from benchmarks import step
+
     for name, features, batch in SIZES:
         a, b = step_time(conv_xla, features, batch), step_time(conv_im2col, features, batch)
         print(f"{name}: XLA conv {1e3 * a:.1f} ms, im2col {1e3 * b:.1f} ms "
               f"(im2col is {a / b:.2f}x the speed)")
+        c = step_time(conv_nchw, features, batch)
+        print(f"{name}: channels-first (NCHW) conv {1e3 * c:.1f} ms ({a / c:.2f}x the speed "
+              "of NHWC)")
+        # The fused-BatchNorm lever's ceiling: what the whole step spends beyond the
+        # convolutions (BatchNorm, bias, loss, Adam) is all a fused BatchNorm could save.
+        width = features[0] / 64
+        full = step.time_jax(width, batch, rounds=5)["min_s"]
+        print(f"{name}: the conv stack (forward + backward, ReLU) is {1e3 * a:.1f} ms of the "
+              f"full train step's {1e3 * full:.1f} ms ({100 * a / full:.0f} %)")
 
 
 if __name__ == "__main__":

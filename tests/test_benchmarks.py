@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import __main__ as bench
 from benchmarks import step
-from benchmarks.im2col_conv import conv_im2col, conv_xla
+from benchmarks.im2col_conv import conv_im2col, conv_nchw, conv_xla
 
 
 def test_flop_count_by_hand():
@@ -44,6 +44,7 @@ def test_im2col_is_the_same_convolution():
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 5))
     w = jax.random.normal(jax.random.key(2), (3, 3, 5, 4))
     assert jnp.allclose(conv_xla(x, w), conv_im2col(x, w), atol=1e-4)
+    assert jnp.allclose(conv_xla(x, w), conv_nchw(x, w), atol=1e-5)
 
 
 def test_the_table_reports_every_section():
