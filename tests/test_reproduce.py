@@ -114,6 +114,15 @@ def test_a_job_made_by_another_command_is_not_reused(tmp_path):
         rp.run([changed], tmp_path, workers=1, log=lambda m: None)
 
 
+def test_a_finished_job_whose_input_is_gone_or_newer_is_refused(tmp_path):
+    jobs = [_job("a", tmp_path), _job("b", tmp_path, deps=("a",))]
+    rp.run(jobs, tmp_path, workers=1, log=lambda m: None)
+    (tmp_path / "jobs" / "a.json").unlink()  # a's output is to be made again
+    with pytest.raises(UsageError, match="out of date: b"):
+        rp.run(jobs, tmp_path, workers=1, log=lambda m: None)
+    assert not (tmp_path / "jobs" / "a.json").exists()  # nothing ran
+
+
 # --- the report's rules ---------------------------------------------------------------------
 
 

@@ -279,3 +279,25 @@ def test_noise_levels_are_read_per_version():
     assert report.noise_levels_ok(v2_target_noisy)[0] is False
     swapped = {"v2": {"low": cov["v2"]["high"], "high": cov["v2"]["low"]}}
     assert report.noise_levels_ok(swapped) == (True, False)
+
+
+def test_roles_never_share_a_patient():
+    from tgd_jax.sim import generate
+
+    # train keeps its original stream: fold_in(key(seed), index)
+    for i in (0, 3):
+        expected = jax.random.fold_in(simulation_key(5), i)
+        assert np.array_equal(jax.random.key_data(generate.study_key("train", i, 5)),
+                              jax.random.key_data(expected))
+    keys = {role: [jax.random.key_data(generate.study_key(role, i, 5)).tolist()
+                   for i in range(3)] for role in generate.ROLE_STREAMS}
+    flat = [tuple(k) for ks in keys.values() for k in ks]
+    assert len(set(flat)) == len(flat)  # every study of every role has its own key
+    # and the phantoms differ: study 0 of train and of test, both high BMI, same seed
+    spec = {role: generate.RoleSpec(role, 1, 2, high_bmi_fraction=1.0, versions=("v2",),
+                                    levels=(), realisations=2 if role == "test" else 0)
+            for role in ("train", "test")}
+    truth = {role: generate.make_study(spec[role], 0, 5, SimConfig(n_slices=2)).truth
+             for role in spec}
+    change = np.abs(truth["train"] - truth["test"]).sum() / np.abs(truth["train"]).sum()
+    assert change > 0.05, change

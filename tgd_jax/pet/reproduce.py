@@ -11,7 +11,8 @@ alone would make). Everything lands in ``runs/<preset>/``:
   ``eval/<network>-<version>/`` its test metrics, ``logs/<job>.log`` each job's output;
 * ``jobs/<job>.json`` written when a job succeeds: its command line and wall time. A job
   whose record holds the same command line is skipped; a job that was killed is rerun and
-  its command resumes from its last checkpoint;
+  its command resumes from its last checkpoint; a finished job whose input job is missing
+  or newer is refused as out of date (its outputs would otherwise be reused);
 * ``reproduce.json`` (preset, versions, every job's wall time) and ``report.md`` with its
   figures (:mod:`tgd_jax.pet.report`), written from those files only.
 """
@@ -307,6 +308,7 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     records = {j.name: json.loads(_record_path(out, j).read_text())
                for j in jobs if done(out, j)}
+    _refuse_stale(jobs, records, out)
     todo = [j for j in jobs if j.name not in records]
     total_weight = sum(j.weight for j in todo) or 1.0
     log(f"reproduce: {len(jobs)} jobs, {len(records)} already done, {len(todo)} to run, "
@@ -371,6 +373,21 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
                        f"{out / 'logs' / (failed[0] + '.log')}. Rerun the same command to "
                        "resume: finished jobs are skipped")
     return records
+
+
+def _refuse_stale(jobs: Sequence[Job], records: Mapping[str, Any], out: Path) -> None:
+    """A finished job whose input job must run again, or ran after it, was made from other
+    inputs: its outputs would be reused silently (a command resumes a finished workdir as
+    done), so the run stops and names them."""
+    stale = [j.name for j in jobs if j.name in records and any(
+        d not in records or records[d]["finished"] > records[j.name]["finished"]
+        for d in j.deps)]
+    if stale:
+        raise UsageError(
+            f"{len(stale)} finished job(s) in {out} depend on jobs that are missing or newer, "
+            f"so their outputs are out of date: {', '.join(stale[:8])}"
+            + (" ..." if len(stale) > 8 else "") + ". Remove their records "
+            f"({out / 'jobs'}/<job>.json) and outputs, then rerun")
 
 
 def _last_line(path: Path) -> str:

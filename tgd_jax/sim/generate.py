@@ -8,7 +8,9 @@
 * ``online``: one study with out-of-distribution features (hot bladder, catheter): a 120 s
   scan split into two 60 s noise-2-noise halves.
 
-Study ``i`` of a dataset with seed ``s`` is simulated from ``fold_in(key(s), i)``.
+Study ``i`` of a training set with seed ``s`` is simulated from ``fold_in(key(s), i)``; the
+other roles each have a stream of their own (:func:`study_key`), so no role repeats another
+role's patients.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from tgd_jax.sim.recon import VERSIONS
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
 from tgd_jax.train.dataset import write_dataset
 
-__all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "make_study", "generate_role",
+__all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "ROLE_STREAMS", "study_key", "make_study",
+           "generate_role",
            "spec_from_args", "describe"]
 
 PAPER_LEVELS: tuple[float, ...] = (30, 45, 60, 90, 120, 180)
@@ -67,9 +70,29 @@ def _bmi(i: int, n: int, high_fraction: float) -> str:
     return "high" if i < round(high_fraction * n) else "low"
 
 
+#: Each role draws its studies from its own random stream, so that no study of one role is
+#: another role's patient: with one stream, study ``i`` of every role had the same key, and a
+#: test study with the same BMI class as a training or fine-tuning study of the same index
+#: was that patient again (measured: the same phantom up to the inserted lesion). ``train``
+#: keeps the original stream, so training sets are unchanged.
+ROLE_STREAMS: dict[str, int | None] = {"train": None, "finetune": 1, "test": 2, "online": 3}
+
+
+def study_key(role: str, index: int, seed: int) -> jax.Array:
+    """The key of study ``index`` of ``role``: ``fold_in(key(seed), index)`` for ``train``,
+    a stream of its own for every other role."""
+    key = simulation_key(seed)
+    stream = ROLE_STREAMS[role]
+    if stream is not None:
+        key = jax.random.fold_in(key, 1_000_000 + stream)  # far from any study index
+    return jax.random.fold_in(key, index)
+
+
 def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Study:
     """Study ``index`` of a dataset: fully determined by (spec, index, seed, config)."""
-    key = jax.random.fold_in(simulation_key(seed), index)
+    if spec.role not in ROLE_STREAMS:
+        raise ValueError(f"unknown role {spec.role!r}")
+    key = study_key(spec.role, index, seed)
     common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
                   versions=spec.versions, ood=spec.ood)
     if spec.role in ("train", "finetune"):
