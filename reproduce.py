@@ -47,15 +47,17 @@ def main(argv: list[str]) -> None:
         workdir_lib.check_writable(out)
         jobs = rp.plan(_PRESET.value, out.resolve())
         if not _REPORT_ONLY.value:
-            workers = _JOBS.value or default_workers()
+            gpus = _gpu_names()
+            workers = _JOBS.value or default_workers(gpus)
+            where = machine(gpus)
             t0 = time.monotonic()
             started = time.strftime("%Y-%m-%dT%H:%M:%S")
-            print(f"reproduce.py --preset={_PRESET.value}: {machine()}; output in {out}/",
+            print(f"reproduce.py --preset={_PRESET.value}: {where}; output in {out}/",
                   flush=True)
             records = rp.run(jobs, out.resolve(), workers=workers,
                              log=lambda m: print(m, flush=True))
             workdir_lib.write_json(out / "reproduce.json", {
-                "preset": _PRESET.value, "started": started, "machine": machine(),
+                "preset": _PRESET.value, "started": started, "machine": where,
                 "workers": workers, "wall_s": time.monotonic() - t0,
                 "python": sys.version.split()[0], "command": " ".join(sys.argv),
                 "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
@@ -68,10 +70,10 @@ def main(argv: list[str]) -> None:
         print(f"{i}. [{verdict}] {claim}\n   {evidence}")
 
 
-def default_workers() -> int:
+def default_workers(gpus: list[str]) -> int:
     """One job per core (up to 4) on a CPU-only machine; 1 when a GPU is visible (jobs would
     compete for its memory)."""
-    if _gpu_names():
+    if gpus:
         return 1
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -86,8 +88,8 @@ def _gpu_names() -> list[str]:
     return [ln for ln in result.stdout.splitlines() if ln.startswith("GPU")]
 
 
-def machine() -> str:
-    """The CPU model and core count (and any GPU), without starting JAX here."""
+def machine(gpus: list[str]) -> str:
+    """The CPU model and core count (and the GPUs), without starting JAX here."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -97,7 +99,6 @@ def machine() -> str:
     except OSError:
         pass
     text = f"{cpu}, {os.cpu_count()} cores"
-    gpus = _gpu_names()
     return text + (f", {'; '.join(gpus)}" if gpus else "")
 
 

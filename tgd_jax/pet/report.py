@@ -349,33 +349,34 @@ def _metrics(workdir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _forgetting(c) -> list[str]:
-    labels = ["input", "v1-net", *_labels(c, "finetune")]
-    lines = ["## Forgetting: the old task (v1 test images)", "",
-             "Each fine-tuned network on the v1 images of the test studies, which no network "
-             "saw, next to v1-net: each network's mean over the low- and the high-BMI study, "
-             "then mean ± sd over seeds.", "",
-             "| network | lesion bias % | liver CoV % | PSNR dB | SSIM |", "|---|---|---|---|---|"]
+#: Columns of the per-network image-quality tables: (metric key, decimals).
+QUALITY = (("lesion_bias_pct", 2), ("liver_cov_pct", 2), ("psnr_db", 2), ("ssim", 4))
+
+
+def _quality_table(c, labels: Sequence[str], *, version: str, bmi: str | None) -> list[str]:
+    """lesion bias, liver CoV, PSNR and SSIM per system (mean ± sd over seeds)."""
+    lines = ["| network | lesion bias % | liver CoV % | PSNR dB | SSIM |", "|---|---|---|---|---|"]
     for label in labels:
-        lines.append(
-            f"| {label} | {metric(c, label, 'lesion_bias_pct', version='v1', bmi=None)} | "
-            f"{metric(c, label, 'liver_cov_pct', version='v1', bmi=None)} | "
-            f"{metric(c, label, 'psnr_db', version='v1', bmi=None)} | "
-            f"{fmt(metric(c, label, 'ssim', version='v1', bmi=None), 4)} |")
-    return lines + [""]
+        cells = [fmt(metric(c, label, key, version=version, bmi=bmi), digits)
+                 for key, digits in QUALITY]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _forgetting(c) -> list[str]:
+    return ["## Forgetting: the old task (v1 test images)", "",
+            "Each fine-tuned network on the v1 images of the test studies, which no network "
+            "saw, next to v1-net: each network's mean over the low- and the high-BMI study, "
+            "then mean ± sd over seeds.", "",
+            *_quality_table(c, ["input", "v1-net", *_labels(c, "finetune")], version="v1",
+                            bmi=None), ""]
 
 
 def _high_bmi(c) -> list[str]:
-    labels = ["input", *_labels(c, "train"), *_labels(c, "finetune")]
-    lines = ["## High-BMI retention (v2 images of the high-BMI test study)", "",
-             "Fine-tuning used low-BMI studies only; v1-net and v2-net saw both classes.", "",
-             "| network | lesion bias % | liver CoV % | PSNR dB | SSIM |", "|---|---|---|---|---|"]
-    for label in labels:
-        lines.append(f"| {label} | {metric(c, label, 'lesion_bias_pct', bmi='high')} | "
-                     f"{metric(c, label, 'liver_cov_pct', bmi='high')} | "
-                     f"{metric(c, label, 'psnr_db', bmi='high')} | "
-                     f"{fmt(metric(c, label, 'ssim', bmi='high'), 4)} |")
-    return lines + [""]
+    return ["## High-BMI retention (v2 images of the high-BMI test study)", "",
+            "Fine-tuning used low-BMI studies only; v1-net and v2-net saw both classes.", "",
+            *_quality_table(c, ["input", *_labels(c, "train"), *_labels(c, "finetune")],
+                            version="v2", bmi="high"), ""]
 
 
 def _threshold(c, figures) -> list[str]:
@@ -473,22 +474,21 @@ def _cost(c) -> list[str]:
 # ----------------------------------------------------------------------------- claims
 
 
+#: The verdict of a comparison that needs a seed spread, with one seed.
+ONE_SEED = "not measurable here (one seed)"
+
+
 def claims(c: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) per claim of the paper, by the rules in :data:`RULES`."""
     result = []
     seeds = len(rp.PRESETS[c["preset"]].seeds)
-
-    def verdict_of(cmp: int | None, good: Sequence[int]) -> str:
-        if cmp is None:
-            return "not measurable here (one seed)"
-        return "supported" if cmp in good else "not supported"
 
     # 1. On par with v2-net.
     b_t, b_2 = (metric(c, lab, "lesion_bias_pct", absolute=True) for lab in ("TGD-net", "v2-net"))
     v_t, v_2 = (metric(c, lab, "liver_cov_pct") for lab in ("TGD-net", "v2-net"))
     cb, cv = compare(b_t, b_2), compare(v_t, v_2)
     if cb is None or cv is None:
-        v = "not measurable here (one seed)"
+        v = ONE_SEED
     else:
         v = "supported" if cb <= 0 and cv <= 0 else "not supported"
     result.append(("TGD-net performs on par with v2-net on the low-BMI test study (lesion bias, "
@@ -512,7 +512,7 @@ def claims(c: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     # 3. Table 1 ordering: TGD-net's lesion bias is the smallest.
     b_f, b_1 = (metric(c, lab, "lesion_bias_pct", absolute=True) for lab in ("FT-net", "v1-net"))
     cf, c1 = compare(b_t, b_f), compare(b_t, b_1)
-    v = ("not measurable here (one seed)" if cf is None or c1 is None else
+    v = (ONE_SEED if cf is None or c1 is None else
          "supported" if cf < 0 and c1 < 0 else "not supported")
     result.append(("TGD-net has a smaller lesion bias than FT-net and v1-net on v2 images "
                    "(Table 1).", v,
@@ -523,7 +523,7 @@ def claims(c: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     hv = {lab: metric(c, lab, "liver_cov_pct", bmi="high") for lab in ("TGD-net", "FT-net",
                                                                        "v1-net")}
     cmps = [compare(hb["TGD-net"], hb["v1-net"]), compare(hv["TGD-net"], hv["v1-net"])]
-    v = ("not measurable here (one seed)" if None in cmps else
+    v = (ONE_SEED if None in cmps else
          "supported" if all(x <= 0 for x in cmps) else "not supported")
     result.append(("TGD-net, fine-tuned on low-BMI studies only, keeps v1-net's performance on "
                    "the high-BMI patient.", v,
@@ -533,7 +533,7 @@ def claims(c: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     f_t = _summary_stat(c, "TGD-net", FORGETTING)
     f_f = _summary_stat(c, "FT-net", FORGETTING)
     if f_t.n < 2:
-        v = "not measurable here (one seed)"
+        v = ONE_SEED
     else:
         v = "supported" if f_t.mean <= 2 * f_t.sd else "not supported"
     result.append(("TGD learns the new task without forgetting the old one (no old data "
@@ -597,13 +597,10 @@ def _claims(c) -> list[str]:
 
 
 def _figures(c: Mapping[str, Any], out: Path, fig_dir: Path) -> dict[str, str]:
-    figures: dict[str, str] = {}
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        return figures
+    matplotlib.use("Agg")
+    figures: dict[str, str] = {}
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731
     seed0 = rp.PRESETS[c["preset"]].seeds[0]
     panel = _panel(c, out, fig_dir / "panel.png", seed0)
