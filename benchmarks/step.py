@@ -58,7 +58,8 @@ def jax_step(width: float, batch: int, size: int = 32, mode: str = "plain",
     inner = optim.make_optimizer(num_steps=1000, learning_rate=1e-3)
     plan = None
     if mode != "plain":
-        plan = methods.tgd_plan(variables["params"], model.topology(), 0.3, mode=mode)
+        plan = methods.tgd_plan(variables["params"], model.topology(), 0.3, mode=mode,
+                                batch_stats=variables["batch_stats"])
     tx = inner if plan is None else plan.optimizer(inner)
     state = step.create_train_state(variables, tx, plan)
     mesh = parallel.make_mesh(devices or 0)

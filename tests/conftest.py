@@ -22,7 +22,7 @@ def reference_normalize(x: np.ndarray) -> np.ndarray:
     lo, hi = x.min(), x.max()
     if hi - lo > 1e-5 * hi:  # the library's tie tolerance (float32 rounding)
         return (x - lo) / (hi - lo)
-    return x / hi if hi > 0 else np.zeros_like(x)
+    return np.ones_like(x) if hi > 0 else np.zeros_like(x)
 
 
 def reference_kse(kernel, alpha: float = 1.0, k: int = 5):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,22 @@ def test_resolve_errors(tmp_path, pretrained):
         checkpoints.resolve(tmp_path)
     with pytest.raises(checkpoints.CheckpointError, match=r"no checkpoint at step 5 \(have"):
         checkpoints.resolve(pretrained, "5")
+
+
+def test_keep_steps_are_kept_for_good_and_validated(toy_data, tmp_path):
+    from conftest import quiet, tiny_train_config
+
+    from tgd_jax.pet import pipeline
+
+    config = tiny_train_config(toy_data["train"], keep_checkpoints=1, keep_steps=(3, 5),
+                               num_steps=8, eval_every=4)
+    pipeline.train(config, tmp_path, log=quiet)
+    # rotation keeps only the newest of the regular ones; 3 and 5 stay, with their metadata
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [8]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["3", "5"]
+    restored = checkpoints.restore(tmp_path / "kept" / "3")
+    assert restored.meta["step"] == 3 and restored.meta["val_loss"] is not None
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in json.loads(line)]
+    assert {3, 4, 5, 8} <= set(steps)

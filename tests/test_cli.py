@@ -162,10 +162,9 @@ FOUR_DEVICES = textwrap.dedent("""
         c.data.path = sys.argv[1]
         c.batch_size = 8
         c.num_steps = 6
-        # SGD: Adam turns the rounding noise of exactly-zero gradients (conv biases before
-        # BatchNorm) into full-size steps, which no reduction order can make equal.
-        c.optimizer.name = "sgd"
-        c.optimizer.learning_rate = 0.01
+        # The default optimizer (Adam + coupled L2): it turns the rounding noise of an
+        # exactly-zero gradient into a full-size step, so this holds only because the
+        # DnCNN has no dead parameters (no conv bias before a BatchNorm).
         for k, v in kw.items():
             setattr(c, k, v)
         return c

@@ -19,22 +19,23 @@ def _shapes(model, size=32):
 
 def test_paper_parameter_count():
     params = _shapes(DnCNN())["params"]
-    # By hand: 3x3 conv = 9 * C_in * C_out weights + C_out biases; BN = scale + offset.
+    # By hand: 3x3 conv = 9 * C_in * C_out weights (+ C_out biases where no BatchNorm
+    # follows: conv1 and conv8); BN = scale + offset.
     expected = {
         "conv1": 9 * 3 * 64 + 64,  # 1,792
-        "conv2": 9 * 64 * 64 + 64,  # 36,928
-        "conv3": 9 * 64 * 128 + 128,  # 73,856
-        "conv4": 9 * 128 * 128 + 128,  # 147,584
-        "conv5": 9 * 128 * 128 + 128,  # 147,584
-        "conv6": 9 * 128 * 256 + 256,  # 295,168
-        "conv7": 9 * 256 * 256 + 256,  # 590,080
+        "conv2": 9 * 64 * 64,  # 36,864
+        "conv3": 9 * 64 * 128,  # 73,728
+        "conv4": 9 * 128 * 128,  # 147,456
+        "conv5": 9 * 128 * 128,  # 147,456
+        "conv6": 9 * 128 * 256,  # 294,912
+        "conv7": 9 * 256 * 256,  # 589,824
         "conv8": 9 * 256 * 3 + 3,  # 6,915
         "bn2": 2 * 64, "bn3": 2 * 128, "bn4": 2 * 128, "bn5": 2 * 128,
         "bn6": 2 * 256, "bn7": 2 * 256,
     }
     got = {name: sum(x.size for x in jax.tree.leaves(p)) for name, p in params.items()}
     assert got == expected
-    assert sum(got.values()) == 1_301_827
+    assert sum(got.values()) == 1_300_867
 
 
 def test_layer_layout_matches_topology():

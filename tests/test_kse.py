@@ -101,7 +101,25 @@ def test_constant_scores_are_all_ones():
     # Every input channel sees the same multiset of kernels: no channel can be told apart.
     base = np.asarray(jax.random.normal(jax.random.key(5), (3, 3, 1, 5)))
     w = np.concatenate([base[..., np.roll(np.arange(5), r)] for r in range(4)], axis=2)
-    np.testing.assert_allclose(kse.kse_scores(w), np.ones(4), atol=1e-6)
+    np.testing.assert_array_equal(kse.kse_scores(w), np.ones(4))  # exactly: see below
+
+
+def test_extremes_are_exactly_zero_and_one():
+    # The normalisation promises one channel at exactly 0 and one at exactly 1; XLA's
+    # division by a reciprocal once gave 0.99999994 in 5 of these 20 layers.
+    for seed in range(20):
+        scores = np.asarray(kse.kse_scores(jax.random.normal(jax.random.key(seed),
+                                                             (3, 3, 8, 16))))
+        assert scores.max() == 1.0 and scores.min() == 0.0, (seed, scores.min(), scores.max())
+    # identical channels score exactly 1, so even phi = 1 keeps them frozen
+    w = np.ones((3, 3, 4, 4), np.float32) * np.arange(1, 5, dtype=np.float32)
+    assert not np.any(np.asarray(kse.kse_scores(w)) < 1.0)
+
+
+@pytest.mark.parametrize("alpha", [-1.0, -2.0, -0.1, float("nan"), float("inf")])
+def test_rejects_alpha_that_could_give_nan(alpha):
+    with pytest.raises(ValueError, match="alpha must be finite and >= 0"):
+        kse.kse_scores(jnp.ones((3, 3, 2, 4)), alpha=alpha)
 
 
 def test_all_zero_kernels_score_zero():

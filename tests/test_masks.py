@@ -12,6 +12,7 @@ from conftest import OTHER_TOPOLOGY_ARGS, OtherNet, reference_kse
 
 from tgd_jax import masks
 from tgd_jax.methods import tgd_plan
+from tgd_jax.pet.models import DnCNN
 from tgd_jax.topology import (
     ConvNode,
     dncnn_topology,
@@ -56,7 +57,9 @@ def test_dncnn_rule_matches_reference(tiny_dncnn, phi, first):
         m = result.mask[node.conv]
         assert m["kernel"].shape == (1, 1, 1, channel.size)
         np.testing.assert_array_equal(m["kernel"].reshape(-1), channel)
-        np.testing.assert_array_equal(m["bias"], channel)
+        assert ("bias" in m) == (node.norm is None)  # a conv before a BatchNorm has none
+        if "bias" in m:
+            np.testing.assert_array_equal(m["bias"], channel)
         if node.norm is not None:
             np.testing.assert_array_equal(result.mask[node.norm]["scale"], channel)
             np.testing.assert_array_equal(result.mask[node.norm]["bias"], channel)
@@ -157,7 +160,8 @@ def test_summary_counts_and_json(tiny_dncnn):
     for entry, node in zip(summary["layers"], topology, strict=True):
         kernel = params[node.conv]["kernel"]
         n = int(np.sum(result.channels[node.conv]))
-        per_channel = int(np.prod(kernel.shape[:-1])) + 1 + (2 if node.norm else 0)
+        bias = int("bias" in params[node.conv])
+        per_channel = int(np.prod(kernel.shape[:-1])) + bias + (2 if node.norm else 0)
         assert entry["channels_retrained"] == n
         assert entry["params_retrained"] == n * per_channel
         assert entry["params_total"] == kernel.shape[-1] * per_channel
@@ -194,13 +198,14 @@ def test_drop_kernels_zeroes_useless_feature_maps(tiny_dncnn):
     assert np.any(np.asarray(bn3_out)[..., ~dropped_channels] != 0.0)
 
 
-def test_freeze_batch_stats(tiny_dncnn):
+def test_statistics_mask_and_keep_frozen(tiny_dncnn):
     model, variables = tiny_dncnn
-    result = tgd_plan(variables["params"], model.topology(), 0.5)
+    result = tgd_plan(variables["params"], model.topology(), 0.5,
+                      batch_stats=variables["batch_stats"])
     x = 3.0 + jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
     _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     old, new = variables["batch_stats"], updated["batch_stats"]
-    kept = masks.freeze_batch_stats(old, new, result.mask)
+    kept = masks.keep_frozen(old, new, result.stats_mask)
     for bn, conv in [("bn2", "conv2"), ("bn3", "conv3"), ("bn4", "conv4")]:
         channel = np.asarray(result.channels[conv])
         assert channel.any() and not channel.all(), "the test needs frozen and retrained"
@@ -208,11 +213,15 @@ def test_freeze_batch_stats(tiny_dncnn):
             np.testing.assert_array_equal(kept[bn][stat][~channel], old[bn][stat][~channel])
             np.testing.assert_array_equal(kept[bn][stat][channel], new[bn][stat][channel])
             assert np.all(np.asarray(new[bn][stat]) != np.asarray(old[bn][stat]))
-    # A BN whose params mask is None is frozen entirely.
-    none_mask = jax.tree.map(lambda _: None, variables["params"])
-    kept = masks.freeze_batch_stats(old, new, none_mask)
+    # A None leaf keeps the old value entirely.
+    kept = masks.keep_frozen(old, new, jax.tree.map(lambda _: None, old))
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(old), strict=True):
         np.testing.assert_array_equal(a, b)
+    # With every channel in inference mode, no statistic may change.
+    inference = tgd_plan(variables["params"], model.topology(), 0.5, retrained_bn="running",
+                         batch_stats=variables["batch_stats"])
+    assert not any(np.any(m) for m in jax.tree.leaves(inference.stats_mask))
+    assert all(np.all(f) for f in inference.frozen_bn.values())
 
 
 def test_sequential_topology_errors():
@@ -237,7 +246,7 @@ def test_last_layer_policy_and_its_gate_stays_open(tiny_dncnn):
     np.testing.assert_array_equal(frozen.gates["gate_last"]["mask"], np.ones(3, bool))
     np.testing.assert_array_equal(frozen.gates["gate_conv4"]["mask"], frozen.channels["conv4"])
     trained = tgd_plan(params, topology, 0.5, last="train")
-    assert np.all(trained.channels["conv5"]) and np.all(trained.mask["conv5"]["bias"])
+    assert np.all(trained.channels["conv5"]) and np.all(trained.mask["conv5"]["kernel"])
     projected = tgd_plan(params, topology, 0.5, mode="projected")
     assert projected.gates == {}  # no gated backward pass: the model needs no gates
 
@@ -258,3 +267,8 @@ def test_paper_mode_needs_gates_in_the_topology(tiny_dncnn):
     with pytest.raises(ValueError, match="names no TGD gates"):
         tgd_plan(variables["params"], no_gates, 0.5, mode="paper")
     assert tgd_plan(variables["params"], no_gates, 0.5, mode="projected").gates == {}
+    # A DnCNN built without gates says so: paper mode is refused, not run as projected.
+    plain = DnCNN(features=model.features)
+    assert not any(node.gates for node in plain.topology())
+    with pytest.raises(ValueError, match="names no TGD gates"):
+        tgd_plan(variables["params"], plain.topology(), 0.5, mode="paper")

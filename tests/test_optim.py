@@ -10,7 +10,14 @@ import pytest
 from conftest import frozen_and_retrained
 
 from tgd_jax.methods import tgd_plan
-from tgd_jax.optim import RetrainOnlyState, find_mask, replace_mask, retrain_only, tgd
+from tgd_jax.optim import (
+    RetrainOnlyState,
+    find_mask,
+    make_optimizer,
+    replace_mask,
+    retrain_only,
+    tgd,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,59 @@ def test_replace_mask_without_recompiling(problem):
 def test_mask_is_part_of_the_optimizer_state(problem):
     params, mask, _ = problem
     state = tgd(optax.adam(1e-3), mask).init(params)
-    assert isinstance(state[-1], RetrainOnlyState)
+    assert isinstance(state[0], RetrainOnlyState) and isinstance(state[-1], RetrainOnlyState)
     mask_leaves = jax.tree.leaves(mask)
     state_leaves = jax.tree.leaves(state)
-    # every mask leaf is a state leaf, so checkpointing the state saves the mask
-    assert sum(leaf.dtype == jnp.bool_ for leaf in state_leaves) == len(mask_leaves)
+    # every mask leaf is a state leaf (once per side), so checkpointing the state saves it
+    assert sum(leaf.dtype == jnp.bool_ for leaf in state_leaves) == 2 * len(mask_leaves)
+    # ... each in a buffer of its own, so that a jitted step can donate the state
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in state_leaves]
+    assert len(set(pointers)) == len(pointers)
+
+
+def test_clipping_and_l2_count_retrained_elements_only():
+    # One retrained bias (gradient -1 before clipping) beside a frozen element whose
+    # gradient is 0 or 100: the retrained update must not depend on the frozen one.
+    params = {"conv": {"kernel": jnp.full((1, 1, 1, 2), 3.0), "bias": jnp.zeros(2)}}
+    mask = {"conv": {"kernel": jnp.array([[[[False, False]]]]), "bias": jnp.array([True, False])}}
+    updates = {}
+    for frozen_grad in (0.0, 100.0):
+        grads = {"conv": {"kernel": jnp.full((1, 1, 1, 2), frozen_grad),
+                          "bias": jnp.array([-1.0, frozen_grad])}}
+        tx = make_optimizer(num_steps=1, name="sgd", momentum=0.0, learning_rate=0.5,
+                            grad_clip=1.0, l2=10.0, mask=mask)
+        u, _ = tx.update(grads, tx.init(params), params)
+        updates[frozen_grad] = u
+    # clipped over the retrained element alone (norm 1, not clipped), lr 0.5: +0.5; the L2
+    # term of the frozen kernels (10 * 3 each) is not in the norm either
+    np.testing.assert_array_equal(updates[100.0]["conv"]["bias"], [0.5, 0.0])
+    np.testing.assert_array_equal(updates[0.0]["conv"]["bias"], [0.5, 0.0])
+    np.testing.assert_array_equal(updates[100.0]["conv"]["kernel"], np.zeros((1, 1, 1, 2)))
+    # tgd() around any clipping optimizer: the same
+    tx = tgd(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5)), mask)
+    grads = {"conv": {"kernel": jnp.full((1, 1, 1, 2), 100.0), "bias": jnp.array([-1.0, 100.0])}}
+    u, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(u["conv"]["bias"], [0.5, 0.0])
+
+
+def test_weight_decay_needs_adamw_and_touches_kernels_only():
+    with pytest.raises(ValueError, match="only 'adamw' applies"):
+        make_optimizer(num_steps=1, name="adam", weight_decay=0.1)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        make_optimizer(num_steps=1, name="adamw", weight_decay=float("nan"))
+    params = {"conv": {"kernel": jnp.ones((1, 1, 1, 2)), "bias": jnp.ones(2)},
+              "bn": {"scale": jnp.ones(2)}}
+    tx = make_optimizer(num_steps=1, name="adamw", weight_decay=0.5, learning_rate=0.1)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    u, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(u["conv"]["kernel"], -0.05)  # lr * wd * w on kernels, as L2
+    np.testing.assert_array_equal(u["conv"]["bias"], 0.0)
+    np.testing.assert_array_equal(u["bn"]["scale"], 0.0)
+
+
+@pytest.mark.parametrize("new", [{"w": None}, {"w": jnp.ones((1, 2), bool)},
+                                 {"w": jnp.ones(3, bool)}], ids=["none", "rank", "size"])
+def test_replace_mask_refuses_a_different_layout(new):
+    state = tgd(optax.sgd(1.0), {"w": jnp.array([True, False])}).init({"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="new mask differs at 'w'"):
+        replace_mask(state, new)

@@ -166,14 +166,16 @@ def _batch(key=0):
 def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
     model, variables = tiny_dncnn
     params = variables["params"]
-    tgd = tgd_plan(params, model.topology(), 0.5, mode="paper")
-    tx = optim.tgd(optax.sgd(0.0), tgd.mask)
+    tgd = tgd_plan(params, model.topology(), 0.5, mode="paper",
+                   batch_stats=variables["batch_stats"])
+    tx = tgd.optimizer(optax.sgd(0.0))
     state = step.create_train_state(variables, tx, tgd)
     _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
 
     def grad_of(m, gates):
         def loss(p):
-            v = {"params": p, "batch_stats": variables["batch_stats"], **gates}
+            v = {"params": p, "batch_stats": variables["batch_stats"], **gates,
+                 masks.FROZEN_BN_COLLECTION: tgd.frozen_bn}
             y, _ = m.apply(v, _batch()["inputs"], train=True, mutable=["batch_stats"])
             return jnp.mean((y - _batch()["targets"]) ** 2)
         return jax.grad(loss)(params)
@@ -188,7 +190,8 @@ def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
     assert 0 < expected < 0.999  # the gates really change the gradient here
     np.testing.assert_allclose(float(metrics["gate_cosine"]), expected, rtol=1e-4)
 
-    open_gates = tgd_plan(params, model.topology(), 0.5, mode="projected")
+    open_gates = tgd_plan(params, model.topology(), 0.5, mode="projected",
+                          batch_stats=variables["batch_stats"])
     state = step.create_train_state(variables, tx, open_gates)
     _, metrics = step.train_step(state, _batch(), model=model, tx=tx, gate_cosine=True)
     np.testing.assert_allclose(float(metrics["gate_cosine"]), 1.0, rtol=1e-5)
@@ -223,15 +226,17 @@ def test_frozen_bn_running_equals_inference_normalisation(tiny_dncnn):
 def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dncnn):
     model, variables = tiny_dncnn
     topo = model.topology()
-    first = tgd_plan(variables["params"], topo, 0.4, mode="paper")
-    tx = optim.tgd(optax.adam(1e-2), first.mask)
+    first = tgd_plan(variables["params"], topo, 0.4, mode="paper",
+                     batch_stats=variables["batch_stats"])
+    tx = first.optimizer(optax.adam(1e-2))
     fn = jax.jit(lambda s, b: step.train_step(s, b, model=model, tx=tx))
     state = step.create_train_state(variables, tx, first)
     for i in range(3):
         state, _ = fn(state, _batch(i))
-    second = tgd_plan(state.params, topo, 0.6, mode="paper")  # fresh KSE, new phi
+    second = tgd_plan(state.params, topo, 0.6, mode="paper",  # fresh KSE, new phi
+                      batch_stats=state.batch_stats)
     assert any(bool(jnp.any(first.channels[k] != second.channels[k])) for k in first.channels)
-    state = step.replace_plan(state, second)
+    state = step.replace_plan(state, second, tx)
     before = jax.device_get(state)
     for i in range(3, 6):
         state, _ = fn(state, _batch(i))
@@ -246,7 +251,7 @@ def test_second_tgd_round_swaps_optax_mask_gates_and_bn_freeze_together(tiny_dnc
             np.testing.assert_array_equal(old, np.asarray(state.batch_stats[f"bn{i}"][name])[
                 frozen])
     with pytest.raises(ValueError, match="different tree structure"):
-        step.replace_plan(state, dataclasses.replace(second, gates={}))
+        step.replace_plan(state, dataclasses.replace(second, gates={}), tx)
 
 
 # --- fine-tuning with held-out new- and old-task sets ------------------------------------

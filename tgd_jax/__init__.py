@@ -23,13 +23,13 @@ from tgd_jax.gate import GATE_COLLECTION, TGDGate, tgd_gate
 from tgd_jax.kse import kse_scores
 from tgd_jax.masks import (
     drop_kernels,
-    freeze_batch_stats,
     gate_variables,
+    keep_frozen,
     layer_scores,
     mask_summary,
 )
 from tgd_jax.methods import METHODS, TGDPlan, plan_finetune, tgd_plan
-from tgd_jax.optim import freeze_masked, make_optimizer, replace_mask, retrain_only, tgd
+from tgd_jax.optim import make_optimizer, replace_mask, retrain_only, tgd
 from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology, validate_topology
 
 __version__ = "0.1.0"
@@ -42,9 +42,8 @@ __all__ = [
     "TGDPlan",
     "dncnn_topology",
     "drop_kernels",
-    "freeze_batch_stats",
-    "freeze_masked",
     "gate_variables",
+    "keep_frozen",
     "kse_scores",
     "layer_scores",
     "make_optimizer",

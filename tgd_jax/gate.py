@@ -9,27 +9,33 @@ parameter updates only (``mode="projected"``, the optax mask alone).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-__all__ = ["GATE_COLLECTION", "tgd_gate", "TGDGate"]
+__all__ = ["GATE_COLLECTION", "tgd_gate", "apply_mask", "TGDGate"]
 
 #: Flax variable collection holding the gate masks (not trainable, not in ``params``).
 GATE_COLLECTION = "tgd"
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def tgd_gate(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Identity on ``x`` whose cotangent is multiplied by ``mask``.
+    """Identity on ``x`` whose derivative is ``diag(mask)``.
 
     Args:
       x: ``(..., C)`` activations, channels last.
-      mask: ``(C,)`` bool or float (anything broadcastable to ``x``); True/1 = let the
-        gradient through (retrain), False/0 = block it (frozen channel).
+      mask: broadcastable to ``x``, usually ``(C,)``. Bool: True = let the derivative
+        through (retrain), False = block it (frozen channel); blocked elements get exactly
+        0, even where the incoming cotangent is inf or NaN. Float: the derivative is
+        multiplied by it (a mask of 0.5 halves the cotangent).
 
     Returns:
-      ``x`` unchanged. The mask gets no gradient.
+      ``x`` unchanged. The mask gets no derivative. Reverse mode multiplies the cotangent
+      by the mask (the paper's TGD layer); forward mode (``jax.jvp``) multiplies the
+      tangent by it, the same linear map, so both modes and their compositions agree.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -38,21 +44,34 @@ def tgd_gate(x: jax.Array, mask: jax.Array) -> jax.Array:
       [3.0, 4.0]
       >>> jax.grad(lambda x: tgd_gate(x, mask).sum())(jnp.ones(2)).tolist()  # masked backward
       [1.0, 0.0]
+      >>> jax.grad(lambda x: tgd_gate(x, jnp.array([0.5, 2.0])).sum())(jnp.ones(2)).tolist()
+      [0.5, 2.0]
     """
     del mask
     return x
 
 
-def _gate_fwd(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return x, mask
+@tgd_gate.defjvp
+def _gate_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, Any]
+              ) -> tuple[jax.Array, jax.Array]:
+    x, mask = primals
+    return x, apply_mask(mask, tangents[0])
 
 
-def _gate_bwd(mask: jax.Array, g: jax.Array) -> tuple[jax.Array, None]:
-    # where (not a product): a frozen channel's cotangent is exactly 0 even if g is inf/NaN.
-    return jnp.where(jnp.asarray(mask, bool), g, jnp.zeros_like(g)), None
+def apply_mask(mask: jax.Array, t: jax.Array) -> jax.Array:
+    """``where(mask, t, 0)`` for a bool mask (exact zeros), ``t * mask`` for a float one.
 
+    Linear in ``t``, so JAX transposes it for the reverse pass.
 
-tgd_gate.defvjp(_gate_fwd, _gate_bwd)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> apply_mask(jnp.array([True, False]), jnp.array([jnp.nan, jnp.nan])).tolist()
+      [nan, 0.0]
+    """
+    mask = jnp.asarray(mask)
+    if mask.dtype == jnp.bool_:
+        return jnp.where(mask, t, jnp.zeros_like(t))
+    return t * mask.astype(t.dtype)
 
 
 class TGDGate(nn.Module):

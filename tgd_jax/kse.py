@@ -22,10 +22,10 @@ Degenerate cases, each defined so that no NaN or inf can appear:
   C_out = 3, so it uses k = 2. With C_out = 1 there are no neighbours: dm = 0.
 * ``dm = 0`` (identical kernels): the term ``0 * log 0`` is 0; if every ``dm`` of a group is 0
   (all its kernels identical, or a single kernel) the group has no diversity and ``e_c = 0``.
-* Normalising a constant vector (max == min, e.g. a single input channel): there is no spread
-  to stretch, so it is divided by its maximum instead, giving all ones for a positive constant
-  and all zeros for zeros. Hence all-zero kernels score 0 ("useless") and a layer whose
-  channels cannot be told apart scores 1 everywhere ("useful", kept frozen by TGD).
+* Normalising a constant vector (max == min, e.g. a single input channel): there is no
+  spread to stretch, so it maps to all ones for a positive constant and to all zeros for
+  zeros. Hence all-zero kernels score 0 ("useless") and a layer whose channels cannot be
+  told apart scores 1 everywhere ("useful", kept frozen by TGD).
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ def kernel_entropy(kernel: Array, *, k: int = 5) -> Array:
 def minmax_normalize(x: Array) -> Array:
     """``(x - min) / (max - min)`` over a 1-D vector, with a defined constant case.
 
-    A constant vector has no spread; it is divided by its maximum instead: ones for a
-    positive constant, zeros for zeros. A spread below ``1e-5 * max`` counts as constant:
+    A constant vector has no spread: it maps to ones (a positive constant) or zeros. A spread
+    below ``1e-5 * max`` counts as constant:
     float32 sums of equal values in a different order differ in their last bits, and
     stretching that to [0, 1] would rank channels by rounding noise. Inputs are assumed
     non-negative (true of every quantity KSE normalises).
@@ -205,20 +205,27 @@ def minmax_normalize(x: Array) -> Array:
     span = hi - lo
     has_spread = span > _TIE_RTOL * hi
     spread = (x - lo) / jnp.where(has_spread, span, 1.0)
-    constant = jnp.where(hi > 0, x / jnp.where(hi > 0, hi, 1.0), jnp.zeros_like(x))
+    # Extremes set exactly (XLA may divide by multiplying with the reciprocal: hi / hi
+    # became 0.99999994), so that phi = 1 keeps a score of 1 frozen; a vector constant up
+    # to the tolerance is all ones (or zeros), not x / hi, which differs in the last bits.
+    spread = jnp.where(x == hi, 1.0, jnp.where(x == lo, 0.0, spread))
+    constant = jnp.where(hi > 0, jnp.ones_like(x), jnp.zeros_like(x))
     return jnp.where(has_spread, spread, constant)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
 def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
     """KSE score of each input channel of a conv layer, normalised to ``[0, 1]``.
 
     Args:
       kernel: Flax conv kernel ``(*spatial, C_in, C_out)``.
-      alpha: weight of the entropy term (the paper uses 1).
+      alpha: weight of the entropy term, ``>= 0`` (the paper uses 1).
       k: nearest neighbours in the density; ``min(k, C_out - 1)`` is used.
 
-    Jit-compiled (``k`` static); ``alpha`` may be traced.
+    Jit-compiled (``k`` static); ``alpha`` may be traced, and is then not checked.
+
+    Raises:
+      ValueError: a concrete ``alpha`` that is negative or not finite (``1 + alpha * e``
+        could reach 0 and give NaN scores, which no threshold would retrain).
 
     Returns:
       ``(C_in,)`` float32 array in ``[0, 1]``. Low scores mark input feature maps that carry
@@ -228,9 +235,16 @@ def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
       >>> import jax
       >>> w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8)).at[:, :, 2, :].set(0.0)
       >>> scores = kse_scores(w)  # input channel 2 is read by all-zero kernels only
-      >>> scores.shape, float(scores[2]), round(float(scores.max()), 5)
+      >>> scores.shape, float(scores[2]), float(scores.max())
       ((4,), 0.0, 1.0)
     """
+    if not isinstance(alpha, jax.core.Tracer) and not 0.0 <= float(alpha) < float("inf"):
+        raise ValueError(f"KSE alpha must be finite and >= 0, got {alpha}")
+    return _kse_scores(kernel, alpha=alpha, k=k)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _kse_scores(kernel: Array, *, alpha: float | Array, k: int) -> Array:
     kernel = jnp.asarray(kernel, jnp.float32)
     s = minmax_normalize(kernel_sparsity(kernel))
     deficit = _entropy_deficit(kernel_density(kernel, k=k))

@@ -39,12 +39,15 @@ __all__ = [
     "expand_channel_masks",
     "gate_variables",
     "FROZEN_BN_COLLECTION",
+    "BN_MODES",
     "frozen_bn_flag",
+    "running_channels",
     "frozen_bn_variables",
+    "statistics_mask",
+    "keep_frozen",
     "layer_leaves",
     "mask_summary",
     "drop_kernels",
-    "freeze_batch_stats",
     "check_phi",
     "check_mode",
     "Mode",
@@ -75,9 +78,13 @@ def check_phi(phi: float) -> float:
 
 
 def layer_scores(
-    params: Params, topology: Topology, *, alpha: float = 1.0, k: int = 5
+    params: Params, topology: Topology, *, alpha: float = 1.0, k: int = 5,
+    batch_stats: Params | None = None,
 ) -> dict[str, jax.Array]:
     """KSE of each layer's OUTPUT channels, computed on the kernel of the consuming conv.
+
+    ``batch_stats`` (here and in the functions below) lets the topology name a BatchNorm
+    that has statistics but no params (no scale and offset).
 
     Returns:
       conv path -> ``(C_out,)`` scores in [0, 1], for every node that has a consumer.
@@ -92,12 +99,7 @@ def layer_scores(
       >>> {conv: s.shape for conv, s in scores.items()}
       {'a': (4,)}
     """
-    validate_topology(params, topology)
-    return _layer_scores(params, topology, alpha=alpha, k=k)
-
-
-def _layer_scores(params: Params, topology: Topology, *, alpha: float, k: int
-                  ) -> dict[str, jax.Array]:
+    validate_topology(params, topology, batch_stats)
     return {
         node.conv: kse_lib.kse_scores(get_path(params, f"{node.consumer}/kernel"), alpha=alpha, k=k)
         for node in topology
@@ -113,6 +115,7 @@ def channel_masks_from_scores(
     *,
     first: LayerPolicy = "kse",
     last: Literal["frozen", "train"] = "frozen",
+    batch_stats: Params | None = None,
 ) -> ChannelMasks:
     """Applies the threshold and the first/last-layer policies: conv path -> ``(C_out,)`` bool.
 
@@ -126,13 +129,7 @@ def channel_masks_from_scores(
       >>> {name: m.tolist() for name, m in masks.items()}
       {'a': [True, False, True], 'b': [False]}
     """
-    return _threshold(validate_topology(params, topology), topology, scores, phi,
-                      first=first, last=last)
-
-
-def _threshold(counts: Mapping[str, int], topology: Topology, scores: Mapping[str, Any],
-               phi: float, *, first: str, last: str) -> ChannelMasks:
-    """:func:`channel_masks_from_scores` on validated channel counts (conv -> ``C_out``)."""
+    counts = validate_topology(params, topology, batch_stats)
     phi = check_phi(phi)
     _check_policy("first", first, ("kse", "frozen", "train"))
     _check_policy("last", last, ("frozen", "train"))
@@ -176,7 +173,8 @@ def _leaf_paths(node: ConvNode) -> list[str]:
     return candidates
 
 
-def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[str, Any]) -> Any:
+def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[str, Any],
+                         batch_stats: Params | None = None) -> Any:
     """Channel masks -> mask pytree mirroring ``params`` (leaves no layer owns are None).
 
     Example:
@@ -189,12 +187,7 @@ def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[s
       >>> mask["a"]["kernel"].shape, mask["a"]["bias"].tolist(), mask["head"]["kernel"]
       ((1, 1, 1, 2), [True, False], None)
     """
-    validate_topology(params, topology)
-    return _expand(params, topology, channels)
-
-
-def _expand(params: Params, topology: Topology, channels: Mapping[str, Any]) -> Any:
-    """:func:`expand_channel_masks` on a validated topology."""
+    validate_topology(params, topology, batch_stats)
     flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
     mask: dict[str, Any] = dict.fromkeys(flat)
     for node in topology:
@@ -260,8 +253,12 @@ def gate_variables(
 
 
 #: Flax variable collection of per-channel "normalise with the running statistics in
-#: training passes" flags, one ``(C,)`` bool entry per BatchNorm (TGD's ``frozen_bn="running"``).
+#: training passes" flags, one ``(C,)`` bool entry per BatchNorm (see :data:`BN_MODES`).
 FROZEN_BN_COLLECTION = "frozen_bn"
+#: How a BatchNorm channel normalises in training passes: with the batch's statistics
+#: (``"batch"``, which also updates its running statistics) or with its running statistics
+#: (``"running"``, as at inference; they then stay as they are).
+BN_MODES: tuple[str, ...] = ("batch", "running")
 
 
 def frozen_bn_flag(norm: str) -> str:
@@ -274,9 +271,33 @@ def frozen_bn_flag(norm: str) -> str:
     return f"{norm}_use_running"
 
 
-def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`FROZEN_BN_COLLECTION`: every frozen channel (False in ``channels``) of each
-    layer's BatchNorm normalises with its running statistics while training.
+def running_channels(channels: Any, *, frozen_bn: str = "running",
+                     retrained_bn: str = "batch") -> np.ndarray:
+    """Which of a layer's channels normalise with running statistics in training passes.
+
+    Args:
+      channels: ``(C,)`` bool, True = retrained.
+      frozen_bn, retrained_bn: one of :data:`BN_MODES` for frozen / retrained channels.
+
+    Example:
+      >>> running_channels([True, False]).tolist()  # the default: frozen ones only
+      [False, True]
+      >>> running_channels([True, False], retrained_bn="running").tolist()  # inference mode
+      [True, True]
+    """
+    for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
+        if value not in BN_MODES:
+            raise ValueError(f"{name} must be one of {BN_MODES}, got {value!r}")
+    channels = np.asarray(channels, bool)
+    return (~channels & (frozen_bn == "running")) | (channels & (retrained_bn == "running"))
+
+
+def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any], *,
+                        frozen_bn: str = "running", retrained_bn: str = "batch"
+                        ) -> dict[str, Any]:
+    """The :data:`FROZEN_BN_COLLECTION`: per BatchNorm, the channels that normalise with
+    their running statistics while training (:func:`running_channels`); ``{}`` when none
+    does (every BatchNorm then behaves as usual).
 
     Example:
       >>> import jax.numpy as jnp
@@ -286,8 +307,63 @@ def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any]) -> dict
       >>> flags["bn_a_use_running"].tolist()
       [False, True]
     """
-    return {frozen_bn_flag(node.norm): ~np.asarray(channels[node.conv], bool)
-            for node in topology if node.norm is not None}
+    flags = {frozen_bn_flag(node.norm): running_channels(
+        channels[node.conv], frozen_bn=frozen_bn, retrained_bn=retrained_bn)
+        for node in topology if node.norm is not None}
+    return flags if any(flag.any() for flag in flags.values()) else {}
+
+
+def statistics_mask(batch_stats: Params, topology: Topology, channels: Mapping[str, Any],
+                    running: Mapping[str, Any] | None = None) -> Any:
+    """Which running statistics a training pass may change: a mask mirroring ``batch_stats``.
+
+    A BatchNorm's ``(C,)`` statistics (``mean``, ``var``) follow its layer's channel mask:
+    True for a retrained channel that normalises with batch statistics, False for a frozen
+    one and for one that normalises with its running statistics (``running``: norm path
+    -> ``(C,)`` bool, see :func:`running_channels`). Statistics of modules no layer names
+    are None (kept).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> topology = sequential_topology(["a", "b"], norms={"a": "bn"})
+      >>> stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
+      >>> statistics_mask(stats, topology, {"a": jnp.array([True, False])})["bn"]["var"].tolist()
+      [True, False]
+    """
+    flat = traverse_util.flatten_dict(_as_dict(batch_stats), sep="/")
+    out: dict[str, Any] = dict.fromkeys(flat)
+    for node in topology:
+        if node.norm is None:
+            continue
+        channel = np.asarray(channels[node.conv], bool)
+        if running is not None and node.norm in running:
+            channel = channel & ~np.asarray(running[node.norm], bool)
+        for path, value in flat.items():
+            if path.rsplit("/", 1)[0] == node.norm:
+                if np.shape(value) != channel.shape:
+                    raise ValueError(f"batch_stats '{path}' has shape {np.shape(value)}, "
+                                     f"expected {channel.shape} (the channels of "
+                                     f"'{node.conv}')")
+                out[path] = jnp.asarray(channel)
+    return traverse_util.unflatten_dict(out, sep="/") if out else {}
+
+
+def keep_frozen(old: Any, new: Any, mask: Any) -> Any:
+    """``new`` where ``mask`` is True, ``old`` elsewhere (a None mask leaf keeps ``old``).
+
+    For a training loop of your own: after a training-mode forward pass, the BatchNorm
+    running statistics of frozen channels must be put back,
+    ``batch_stats = keep_frozen(old_stats, new_stats, plan.stats_mask)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> old, new = {"bn": {"mean": jnp.zeros(2)}}, {"bn": {"mean": jnp.ones(2)}}
+      >>> keep_frozen(old, new, {"bn": {"mean": jnp.array([True, False])}})["bn"]["mean"].tolist()
+      [1.0, 0.0]
+    """
+    return jax.tree.map(lambda m, o, n: o if m is None else jnp.where(m, n, o), mask, old, new,
+                        is_leaf=lambda x: x is None)
 
 
 def mask_summary(
@@ -373,42 +449,6 @@ def drop_kernels(params: Params, mask: Any) -> Any:
         params,
         is_leaf=lambda x: x is None,
     )
-
-
-def freeze_batch_stats(old: Params, new: Params, mask: Any) -> Any:
-    """Keeps the BatchNorm running statistics of frozen channels unchanged.
-
-    A training-mode forward pass updates ``mean``/``var`` of every channel, frozen or not.
-    This returns ``new`` with the statistics of each frozen channel replaced by ``old``: a
-    BatchNorm module's channels follow the mask of its ``scale`` (or ``bias``) param, and a
-    module whose param mask is None, or that has no params, is frozen entirely.
-
-    Args:
-      old, new: ``batch_stats`` collections before and after the forward pass.
-      mask: params mask pytree.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> old, new = {"bn": {"mean": jnp.zeros(2)}}, {"bn": {"mean": jnp.ones(2)}}
-      >>> kept = freeze_batch_stats(old, new, {"bn": {"scale": jnp.array([True, False])}})
-      >>> kept["bn"]["mean"].tolist()
-      [1.0, 0.0]
-    """
-    flat_mask = traverse_util.flatten_dict(_as_dict(mask), sep="/")
-    flat_old = traverse_util.flatten_dict(_as_dict(old), sep="/")
-    flat_new = traverse_util.flatten_dict(_as_dict(new), sep="/")
-    if set(flat_old) != set(flat_new):
-        raise ValueError(
-            f"batch_stats trees differ: {sorted(set(flat_old) ^ set(flat_new))}"
-        )
-    out = {}
-    for path, value in flat_new.items():
-        module = path.rsplit("/", 1)[0] if "/" in path else ""
-        channel = flat_mask.get(f"{module}/scale", flat_mask.get(f"{module}/bias"))
-        out[path] = (
-            flat_old[path] if channel is None else jnp.where(channel, value, flat_old[path])
-        )
-    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,9 +36,9 @@ from tgd_jax.topology import Topology, get_path, validate_topology
 __all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune"]
 
 METHODS = ("tgd", "last_k", "full", "random", "l1")
-#: How the BatchNorm of frozen channels normalises in training passes: with the batch's
-#: statistics (``"batch"``, the usual) or with its running statistics (``"running"``).
-FROZEN_BN = ("batch", "running")
+#: How the BatchNorm channels of a fine-tuning run normalise in training passes (the
+#: ``frozen_bn`` and ``retrained_bn`` options): see :data:`tgd_jax.masks.BN_MODES`.
+FROZEN_BN = masks_lib.BN_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +48,16 @@ class TGDPlan:
     Attributes:
       method: one of :data:`METHODS`.
       channels: conv path -> ``(C_out,)`` bool, True = output channel retrained. This is
-        the decision; the next three fields are derived from it.
+        the decision; the fields below are derived from it.
       mask: params mask pytree (bool leaves broadcastable to each parameter, None = frozen
         leaf), or None for ``full`` (nothing frozen).
       gates: the ``"tgd"`` collection of :class:`tgd_jax.gate.TGDGate` masks; ``{}`` unless
         ``mode="paper"`` (then the model must be built with gates).
-      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`; ``{}`` unless
-        ``frozen_bn="running"``.
+      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION` (which BatchNorm channels
+        normalise with their running statistics in training passes); ``{}`` if none does.
+      stats_mask: which running statistics a training pass may change, mirroring
+        ``batch_stats`` (:func:`tgd_jax.masks.statistics_mask`); None when the plan was made
+        without ``batch_stats``.
       scores: conv path -> ``(C_out,)`` KSE of its output channels (``tgd``/``random``/
         ``l1``), else ``{}``.
       summary: :func:`tgd_jax.masks.mask_summary` plus the method's settings (JSON).
@@ -77,6 +80,7 @@ class TGDPlan:
     mask: Any
     gates: dict[str, Any]
     frozen_bn: dict[str, Any]
+    stats_mask: Any
     scores: dict[str, Any]
     summary: dict[str, Any]
 
@@ -85,8 +89,20 @@ class TGDPlan:
         """Whether the model must carry TGD gates (paper mode)."""
         return bool(self.gates)
 
-    def optimizer(self, inner: optax.GradientTransformation) -> optax.GradientTransformation:
-        """``inner`` restricted to the plan: :func:`tgd_jax.optim.tgd` (``inner`` for full)."""
+    def optimizer(self, inner: optax.GradientTransformation | None = None,
+                  **make_optimizer_kwargs: Any) -> optax.GradientTransformation:
+        """The run's optimizer, restricted to the plan.
+
+        ``plan.optimizer(inner)`` wraps any optax optimizer with :func:`tgd_jax.optim.tgd`
+        (the mask on the gradient and on the update); ``plan.optimizer(num_steps=n,
+        **config.optimizer)`` builds :func:`tgd_jax.optim.make_optimizer` with the mask,
+        which also keeps the coupled L2 term of frozen kernels out of the clipping norm.
+        ``full`` has no mask: the optimizer is unrestricted.
+        """
+        if inner is None:
+            return optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs)
+        if make_optimizer_kwargs:
+            raise TypeError("pass either an optimizer or make_optimizer's keywords, not both")
         return inner if self.mask is None else optim.tgd(inner, self.mask)
 
     def to_json(self) -> dict[str, Any]:
@@ -97,7 +113,8 @@ class TGDPlan:
 
 def tgd_plan(params: Any, topology: Topology, phi: float, *, alpha: float = 1.0, k: int = 5,
              first: str = "kse", last: str = "frozen", mode: str = "projected",
-             frozen_bn: str = "batch", scores: Mapping[str, Any] | None = None) -> TGDPlan:
+             frozen_bn: str = "running", retrained_bn: str = "batch",
+             batch_stats: Any = None, scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The TGD rule in one call: KSE scores, channel masks, params mask, gates.
 
     ``plan_finetune("tgd", ...)``; see there for the arguments.
@@ -116,17 +133,17 @@ def tgd_plan(params: Any, topology: Topology, phi: float, *, alpha: float = 1.0,
       True
     """
     return plan_finetune("tgd", params, topology, phi=phi, alpha=alpha, k=k, first=first,
-                         last=last, mode=mode, frozen_bn=frozen_bn, scores=scores)
+                         last=last, mode=mode, frozen_bn=frozen_bn, retrained_bn=retrained_bn,
+                         batch_stats=batch_stats, scores=scores)
 
 
 def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 0.3,
                   alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
-                  mode: str = "projected", frozen_bn: str = "batch",
+                  mode: str = "projected", frozen_bn: str = "running",
+                  retrained_bn: str = "batch", batch_stats: Any = None,
                   last_k: int = 3, key: jax.Array | None = None,
                   scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The :class:`TGDPlan` of ``method`` for a network's ``params``.
-
-    The topology is checked against the params once, here; the steps after it trust it.
 
     Args:
       method: one of :data:`METHODS`.
@@ -139,16 +156,23 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
       last: policy of convs without a consumer: ``"frozen"`` (the paper) or ``"train"``.
       mode: ``"projected"`` (the optax mask alone) or ``"paper"`` (also gate the backward
         pass; needs a topology that names gates, i.e. a model built with them).
-      frozen_bn: one of :data:`FROZEN_BN`.
+      frozen_bn, retrained_bn: how frozen / retrained BatchNorm channels normalise in
+        training passes, one of :data:`FROZEN_BN`. The default, running statistics for
+        frozen channels, trains the network that is evaluated: a frozen channel
+        normalised with batch statistics in training keeps running statistics that no
+        longer match its inputs once the retrained maps change (docs/method.md).
+        ``retrained_bn="running"`` as well puts every BatchNorm in inference mode.
+      batch_stats: the ``batch_stats`` collection (needed to train a network that has
+        one: the plan then says which statistics may change, ``stats_mask``).
       last_k: blocks fine-tuned by ``last_k``.
       key: PRNG key for ``random`` (required there).
       scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha and
         k), to try several thresholds without recomputing KSE.
 
     Raises:
-      ValueError: an unknown method, mode, policy or ``frozen_bn``; ``phi`` outside [0, 1];
-        a topology that does not match the params; ``mode="paper"`` with a topology
-        that names no gates (it would silently train in projected mode).
+      ValueError: an unknown method, mode, policy or BatchNorm mode; ``phi`` outside
+        [0, 1]; a topology that does not match the params; ``mode="paper"`` with a
+        topology that names no gates (it would silently train in projected mode).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -164,9 +188,10 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
     masks_lib.check_mode(mode)
-    if frozen_bn not in FROZEN_BN:
-        raise ValueError(f"frozen_bn must be one of {FROZEN_BN}, got {frozen_bn!r}")
-    counts = validate_topology(params, topology)
+    for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
+        if value not in FROZEN_BN:
+            raise ValueError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
+    counts = validate_topology(params, topology, batch_stats)
     settings: dict[str, Any] = {"method": method}
     gates: dict[str, Any] = {}
     used_scores: dict[str, Any] = {}
@@ -177,9 +202,11 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
                              "TGD gates: build the model with TGDGate modules and list them "
                              "in ConvNode.gates, or use mode='projected'")
         used_scores = dict(scores if scores is not None else
-                           masks_lib._layer_scores(params, topology, alpha=alpha, k=k))
-        channels = masks_lib._threshold(counts, topology, used_scores, phi, first=first,
-                                        last=last)
+                           masks_lib.layer_scores(params, topology, alpha=alpha, k=k,
+                                                  batch_stats=batch_stats))
+        channels = masks_lib.channel_masks_from_scores(params, topology, used_scores, phi,
+                                                       first=first, last=last,
+                                                       batch_stats=batch_stats)
         if method == "random":
             if key is None:
                 raise ValueError("method 'random' needs a PRNG key")
@@ -198,17 +225,21 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
         settings.update(last_k=last_k)
     else:  # full
         channels = {conv: jnp.ones((n,), bool) for conv, n in counts.items()}
-    mask = masks_lib._expand(params, topology, channels)
+    mask = masks_lib.expand_channel_masks(params, topology, channels, batch_stats)
     summary = masks_lib.mask_summary(params, _all_true_where_none(mask, params)
                                      if method == "full" else mask, topology,
                                      scores=used_scores or None, phi=settings.get("phi"))
-    summary.update(settings, frozen_bn=frozen_bn)
-    full = method == "full"
+    summary.update(settings, frozen_bn=frozen_bn, retrained_bn=retrained_bn)
+    flags = masks_lib.frozen_bn_variables(topology, channels, frozen_bn=frozen_bn,
+                                          retrained_bn=retrained_bn)
+    running = {node.norm: flags[masks_lib.frozen_bn_flag(node.norm)]
+               for node in topology if node.norm is not None and flags}
+    stats_mask = (None if batch_stats is None else
+                  masks_lib.statistics_mask(batch_stats, topology, channels, running))
     return TGDPlan(
-        method=method, channels=channels, mask=None if full else mask, gates=gates,
-        frozen_bn=(masks_lib.frozen_bn_variables(topology, channels)
-                   if frozen_bn == "running" and not full else {}),
-        scores=used_scores, summary=summary)
+        method=method, channels=channels, mask=None if method == "full" else mask,
+        gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
+        summary=summary)
 
 
 def _same_counts(channels: Mapping[str, Any], order_fn: Any) -> dict[str, Any]:

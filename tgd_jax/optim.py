@@ -1,11 +1,20 @@
 """The TGD mask as an optax ``GradientTransformation``.
 
-``retrain_only(mask)`` keeps the final update only where ``mask`` is True (the retrained
+``retrain_only(mask)`` keeps the update only where ``mask`` is True (the retrained
 elements) and zeroes it everywhere else. (``optax.freeze(mask)`` has the opposite polarity,
-True = frozen; that is why the name says what the mask selects.) It must be the LAST
-element of an ``optax.chain``: anything after it (decoupled weight decay, momentum, a
-learning-rate schedule adding terms) could move frozen weights again. Put it last and
-``optax.apply_updates`` leaves every frozen element bit-identical.
+True = frozen; that is why the name says what the mask selects.) :func:`tgd` puts it on
+both sides of an optimizer:
+
+* FIRST, on the gradient: everything inside the optimizer (global-norm clipping, Adam's
+  moments) sees the retrained elements only, so a large gradient on a frozen element
+  cannot shrink a retrained element's clipped update;
+* LAST, on the update: nothing inside the optimizer (decoupled weight decay, momentum) can
+  move a frozen element, so ``optax.apply_updates`` leaves every frozen element
+  bit-identical.
+
+A term the optimizer ADDS to the gradient before clipping (coupled L2, :func:`kernel_l2`)
+must come before the first mask to be excluded from the clipping norm on frozen elements;
+:func:`make_optimizer` with ``mask=`` builds that order.
 
 The mask lives in the transformation's state, so it is checkpointed with the optimizer state
 and can be swapped between TGD rounds (TGD^n) with :func:`replace_mask` without rebuilding
@@ -20,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["RetrainOnlyState", "retrain_only", "freeze_masked", "tgd", "replace_mask", "find_mask",
-           "kernel_l2", "kernel_leaves", "make_optimizer", "FreezeMaskedState"]
+__all__ = ["RetrainOnlyState", "retrain_only", "tgd", "replace_mask", "find_mask",
+           "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer"]
 
 
 class RetrainOnlyState(NamedTuple):
@@ -50,6 +59,13 @@ def _as_bool_mask(mask: Any) -> Any:
     )
 
 
+def _copy(mask: Any) -> Any:
+    """Fresh buffers for every leaf: a state whose leaves share a buffer cannot be donated
+    (``jax.jit(..., donate_argnums=...)`` refuses to donate one buffer twice)."""
+    return jax.tree.map(lambda m: None if m is None else jnp.array(m, copy=True), mask,
+                        is_leaf=_is_none)
+
+
 def retrain_only(mask: Any) -> optax.GradientTransformation:
     """Keeps the updates of retrained elements only: ``u -> where(mask, u, 0)``.
 
@@ -74,7 +90,7 @@ def retrain_only(mask: Any) -> optax.GradientTransformation:
 
     def init_fn(params: Any) -> RetrainOnlyState:
         del params
-        return RetrainOnlyState(mask=initial)
+        return RetrainOnlyState(mask=_copy(initial))
 
     def update_fn(
         updates: Any, state: RetrainOnlyState, params: Any = None
@@ -91,14 +107,9 @@ def retrain_only(mask: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-#: The earlier name of :func:`retrain_only` (True = RETRAIN, the opposite of optax.freeze).
-freeze_masked = retrain_only
-#: The earlier name of :class:`RetrainOnlyState`.
-FreezeMaskedState = RetrainOnlyState
-
-
 def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-    """``optax.chain(inner, retrain_only(mask))``: any optimizer, restricted to the mask.
+    """``chain(retrain_only(mask), inner, retrain_only(mask))``: any optimizer, restricted
+    to the mask (the gradient before it, the update after it; see the module docstring).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -108,7 +119,7 @@ def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransfo
       >>> optax.apply_updates(params, updates)["w"].tolist()
       [0.0, 1.0, 0.0]
     """
-    return optax.chain(inner, retrain_only(mask))
+    return optax.chain(retrain_only(mask), inner, retrain_only(mask))
 
 
 def kernel_leaves(params: Any) -> Any:
@@ -167,13 +178,15 @@ def _is_freeze_state(x: Any) -> bool:
 def replace_mask(opt_state: Any, mask: Any) -> Any:
     """Returns ``opt_state`` with the mask of every :class:`RetrainOnlyState` replaced.
 
-    Use it between TGD rounds: the inner optimizer's moments are kept (reset them
-    separately if a round should start fresh).
+    Only the masks change: the inner optimizer's moments, step count and schedule are
+    kept. A new TGD round should start from a fresh state instead,
+    ``replace_mask(tx.init(params), mask)`` (what :func:`tgd_jax.train.step.replace_plan`
+    does).
 
     Raises:
       ValueError: if the state holds no :class:`RetrainOnlyState`, or the new mask's
-        tree structure differs from the old one (that would recompile the step and break
-        checkpoint restore).
+        layout differs from the old one (:func:`check_same_layout`: that would recompile
+        the step and break checkpoint restore).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -188,19 +201,41 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
     def swap(node: Any) -> Any:
         if not _is_freeze_state(node):
             return node
-        old_def = jax.tree.structure(node.mask, is_leaf=_is_none)
-        new_def = jax.tree.structure(new_mask, is_leaf=_is_none)
-        if old_def != new_def:
-            raise ValueError(
-                f"new mask has a different tree structure:\nold {old_def}\nnew {new_def}"
-            )
+        check_same_layout(node.mask, new_mask)
         found.append(True)
-        return RetrainOnlyState(mask=new_mask)
+        return RetrainOnlyState(mask=_copy(new_mask))
 
     out = jax.tree.map(swap, opt_state, is_leaf=_is_freeze_state)
     if not found:
         raise ValueError("optimizer state holds no RetrainOnlyState (was it built by tgd()?)")
     return out
+
+
+def check_same_layout(old: Any, new: Any, what: str = "mask") -> None:
+    """Raises a ValueError unless ``new`` has ``old``'s tree structure, ``None`` leaves in
+    the same places, and leaves of the same shapes and dtypes (so that swapping one for
+    the other changes values only: no recompilation, the same checkpoint layout).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_same_layout({"w": jnp.ones(2, bool)}, {"w": jnp.zeros(2, bool)})
+      >>> check_same_layout({"w": jnp.ones(2, bool)}, {"w": jnp.ones((1, 2), bool)})
+      Traceback (most recent call last):
+      ...
+      ValueError: new mask differs at 'w': bool(1, 2) instead of bool(2,)
+    """
+    old_leaves, old_def = jax.tree_util.tree_flatten_with_path(old, is_leaf=_is_none)
+    new_leaves, new_def = jax.tree_util.tree_flatten_with_path(new, is_leaf=_is_none)
+    if old_def != new_def:
+        raise ValueError(f"new {what} has a different tree structure:\nold {old_def}\n"
+                         f"new {new_def}")
+    describe = lambda x: "None" if x is None else (  # noqa: E731
+        f"{jnp.asarray(x).dtype}{tuple(jnp.shape(x))}")
+    for (path, a), (_, b) in zip(old_leaves, new_leaves, strict=True):
+        if describe(a) != describe(b):
+            where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            raise ValueError(f"new {what} differs at '{where}': {describe(b)} instead of "
+                             f"{describe(a)}")
 
 
 def find_mask(opt_state: Any) -> Any | None:
@@ -228,13 +263,19 @@ def make_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     grad_clip: float = 0.0,
+    mask: Any = None,
 ) -> optax.GradientTransformation:
-    """The inner optimizer of a run (TGD's mask is chained AFTER it, see :func:`tgd`).
+    """The optimizer of a run, restricted to a TGD mask when one is given.
 
     The keywords are the fields of a config's ``optimizer`` section, so
     ``make_optimizer(num_steps=n, **config.optimizer)`` builds the optimizer a run uses:
-    ``kernel_l2(l2)`` -> ``clip_by_global_norm(grad_clip)`` -> Adam / AdamW / SGD with a
-    constant or cosine-decayed learning rate.
+    ``kernel_l2(l2)`` -> [``retrain_only(mask)``] -> ``clip_by_global_norm(grad_clip)`` ->
+    Adam / AdamW / SGD with a constant or cosine-decayed learning rate ->
+    [``retrain_only(mask)``]. With a mask, the regulariser's term on frozen elements is
+    dropped before clipping, and the final update of every frozen element is 0.
+
+    Both regularisers touch the conv/dense ``kernel`` leaves only (not biases, not
+    normalisation scales), as Keras' ``kernel_regularizer`` does.
 
     Args:
       num_steps: length of the run (the cosine schedule decays to 0 over it).
@@ -243,7 +284,16 @@ def make_optimizer(
       learning_rate: peak learning rate (> 0).
       schedule: ``"constant"`` or ``"cosine"``.
       l2: coupled L2 on the kernels (:func:`kernel_l2`); 0 disables.
-      grad_clip: global-norm clipping threshold; 0 disables.
+      weight_decay: decoupled weight decay of ``"adamw"`` on the kernels; must be 0 for the
+        other optimizers (it would be ignored).
+      momentum: SGD momentum.
+      grad_clip: global-norm clipping threshold, over the retrained elements when a mask
+        is given; 0 disables.
+      mask: TGD params mask (:func:`retrain_only`), or None for plain training.
+
+    Raises:
+      ValueError: an unknown name or schedule, a non-positive learning rate, a negative
+        coefficient, or ``weight_decay`` with an optimizer other than ``"adamw"``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -255,6 +305,13 @@ def make_optimizer(
     """
     if not learning_rate > 0:
         raise ValueError(f"optimizer.learning_rate must be > 0, got {learning_rate}")
+    for field, value in (("l2", l2), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if not value >= 0:  # also rejects NaN
+            raise ValueError(f"optimizer.{field} must be >= 0, got {value}")
+    if weight_decay and name != "adamw":
+        raise ValueError(f"optimizer.weight_decay={weight_decay} is decoupled weight decay, "
+                         f"which only 'adamw' applies (optimizer.name={name!r}); use "
+                         "optimizer.l2 for coupled L2")
     if schedule == "constant":
         lr: Any = learning_rate
     elif schedule == "cosine":
@@ -264,13 +321,15 @@ def make_optimizer(
     if name == "adam":
         inner = optax.adam(lr)
     elif name == "adamw":
-        inner = optax.adamw(lr, weight_decay=weight_decay)
+        inner = optax.adamw(lr, weight_decay=weight_decay, mask=kernel_leaves)
     elif name == "sgd":
         inner = optax.sgd(lr, momentum=momentum or None)
     else:
         raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
     if grad_clip > 0:
         inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
-    if l2 != 0:  # coupled: a loss term, so its gradient is clipped and normalised too
+    if mask is not None:
+        inner = tgd(inner, mask)
+    if l2 != 0:  # coupled: a loss term, so its gradient is masked, clipped, normalised too
         inner = optax.chain(kernel_l2(l2), inner)
     return inner

@@ -103,26 +103,29 @@ def sequential_topology(
     )
 
 
-def dncnn_topology(num_layers: int = 8) -> Topology:
+def dncnn_topology(num_layers: int = 8, gates: bool = True) -> Topology:
     """Topology of :class:`tgd_jax.pet.models.DnCNN`: ``conv1 .. conv{L}``, ``bn2 .. bn{L-1}``.
 
-    Gates (``gate_conv{i}``, ``gate_bn{i}``) sit after every conv and BatchNorm except the
-    last conv, whose cotangent must reach the rest of the network.
+    With ``gates`` (a DnCNN built with ``use_gates=True``), gates ``gate_conv{i}`` and
+    ``gate_bn{i}`` sit after every conv and BatchNorm except the last conv, whose
+    cotangent must reach the rest of the network.
 
     Example:
       >>> topology = dncnn_topology(4)
       >>> [node.conv for node in topology], topology[1].norm, topology[1].gates
       (['conv1', 'conv2', 'conv3', 'conv4'], 'bn2', ('gate_conv2', 'gate_bn2'))
+      >>> dncnn_topology(4, gates=False)[1].gates
+      ()
     """
     if num_layers < 2:
         raise ValueError(f"a DnCNN has at least 2 conv layers, got {num_layers}")
     convs = [f"conv{i}" for i in range(1, num_layers + 1)]
     norms = {f"conv{i}": f"bn{i}" for i in range(2, num_layers)}
-    gates = {
+    named = {
         f"conv{i}": (f"gate_conv{i}",) + ((f"gate_bn{i}",) if i > 1 else ())
         for i in range(1, num_layers)
     }
-    return sequential_topology(convs, norms, gates)
+    return sequential_topology(convs, norms, named if gates else None)
 
 
 def _split(path: str) -> tuple[str, ...]:
@@ -163,8 +166,9 @@ def get_path(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def validate_topology(params: Mapping[str, Any], topology: Topology) -> dict[str, int]:
-    """Checks a topology against the params once, at the entry of a TGD computation.
+def validate_topology(params: Mapping[str, Any], topology: Topology,
+                      batch_stats: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Checks a topology against the params (and BatchNorm statistics, when given).
 
     Every named layer must exist, channel counts must agree between a conv, its bias, its
     BatchNorm and its consumer, and EVERY conv kernel in ``params`` (a leaf named
@@ -208,11 +212,19 @@ def validate_topology(params: Mapping[str, Any], topology: Topology) -> dict[str
                     f"'{node.consumer}' reads {c_in} input channels"
                 )
         if node.norm is not None:
-            if not has_path(params, node.norm):
-                raise ValueError(f"topology names BatchNorm '{node.norm}', not found in params")
+            in_stats = batch_stats is not None and has_path(batch_stats, node.norm)
+            if not (has_path(params, node.norm) or in_stats):
+                raise ValueError(
+                    f"topology names BatchNorm '{node.norm}', not found in params" + (
+                        " or batch_stats" if batch_stats is not None else
+                        " (a BatchNorm without scale and offset has only statistics: pass "
+                        "batch_stats)"))
             for leaf in ("scale", "bias"):
                 if has_path(params, f"{node.norm}/{leaf}"):
                     _expect_channels(params, f"{node.norm}/{leaf}", c_out)
+            if in_stats:
+                for leaf in get_path(batch_stats, node.norm):
+                    _expect_channels(batch_stats, f"{node.norm}/{leaf}", c_out)
     unlisted = sorted(set(conv_paths(params)) - set(names))
     if unlisted:
         raise ValueError(

@@ -2,6 +2,9 @@
 
 Input: ``(B, H, W, 3)``, three consecutive axial slices as channels (NHWC).
 Layers: conv1 -> ReLU; conv2..conv{L-1} -> BatchNorm -> ReLU; conv{L} linear, all 3x3.
+The convs followed by BatchNorm have no bias, as in the original DnCNN: BatchNorm subtracts
+the per-channel mean, so such a bias has an exactly-zero gradient (only rounding noise,
+which Adam would amplify into a random walk) and no effect on the output.
 Residual learning: conv{L} predicts the noise of the 3 slices; output = input - noise.
 In training mode, a :data:`~tgd_jax.masks.FROZEN_BN_COLLECTION` with ``(C,)`` bool entries
 (:func:`~tgd_jax.masks.frozen_bn_variables`) makes those channels of ``bn{i}`` normalise
@@ -61,8 +64,9 @@ class DnCNN(nn.Module):
         return scaled_features(self.features, self.width_multiplier)
 
     def topology(self) -> Topology:
-        """The :class:`~tgd_jax.topology.ConvNode` wiring of this network, for TGD."""
-        return dncnn_topology(len(self.features))
+        """The :class:`~tgd_jax.topology.ConvNode` wiring of this network, for TGD (it
+        names the gates only when the network has them, ``use_gates=True``)."""
+        return dncnn_topology(len(self.features), gates=self.use_gates)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -81,6 +85,7 @@ class DnCNN(nn.Module):
                 width,
                 (self.kernel_size, self.kernel_size),
                 padding="SAME",
+                use_bias=i in (1, depth),  # BatchNorm follows the others: a bias is dead there
                 dtype=self.dtype,
                 name=f"conv{i}",
             )(h)

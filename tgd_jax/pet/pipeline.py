@@ -144,10 +144,13 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
              mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
     """Shared by fine-tuning and online learning: plan the mask, then train."""
     t = config.tgd
+    gated = t.mode == "paper" and config.method in ("tgd", "random", "l1")
     plan = methods_lib.plan_finetune(
-        config.method, variables["params"], model_from_config(config.model).topology(),
+        config.method, variables["params"],
+        model_from_config(config.model, use_gates=gated).topology(),
         phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last, mode=t.mode,
-        frozen_bn=t.frozen_bn, last_k=config.last_k,
+        frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn,
+        batch_stats=variables.get("batch_stats"), last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
@@ -159,7 +162,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         f"{plan.summary['params_total']:,} parameters retrained "
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
     steps = num_steps_for(config, train_pairs)
-    tx = plan.optimizer(optim.make_optimizer(num_steps=steps, **config.optimizer))
+    tx = plan.optimizer(num_steps=steps, **config.optimizer)
     model = model_from_config(config.model, use_gates=plan.use_gates)
     state = step_lib.create_train_state(variables, tx, plan)
     old = config.get("old_task")
@@ -175,7 +178,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],
                    optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                   mode=t.mode, frozen_bn=t.frozen_bn,
+                   mode=t.mode, frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn,
                    source_checkpoint=source_meta["checkpoint"])
     return summary, state
 

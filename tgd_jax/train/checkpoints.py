@@ -4,6 +4,7 @@ Layout inside a workdir::
 
     checkpoints/<step>/{state,meta}   the last ``keep`` checkpoints (resume from the newest)
     best/<step>/{state,meta}          the one with the lowest validation loss so far
+    kept/<step>/{state,meta}          checkpoints kept for good (``config.keep_steps``)
 
 ``state`` is the whole :class:`~tgd_jax.train.step.TrainState` as a state dict (params, BatchNorm
 statistics, optimizer state WITH the TGD mask, gates, step); ``meta`` is JSON (the run's
@@ -29,7 +30,7 @@ from tgd_jax.train.errors import RunError, UsageError
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
            "load", "resolve", "check_tree_match"]
 
-LATEST_DIR, BEST_DIR, DAMAGED_DIR = "checkpoints", "best", "damaged"
+LATEST_DIR, BEST_DIR, KEPT_DIR, DAMAGED_DIR = "checkpoints", "best", "kept", "damaged"
 
 
 class CheckpointError(UsageError):
@@ -43,7 +44,8 @@ class CorruptCheckpointError(CheckpointError, RunError):
     skip_teardown = True
 
 
-def _manager(directory: Path, keep: int, create: bool = True) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int | None, create: bool = True
+             ) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     # Handlers given up front (not just item names), so a fresh manager can read a saved
     # checkpoint's array metadata before restoring (architecture check).
@@ -67,6 +69,7 @@ class Checkpointer:
         self.log = log
         self._latest = _manager(self.workdir / LATEST_DIR, keep)
         self._best = _manager(self.workdir / BEST_DIR, 1)
+        self._kept: ocp.CheckpointManager | None = None  # made by the first save(kept=True)
         best_step = self._best.latest_step()
         self.best_loss = float("inf")
         if best_step is not None:
@@ -86,15 +89,21 @@ class Checkpointer:
         return self._best.latest_step()
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any],
-             val_loss: float | None = None) -> bool:
+             val_loss: float | None = None, kept: bool = False) -> bool:
         """Saves ``state`` at ``step`` (and as the best when ``val_loss`` improves).
 
+        ``kept``: also keep this one for good in ``kept/<step>`` (never rotated out).
         Returns whether it became the best.
         """
         meta = {**meta, "step": int(step), "val_loss": val_loss}
         args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
                                   meta=ocp.args.JsonSave(meta))
         self._latest.save(step, args=args, force=True)
+        if kept:
+            if self._kept is None:
+                self._kept = _manager(self.workdir / KEPT_DIR, None)
+            if step not in self._kept.all_steps():  # a resumed run may pass it again
+                self._kept.save(step, args=args, force=True)
         improved = val_loss is not None and val_loss < self.best_loss
         if improved:
             self.best_loss = float(val_loss)
@@ -143,13 +152,16 @@ class Checkpointer:
         manager.reload()
         (log or self.log)(f"skipped damaged checkpoint {error}; moved it to {target}")
 
+    def _managers(self) -> list[ocp.CheckpointManager]:
+        return [m for m in (self._latest, self._best, self._kept) if m is not None]
+
     def wait(self) -> None:
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        for manager in self._managers():
+            manager.wait_until_finished()
 
     def close(self) -> None:
-        self._latest.close()
-        self._best.close()
+        for manager in self._managers():
+            manager.close()
 
     @staticmethod
     def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

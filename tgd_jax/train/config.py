@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3  # the paper's Adam learning rate
     c.optimizer.l2 = 0.0  # coupled L2 on conv kernels (the paper's regulariser R): l2 * w is
     # added to the gradient BEFORE the optimizer, as a Keras kernel_regularizer would;
-    # train_config sets the measured pretraining default (README, "The premise")
+    # train_config sets the pretraining default (docs/premise/premise.md)
     c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.schedule = "constant"  # constant | cosine
@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between validation + checkpoint
     c.eval_batches = 4  # fixed validation batches
     c.keep_checkpoints = 3  # the last N are kept, plus the best on validation loss
+    c.keep_steps = ()  # steps validated and checkpointed for good in <workdir>/kept/<step>
+    # (e.g. log-spaced, to study the network along training); any subset of 1..num_steps
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     return c
 
@@ -84,7 +86,7 @@ def override(c: ml_collections.ConfigDict, **values: object) -> ml_collections.C
 #: command's defaults (``paper`` is the defaults themselves).
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    "demo": {  # a quarter-width DnCNN: ~7 steps/s on 2 CPU cores (one device)
+    "demo": {  # a quarter-width DnCNN, sized for a CPU
         "model.width_multiplier": 0.25, "batch_size": 16, "num_epochs": 0.0,
         "num_steps": 600, "log_every": 50, "eval_every": 200,
     },
@@ -96,8 +98,8 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESETS = tuple(SIZE_PRESETS)
 
-#: Per-command changes applied after the size preset (the demo lengths were measured:
-#: README, "The premise").
+#: Per-command changes applied after the size preset (the demo lengths: see
+#: docs/premise/premise.md).
 COMMAND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "train": {"demo": {"num_steps": 1200, "eval_every": 400, "eval_batches": 16}},
     "finetune": {"demo": {"num_steps": 300, "eval_every": 50, "eval_batches": 16}},
@@ -115,7 +117,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str, command: str = ""
     return override(c, **COMMAND_PRESETS.get(command, {}).get(preset, {}))
 
 
-#: The pretraining recipe chosen by experiments/premise.py (README, "The premise").
+#: The pretraining recipe chosen by experiments/premise.py (docs/premise/premise.md).
 PRETRAIN_L2 = 1e-2
 PRETRAIN_SCHEDULE = "cosine"
 
@@ -124,7 +126,7 @@ def train_config(preset: str = "") -> ml_collections.ConfigDict:
     """``train.py``: a DnCNN from scratch on one version (v1-net, v2-net).
 
     Pretraining uses coupled L2 on the kernels and a cosine schedule to a settled minimum:
-    the recipe that measured best on held-out loss and on the threshold study.
+    the recipe chosen on held-out loss and the threshold study (docs/premise/premise.md).
     """
     c = base_config()
     c.data.path = "runs/demo/data/train.h5"
@@ -142,8 +144,8 @@ def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
     c.checkpoint = ""  # workdir or checkpoint folder of the network to start from
     c.checkpoint_which = "best"  # best | latest | <step>
     c.method = "tgd"  # tgd | last_k | full | random | l1
-    c.optimizer.learning_rate = 1e-4  # measured at demo scale: every method fine-tunes a
-    # converged (cosine-annealed) network better at 1e-4 than at the paper's 1e-3
+    c.optimizer.learning_rate = 1e-4  # chosen at demo scale over the paper's 1e-3
+    # (docs/premise/premise.md)
     c.tgd = tgd_section(phi=0.3)
     c.last_k = 3  # last_k: conv blocks fine-tuned from the end (the paper's FT-net: 3)
     c.freeze_batch_stats = True  # keep the BatchNorm running statistics of frozen channels
@@ -173,9 +175,12 @@ def tgd_section(phi: float) -> ml_collections.ConfigDict:
     t.k = 5  # KSE nearest neighbours
     t.first = "kse"  # conv1 policy: kse | frozen | train (the paper leaves this open)
     t.last = "frozen"  # last conv ("noise classifier"): frozen (the paper) | train
-    t.mode = "projected"  # projected (update mask only; measured better: README, "The
-    # premise") | paper (the paper's gated backward pass)
-    t.frozen_bn = "batch"  # BatchNorm of frozen channels in training passes: batch | running
+    t.mode = "projected"  # projected (update mask only; chosen in docs/premise/premise.md) |
+    # paper (the paper's gated backward pass)
+    t.frozen_bn = "running"  # BatchNorm of frozen channels in training passes: running (their
+    # running statistics, as at inference: the network trained is the one evaluated) | batch
+    t.retrained_bn = "batch"  # BatchNorm of retrained channels: batch | running (with
+    # frozen_bn=running: every BatchNorm in inference mode, no statistic changes)
     t.gate_cosine = False  # log the cosine between the gated and the true gradient (costs
     # one more backward pass per step)
     return t
@@ -225,6 +230,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be > 0, or num_epochs > 0")
     need(bool(c.data.path), "data.path", "must name an HDF5 dataset")
     need(bool(c.data.version), "data.version", "must name a reconstruction version")
+    need(all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in c.keep_steps),
+         "keep_steps", "must be positive step numbers")
     need(c.data.val_studies >= 0, "data.val_studies", "must be >= 0")
     need(c.data.prefetch >= 1, "data.prefetch", "must be >= 1")
     one_of("loss", c.loss, tuple(LOSSES))
@@ -232,6 +239,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_of("optimizer.schedule", c.optimizer.schedule, ("constant", "cosine"))
     for field in ("l2", "weight_decay", "grad_clip"):
         need(c.optimizer[field] >= 0, f"optimizer.{field}", "must be >= 0")  # NaN fails
+    need(not c.optimizer.weight_decay or c.optimizer.name == "adamw", "optimizer.weight_decay",
+         "is decoupled weight decay, which only optimizer.name='adamw' applies")
     if "tgd" in c:
         t = c.tgd
         one_of("method", c.method, methods.METHODS)
@@ -240,6 +249,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         one_of("tgd.first", t.first, ("kse", "frozen", "train"))
         one_of("tgd.last", t.last, ("frozen", "train"))
         one_of("tgd.frozen_bn", t.frozen_bn, methods.FROZEN_BN)
+        one_of("tgd.retrained_bn", t.retrained_bn, methods.FROZEN_BN)
         positive("tgd.alpha", t.alpha)
         positive("tgd.k", t.k)
         positive("last_k", c.last_k)

@@ -39,13 +39,10 @@ def cpu_device_count(batch_size: int, cores: int) -> int:
 def use_cpu_cores(batch_size: int, requested: int | None = None) -> int:
     """Splits the CPU into several JAX host devices, so the data-parallel step can use every core.
 
-    One XLA CPU device keeps only about 1.25 of 2 cores busy on the small convolutions of a
-    DnCNN; with one device per core the ``('data',)`` mesh shards the batch over them and the
+    With one device per core, the ``('data',)`` mesh shards the batch over them and the
     step computes the same update up to float32 reduction order (gradients and BatchNorm
-    statistics are reduced over the global batch). Measured on 2 cores at demo width: 14
-    instead of 7.8 steps/s. It is OPT-IN: with as many devices as cores, XLA's in-process
-    CPU all-reduce can deadlock (seen here once in a long in-process sweep: "Termination
-    timeout for all reduce ... only 1 of them arrived"), so the commands default to 1.
+    statistics are reduced over the global batch). It is opt-in (the commands default to
+    1 device); benchmarks/RESULTS.md has the measured throughput and why.
     Must run before JAX initialises its backends; no effect on GPU/TPU.
 
     Args:

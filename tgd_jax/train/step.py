@@ -7,7 +7,8 @@ around them by the training loop, not in here).
 The TGD pieces meet here: the gate collection travels in the state and is passed to the
 model ("paper" mode), the optax mask lives in ``opt_state`` (see :mod:`tgd_jax.optim`), and
 the BatchNorm running statistics of frozen channels are kept unchanged
-(``freeze_batch_stats=True``, the default) using that same mask.
+(``freeze_batch_stats=True``, the default) using the plan's ``stats_mask``, also in the
+state. :func:`create_train_state` checks that these copies of the plan agree.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flax import linen as nn
 from tgd_jax import masks as masks_lib
 from tgd_jax.gate import GATE_COLLECTION
 from tgd_jax.methods import TGDPlan
-from tgd_jax.optim import find_mask, replace_mask
+from tgd_jax.optim import check_same_layout, find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
            "LOSSES", "replace_plan", "masked_cosine"]
@@ -45,6 +46,8 @@ class TrainState:
       frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`: per BatchNorm, the
         channels that normalise with their running statistics in training-mode passes
         (``{}``: batch statistics everywhere, the usual). See :class:`tgd_jax.pet.models.DnCNN`.
+      stats_mask: which running statistics a training pass may change, mirroring
+        ``batch_stats`` (``{}``: all of them, plain training).
     """
 
     step: jax.Array
@@ -53,6 +56,49 @@ class TrainState:
     opt_state: Any
     gates: Any
     frozen_bn: Any = flax.struct.field(default_factory=dict)
+    stats_mask: Any = flax.struct.field(default_factory=dict)
+
+
+def _own_buffers(tree: Any) -> Any:
+    """Every array leaf copied into a buffer of its own: the plan's fields share arrays
+    (one channel mask is the bias mask, the gate mask, ...), and a jitted step that
+    donates its state refuses to donate one buffer twice."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any) -> None:
+    """The optimizer and the variables must carry the plan they are trained with."""
+    carried = find_mask(opt_state)
+    if plan.mask is None:
+        if carried is not None:
+            raise ValueError(f"the {plan.method!r} plan has no mask, but the optimizer "
+                             "carries one: build it with plan.optimizer(...)")
+    elif carried is None:
+        raise ValueError("the optimizer does not carry the plan's mask, so frozen weights "
+                         "would move: build it with plan.optimizer(inner) or "
+                         "plan.optimizer(num_steps=..., ...)")
+    else:
+        try:
+            check_same_layout(plan.mask, carried)
+            same = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), plan.mask,
+                                             carried))
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError("the optimizer carries another mask than the plan's: build it "
+                             "with this plan's plan.optimizer(...)")
+    if batch_stats and plan.stats_mask is None:
+        raise ValueError("the model has batch_stats but the plan was made without them, so "
+                         "it cannot say which running statistics stay frozen: pass "
+                         "batch_stats=variables['batch_stats'] to the plan")
+    if plan.stats_mask is not None and (jax.tree.structure(plan.stats_mask, is_leaf=_none)
+                                        != jax.tree.structure(batch_stats, is_leaf=_none)):
+        raise ValueError("the plan's stats_mask does not mirror the model's batch_stats; "
+                         "was it made from another network?")
+
+
+def _none(x: Any) -> bool:
+    return x is None
 
 
 def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
@@ -61,45 +107,66 @@ def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformati
 
     Args:
       variables: the model's variables.
-      tx: the full optimizer; for a fine-tuning run ``plan.optimizer(inner)``, so the
+      tx: the full optimizer; for a fine-tuning run ``plan.optimizer(...)``, so that the
         plan's mask is in ``opt_state``.
-      plan: the :class:`tgd_jax.methods.TGDPlan` being trained: its gate and frozen-BN
-        collections go into the state (None: plain training).
+      plan: the :class:`tgd_jax.methods.TGDPlan` being trained: its gate, frozen-BN and
+        statistics collections go into the state (None: plain training).
+
+    Every leaf of the state has a buffer of its own, so a jitted step may donate it.
+
+    Raises:
+      ValueError: ``tx`` does not carry the plan's mask (or carries one for a plan without
+        a mask); the model has ``batch_stats`` but the plan was made without them.
     """
     params = variables["params"]
-    return TrainState(
+    batch_stats = variables.get("batch_stats", {})
+    opt_state = tx.init(params)
+    if plan is not None:
+        _check_plan(plan, opt_state, batch_stats)
+    return _own_buffers(TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
         gates={} if plan is None else plan.gates,
         frozen_bn={} if plan is None else plan.frozen_bn,
-    )
+        stats_mask={} if plan is None or plan.stats_mask is None else plan.stats_mask,
+    ))
 
 
-def replace_plan(state: TrainState, plan: TGDPlan) -> TrainState:
-    """The next TGD round (TGD^n): swaps every copy of the decision in one call.
+def replace_plan(state: TrainState, plan: TGDPlan, tx: optax.GradientTransformation
+                 ) -> TrainState:
+    """The next TGD round (TGD^n): a new decision, and a fresh optimizer for it.
 
-    The optax mask in ``opt_state`` (which also decides whose BatchNorm statistics stay
-    frozen, see :func:`train_step`), the gate collection and the frozen-BN collection are
-    replaced together, so a round can never run on part of the previous round's decision.
-    Tree structures must match the current ones (no recompilation, same checkpoint
-    layout); the inner optimizer's moments are kept.
+    Every copy of the decision is swapped in one call: the optax mask in ``opt_state``,
+    the gate collection, the frozen-BN collection and the statistics mask, so a round can
+    never run on part of the previous round's decision. The round starts with a FRESH
+    optimizer state, ``tx.init`` with the new mask: zero moments, step count 0, the
+    learning-rate schedule from its start. (Kept moments would give newly retrained
+    elements steps of several times the learning rate, and a finished cosine schedule a
+    learning rate of 0.) ``state.step``, the run's step counter, continues. Tree
+    structures must match the current ones (no recompilation, the same checkpoint layout).
 
     Args:
-      state: the current state (built with a masked optimizer, ``plan.optimizer(inner)``).
+      state: the current state.
       plan: the new decision, e.g. ``tgd_plan(state.params, ...)`` on the fine-tuned params.
+      tx: the run's optimizer (the one the state was created with).
     """
     if plan.mask is None:
         raise ValueError(f"a {plan.method!r} plan has no mask to swap in; TGD rounds need "
                          "a masked method")
+    stats_mask = {} if plan.stats_mask is None else plan.stats_mask
     for name, old, new in (("gates", state.gates, plan.gates),
-                           ("frozen_bn", state.frozen_bn, plan.frozen_bn)):
+                           ("frozen_bn", state.frozen_bn, plan.frozen_bn),
+                           ("stats_mask", state.stats_mask, stats_mask)):
         if jax.tree.structure(new) != jax.tree.structure(old):
             raise ValueError(f"the new plan's {name} have a different tree structure:\n"
                              f"old {jax.tree.structure(old)}\nnew {jax.tree.structure(new)}")
-    return state.replace(opt_state=replace_mask(state.opt_state, plan.mask), gates=plan.gates,
-                         frozen_bn=plan.frozen_bn)
+    opt_state = replace_mask(tx.init(state.params), plan.mask)
+    _check_plan(plan, opt_state, state.batch_stats)
+    return state.replace(**_own_buffers(dict(
+        opt_state=opt_state, gates=plan.gates, frozen_bn=plan.frozen_bn,
+        stats_mask=stats_mask)))
 
 
 def masked_cosine(a: Any, b: Any, mask: Any) -> jax.Array:
@@ -177,9 +244,8 @@ def train_step(
         extra["gate_cosine"] = masked_cosine(grads, true_grads, mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    mask = find_mask(opt_state)
-    if freeze_batch_stats and mask is not None and new_stats:
-        new_stats = masks_lib.freeze_batch_stats(state.batch_stats, new_stats, mask)
+    if freeze_batch_stats and state.stats_mask and new_stats:
+        new_stats = masks_lib.keep_frozen(state.batch_stats, new_stats, state.stats_mask)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
     )

@@ -10,7 +10,8 @@
   non-finite loss stops the run there (:class:`NonFiniteLossError`), before any checkpoint
   of a diverged state is written;
 * every ``eval_every`` steps (and at the end) the validation loss is measured and a
-  checkpoint saved (the last few kept, plus the best);
+  checkpoint saved (the last few kept, plus the best); at the steps of ``keep_steps`` too,
+  and those checkpoints are kept for good;
 * if ``workdir`` already holds checkpoints, the newest is restored first, so rerunning a
   killed command finishes with the same parameters as an uninterrupted run.
 """
@@ -181,6 +182,7 @@ def fit(
         initial, initial_extra = validate(state)
         logger.validation(0, initial, initial_extra)
     last_val, last_extra = None, {}
+    kept_steps = frozenset(int(s) for s in config.get("keep_steps", ()))
     pending: list[dict[str, jax.Array]] = []
     prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
     try:
@@ -188,7 +190,8 @@ def fit(
             state, metrics = train_fn(state, batch)
             pending.append(metrics)
             done = step + 1
-            evaluate = done % config.eval_every == 0 or done == num_steps
+            kept = done in kept_steps
+            evaluate = done % config.eval_every == 0 or done == num_steps or kept
             if pending and (evaluate or done % config.log_every == 0):
                 logger.train(done, jax.device_get(pending), first_step=done - len(pending),
                              where=where())
@@ -196,7 +199,7 @@ def fit(
             if evaluate:
                 last_val, last_extra = validate(state)
                 check_finite("validation loss", last_val, done, where())
-                best = ckpt.save(done, state, meta, val_loss=last_val)
+                best = ckpt.save(done, state, meta, val_loss=last_val, kept=kept)
                 logger.validation(done, last_val, last_extra, best=best)
     finally:
         prefetch.close()
