@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
         note="The scale at which the comparison can be read on a 2-core CPU in 90 minutes: "
              "the paper's study ratio (12 training studies + 1 held out, 4 fine-tuning "
              "studies: a third, as 7 of 20), 16 slices per study instead of the whole body, "
-             "a quarter-width DnCNN (83,539 parameters instead of 1.3 M), 3,000 pretraining "
+             "a quarter-width DnCNN (83,299 parameters instead of 1.3 M), 3,000 pretraining "
              "steps of 16 patches (the paper: 500 epochs of 32) and 500 fine-tuning steps, "
              "3 seeds for the key comparison."),
     "paper": Preset(
