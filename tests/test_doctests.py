@@ -7,9 +7,9 @@ import inspect
 
 import pytest
 
-from tgd_jax import gate, kse, masks, methods, optim, threshold, topology
+from tgd_jax import gate, graph, kse, masks, methods, optim, threshold, topology, trace
 
-CORE = (kse, topology, masks, methods, optim, gate, threshold)
+CORE = (kse, topology, graph, trace, masks, methods, optim, gate, threshold)
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

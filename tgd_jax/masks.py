@@ -2,21 +2,26 @@
 
 Conventions:
 
-* A **channel mask** is a ``(C_out,)`` bool array per conv layer (keyed by its path):
+* A **channel mask** is a ``(C_out,)`` bool array per layer (keyed by its path):
   ``True`` = output channel (feature map) is retrained, ``False`` = frozen.
-* A **mask pytree** mirrors the ``params`` pytree. Its leaves are bool arrays that broadcast
-  against the parameter: ``(1, ..., 1, C_out)`` for a conv kernel, ``(C_out,)`` for a bias
-  and for a BatchNorm ``scale``/``bias``. A leaf no rule touches is ``None``, and
-  **``None`` means frozen**: TGD changes only what a mask explicitly marks retrainable (to
-  train a whole extra leaf, e.g. a user's dense head, set it to ``jnp.ones((), bool)``).
+* A **mask pytree** mirrors the ``params`` pytree (the same type: a dict, or an NNX
+  ``State``). Its leaves are bool arrays that broadcast against the parameter:
+  ``(1, ..., 1, C_out)`` for a conv kernel, ``(C_out,)`` for a bias and for a BatchNorm
+  ``scale``/``bias``. A leaf no rule touches is ``None``, and **``None`` means frozen**.
 
-The TGD rule (docs/method.md, section 4): output channel ``n`` of a conv (its whole filter, its
-bias, its BatchNorm scale and offset) is retrainable iff the KSE of input channel ``n`` of the
-conv that consumes it is ``< phi``. Layers without a consumer (the DnCNN's last conv, the
-"noise classifier") follow ``last`` (default ``"frozen"``, as in the paper). The first conv
-follows ``first``: ``"kse"`` (default: the same rule as every other layer, so no kernel the
-rule calls useful is ever retrained), ``"frozen"`` or ``"train"``; the paper's figure shows
-TGD layers on conv2..conv7 only and leaves this open.
+The rule works on a :class:`~tgd_jax.graph.ChannelGraph` (traced with
+:func:`tgd_jax.trace.trace_topology`, or made from a hand-written topology, which every
+function here also accepts). Each map (a channel of a layer's output, or of a residual
+group) is rated by the KSE of the input channels that read it; a map read by several
+layers combines their scores (``combine``: ``"max"``, retrained only if useless to every
+reader; ``"mean"``; ``"min"``). It is retrained iff its score is ``< phi``, and with it
+everything that makes it: the filters writing it, their biases, the BatchNorm scale and
+offset (and statistics) of its channel. Maps no layer reads (the last layer's, those
+reaching the output) follow ``last`` (default ``"frozen"``, as in the paper); maps written
+only by layers that read the model's input follow ``first`` (``"kse"``, ``"frozen"`` or
+``"train"``). Parameters that belong to no channel (a learned scalar, an embedding)
+follow ``other`` (``"frozen"`` or ``"train"``), reported in the plan's summary.
+docs/method.md has the details and the measured choices.
 """
 
 from __future__ import annotations
@@ -27,31 +32,35 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from tgd_jax import kse as kse_lib
-from tgd_jax.topology import ConvNode, Topology, get_path, has_path, validate_topology
+from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths, map_with_paths
+from tgd_jax.topology import Topology
 
 __all__ = [
     "LayerPolicy",
+    "COMBINE",
     "layer_scores",
+    "map_scores",
     "channel_masks_from_scores",
+    "map_decisions",
     "expand_channel_masks",
     "gate_variables",
     "FROZEN_BN_COLLECTION",
     "BN_MODES",
     "frozen_bn_flag",
     "running_channels",
+    "running_norms",
     "frozen_bn_variables",
     "statistics_mask",
     "keep_frozen",
-    "layer_leaves",
     "mask_summary",
     "drop_kernels",
     "check_phi",
     "check_mode",
     "Mode",
     "MODES",
+    "OTHER",
 ]
 
 LayerPolicy = Literal["kse", "frozen", "train"]
@@ -60,8 +69,13 @@ LayerPolicy = Literal["kse", "frozen", "train"]
 #: gradient through frozen channels).
 Mode = Literal["paper", "projected"]
 MODES: tuple[str, ...] = ("paper", "projected")
-Params = Mapping[str, Any]
+#: How the scores of a map read by several layers combine (docs/method.md, "graphs").
+COMBINE: tuple[str, ...] = ("max", "mean", "min")
+#: Policies of parameters that belong to no channel.
+OTHER: tuple[str, ...] = ("frozen", "train")
+Params = Any
 ChannelMasks = dict[str, jax.Array]
+Graphish = Topology | ChannelGraph
 
 
 def check_phi(phi: float) -> float:
@@ -77,17 +91,66 @@ def check_phi(phi: float) -> float:
     return phi
 
 
-def layer_scores(
-    params: Params, topology: Topology, *, alpha: float = 1.0, k: int = 5,
-    batch_stats: Params | None = None,
-) -> dict[str, jax.Array]:
-    """KSE of each layer's OUTPUT channels, computed on the kernel of the consuming conv.
+def _layer_kernel(params: Params, graph: ChannelGraph, path: str) -> jax.Array:
+    """A layer's kernel as ``(*spatial, C_in, C_out)`` (a dense kernel gets one spatial
+    axis of size 1)."""
+    layer = graph.layer[path]
+    flat = flat_paths(params)
+    if layer.kernel not in flat:
+        raise ValueError(f"the graph names kernel '{layer.kernel}', which params do not have")
+    kernel = jnp.asarray(flat[layer.kernel])
+    kernel = jnp.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
+    if kernel.shape[-2:] != (layer.c_in, layer.c_out):
+        raise ValueError(f"'{layer.kernel}' has shape {tuple(flat[layer.kernel].shape)}, which "
+                         f"does not fit the graph's {layer.c_in} -> {layer.c_out} channels")
+    return kernel if kernel.ndim >= 3 else kernel.reshape((1, *kernel.shape))
 
-    ``batch_stats`` (here and in the functions below) lets the topology name a BatchNorm
-    that has statistics but no params (no scale and offset).
+
+def map_scores(params: Params, topology: Graphish, *, alpha: float = 1.0, k: int = 5,
+               combine: str = "max", batch_stats: Params | None = None) -> np.ndarray:
+    """KSE of every map: ``(num_maps,)`` float, NaN for a map no layer reads.
+
+    Each reading layer's KSE (:func:`tgd_jax.kse.kse_scores` of its kernel) rates the
+    map behind each of its input channels; a map read several times (by several layers,
+    or twice by one) combines those scores with ``combine``.
+
+    Example:
+      >>> import jax
+      >>> from tgd_jax.topology import sequential_topology
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {"a": {"kernel": jax.random.normal(k1, (3, 3, 1, 4))},
+      ...           "b": {"kernel": jax.random.normal(k2, (3, 3, 4, 2))}}
+      >>> map_scores(params, sequential_topology(["a", "b"])).shape  # 4 + 2 maps, 2 unread
+      (6,)
+    """
+    if combine not in COMBINE:
+        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+    graph = as_graph(topology, params, batch_stats)
+    reads = graph.reads()
+    per_layer = {}
+    for layer in graph.layers:
+        if any(m >= 0 for m in layer.in_maps):
+            per_layer[layer.path] = np.asarray(kse_lib.kse_scores(
+                _layer_kernel(params, graph, layer.path), alpha=alpha, k=k))
+    reduce = {"max": np.max, "mean": np.mean, "min": np.min}[combine]
+    out = np.full(graph.num_maps, np.nan, np.float32)
+    for m, readers in reads.items():
+        out[m] = reduce([per_layer[path][j] for path, j in readers])
+    return out
+
+
+def layer_scores(
+    params: Params, topology: Graphish, *, alpha: float = 1.0, k: int = 5,
+    batch_stats: Params | None = None, combine: str = "max",
+) -> dict[str, jax.Array]:
+    """KSE of each layer's OUTPUT channels, rated by the layers that read them.
+
+    ``batch_stats`` (here and in the functions below) lets a hand-written topology name a
+    BatchNorm that has statistics but no params (no scale and offset).
 
     Returns:
-      conv path -> ``(C_out,)`` scores in [0, 1], for every node that has a consumer.
+      layer path -> ``(C_out,)`` scores in [0, 1], for every layer some of whose maps are
+      read (NaN for a channel no layer reads).
 
     Example:
       >>> import jax
@@ -99,25 +162,62 @@ def layer_scores(
       >>> {conv: s.shape for conv, s in scores.items()}
       {'a': (4,)}
     """
-    validate_topology(params, topology, batch_stats)
-    return {
-        node.conv: kse_lib.kse_scores(get_path(params, f"{node.consumer}/kernel"), alpha=alpha, k=k)
-        for node in topology
-        if node.consumer is not None
-    }
+    graph = as_graph(topology, params, batch_stats)
+    scores = map_scores(params, graph, alpha=alpha, k=k, combine=combine)
+    return {layer.path: jnp.asarray(scores[list(layer.out_maps)]) for layer in graph.layers
+            if not np.all(np.isnan(scores[list(layer.out_maps)]))}
+
+
+def map_decisions(graph: ChannelGraph, channels: Mapping[str, Any]) -> np.ndarray:
+    """Channel masks -> ``(num_maps,)`` bool, one decision per map.
+
+    Raises:
+      ValueError: a channel mask of the wrong shape, a layer without one, or channels of
+        one map (a residual group) with different decisions.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.graph import ChannelGraph, Layer
+      >>> g = ChannelGraph(layers=(Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0, 1)),),
+      ...                  leaves={}, outputs=frozenset({0, 1}))
+      >>> map_decisions(g, {"a": jnp.array([True, False])}).tolist()
+      [True, False]
+    """
+    decision = np.zeros(graph.num_maps, bool)
+    seen = np.zeros(graph.num_maps, bool)
+    for layer in graph.layers:
+        if layer.path not in channels:
+            raise ValueError(f"no channel mask for layer '{layer.path}'")
+        mask = np.asarray(channels[layer.path], bool)
+        if mask.shape != (layer.c_out,):
+            raise ValueError(f"channel mask for '{layer.path}' has shape {mask.shape}, "
+                             f"expected ({layer.c_out},)")
+        for c, m in enumerate(layer.out_maps):
+            if seen[m] and decision[m] != mask[c]:
+                raise ValueError(f"channel {c} of '{layer.path}' is tied to channels of "
+                                 f"{graph.producers()[m]} (one map): they need one decision")
+            decision[m], seen[m] = mask[c], True
+    return decision
+
+
+def _layer_channels(graph: ChannelGraph, decision: np.ndarray) -> ChannelMasks:
+    return {layer.path: jnp.asarray(decision[list(layer.out_maps)]) for layer in graph.layers}
 
 
 def channel_masks_from_scores(
     params: Params,
-    topology: Topology,
-    scores: Mapping[str, jax.Array],
+    topology: Graphish,
+    scores: Mapping[str, Any],
     phi: float,
     *,
     first: LayerPolicy = "kse",
     last: Literal["frozen", "train"] = "frozen",
     batch_stats: Params | None = None,
 ) -> ChannelMasks:
-    """Applies the threshold and the first/last-layer policies: conv path -> ``(C_out,)`` bool.
+    """Applies the threshold and the first/last-layer policies: layer path -> ``(C_out,)`` bool.
+
+    ``scores`` holds, per layer whose maps are read, the ``(C_out,)`` score of each output
+    channel (:func:`layer_scores`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -129,53 +229,47 @@ def channel_masks_from_scores(
       >>> {name: m.tolist() for name, m in masks.items()}
       {'a': [True, False, True], 'b': [False]}
     """
-    counts = validate_topology(params, topology, batch_stats)
+    graph = as_graph(topology, params, batch_stats)
     phi = check_phi(phi)
     _check_policy("first", first, ("kse", "frozen", "train"))
     _check_policy("last", last, ("frozen", "train"))
-    masks: ChannelMasks = {}
-    for i, node in enumerate(topology):
-        c_out = counts[node.conv]
-        policy = last if node.consumer is None else first if i == 0 else "kse"
-        if policy == "kse":
-            if node.conv not in scores:
-                raise ValueError(f"no KSE scores for layer '{node.conv}'")
-            score = jnp.asarray(scores[node.conv])
-            if score.shape != (c_out,):
-                raise ValueError(
-                    f"scores for '{node.conv}' have shape {score.shape}, expected ({c_out},)"
-                )
-            masks[node.conv] = score < phi
+    reads = graph.reads()
+    first_layers = set(graph.first_layers())
+    producers = graph.producers()
+    per_map = np.full(graph.num_maps, np.nan)
+    for layer in graph.layers:
+        if layer.path in scores:
+            score = np.asarray(scores[layer.path], np.float32)
+            if score.shape != (layer.c_out,):
+                raise ValueError(f"scores for '{layer.path}' have shape {score.shape}, "
+                                 f"expected ({layer.c_out},)")
+            per_map[list(layer.out_maps)] = score
+    decision = np.zeros(graph.num_maps, bool)
+    for m in range(graph.num_maps):
+        if m in graph.outputs or m not in reads:
+            policy = last
+        elif first_layers.issuperset(producers.get(m, ())):
+            policy = first
         else:
-            masks[node.conv] = jnp.full((c_out,), policy == "train")
-    return masks
+            policy = "kse"
+        if policy == "kse":
+            if np.isnan(per_map[m]):
+                layer = producers[m][0]
+                raise ValueError(f"no KSE scores for layer '{layer}'")
+            decision[m] = per_map[m] < phi
+        else:
+            decision[m] = policy == "train"
+    return _layer_channels(graph, decision)
 
 
-def layer_leaves(params: Params, node: ConvNode) -> list[str]:
-    """Paths of the param leaves indexed by ``node``'s output channels (those that exist).
+def expand_channel_masks(params: Params, topology: Graphish, channels: Mapping[str, Any],
+                         batch_stats: Params | None = None, *, other: str = "frozen") -> Any:
+    """Channel masks -> mask pytree mirroring ``params`` (the same pytree type).
 
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from tgd_jax.topology import ConvNode
-      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2)), "bias": jnp.zeros(2)},
-      ...           "bn": {"scale": jnp.ones(2)}}
-      >>> layer_leaves(params, ConvNode("a", norm="bn"))
-      ['a/kernel', 'a/bias', 'bn/scale']
-    """
-    return [path for path in _leaf_paths(node) if has_path(params, path)]
-
-
-def _leaf_paths(node: ConvNode) -> list[str]:
-    """Every leaf a node's output channels may own: conv kernel and bias, BN scale and bias."""
-    candidates = [f"{node.conv}/kernel", f"{node.conv}/bias"]
-    if node.norm is not None:
-        candidates += [f"{node.norm}/scale", f"{node.norm}/bias"]
-    return candidates
-
-
-def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[str, Any],
-                         batch_stats: Params | None = None) -> Any:
-    """Channel masks -> mask pytree mirroring ``params`` (leaves no layer owns are None).
+    A layer's kernel gets its channel mask along its output axis; each per-channel
+    parameter (bias, BatchNorm scale/offset) the decision of the maps along its channel
+    axis; parameters of no channel are None (``other="frozen"``) or all True
+    (``other="train"``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -187,22 +281,35 @@ def expand_channel_masks(params: Params, topology: Topology, channels: Mapping[s
       >>> mask["a"]["kernel"].shape, mask["a"]["bias"].tolist(), mask["head"]["kernel"]
       ((1, 1, 1, 2), [True, False], None)
     """
-    validate_topology(params, topology, batch_stats)
-    flat = traverse_util.flatten_dict(_as_dict(params), sep="/")
-    mask: dict[str, Any] = dict.fromkeys(flat)
-    for node in topology:
-        if node.conv not in channels:
-            raise ValueError(f"no channel mask for layer '{node.conv}'")
-        channel = jnp.asarray(channels[node.conv], bool)
-        c_out = flat[f"{node.conv}/kernel"].shape[-1]
-        if channel.shape != (c_out,):
-            raise ValueError(
-                f"channel mask for '{node.conv}' has shape {channel.shape}, expected ({c_out},)"
-            )
-        for path in _leaf_paths(node):
-            if path in flat:
-                mask[path] = jnp.reshape(channel, (1,) * (flat[path].ndim - 1) + (c_out,))
-    return traverse_util.unflatten_dict(mask, sep="/")
+    _check_policy("other", other, OTHER)
+    graph = as_graph(topology, params, batch_stats)
+    decision = map_decisions(graph, channels)
+    return _mirror(params, graph, decision, PARAMS, other=other)
+
+
+def _mirror(tree: Params, graph: ChannelGraph, decision: np.ndarray, collection: str, *,
+            other: str = "frozen", keep: Mapping[str, np.ndarray] | None = None) -> Any:
+    """A mask mirroring ``tree`` (a collection of the graph's variables)."""
+    kernels = {layer.kernel: layer for layer in graph.layers} if collection == PARAMS else {}
+
+    def leaf_mask(path: str, leaf: Any) -> Any:
+        if path in kernels:
+            layer = kernels[path]
+            shape = [1] * np.ndim(leaf)
+            shape[layer.out_axis] = layer.c_out
+            return jnp.asarray(decision[list(layer.out_maps)]).reshape(shape)
+        attached = graph.leaves.get(f"{collection}/{path}")
+        if attached is not None:
+            axis, maps = attached
+            values = np.array([decision[m] if m >= 0 else False for m in maps])
+            if keep is not None and f"{collection}/{path}" in keep:
+                values &= keep[f"{collection}/{path}"]
+            shape = [1] * np.ndim(leaf)
+            shape[axis] = len(maps)
+            return jnp.asarray(values).reshape(shape)
+        return jnp.ones((), bool) if other == "train" else None
+
+    return map_with_paths(leaf_mask, tree)
 
 
 def check_mode(mode: str) -> str:
@@ -218,16 +325,17 @@ def check_mode(mode: str) -> str:
 
 
 def gate_variables(
-    topology: Topology,
+    topology: Graphish,
     channels: Mapping[str, Any],
     mode: Mode = "paper",
 ) -> dict[str, Any]:
     """The ``"tgd"`` variable collection read by :class:`tgd_jax.gate.TGDGate` modules.
 
-    In ``"paper"`` mode each gate carries its layer's channel mask, except gates of layers
-    without a consumer: masking the last layer's cotangent would stop every gradient, so
+    In ``"paper"`` mode each gate carries its channels' masks, except gates of maps no
+    layer reads (the last layer's): masking their cotangent would stop every gradient, so
     those stay open and the layer is frozen by the optax mask alone. In ``"projected"``
-    mode every gate is open (all ones) and only the optax mask acts.
+    mode every gate is open (all ones) and only the optax mask acts. For a graph, the gates
+    are the ``'tgd/<gate>/mask'`` leaves it attached to channels.
 
     Example:
       >>> import jax.numpy as jnp
@@ -240,7 +348,20 @@ def gate_variables(
       [True, True]
     """
     check_mode(mode)
-    flat: dict[str, Any] = {}
+    if isinstance(topology, ChannelGraph):
+        graph = topology
+        decision = map_decisions(graph, channels)
+        reads = graph.reads()
+        flat: dict[str, Any] = {}
+        for name, (_, maps) in graph.leaves.items():
+            collection, _, path = name.partition("/")
+            if collection != "tgd":
+                continue
+            flat[path] = jnp.asarray([True if mode == "projected" or m < 0 or m not in reads
+                                      or m in graph.outputs else bool(decision[m])
+                                      for m in maps])
+        return _unflatten(flat)
+    flat = {}
     for node in topology:
         if not node.gates:
             continue
@@ -249,7 +370,18 @@ def gate_variables(
             channel = jnp.ones_like(channel)
         for gate in node.gates:
             flat[f"{gate}/mask"] = channel
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return _unflatten(flat)
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 #: Flax variable collection of per-channel "normalise with the running statistics in
@@ -292,12 +424,43 @@ def running_channels(channels: Any, *, frozen_bn: str = "running",
     return (~channels & (frozen_bn == "running")) | (channels & (retrained_bn == "running"))
 
 
-def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any], *,
+def running_norms(topology: Graphish, channels: Mapping[str, Any], *,
+                  frozen_bn: str = "running", retrained_bn: str = "batch"
+                  ) -> dict[str, np.ndarray]:
+    """BatchNorm module path -> ``(C,)`` bool: the channels that normalise with running
+    statistics in training passes (:func:`running_channels`).
+
+    A BatchNorm is found from its running statistics (``batch_stats/<module>/mean``) in a
+    graph, or named by a topology's ``norm``.
+
+    Example:
+      >>> from tgd_jax.topology import sequential_topology
+      >>> topology = sequential_topology(["a", "b"], norms={"a": "bn"})
+      >>> running_norms(topology, {"a": [True, False], "b": [False]})["bn"].tolist()
+      [False, True]
+    """
+    if isinstance(topology, ChannelGraph):
+        decision = map_decisions(topology, channels)
+        out = {}
+        for name, (_, maps) in topology.leaves.items():
+            collection, _, path = name.partition("/")
+            if collection != "batch_stats":
+                continue
+            module = path.rsplit("/", 1)[0] if "/" in path else ""
+            out[module] = running_channels([decision[m] if m >= 0 else False for m in maps],
+                                           frozen_bn=frozen_bn, retrained_bn=retrained_bn)
+        return out
+    return {node.norm: running_channels(channels[node.conv], frozen_bn=frozen_bn,
+                                        retrained_bn=retrained_bn)
+            for node in topology if node.norm is not None}
+
+
+def frozen_bn_variables(topology: Graphish, channels: Mapping[str, Any], *,
                         frozen_bn: str = "running", retrained_bn: str = "batch"
                         ) -> dict[str, Any]:
-    """The :data:`FROZEN_BN_COLLECTION`: per BatchNorm, the channels that normalise with
-    their running statistics while training (:func:`running_channels`); ``{}`` when none
-    does (every BatchNorm then behaves as usual).
+    """The :data:`FROZEN_BN_COLLECTION` (read by :class:`tgd_jax.pet.models.DnCNN`): per
+    BatchNorm, the channels that normalise with their running statistics while training
+    (:func:`running_norms`); ``{}`` when none does.
 
     Example:
       >>> import jax.numpy as jnp
@@ -307,46 +470,47 @@ def frozen_bn_variables(topology: Topology, channels: Mapping[str, Any], *,
       >>> flags["bn_a_use_running"].tolist()
       [False, True]
     """
-    flags = {frozen_bn_flag(node.norm): running_channels(
-        channels[node.conv], frozen_bn=frozen_bn, retrained_bn=retrained_bn)
-        for node in topology if node.norm is not None}
+    flags = {frozen_bn_flag(norm): flag for norm, flag in running_norms(
+        topology, channels, frozen_bn=frozen_bn, retrained_bn=retrained_bn).items()}
     return flags if any(flag.any() for flag in flags.values()) else {}
 
 
-def statistics_mask(batch_stats: Params, topology: Topology, channels: Mapping[str, Any],
-                    running: Mapping[str, Any] | None = None) -> Any:
+def statistics_mask(batch_stats: Params, topology: Graphish, channels: Mapping[str, Any],
+                    running: Mapping[str, Any] | None = None, *,
+                    params: Params | None = None) -> Any:
     """Which running statistics a training pass may change: a mask mirroring ``batch_stats``.
 
-    A BatchNorm's ``(C,)`` statistics (``mean``, ``var``) follow its layer's channel mask:
-    True for a retrained channel that normalises with batch statistics, False for a frozen
-    one and for one that normalises with its running statistics (``running``: norm path
-    -> ``(C,)`` bool, see :func:`running_channels`). Statistics of modules no layer names
-    are None (kept).
+    A BatchNorm's ``(C,)`` statistics (``mean``, ``var``) follow the decision of their
+    channels: True for a retrained channel that normalises with batch statistics, False
+    for a frozen one and for one that normalises with its running statistics
+    (``running``: BatchNorm path -> ``(C,)`` bool, :func:`running_norms`). Statistics of no
+    channel are None (kept). A hand-written topology needs ``params`` to know its channel
+    counts (not for the DnCNN-style call below, where the norms are named).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from tgd_jax.topology import sequential_topology
       >>> topology = sequential_topology(["a", "b"], norms={"a": "bn"})
+      >>> params = {"a": {"kernel": jnp.zeros((1, 1, 1, 2))},
+      ...           "b": {"kernel": jnp.zeros((1, 1, 2, 1))}}
       >>> stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
-      >>> statistics_mask(stats, topology, {"a": jnp.array([True, False])})["bn"]["var"].tolist()
+      >>> mask = statistics_mask(stats, topology, {"a": jnp.array([True, False]),
+      ...                                          "b": jnp.array([False])}, params=params)
+      >>> mask["bn"]["var"].tolist()
       [True, False]
     """
-    flat = traverse_util.flatten_dict(_as_dict(batch_stats), sep="/")
-    out: dict[str, Any] = dict.fromkeys(flat)
-    for node in topology:
-        if node.norm is None:
-            continue
-        channel = np.asarray(channels[node.conv], bool)
-        if running is not None and node.norm in running:
-            channel = channel & ~np.asarray(running[node.norm], bool)
-        for path, value in flat.items():
-            if path.rsplit("/", 1)[0] == node.norm:
-                if np.shape(value) != channel.shape:
-                    raise ValueError(f"batch_stats '{path}' has shape {np.shape(value)}, "
-                                     f"expected {channel.shape} (the channels of "
-                                     f"'{node.conv}')")
-                out[path] = jnp.asarray(channel)
-    return traverse_util.unflatten_dict(out, sep="/") if out else {}
+    if not isinstance(topology, ChannelGraph):
+        if params is None:
+            raise ValueError("statistics_mask of a hand-written topology needs params")
+        topology = as_graph(topology, params, batch_stats)
+    decision = map_decisions(topology, channels)
+    keep = {}
+    for name in topology.leaves:
+        collection, _, path = name.partition("/")
+        module = path.rsplit("/", 1)[0] if "/" in path else ""
+        if collection == "batch_stats" and running is not None and module in running:
+            keep[name] = ~np.asarray(running[module], bool)
+    return _mirror(batch_stats, topology, decision, "batch_stats", keep=keep)
 
 
 def keep_frozen(old: Any, new: Any, mask: Any) -> Any:
@@ -369,17 +533,18 @@ def keep_frozen(old: Any, new: Any, mask: Any) -> Any:
 def mask_summary(
     params: Params,
     mask: Any,
-    topology: Topology,
+    topology: Graphish,
     *,
     scores: Mapping[str, Any] | None = None,
     phi: float | None = None,
+    batch_stats: Params | None = None,
 ) -> dict[str, Any]:
     """Per-layer and total counts of retrained channels and parameters (JSON-serialisable).
 
-    Returns a dict with ``layers`` (one entry per conv: channels and parameters retrained
-    and in total, the KSE values if given), ``params_retrained``, ``params_total`` and
-    ``retrained_fraction`` over ALL parameters of the network (leaves outside the topology
-    count as frozen unless their mask says otherwise).
+    Returns a dict with ``layers`` (one entry per layer: channels and parameters retrained
+    and in total, counting the per-channel parameters of its maps, the KSE values if
+    given), ``params_retrained``, ``params_total`` and ``retrained_fraction`` over ALL
+    parameters, and ``other`` (the parameters of no channel: retrained and total).
 
     Example:
       >>> import jax.numpy as jnp
@@ -390,43 +555,58 @@ def mask_summary(
       >>> s["params_retrained"], s["params_total"], s["layers"][0]["channels_retrained"]
       (10, 20, 1)
     """
-    flat_params = traverse_util.flatten_dict(_as_dict(params), sep="/")
+    graph = as_graph(topology, params, batch_stats)
+    flat_params = flat_paths(params)
     flat_mask = _flat_mask(mask, flat_params)
     counts = {
-        path: int(np.broadcast_to(np.asarray(m), flat_params[path].shape).sum())
-        if m is not None
-        else 0
+        path: int(np.broadcast_to(np.asarray(m), np.shape(flat_params[path])).sum())
+        if m is not None else 0
         for path, m in flat_mask.items()
     }
+    owner: dict[str, str] = {}  # a per-channel leaf counts under its first map's first writer
+    producers = graph.producers()
+    for name, (_, maps) in graph.leaves.items():
+        collection, _, path = name.partition("/")
+        written = [m for m in maps if m >= 0]
+        if collection == PARAMS and path in flat_params and written:
+            owner[path] = producers[written[0]][0]
+    readers = graph.readers
     layers = []
-    for node in topology:
-        leaves = layer_leaves(params, node)
-        kernel_mask = flat_mask[f"{node.conv}/kernel"]
-        shape = flat_params[f"{node.conv}/kernel"].shape
-        c_out = shape[-1]
-        channels = 0 if kernel_mask is None else int(
-            np.broadcast_to(kernel_mask, shape).reshape(-1, c_out).any(axis=0).sum()
-        )
+    for layer in graph.layers:
+        leaves = [layer.kernel] + [p for p, o in owner.items() if o == layer.path]
+        kernel_mask = flat_mask[layer.kernel]
+        shape = np.shape(flat_params[layer.kernel])
+        channels = 0 if kernel_mask is None else int(np.moveaxis(
+            np.broadcast_to(kernel_mask, shape), layer.out_axis, -1
+        ).reshape(-1, layer.c_out).any(axis=0).sum())
         entry: dict[str, Any] = {
-            "layer": node.conv,
-            "consumer": node.consumer,
-            "channels_total": int(c_out),
+            "layer": layer.path,
+            "consumer": readers[layer.path][0][0] if readers[layer.path] else None,
+            "channels_total": layer.c_out,
             "channels_retrained": channels,
-            "params_total": int(sum(flat_params[p].size for p in leaves)),
+            "params_total": int(sum(np.size(flat_params[p]) for p in leaves)),
             "params_retrained": int(sum(counts[p] for p in leaves)),
         }
-        if scores is not None and node.conv in scores:
-            entry["kse"] = [float(v) for v in np.asarray(scores[node.conv])]
+        if scores is not None and layer.path in scores:
+            entry["kse"] = [None if np.isnan(v) else float(v)
+                            for v in np.asarray(scores[layer.path])]
         layers.append(entry)
-    total = int(sum(p.size for p in flat_params.values()))
+    total = int(sum(np.size(p) for p in flat_params.values()))
     retrained = int(sum(counts.values()))
-    return {
+    other = [f"{PARAMS}/{p}" for p in flat_params if f"{PARAMS}/{p}" in graph.other]
+    summary = {
         "phi": None if phi is None else float(phi),
         "layers": layers,
         "params_total": total,
         "params_retrained": retrained,
         "retrained_fraction": retrained / total if total else 0.0,
     }
+    if other:
+        summary["other"] = {
+            "leaves": [p.partition("/")[2] for p in other],
+            "params_total": int(sum(np.size(flat_params[p.partition("/")[2]]) for p in other)),
+            "params_retrained": int(sum(counts[p.partition("/")[2]] for p in other))}
+    return summary
 
 
 def drop_kernels(params: Params, mask: Any) -> Any:
@@ -453,7 +633,7 @@ def drop_kernels(params: Params, mask: Any) -> Any:
 
 def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:
     """Flattens a mask pytree and checks it against the params it should mirror."""
-    flat_mask = traverse_util.flatten_dict(_as_dict(mask), sep="/")
+    flat_mask = flat_paths(mask, none_leaves=True)
     missing = sorted(set(flat_params) - set(flat_mask))
     extra = sorted(set(flat_mask) - set(flat_params))
     if missing or extra:
@@ -462,20 +642,13 @@ def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:
         if m is None:
             continue
         try:
-            np.broadcast_shapes(np.shape(m), flat_params[path].shape)
+            np.broadcast_shapes(np.shape(m), np.shape(flat_params[path]))
         except ValueError:
             raise ValueError(
                 f"mask leaf '{path}' has shape {np.shape(m)}, which does not broadcast "
-                f"to the parameter's shape {flat_params[path].shape}"
+                f"to the parameter's shape {np.shape(flat_params[path])}"
             ) from None
     return flat_mask
-
-
-def _as_dict(tree: Any) -> Any:
-    """Flax FrozenDicts (older flax) -> plain nested dicts."""
-    if isinstance(tree, Mapping):
-        return {key: _as_dict(value) for key, value in tree.items()}
-    return tree
 
 
 def _check_policy(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -31,9 +31,10 @@ import optax
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import optim
-from tgd_jax.topology import Topology, get_path, validate_topology
+from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths
+from tgd_jax.topology import Topology
 
-__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune"]
+__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables"]
 
 METHODS = ("tgd", "last_k", "full", "random", "l1")
 #: How the BatchNorm channels of a fine-tuning run normalise in training passes (the
@@ -61,6 +62,7 @@ class TGDPlan:
       scores: conv path -> ``(C_out,)`` KSE of its output channels (``tgd``/``random``/
         ``l1``), else ``{}``.
       summary: :func:`tgd_jax.masks.mask_summary` plus the method's settings (JSON).
+      graph: the :class:`~tgd_jax.graph.ChannelGraph` the decision was made on.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -83,6 +85,7 @@ class TGDPlan:
     stats_mask: Any
     scores: dict[str, Any]
     summary: dict[str, Any]
+    graph: ChannelGraph | None = None
 
     @property
     def use_gates(self) -> bool:
@@ -111,10 +114,11 @@ class TGDPlan:
                                              for k, v in self.channels.items()}}
 
 
-def tgd_plan(params: Any, topology: Topology, phi: float, *, alpha: float = 1.0, k: int = 5,
-             first: str = "kse", last: str = "frozen", mode: str = "projected",
-             frozen_bn: str = "running", retrained_bn: str = "batch",
-             batch_stats: Any = None, scores: Mapping[str, Any] | None = None) -> TGDPlan:
+def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float, *,
+             alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
+             mode: str = "projected", frozen_bn: str = "running", retrained_bn: str = "batch",
+             combine: str = "max", other: str = "frozen", batch_stats: Any = None,
+             scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The TGD rule in one call: KSE scores, channel masks, params mask, gates.
 
     ``plan_finetune("tgd", ...)``; see there for the arguments.
@@ -134,44 +138,53 @@ def tgd_plan(params: Any, topology: Topology, phi: float, *, alpha: float = 1.0,
     """
     return plan_finetune("tgd", params, topology, phi=phi, alpha=alpha, k=k, first=first,
                          last=last, mode=mode, frozen_bn=frozen_bn, retrained_bn=retrained_bn,
-                         batch_stats=batch_stats, scores=scores)
+                         combine=combine, other=other, batch_stats=batch_stats, scores=scores)
 
 
-def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 0.3,
-                  alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
-                  mode: str = "projected", frozen_bn: str = "running",
-                  retrained_bn: str = "batch", batch_stats: Any = None,
-                  last_k: int = 3, key: jax.Array | None = None,
+def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *,
+                  phi: float = 0.3, alpha: float = 1.0, k: int = 5, first: str = "kse",
+                  last: str = "frozen", mode: str = "projected", frozen_bn: str = "running",
+                  retrained_bn: str = "batch", combine: str = "max", other: str = "frozen",
+                  batch_stats: Any = None, last_k: int = 3, key: jax.Array | None = None,
                   scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The :class:`TGDPlan` of ``method`` for a network's ``params``.
 
     Args:
       method: one of :data:`METHODS`.
-      params: the pretrained ``params`` collection.
-      topology: its conv wiring (e.g. ``DnCNN(...).topology()``).
-      phi: KSE threshold in [0, 1]; channels scoring below it are retrained
-        (``tgd``, ``random``, ``l1``).
+      params: the pretrained ``params`` (the pytree the optimizer trains: a Linen params
+        dict, or an NNX ``State`` of ``nnx.Param``; the masks mirror its type).
+      topology: the network's :class:`~tgd_jax.graph.ChannelGraph`
+        (:func:`tgd_jax.trace_topology`), or a hand-written topology.
+      phi: KSE threshold in [0, 1]; maps scoring below it are retrained (``tgd``,
+        ``random``, ``l1``).
       alpha, k: KSE parameters (:func:`tgd_jax.kse.kse_scores`).
-      first: first conv's policy: ``"kse"`` (the rule), ``"frozen"`` or ``"train"``.
-      last: policy of convs without a consumer: ``"frozen"`` (the paper) or ``"train"``.
+      first: policy of maps written only by layers that read the model's input:
+        ``"kse"`` (the rule), ``"frozen"`` or ``"train"``.
+      last: policy of maps no layer reads (the last layer's): ``"frozen"`` (the paper) or
+        ``"train"``.
       mode: ``"projected"`` (the optax mask alone) or ``"paper"`` (also gate the backward
-        pass; needs a topology that names gates, i.e. a model built with them).
+        pass: a graph with explicit gates, or :func:`tgd_jax.autogate.gated` around the
+        model's apply function).
       frozen_bn, retrained_bn: how frozen / retrained BatchNorm channels normalise in
         training passes, one of :data:`FROZEN_BN`. The default, running statistics for
         frozen channels, trains the network that is evaluated: a frozen channel
         normalised with batch statistics in training keeps running statistics that no
         longer match its inputs once the retrained maps change (docs/method.md).
         ``retrained_bn="running"`` as well puts every BatchNorm in inference mode.
-      batch_stats: the ``batch_stats`` collection (needed to train a network that has
-        one: the plan then says which statistics may change, ``stats_mask``).
-      last_k: blocks fine-tuned by ``last_k``.
+      combine: how a map read by several layers combines their scores, one of
+        :data:`tgd_jax.masks.COMBINE`.
+      other: policy of parameters that belong to no channel, ``"frozen"`` or ``"train"``
+        (reported in the summary's ``other``).
+      batch_stats: the ``batch_stats`` (needed to train a network that has them: the plan
+        then says which statistics may change, ``stats_mask``).
+      last_k: layers fine-tuned by ``last_k`` (the last in forward order).
       key: PRNG key for ``random`` (required there).
-      scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha and
-        k), to try several thresholds without recomputing KSE.
+      scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha,
+        k and combine), to try several thresholds without recomputing KSE.
 
     Raises:
       ValueError: an unknown method, mode, policy or BatchNorm mode; ``phi`` outside
-        [0, 1]; a topology that does not match the params; ``mode="paper"`` with a
+        [0, 1]; a topology that does not match the params; ``mode="paper"`` with a hand
         topology that names no gates (it would silently train in projected mode).
 
     Example:
@@ -191,78 +204,143 @@ def plan_finetune(method: str, params: Any, topology: Topology, *, phi: float = 
     for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
         if value not in FROZEN_BN:
             raise ValueError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
-    counts = validate_topology(params, topology, batch_stats)
+    for name, value, allowed in (("combine", combine, masks_lib.COMBINE),
+                                 ("other", other, masks_lib.OTHER)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    hand = not isinstance(topology, ChannelGraph)
+    graph = as_graph(topology, params, batch_stats)
+    check_variables(graph, params, batch_stats)
     settings: dict[str, Any] = {"method": method}
     gates: dict[str, Any] = {}
     used_scores: dict[str, Any] = {}
     if method in ("tgd", "random", "l1"):
         masks_lib.check_phi(phi)
-        if mode == "paper" and not any(node.gates for node in topology):
+        if mode == "paper" and hand and not any(node.gates for node in topology):
             raise ValueError("mode='paper' gates the backward pass, but the topology names no "
                              "TGD gates: build the model with TGDGate modules and list them "
-                             "in ConvNode.gates, or use mode='projected'")
-        used_scores = dict(scores if scores is not None else
-                           masks_lib.layer_scores(params, topology, alpha=alpha, k=k,
-                                                  batch_stats=batch_stats))
-        channels = masks_lib.channel_masks_from_scores(params, topology, used_scores, phi,
-                                                       first=first, last=last,
-                                                       batch_stats=batch_stats)
+                             "in ConvNode.gates, trace it, or use mode='projected'")
+        used_scores = dict(scores if scores is not None else masks_lib.layer_scores(
+            params, graph, alpha=alpha, k=k, combine=combine))
+        channels = masks_lib.channel_masks_from_scores(params, graph, used_scores, phi,
+                                                       first=first, last=last)
         if method == "random":
             if key is None:
                 raise ValueError("method 'random' needs a PRNG key")
-            channels = _same_counts(channels, lambda i, path, n: jax.random.permutation(
+            channels = _same_counts(graph, channels, lambda i, maps, n: jax.random.permutation(
                 jax.random.fold_in(key, i), n))
         elif method == "l1":
-            channels = _same_counts(channels, lambda i, path, n: jnp.argsort(
-                _filter_l1(params, path), stable=True))
-        gates = masks_lib.gate_variables(topology, channels, mode) if mode == "paper" else {}
+            l1 = _map_l1(params, graph)
+            channels = _same_counts(graph, channels, lambda i, maps, n: jnp.argsort(
+                jnp.asarray(l1[list(maps)]), stable=True))
+        if mode == "paper":
+            gates = masks_lib.gate_variables(topology if hand else graph, channels, mode)
         settings.update(phi=phi, alpha=alpha, k=k, first=first, last=last, mode=mode)
+        if not hand:
+            settings.update(combine=combine)
     elif method == "last_k":
-        if not 1 <= last_k <= len(topology):
-            raise ValueError(f"last_k={last_k} must be in [1, {len(topology)}] for this network")
-        trainable = {node.conv for node in list(topology)[-last_k:]}
-        channels = {conv: jnp.full((n,), conv in trainable) for conv, n in counts.items()}
+        if not 1 <= last_k <= len(graph.layers):
+            raise ValueError(f"last_k={last_k} must be in [1, {len(graph.layers)}] for this "
+                             "network")
+        trainable = {layer.path for layer in graph.layers[-last_k:]}
+        maps = {m for layer in graph.layers if layer.path in trainable for m in layer.out_maps}
+        channels = {layer.path: jnp.asarray([m in maps for m in layer.out_maps])
+                    for layer in graph.layers}
         settings.update(last_k=last_k)
     else:  # full
-        channels = {conv: jnp.ones((n,), bool) for conv, n in counts.items()}
-    mask = masks_lib.expand_channel_masks(params, topology, channels, batch_stats)
-    summary = masks_lib.mask_summary(params, _all_true_where_none(mask, params)
-                                     if method == "full" else mask, topology,
-                                     scores=used_scores or None, phi=settings.get("phi"))
+        channels = {layer.path: jnp.ones((layer.c_out,), bool) for layer in graph.layers}
+    full = method == "full"
+    mask = masks_lib.expand_channel_masks(params, graph, channels,
+                                          other="train" if full else other)
+    summary = masks_lib.mask_summary(params, mask, graph, scores=used_scores or None,
+                                     phi=settings.get("phi"))
     summary.update(settings, frozen_bn=frozen_bn, retrained_bn=retrained_bn)
-    flags = masks_lib.frozen_bn_variables(topology, channels, frozen_bn=frozen_bn,
-                                          retrained_bn=retrained_bn)
-    running = {node.norm: flags[masks_lib.frozen_bn_flag(node.norm)]
-               for node in topology if node.norm is not None and flags}
+    if not full and "other" in summary:
+        summary["other"]["policy"] = other
+    running = masks_lib.running_norms(graph, channels, frozen_bn=frozen_bn,
+                                      retrained_bn=retrained_bn)
+    flags = {masks_lib.frozen_bn_flag(norm): flag for norm, flag in running.items()}
+    flags = flags if any(flag.any() for flag in flags.values()) else {}
     stats_mask = (None if batch_stats is None else
-                  masks_lib.statistics_mask(batch_stats, topology, channels, running))
+                  masks_lib.statistics_mask(batch_stats, graph, channels, running))
     return TGDPlan(
-        method=method, channels=channels, mask=None if method == "full" else mask,
+        method=method, channels=channels, mask=None if full else mask,
         gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
-        summary=summary)
+        summary=summary, graph=graph)
 
 
-def _same_counts(channels: Mapping[str, Any], order_fn: Any) -> dict[str, Any]:
-    """Per layer, the first ``count`` channels of ``order_fn``'s ordering are retrained."""
-    out = {}
-    for i, (path, mask) in enumerate(channels.items()):
-        mask = np.asarray(mask, bool)
-        count, n = int(mask.sum()), mask.shape[0]
-        if count in (0, n):  # frozen or fully trained layers (first/last policies) stay
-            out[path] = jnp.asarray(mask)
+def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -> None:
+    """Every variable the graph names must exist with the channel count it expects.
+
+    Raises:
+      ValueError: naming the first kernel, per-channel parameter or statistic that is
+        missing or has another size (a graph traced from another network, a misspelled
+        gate).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.graph import from_topology
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((1, 1, 1, 2)), "bias": jnp.zeros(2)}}
+      >>> graph = from_topology(sequential_topology(["a"]), params)
+      >>> check_variables(graph, {"a": {"kernel": jnp.zeros((1, 1, 1, 2))}})
+      Traceback (most recent call last):
+      ...
+      ValueError: the graph names 'params/a/bias', which the variables do not have
+    """
+    trees = {PARAMS: flat_paths(params)}
+    if batch_stats is not None:
+        trees["batch_stats"] = flat_paths(batch_stats)
+    for layer in graph.layers:
+        kernel = trees[PARAMS].get(layer.kernel)
+        if kernel is None:
+            raise ValueError(f"the graph's layer '{layer.path}' has kernel '{layer.kernel}', "
+                             f"which params do not have")
+        shape = np.shape(kernel)
+        if (shape[layer.in_axis], shape[layer.out_axis]) != (layer.c_in, layer.c_out):
+            raise ValueError(f"'{layer.kernel}' has shape {shape}, but the graph expects "
+                             f"{layer.c_in} -> {layer.c_out} channels")
+    for name, (axis, maps) in graph.leaves.items():
+        collection, _, path = name.partition("/")
+        if collection not in trees:
             continue
-        chosen = np.asarray(order_fn(i, path, n))[:count]
-        new = np.zeros(n, bool)
-        new[chosen] = True
-        out[path] = jnp.asarray(new)
-    return out
+        if path not in trees[collection]:
+            raise ValueError(f"the graph names '{name}', which the variables do not have")
+        shape = np.shape(trees[collection][path])
+        if len(shape) <= axis or shape[axis] != len(maps):
+            raise ValueError(f"'{name}' has shape {shape}, but the graph expects {len(maps)} "
+                             f"channels on axis {axis}")
 
 
-def _filter_l1(params: Any, conv: str) -> jax.Array:
-    kernel = get_path(params, f"{conv}/kernel")
-    return jnp.sum(jnp.abs(kernel.reshape(-1, kernel.shape[-1])), axis=0)
+def _same_counts(graph: ChannelGraph, channels: Mapping[str, Any], order_fn: Any
+                 ) -> dict[str, Any]:
+    """Per class of maps (those written by the same layers: per layer in a sequential net),
+    the first ``count`` maps of ``order_fn``'s ordering are retrained, ``count`` being how
+    many the rule retrained there."""
+    decision = masks_lib.map_decisions(graph, channels)
+    producers = graph.producers()
+    classes: dict[tuple[str, ...], list[int]] = {}
+    for layer in graph.layers:
+        for m in layer.out_maps:
+            if producers[m][0] == layer.path and m not in classes.get(producers[m], []):
+                classes.setdefault(producers[m], []).append(m)
+    new = decision.copy()
+    for i, maps in enumerate(classes.values()):
+        count, n = int(decision[maps].sum()), len(maps)
+        if count in (0, n):  # frozen or fully trained classes (first/last policies) stay
+            continue
+        chosen = np.asarray(order_fn(i, maps, n))[:count]
+        new[maps] = False
+        new[np.asarray(maps)[chosen]] = True
+    return {layer.path: jnp.asarray(new[list(layer.out_maps)]) for layer in graph.layers}
 
 
-def _all_true_where_none(mask: Any, params: Any) -> Any:
-    return jax.tree.map(lambda m, p: jnp.ones(p.shape, bool) if m is None else
-                        jnp.ones_like(m), mask, params, is_leaf=lambda x: x is None)
+def _map_l1(params: Any, graph: ChannelGraph) -> np.ndarray:
+    """Per map, the L1 norm of the filters writing it (summed over a residual group)."""
+    flat = flat_paths(params)
+    out = jnp.zeros(graph.num_maps, jnp.float32)
+    for layer in graph.layers:
+        kernel = jnp.moveaxis(jnp.abs(jnp.asarray(flat[layer.kernel])), layer.out_axis, -1)
+        out = out.at[jnp.asarray(layer.out_maps)].add(
+            jnp.sum(kernel.reshape(-1, layer.c_out), axis=0))
+    return np.asarray(out)

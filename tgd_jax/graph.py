@@ -1,0 +1,318 @@
+"""The channel graph: which feature maps each layer makes and reads, the unit TGD decides on.
+
+TGD retrains or freezes feature maps. In a sequential ConvNet a map is one output channel
+of one conv and is read by the next conv. In the networks people use, a map can be read
+by several convs (a UNet's skip connection, a DenseNet's concatenations), and channels of
+several convs can be tied by elementwise adds (a residual stream): then there is one map
+per channel of the whole group, and one decision for it. A :class:`ChannelGraph` records
+this per CHANNEL, so it is exact for any wiring:
+
+* every layer (a conv, a transposed conv, or a dense layer that mixes the channel axis)
+  has, per output channel, the id of the map (*component*) that channel writes, and per
+  input channel the id of the map it reads (``-1``: not written by any layer, e.g. the
+  model's input);
+* channels tied by an elementwise op share one id;
+* per-channel variables (conv bias, BatchNorm scale/offset and running statistics, gate
+  masks) are attached to the ids of their channels;
+* the maps that reach the model's output without passing through a layer are listed.
+
+A graph comes from :func:`tgd_jax.trace.trace_topology` (read off the model's jaxpr), or from
+a hand-written :class:`~tgd_jax.topology.ConvNode` topology with :func:`from_topology`.
+Paths are ``'/'``-joined keys of the params pytree (``'encoder/conv_a'``); variables
+outside ``params`` are named with their collection first (``'batch_stats/bn2/mean'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from tgd_jax.topology import Topology, get_path, has_path, validate_topology
+
+__all__ = ["Layer", "ChannelGraph", "from_topology", "as_graph", "PARAMS", "key_name",
+           "flat_paths", "map_with_paths"]
+
+#: The collection whose leaves an optimizer trains (Linen's ``"params"``; NNX ``Param``).
+PARAMS = "params"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer that mixes channels: a conv, a transposed conv, or a dense layer.
+
+    Attributes:
+      path: the layer's path, e.g. ``'encoder/conv_a'`` (its kernel's path without the
+        final ``'/kernel'``).
+      kernel: the params path of its kernel.
+      in_axis, out_axis: the kernel's axes of input and output channels (Flax convs:
+        ``-2`` and ``-1`` of ``(*spatial, C_in, C_out)``; stored non-negative).
+      kind: ``"conv"``, ``"conv_transpose"`` or ``"dense"``.
+      in_maps: ``(C_in,)`` id of the map each input channel reads, ``-1`` for none.
+      out_maps: ``(C_out,)`` id of the map each output channel writes.
+      name: where the model builds it (its name stack; for messages).
+
+    Example:
+      >>> layer = Layer("b", "b/kernel", 2, 3, "conv", in_maps=(0, 1), out_maps=(2,))
+      >>> layer.c_in, layer.c_out
+      (2, 1)
+    """
+
+    path: str
+    kernel: str
+    in_axis: int
+    out_axis: int
+    kind: str
+    in_maps: tuple[int, ...]
+    out_maps: tuple[int, ...]
+    name: str = ""
+
+    @property
+    def c_in(self) -> int:
+        return len(self.in_maps)
+
+    @property
+    def c_out(self) -> int:
+        return len(self.out_maps)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGraph:
+    """What TGD needs to know of a network, per channel (see the module docstring).
+
+    Attributes:
+      layers: the layers in forward order.
+      leaves: per-channel variables: ``'collection/path'`` -> ``(axis, maps)``, the
+        leaf's channel axis and the map id of each index along it.
+      outputs: ids of the maps that reach the model's output without passing through a
+        layer (frozen like the last layer: no layer reads them, so no KSE rates them).
+      other: variable leaves (``'collection/path'``) that are neither a layer's kernel nor
+        per-channel: they follow the plan's ``other`` policy.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+      ...           "b": {"kernel": jnp.zeros((3, 3, 2, 1))}}
+      >>> graph = from_topology(sequential_topology(["a", "b"]), params)
+      >>> graph.readers
+      {'a': (('b', 0),), 'b': ()}
+      >>> graph.leaves["params/a/bias"]
+      (0, (0, 1))
+    """
+
+    layers: tuple[Layer, ...]
+    leaves: Mapping[str, tuple[int, tuple[int, ...]]]
+    outputs: frozenset[int]
+    other: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        paths = [layer.path for layer in self.layers]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"layer paths must be unique, got {paths}")
+
+    @property
+    def layer(self) -> dict[str, Layer]:
+        """Layers by path."""
+        return {layer.path: layer for layer in self.layers}
+
+    @property
+    def num_maps(self) -> int:
+        """Number of maps (ids run from 0 to ``num_maps - 1``)."""
+        ids = [m for layer in self.layers for m in layer.out_maps]
+        return max(ids) + 1 if ids else 0
+
+    def producers(self) -> dict[int, tuple[str, ...]]:
+        """Map id -> the layers writing it (several for a residual group)."""
+        out: dict[int, list[str]] = {}
+        for layer in self.layers:
+            for m in dict.fromkeys(layer.out_maps):
+                out.setdefault(m, []).append(layer.path)
+        return {m: tuple(paths) for m, paths in out.items()}
+
+    def reads(self) -> dict[int, list[tuple[str, int]]]:
+        """Map id -> every ``(reader layer, input channel)`` that reads it."""
+        out: dict[int, list[tuple[str, int]]] = {}
+        for layer in self.layers:
+            for j, m in enumerate(layer.in_maps):
+                if m >= 0:
+                    out.setdefault(m, []).append((layer.path, j))
+        return out
+
+    @property
+    def readers(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Layer -> ``((reader, offset), ...)``: every layer reading its output channels,
+        with the input-channel offset at which its channel ``c`` is read (``offset + c``).
+        A map read twice by one layer (``concat([x, x])``) gives two entries."""
+        out: dict[str, tuple[tuple[str, int], ...]] = {}
+        reads = self.reads()
+        for layer in self.layers:
+            found: dict[tuple[str, int], None] = {}
+            for c, m in enumerate(layer.out_maps):
+                for reader, j in reads.get(m, ()):
+                    found[(reader, j - c)] = None
+            out[layer.path] = tuple(found)
+        return out
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """Layers whose channels are tied (they write the same maps): one decision per
+        channel for the whole group."""
+        seen: dict[tuple[str, ...], None] = {}
+        for paths in self.producers().values():
+            if len(paths) > 1:
+                seen[paths] = None
+        return tuple(seen)
+
+    def first_layers(self) -> tuple[str, ...]:
+        """Layers that read no map (only the model's input, or constants)."""
+        return tuple(layer.path for layer in self.layers if all(m < 0 for m in layer.in_maps))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form: layers (kind, shapes, maps), readers, groups, per-channel leaves."""
+        return {
+            "layers": [{"path": layer.path, "kind": layer.kind, "kernel": layer.kernel,
+                        "c_in": layer.c_in, "c_out": layer.c_out,
+                        "in_maps": list(layer.in_maps), "out_maps": list(layer.out_maps),
+                        "name": layer.name} for layer in self.layers],
+            "readers": {k: [list(r) for r in v] for k, v in self.readers.items()},
+            "groups": [list(g) for g in self.groups],
+            "leaves": {k: {"axis": a, "maps": list(m)} for k, (a, m) in self.leaves.items()},
+            "outputs": sorted(self.outputs),
+            "other": list(self.other),
+        }
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_json()["readers"])
+
+
+def from_topology(topology: Topology, params: Mapping[str, Any],
+                  batch_stats: Mapping[str, Any] | None = None) -> ChannelGraph:
+    """The graph of a hand-written topology (checked with
+    :func:`~tgd_jax.topology.validate_topology` first).
+
+    Each conv's output channels are maps of their own, read by its ``consumer`` at offset
+    0; a conv without a consumer writes maps that reach the output. Its bias, its
+    BatchNorm's scale/offset and running statistics, and its gates' masks
+    (``'tgd/<gate>/mask'``) are attached to its channels.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2))},
+      ...           "b": {"kernel": jnp.zeros((3, 3, 2, 1))}}
+      >>> g = from_topology(sequential_topology(["a", "b"]), params)
+      >>> [(layer.path, layer.in_maps, layer.out_maps) for layer in g.layers], g.outputs
+      ([('a', (-1,), (0, 1)), ('b', (0, 1), (2,))], frozenset({2}))
+    """
+    counts = validate_topology(params, topology, batch_stats)
+    first_id: dict[str, int] = {}
+    next_id = 0
+    for node in topology:
+        first_id[node.conv] = next_id
+        next_id += counts[node.conv]
+    maps = {conv: tuple(range(first_id[conv], first_id[conv] + counts[conv]))
+            for conv in counts}
+    readers_of = {node.consumer: node.conv for node in topology if node.consumer is not None}
+    layers = []
+    leaves: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for node in topology:
+        kernel = get_path(params, f"{node.conv}/kernel")
+        source = readers_of.get(node.conv)
+        in_maps = maps[source] if source is not None else (-1,) * int(kernel.shape[-2])
+        layers.append(Layer(path=node.conv, kernel=f"{node.conv}/kernel",
+                            in_axis=kernel.ndim - 2, out_axis=kernel.ndim - 1, kind="conv",
+                            in_maps=tuple(in_maps), out_maps=maps[node.conv]))
+        own = maps[node.conv]
+        if has_path(params, f"{node.conv}/bias"):
+            leaves[f"{PARAMS}/{node.conv}/bias"] = (0, own)
+        if node.norm is not None:
+            for leaf in ("scale", "bias"):
+                if has_path(params, f"{node.norm}/{leaf}"):
+                    leaves[f"{PARAMS}/{node.norm}/{leaf}"] = (0, own)
+            if batch_stats is not None and has_path(batch_stats, node.norm):
+                for leaf in get_path(batch_stats, node.norm):
+                    leaves[f"batch_stats/{node.norm}/{leaf}"] = (0, own)
+        for gate in node.gates:
+            leaves[f"tgd/{gate}/mask"] = (0, own)
+    outputs = frozenset(m for node in topology if node.consumer is None for m in maps[node.conv])
+    kernels = {layer.kernel for layer in layers}
+    other = tuple(f"{PARAMS}/{path}" for path in _leaf_paths(params)
+                  if path not in kernels and f"{PARAMS}/{path}" not in leaves)
+    return ChannelGraph(layers=tuple(layers), leaves=leaves, outputs=outputs, other=other)
+
+
+def as_graph(topology: Topology | ChannelGraph, params: Mapping[str, Any],
+             batch_stats: Mapping[str, Any] | None = None) -> ChannelGraph:
+    """``topology`` itself if it is a graph, else :func:`from_topology`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((1, 1, 1, 2))}}
+      >>> graph = as_graph(sequential_topology(["a"]), params)
+      >>> as_graph(graph, params) is graph
+      True
+    """
+    if isinstance(topology, ChannelGraph):
+        return topology
+    return from_topology(topology, params, batch_stats)
+
+
+def _leaf_paths(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, Mapping):
+        return [prefix.rstrip("/")]
+    out: list[str] = []
+    for key, value in tree.items():
+        out += _leaf_paths(value, f"{prefix}{key}/")
+    return out
+
+
+def key_name(k: Any) -> str | None:
+    """One pytree key as a path component (None for an NNX Variable's ``.value``).
+
+    Example:
+      >>> import jax
+      >>> key_name(jax.tree_util.DictKey(0)), key_name(jax.tree_util.GetAttrKey("value"))
+      ('0', None)
+    """
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return None if k.name in ("value", "raw_value") else k.name
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def _join(path: Any) -> str:
+    return "/".join(name for name in map(key_name, path) if name is not None)
+
+
+def flat_paths(tree: Any, *, none_leaves: bool = False) -> dict[str, Any]:
+    """``'/'``-joined path -> leaf, for any pytree (dicts, FrozenDicts, NNX states with
+    integer keys); with ``none_leaves`` None leaves are kept (mask trees).
+
+    Example:
+      >>> flat_paths({"blocks": [{"w": 1.0}], "b": None}, none_leaves=True)
+      {'b': None, 'blocks/0/w': 1.0}
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=(lambda x: x is None) if none_leaves else None)
+    return {_join(path): leaf for path, leaf in leaves}
+
+
+def map_with_paths(fn: Any, tree: Any) -> Any:
+    """``tree`` with each leaf replaced by ``fn(path, leaf)`` (the same pytree type, so a
+    mask made from an NNX ``State`` is a ``State`` again).
+
+    Example:
+      >>> map_with_paths(lambda path, x: path, {"a": {"b": 0}})
+      {'a': {'b': 'a/b'}}
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_join(path), leaf), tree)

@@ -1,0 +1,911 @@
+"""The channel graph of any JAX function of a variables pytree, read off its jaxpr.
+
+:func:`trace_topology` traces ``apply_fn(variables, *args, **kwargs)`` with
+``jax.make_jaxpr`` and runs an abstract interpretation over the equations: every value
+carries the axis that holds its channels and, per channel, the id of the map it carries
+(:mod:`tgd_jax.graph`). Each primitive has ONE rule (:data:`RULES`, in the manner of
+Torch-Pruning's DepGraph), and a primitive without a rule that touches a tracked channel
+axis is refused, never guessed:
+
+* **layers**: ``conv_general_dilated`` with a kernel that is a variable (a conv; a
+  transposed conv when the input is dilated) and ``dot_general`` contracting the channel
+  axis with a kernel variable (a dense layer) make new maps and record which maps their
+  input channels read;
+* **channel-wise ops** keep the ids: elementwise arithmetic and activations, dtype casts,
+  BatchNorm's arithmetic, pooling and reductions over other axes, padding, slicing,
+  transposes, reshapes that leave the channel axis alone, up/down-sampling, dropout;
+* **concatenation** on the channel axis appends the ids of each operand occurrence;
+* **elementwise ops between two tracked values** tie their channels: a residual add makes
+  the channels of every conv writing the stream one map (union-find);
+* **per-channel variables** (bias, scale, statistics, gate masks) are attached where they
+  meet a tracked channel axis elementwise;
+* **refused**: grouped/depthwise convs, channel mixing other than a layer (a reshape that
+  merges the channel axis, a reduction over it, attention-style contractions of two
+  activations), a broadcast of one channel to many, a kernel used twice, a layer stack
+  under ``scan``/``while``, and any unknown primitive on a tracked channel axis. The
+  error names the primitive, the layers whose maps are involved and the model's name
+  stack.
+
+Sub-jaxprs (``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat``,
+``closed_call``, ``cond``) are followed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tgd_jax.graph import PARAMS, ChannelGraph, Layer, key_name
+
+__all__ = ["trace_topology", "TraceError", "RULES", "leaf_paths"]
+
+
+class TraceError(ValueError):
+    """The tracer met a construct whose channel wiring it cannot state exactly.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def apply(params, x):  # a reduction over the channels: refused
+      ...     y = jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME",
+      ...                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      ...     return y.sum(axis=-1)
+      >>> try:
+      ...     trace_topology(apply, {"w": jnp.ones((3, 3, 1, 4))}, jnp.ones((1, 8, 8, 1)))
+      ... except TraceError as error:
+      ...     print(str(error)[:75])
+      trace_topology: a reduction over the channel axis mixes the channels (primi
+    """
+
+
+@dataclasses.dataclass
+class _Value:
+    """What the interpretation knows of one jaxpr value.
+
+    ``axis``/``ids``: the channel axis and the map id of each channel on it (``-1``: not
+    a layer's output). ``axis=None`` with one id: a single channel whose axis was
+    squeezed away. ``leaves``: for a value computed from variables only, per variable
+    leaf, the leaf axis behind each value axis (None: broadcast) and whether indices
+    along it are the leaf's own (False after a slice or reversal).
+    """
+
+    shape: tuple[int, ...]
+    axis: int | None = None
+    ids: np.ndarray | None = None
+    leaves: tuple[tuple[int, tuple[int | None, ...], tuple[bool, ...]], ...] = ()
+    opaque: frozenset[int] = frozenset()  # leaves mixed in by ops the tracer cannot follow
+
+    @property
+    def tracked(self) -> bool:
+        return self.ids is not None and bool(np.any(self.ids >= 0))
+
+    @property
+    def is_variable(self) -> bool:
+        return bool(self.leaves) or bool(self.opaque)
+
+
+def _plain(shape: Sequence[int]) -> _Value:
+    return _Value(tuple(int(d) for d in shape))
+
+
+class _Interpreter:
+    def __init__(self, leaf_names: list[str], collections: list[str],
+                 shapes: list[tuple[int, ...]]) -> None:
+        self.leaf_names = leaf_names
+        self.collections = collections
+        self.shapes = shapes
+        self.parent: list[int] = []  # union-find over map ids
+        self.producer: list[str] = []  # the layer that made each id
+        self.layers: list[dict[str, Any]] = []
+        self.kernel_layer: dict[int, str] = {}
+        self.attached: dict[int, tuple[int, dict[int, int]]] = {}  # leaf -> (axis, idx -> id)
+        self.used_opaque: set[int] = set()
+
+    # --- union-find -------------------------------------------------------------------
+    def new_ids(self, n: int, layer: str) -> np.ndarray:
+        start = len(self.parent)
+        self.parent += list(range(start, start + n))
+        self.producer += [layer] * n
+        return np.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> int:
+        if a < 0:
+            return b
+        if b < 0:
+            return a
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+        return min(ra, rb)
+
+    def layers_of(self, values: Sequence[_Value]) -> list[str]:
+        names: dict[str, None] = {}
+        for v in values:
+            if v.ids is not None:
+                for i in v.ids:
+                    if i >= 0:
+                        names[self.producer[int(i)]] = None
+            for leaf, _, _ in v.leaves:
+                names[self.leaf_names[leaf]] = None
+        return list(names)
+
+    # --- the walk ------------------------------------------------------------------------
+    def run(self, jaxpr: Any, consts: Sequence[_Value], args: Sequence[_Value]) -> list[_Value]:
+        env: dict[Any, _Value] = {}
+
+        def read(atom: Any) -> _Value:
+            if isinstance(atom, jax.extend.core.Literal):
+                return _plain(np.shape(atom.val))
+            return env[atom]
+
+        for var, value in zip(jaxpr.constvars, consts, strict=True):
+            env[var] = value
+        for var, value in zip(jaxpr.invars, args, strict=True):
+            env[var] = value
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            name = eqn.primitive.name
+            rule = RULES.get(name)
+            if rule is None:
+                rule = _unknown
+            try:
+                outs = rule(self, eqn, ins)
+            except TraceError as error:
+                if str(error).startswith("trace_topology:"):
+                    raise
+                stack = str(eqn.source_info.name_stack) or "<top level>"
+                layers = self.layers_of(ins)
+                raise TraceError(
+                    f"trace_topology: {error} (primitive '{name}' at '{stack}'; layers "
+                    f"involved: {layers or 'none'})") from None
+            for var, value in zip(eqn.outvars, outs, strict=True):
+                env[var] = value
+        return [read(a) for a in jaxpr.outvars]
+
+
+# --- rules -------------------------------------------------------------------------------
+
+Rule = Callable[[_Interpreter, Any, list[_Value]], list[_Value]]
+
+
+def _out_shapes(eqn: Any) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in getattr(v.aval, "shape", ())) for v in eqn.outvars]
+
+
+def _unknown(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    if any(v.tracked for v in ins):
+        raise TraceError("no rule for this primitive, and it touches a tracked channel axis")
+    if any(v.is_variable for v in ins):
+        opaque = frozenset().union(*(_leaf_set(v) for v in ins))
+        return [_Value(s, opaque=opaque) for s in _out_shapes(eqn)]
+    return [_plain(s) for s in _out_shapes(eqn)]
+
+
+def _leaf_set(v: _Value) -> frozenset[int]:
+    return frozenset(leaf for leaf, _, _ in v.leaves) | v.opaque
+
+
+def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    """Same-shape (or scalar) operands: channels at the same position are one map."""
+    (shape,) = _out_shapes(eqn)
+    acts = [v for v in ins if v.ids is not None and v.shape == shape]
+    variables = [v for v in ins if v.is_variable and v.ids is None]
+    scalars_tracked = [v for v in ins if v.ids is not None and v.shape != shape]
+    if scalars_tracked:
+        raise TraceError("an operand with channels is broadcast implicitly")
+    axes = {v.axis for v in acts}
+    if len(axes) > 1:
+        raise TraceError(f"operands carry channels on different axes {sorted(map(str, axes))}")
+    if not acts:  # variables only (or plain values): combine the variable information
+        leaves = tuple(leaf for v in variables for leaf in v.leaves)
+        opaque = frozenset().union(*(v.opaque for v in variables)) if variables else frozenset()
+        return [_Value(shape, leaves=leaves, opaque=opaque)]
+    axis = acts[0].axis
+    ids = acts[0].ids.copy()
+    for v in acts[1:]:
+        if len(v.ids) != len(ids):
+            raise TraceError("operands carry different channel counts")
+        ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
+    for v in variables:
+        _attach(interp, v, axis, ids, shape)
+    return [_Value(shape, axis=axis, ids=ids)]
+
+
+def _attach(interp: _Interpreter, v: _Value, axis: int | None, ids: np.ndarray,
+            shape: tuple[int, ...]) -> None:
+    """A variable value meets channels: each leaf indexed along the channel axis is
+    attached to them; a leaf broadcast along it is shared by all channels (not attached)."""
+    if axis is None:
+        return
+    if v.opaque and shape[axis] > 1:
+        names = [interp.leaf_names[i] for i in sorted(v.opaque)]
+        raise TraceError(f"variables {names} reach the channels through an op the tracer "
+                         "cannot follow")
+    for leaf, leaf_axes, exact in v.leaves:
+        leaf_axis = leaf_axes[axis]
+        if leaf_axis is None:
+            continue  # broadcast along the channel axis: one value for every channel
+        if not exact[axis]:
+            raise TraceError(f"variable '{interp.leaf_names[leaf]}' is sliced or reordered "
+                             "along the channel axis before it meets the channels")
+        known_axis, index = interp.attached.setdefault(leaf, (leaf_axis, {}))
+        if known_axis != leaf_axis:
+            raise TraceError(f"variable '{interp.leaf_names[leaf]}' meets channels along two "
+                             "of its axes")
+        for j, i in enumerate(ids):
+            if i < 0:
+                continue
+            if j in index:
+                index[j] = interp.union(index[j], int(i))
+            else:
+                index[j] = int(i)
+
+
+def _variable_of(interp: _Interpreter, v: _Value, what: str) -> tuple[int, tuple, tuple]:
+    if v.opaque or len(v.leaves) != 1:
+        names = [interp.leaf_names[i] for i in sorted(_leaf_set(v))]
+        raise TraceError(f"the {what} is not one variable taken as it is (from {names})")
+    return v.leaves[0]
+
+
+def _register_layer(interp: _Interpreter, eqn: Any, kernel: _Value, lhs: _Value,
+                    lhs_axis: int, k_in: int, k_out: int, kind: str) -> np.ndarray:
+    leaf, leaf_axes, exact = _variable_of(interp, kernel, "kernel")
+    name = interp.leaf_names[leaf]
+    if interp.collections[leaf] != PARAMS:
+        raise TraceError(f"the kernel '{name}' is not a trainable parameter")
+    in_axis, out_axis = leaf_axes[k_in], leaf_axes[k_out]
+    if in_axis is None or out_axis is None or not (exact[k_in] and exact[k_out]):
+        raise TraceError(f"the kernel '{name}' is broadcast or reordered on a channel axis")
+    if leaf in interp.kernel_layer:
+        raise TraceError(f"the kernel '{name}' is used by two layers "
+                         f"(first by '{interp.kernel_layer[leaf]}'); its channels would have "
+                         "two decisions")
+    path = name[:-len("/kernel")] if name.endswith("/kernel") else name
+    interp.kernel_layer[leaf] = path
+    c_in = kernel.shape[k_in]
+    in_ids = _read_channels(lhs, lhs_axis, c_in)
+    out_ids = interp.new_ids(kernel.shape[k_out], path)
+    interp.layers.append(dict(path=path, kernel=name, in_axis=in_axis, out_axis=out_axis,
+                              kind=kind, in_ids=in_ids, out_ids=out_ids,
+                              name=str(eqn.source_info.name_stack)))
+    return out_ids
+
+
+def _read_channels(lhs: _Value, axis: int, c_in: int) -> np.ndarray:
+    if lhs.ids is None:
+        return np.full(c_in, -1)
+    if lhs.axis is None:  # a squeezed single channel read as a one-channel input
+        if c_in != 1:
+            raise TraceError("a single squeezed channel is read as several channels")
+        return lhs.ids.copy()
+    if lhs.axis != axis:
+        if not lhs.tracked:
+            return np.full(c_in, -1)
+        raise TraceError(f"the channels sit on axis {lhs.axis}, but the layer mixes axis {axis}")
+    return lhs.ids.copy()
+
+
+def _conv(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    lhs, rhs = ins
+    (shape,) = _out_shapes(eqn)
+    dn = eqn.params["dimension_numbers"]
+    lhs_f, rhs_o, rhs_i, out_f = dn.lhs_spec[1], dn.rhs_spec[0], dn.rhs_spec[1], dn.out_spec[1]
+    groups = eqn.params["feature_group_count"]
+    if eqn.params["batch_group_count"] != 1:
+        raise TraceError("batch-grouped convolutions are not supported")
+    if rhs.ids is not None:
+        raise TraceError("the conv's kernel is computed from activations")
+    if not rhs.is_variable:  # a fixed filter (blur, box pooling): channel-wise if depthwise
+        if lhs.tracked and groups != lhs.shape[lhs_f]:
+            raise TraceError("a convolution with a constant kernel mixes the channels")
+        out = _Value(shape)
+        if lhs.ids is not None and lhs.axis == lhs_f:
+            out = _Value(shape, axis=out_f, ids=lhs.ids.copy())
+        return [out]
+    if groups != 1:
+        raise TraceError(f"grouped/depthwise convolution (feature_group_count={groups}) "
+                         "has no TGD rule")
+    dilated = any(d != 1 for d in eqn.params["lhs_dilation"])
+    ids = _register_layer(interp, eqn, rhs, lhs, lhs_f, rhs_i, rhs_o,
+                          "conv_transpose" if dilated else "conv")
+    return [_Value(shape, axis=out_f, ids=ids)]
+
+
+def _dot_general(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    lhs, rhs = ins
+    (shape,) = _out_shapes(eqn)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
+    l_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    r_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+
+    def out_axis(side: str, d: int) -> int:
+        batch, free = (lb, l_free) if side == "l" else (rb, r_free)
+        if d in batch:
+            return batch.index(d)
+        offset = len(lb) + (0 if side == "l" else len(l_free))
+        return offset + free.index(d)
+
+    for act, kern, side, a_c, k_c, k_free in ((lhs, rhs, "l", lc, rc, r_free),
+                                               (rhs, lhs, "r", rc, lc, l_free)):
+        if not kern.is_variable or kern.ids is not None or act.is_variable:
+            continue
+        if act.ids is not None and act.axis is not None and act.axis not in a_c:
+            # the channels are not contracted: a weight on another axis, shared by all
+            _mark_opaque(interp, kern)
+            return [_Value(shape, axis=out_axis(side, act.axis), ids=act.ids.copy())]
+        if len(a_c) == 1 and len(k_free) == 1 and not lb and _is_dense_kernel(interp, kern):
+            ids = _register_layer(interp, eqn, kern, act, a_c[0], k_c[0], k_free[0], "dense")
+            kernel_side = "r" if side == "l" else "l"
+            return [_Value(shape, axis=out_axis(kernel_side, k_free[0]), ids=ids)]
+        if act.tracked:
+            raise TraceError("a contraction of the channel axis with a variable that is not "
+                             "a dense layer's kernel")
+        _mark_opaque(interp, kern)
+        return [_plain(shape)]
+    if lhs.tracked and rhs.tracked:
+        raise TraceError("a product of two activations with channels (attention-style "
+                         "channel mixing)")
+    for act, side, contracted in ((lhs, "l", lc), (rhs, "r", rc)):
+        if act.ids is not None and act.axis is not None:
+            if act.axis in contracted:
+                if act.tracked:
+                    raise TraceError("the channel axis is contracted with a non-variable "
+                                     "operand (channel mixing without a layer)")
+                return [_plain(shape)]
+            return [_Value(shape, axis=out_axis(side, act.axis), ids=act.ids.copy())]
+    if lhs.is_variable or rhs.is_variable:
+        return [_Value(shape, opaque=_leaf_set(lhs) | _leaf_set(rhs))]
+    return [_plain(shape)]
+
+
+def _is_dense_kernel(interp: _Interpreter, v: _Value) -> bool:
+    if v.opaque or len(v.leaves) != 1:
+        return False
+    leaf = v.leaves[0][0]
+    return interp.collections[leaf] == PARAMS and len(v.shape) == 2
+
+
+def _mark_opaque(interp: _Interpreter, v: _Value) -> None:
+    interp.used_opaque |= _leaf_set(v)
+
+
+def _broadcast_in_dim(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    dims = tuple(eqn.params["broadcast_dimensions"])
+    leaves = []
+    for leaf, leaf_axes, exact in v.leaves:
+        axes: list[int | None] = [None] * len(shape)
+        ex = [True] * len(shape)
+        for i, d in enumerate(dims):
+            if v.shape[i] == shape[d]:
+                axes[d], ex[d] = leaf_axes[i], exact[i]
+        leaves.append((leaf, tuple(axes), tuple(ex)))
+    out = _Value(shape, leaves=tuple(leaves), opaque=v.opaque)
+    if v.ids is not None:
+        if v.axis is None:
+            if v.tracked and not (len(shape) and all(shape[d] == 1 for d in range(len(shape))
+                                                     if d not in dims)):
+                raise TraceError("a single channel is broadcast to many positions of a "
+                                 "channel axis (not per-channel)")
+            out.ids = v.ids.copy()
+        else:
+            new = dims[v.axis]
+            if v.shape[v.axis] != shape[new]:
+                if v.tracked:
+                    raise TraceError("one channel is broadcast to many channels (not "
+                                     "per-channel)")
+                return [_Value(shape, leaves=out.leaves, opaque=out.opaque)]
+            out.axis, out.ids = new, v.ids.copy()
+    return [out]
+
+
+def _reshape_map(old: tuple[int, ...], new: tuple[int, ...]) -> dict[int, int]:
+    """Old axis -> new axis, for axes that keep their size and their place in the layout
+    (only size-1 axes inserted or removed, or other axes split/merged around them)."""
+    out = {}
+    for i, size in enumerate(old):
+        before = int(np.prod(old[:i]))
+        for k, s in enumerate(new):
+            if s == size and int(np.prod(new[:k])) == before:
+                out[i] = k
+                break
+    return out
+
+
+def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    if eqn.params.get("dimensions") is not None:
+        raise TraceError("reshape with a transposition")
+    mapping = _reshape_map(v.shape, shape)
+    leaves, opaque = [], set(v.opaque)
+    for leaf, leaf_axes, exact in v.leaves:
+        axes: list[int | None] = [None] * len(shape)
+        ex = [True] * len(shape)
+        ok = True
+        for i, la in enumerate(leaf_axes):
+            if v.shape[i] == 1:
+                continue
+            if i not in mapping:
+                ok = False
+                break
+            axes[mapping[i]], ex[mapping[i]] = la, exact[i]
+        if ok:
+            leaves.append((leaf, tuple(axes), tuple(ex)))
+        else:
+            opaque.add(leaf)
+    out = _Value(shape, leaves=tuple(leaves), opaque=frozenset(opaque))
+    if v.ids is not None:
+        if v.axis is None:
+            out.ids = v.ids.copy()
+        elif v.axis in mapping:
+            out.axis, out.ids = mapping[v.axis], v.ids.copy()
+        elif v.shape[v.axis] == 1:
+            out.ids = v.ids.copy()  # the single channel's axis is squeezed away
+        elif v.tracked:
+            raise TraceError(f"reshape {v.shape} -> {shape} merges or splits the channel axis")
+        else:
+            out.ids = None
+    return [out]
+
+
+def _squeeze(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    dims = sorted(int(d) % max(1, len(v.shape)) for d in eqn.params["dimensions"])
+    keep = [i for i in range(len(v.shape)) if i not in dims]
+    leaves = tuple((leaf, tuple(la[i] for i in keep), tuple(ex[i] for i in keep))
+                   for leaf, la, ex in v.leaves)
+    out = _Value(shape, leaves=leaves, opaque=v.opaque)
+    if v.ids is not None:
+        out.ids = v.ids.copy()
+        out.axis = None if v.axis is None or v.axis in dims else keep.index(v.axis)
+    return [out]
+
+
+def _transpose(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    perm = tuple(eqn.params["permutation"])
+    leaves = tuple((leaf, tuple(la[p] for p in perm), tuple(ex[p] for p in perm))
+                   for leaf, la, ex in v.leaves)
+    out = _Value(shape, leaves=leaves, opaque=v.opaque)
+    if v.ids is not None:
+        out.ids = v.ids.copy()
+        out.axis = None if v.axis is None else perm.index(v.axis)
+    return [out]
+
+
+def _reduce(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    shapes = _out_shapes(eqn)
+    axes = tuple(int(a) for a in eqn.params["axes"])
+    if v.ids is not None and v.axis is not None and v.axis in axes and v.tracked:
+        raise TraceError("a reduction over the channel axis mixes the channels")
+    keep = [i for i in range(len(v.shape)) if i not in axes]
+    leaves = tuple((leaf, tuple(la[i] for i in keep), tuple(ex[i] for i in keep))
+                   for leaf, la, ex in v.leaves)
+    outs = []
+    for shape in shapes:
+        out = _Value(shape, leaves=leaves, opaque=v.opaque)
+        if v.ids is not None and (v.axis is None or v.axis in keep):
+            out.ids = v.ids.copy()
+            out.axis = None if v.axis is None else keep.index(v.axis)
+        outs.append(out)
+    return outs
+
+
+def _cumulative(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    if v.tracked and v.axis == eqn.params["axis"]:
+        raise TraceError("a cumulative op along the channel axis mixes the channels")
+    return [dataclasses.replace(v, shape=_out_shapes(eqn)[0])]
+
+
+def _reduce_window(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    window = eqn.params["window_dimensions"]
+    if v.tracked and v.axis is not None and window[v.axis] != 1:
+        raise TraceError("a pooling window spans the channel axis")
+    shapes = _out_shapes(eqn)
+    return [dataclasses.replace(v, shape=s, leaves=(), opaque=_leaf_set(v)) for s in shapes]
+
+
+def _concatenate(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    (shape,) = _out_shapes(eqn)
+    dim = int(eqn.params["dimension"])
+    acts = [v for v in ins if v.ids is not None]
+    if any(v.is_variable for v in ins):
+        if acts:
+            raise TraceError("variables are concatenated with activations")
+        return [_Value(shape, opaque=frozenset().union(*(_leaf_set(v) for v in ins)))]
+    if not acts:
+        return [_plain(shape)]
+    axes = {v.axis for v in acts if v.tracked}
+    if len(axes) > 1:
+        raise TraceError("operands carry channels on different axes")
+    axis = axes.pop() if axes else acts[0].axis
+    if axis is None:
+        raise TraceError("a squeezed single channel is concatenated")
+    if axis == dim:  # channels side by side: each occurrence keeps its ids
+        ids = np.concatenate([v.ids if v.ids is not None and v.axis == axis
+                              else np.full(v.shape[dim], -1) for v in ins])
+        return [_Value(shape, axis=axis, ids=ids)]
+    ids = np.full(shape[axis], -1)  # concatenated along another axis: channel j of each
+    for v in acts:
+        if v.axis != axis:
+            continue
+        ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
+    return [_Value(shape, axis=axis, ids=ids)]
+
+
+def _slice(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(start)
+    return [_sliced(v, shape, lambda a, ids: ids[start[a]:limit[a]:strides[a]])]
+
+
+def _sliced(v: _Value, shape: tuple[int, ...], take: Callable[[int, np.ndarray], np.ndarray]
+            ) -> _Value:
+    leaves = tuple((leaf, la, tuple(e and v.shape[i] == shape[i] for i, e in enumerate(ex)))
+                   for leaf, la, ex in v.leaves)
+    out = _Value(shape, leaves=leaves, opaque=v.opaque)
+    if v.ids is not None:
+        out.axis = v.axis
+        out.ids = v.ids.copy() if v.axis is None else take(v.axis, v.ids)
+    return out
+
+
+def _dynamic_slice(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    (shape,) = _out_shapes(eqn)
+    starts = eqn.invars[1:]
+
+    def take(a: int, ids: np.ndarray) -> np.ndarray:
+        if shape[a] == len(ids):
+            return ids.copy()
+        atom = starts[a]
+        if not isinstance(atom, jax.extend.core.Literal):
+            raise TraceError("a slice of the channel axis at a position known only at run time")
+        s = int(np.clip(int(atom.val), 0, len(ids) - shape[a]))
+        return ids[s:s + shape[a]]
+
+    return [_sliced(v, shape, take)]
+
+
+def _split(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    axis = int(eqn.params["axis"])
+    bounds = np.cumsum([0, *eqn.params["sizes"]])
+    return [_sliced(v, shape, lambda a, ids, lo=lo, hi=hi: ids[lo:hi] if a == axis else ids)
+            for shape, lo, hi in zip(_out_shapes(eqn), bounds[:-1], bounds[1:], strict=True)]
+
+
+def _pad(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v, value = ins
+    if value.tracked:
+        raise TraceError("padding with a value that has channels")
+    (shape,) = _out_shapes(eqn)
+    config = eqn.params["padding_config"]
+
+    def take(a: int, ids: np.ndarray) -> np.ndarray:
+        lo, hi, interior = config[a]
+        if (lo, hi, interior) == (0, 0, 0):
+            return ids.copy()
+        if lo < 0 or hi < 0:
+            raise TraceError("negative padding (cropping) of the channel axis")
+        grown = []
+        for j, i in enumerate(ids):
+            grown.append(i)
+            if j < len(ids) - 1:
+                grown += [-1] * interior
+        return np.array([-1] * lo + grown + [-1] * hi)
+
+    return [_sliced(v, shape, take)]
+
+
+def _rev(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    v = ins[0]
+    dims = tuple(eqn.params["dimensions"])
+    leaves = tuple((leaf, la, tuple(e and i not in dims for i, e in enumerate(ex)))
+                   for leaf, la, ex in v.leaves)
+    out = _Value(v.shape, leaves=leaves, opaque=v.opaque)
+    if v.ids is not None:
+        out.axis = v.axis
+        out.ids = v.ids[::-1].copy() if v.axis in dims else v.ids.copy()
+    return [out]
+
+
+def _passthrough(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    return [dataclasses.replace(v, shape=s) for v, s in zip(ins, _out_shapes(eqn), strict=False)]
+
+
+def _random(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    if any(v.tracked for v in ins):
+        raise TraceError("random numbers drawn from values with channels")
+    return [_plain(s) for s in _out_shapes(eqn)]
+
+
+def _sub_jaxpr(key: str) -> Rule:
+    def rule(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+        closed = eqn.params[key]
+        jaxpr = getattr(closed, "jaxpr", closed)
+        consts = [_plain(np.shape(c)) for c in getattr(closed, "consts", ())]
+        if eqn.primitive.name == "custom_jvp_call" and _func_name(jaxpr) == "tgd_gate":
+            return _gate(interp, eqn, ins)
+        return interp.run(jaxpr, consts, ins)
+    return rule
+
+
+def _func_name(jaxpr: Any) -> str:
+    info = getattr(jaxpr, "debug_info", None)
+    return str(getattr(info, "func_name", "") or "")
+
+
+def _gate(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    """``tgd_gate(x, mask)``: identity on x; the mask variable belongs to x's channels."""
+    x, mask = ins
+    if x.ids is not None and mask.is_variable:
+        pad = len(x.shape) - len(mask.shape)  # the mask broadcasts against x's last axes
+        aligned = _Value(x.shape, opaque=mask.opaque, leaves=tuple(
+            (leaf, (None,) * pad + la, (True,) * pad + ex) for leaf, la, ex in mask.leaves))
+        _attach(interp, aligned, x.axis, x.ids, x.shape)
+    return [x]
+
+
+def _custom_vjp(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    closed = eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr")
+    jaxpr = getattr(closed, "jaxpr", closed)
+    consts = [_plain(np.shape(c)) for c in getattr(closed, "consts", ())]
+    return interp.run(jaxpr, consts, ins[len(ins) - len(jaxpr.invars):])
+
+
+def _cond(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    index, *operands = ins
+    if index.tracked:
+        raise TraceError("a branch chosen by values with channels")
+    results = [interp.run(b.jaxpr, [_plain(np.shape(c)) for c in b.consts], operands)
+               for b in eqn.params["branches"]]
+    outs = []
+    for values in zip(*results, strict=True):
+        merged = values[0]
+        for v in values[1:]:
+            if (v.ids is None) != (merged.ids is None) or v.axis != merged.axis:
+                if v.tracked or merged.tracked:
+                    raise TraceError("the branches of a cond return channels differently")
+                continue
+            if v.ids is not None:
+                merged = dataclasses.replace(merged, ids=np.array(
+                    [interp.union(int(a), int(b)) for a, b in zip(merged.ids, v.ids,
+                                                                  strict=True)]))
+        outs.append(merged)
+    return outs
+
+
+def _loop(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    if any(v.tracked or v.is_variable for v in ins):
+        raise TraceError("channels or variables enter a loop (a layer stack under scan/while "
+                         "is not supported: unroll it)")
+    return [_plain(s) for s in _out_shapes(eqn)]
+
+
+_ELEMENTWISE = (
+    "add add_any sub mul div rem pow max min neg sign floor ceil round is_finite exp exp2 log "
+    "log1p expm1 tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh "
+    "sqrt rsqrt cbrt square integer_pow abs erf erfc erf_inv lgamma digamma select_n clamp "
+    "eq ne lt le gt ge and or not xor convert_element_type reduce_precision nextafter "
+    "real imag conj copy copy_p stop_gradient shift_left shift_right_logical "
+    "shift_right_arithmetic population_count clz polygamma igamma igammac bessel_i0e "
+    "bessel_i1e regularized_incomplete_beta random_gamma_grad square"
+).split()
+
+#: primitive name -> rule (one per op type). Names differ between JAX versions
+#: (``pjit``/``jit``); both are listed.
+RULES: dict[str, Rule] = {
+    **dict.fromkeys(_ELEMENTWISE, _elementwise),
+    "conv_general_dilated": _conv,
+    "dot_general": _dot_general,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "reshape": _reshape,
+    "squeeze": _squeeze,
+    "expand_dims": _reshape,
+    "transpose": _transpose,
+    **dict.fromkeys(["reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                     "reduce_or", "reduce_xor", "argmax", "argmin"], _reduce),
+    **dict.fromkeys(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"], _cumulative),
+    **dict.fromkeys(["reduce_window_sum", "reduce_window_max", "reduce_window_min",
+                     "reduce_window"], _reduce_window),
+    "concatenate": _concatenate,
+    "slice": _slice,
+    "dynamic_slice": _dynamic_slice,
+    "split": _split,
+    "pad": _pad,
+    "rev": _rev,
+    **dict.fromkeys(["sharding_constraint", "device_put", "optimization_barrier",
+                     "mesh_cast", "reshard"], _passthrough),
+    **dict.fromkeys(["random_bits", "random_seed", "random_wrap", "random_unwrap",
+                     "random_fold_in", "random_split", "threefry2x32", "iota"], _random),
+    "pjit": _sub_jaxpr("jaxpr"),
+    "jit": _sub_jaxpr("jaxpr"),
+    "closed_call": _sub_jaxpr("call_jaxpr"),
+    "core_call": _sub_jaxpr("call_jaxpr"),
+    "remat": _sub_jaxpr("jaxpr"),
+    "checkpoint": _sub_jaxpr("jaxpr"),
+    "custom_jvp_call": _sub_jaxpr("call_jaxpr"),
+    "custom_vjp_call": _custom_vjp,
+    "custom_vjp_call_jaxpr": _custom_vjp,
+    "cond": _cond,
+    "while": _loop,
+    "scan": _loop,
+}
+
+
+# --- entry point -------------------------------------------------------------------------
+
+def leaf_paths(variables: Any) -> tuple[list[str], list[str], list[Any]]:
+    """``(paths, collections, leaves)`` of a variables pytree, in flattening order.
+
+    A Linen variables dict ``{"params": ..., "batch_stats": ...}`` takes the collection
+    from the first key (the path is the rest). An NNX state (leaves in ``nnx.Variable`` s) uses the
+    variable type as the collection (``Param`` -> ``params``, ``BatchStat`` ->
+    ``batch_stats``). Any other pytree counts as params. Integer keys (NNX lists) are
+    written as numbers: ``'blocks/0/conv/kernel'``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> leaf_paths({"params": {"c": {"kernel": jnp.ones((1, 1, 1, 2))}}})[:2]
+      (['c/kernel'], ['params'])
+    """
+    nnx_variable = _nnx_variable_type()
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        variables, is_leaf=lambda x: nnx_variable is not None and isinstance(x, nnx_variable))
+    linen = (_is_mapping(variables) and PARAMS in variables
+             and _is_mapping(variables[PARAMS]))
+    names: list[str] = []
+    collections: list[str] = []
+    leaves: list[Any] = []
+    for path, leaf in flat:
+        keys = [key_name(k) for k in path]
+        keys = [k for k in keys if k is not None]
+        if nnx_variable is not None and isinstance(leaf, nnx_variable):
+            collection = _nnx_collection(leaf)
+            leaf = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+            name = "/".join(keys)
+        elif linen:
+            collection, name = keys[0], "/".join(keys[1:])
+        else:
+            collection, name = PARAMS, "/".join(keys)
+        names.append(name)
+        collections.append(collection)
+        leaves.append(leaf)
+    return names, collections, leaves
+
+
+def _is_mapping(x: Any) -> bool:
+    from collections.abc import Mapping
+
+    return isinstance(x, Mapping)
+
+
+def _nnx_variable_type() -> type | None:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax always ships nnx here
+        return None
+    return nnx.Variable
+
+
+def _nnx_collection(variable: Any) -> str:
+    from flax import nnx
+
+    if isinstance(variable, nnx.Param):
+        return PARAMS
+    if isinstance(variable, nnx.BatchStat):
+        return "batch_stats"
+    return type(variable).__name__.lower()
+
+
+def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
+                   **kwargs: Any) -> ChannelGraph:
+    """The :class:`~tgd_jax.graph.ChannelGraph` of ``apply_fn(variables, *args, **kwargs)``.
+
+    Args:
+      apply_fn: any function of a variables pytree and inputs, e.g. ``model.apply`` for
+        Linen, ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX, or a plain
+        function calling ``jax.lax.conv_general_dilated`` on a params dict. Trace the
+        inference call (``train=False``): every output of the function counts as the
+        network's output.
+      variables: its variables (Linen ``{"params": ..., "batch_stats": ...}``, an NNX
+        ``State``, or a params pytree); only shapes and dtypes are used.
+      args, kwargs: example inputs (shapes matter, values do not) and static options.
+
+    Returns:
+      The graph, with layers in the order the function runs them. Layer paths are the
+      kernel's params path without its final ``'/kernel'``.
+
+    Raises:
+      TraceError: a construct without an exact rule (module docstring), naming the
+        primitive, the layers involved and the name stack.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         a = nn.relu(nn.Conv(4, (3, 3), name="a")(x))
+      ...         b = nn.Conv(4, (3, 3), name="b")(a) + a        # a residual add
+      ...         return nn.Conv(1, (3, 3), name="c")(jnp.concatenate([a, b], -1))
+      >>> x = jnp.zeros((1, 8, 8, 1))
+      >>> variables = Net().init(jax.random.key(0), x)
+      >>> graph = trace_topology(Net().apply, variables, x)
+      >>> graph.readers["a"], graph.groups
+      ((('b', 0), ('c', 0), ('c', 4)), (('a', 'b'),))
+    """
+    names, collections, leaves = leaf_paths(variables)
+    structs = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32))
+               for x in leaves]
+    treedef = jax.tree.structure(variables)
+    if treedef.num_leaves != len(leaves):
+        raise TraceError(f"trace_topology: the variables have {treedef.num_leaves} array "
+                         f"leaves but {len(leaves)} named ones")
+
+    def fn(flat: list[Any], *inputs: Any) -> Any:
+        return apply_fn(jax.tree.unflatten(treedef, flat), *inputs, **kwargs)
+
+    closed = jax.make_jaxpr(fn)(structs, *args)
+    interp = _Interpreter(names, collections, [tuple(np.shape(x)) for x in leaves])
+    variable_values = [_Value(tuple(np.shape(x)),
+                              leaves=((i, tuple(range(np.ndim(x))), (True,) * np.ndim(x)),))
+                       for i, x in enumerate(leaves)]
+    arg_values = [_plain(np.shape(x)) for x in jax.tree.leaves(args)]
+    consts = [_plain(np.shape(c)) for c in closed.consts]
+    outs = interp.run(closed.jaxpr, consts, variable_values + arg_values)
+    return _build(interp, outs, names, collections)
+
+
+def _build(interp: _Interpreter, outs: list[_Value], names: list[str],
+           collections: list[str]) -> ChannelGraph:
+    if not interp.layers:
+        raise TraceError("trace_topology: the function has no conv or dense layer whose "
+                         "kernel is a variable")
+    roots: dict[int, int] = {}
+
+    def canon(i: int) -> int:
+        if i < 0:
+            return -1
+        r = interp.find(int(i))
+        return roots.setdefault(r, len(roots))
+
+    layers = []
+    for entry in interp.layers:
+        out_maps = tuple(canon(i) for i in entry["out_ids"])
+        layers.append(entry | {"out_maps": out_maps})
+    built = [Layer(path=e["path"], kernel=e["kernel"], in_axis=e["in_axis"],
+                   out_axis=e["out_axis"], kind=e["kind"],
+                   in_maps=tuple(canon(i) for i in e["in_ids"]), out_maps=e["out_maps"],
+                   name=e["name"]) for e in layers]
+    outputs = frozenset(canon(i) for v in outs if v.ids is not None for i in v.ids if i >= 0)
+    leaves = {}
+    for leaf, (axis, index) in interp.attached.items():
+        size = interp.shapes[leaf][axis]
+        maps = tuple(canon(index[j]) if j in index else -1 for j in range(size))
+        leaves[f"{collections[leaf]}/{names[leaf]}"] = (int(axis), maps)
+    kernels = {interp.leaf_names[i] for i in interp.kernel_layer}
+    other = tuple(f"{c}/{n}" for n, c in zip(names, collections, strict=True)
+                  if not (c == PARAMS and n in kernels) and f"{c}/{n}" not in leaves)
+    return ChannelGraph(layers=tuple(built), leaves=leaves, outputs=outputs, other=other)
