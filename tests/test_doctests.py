@@ -7,9 +7,20 @@ import inspect
 
 import pytest
 
-from tgd_jax import gate, graph, kse, masks, methods, optim, threshold, topology, trace
+from tgd_jax import (
+    autogate,
+    gate,
+    graph,
+    kse,
+    masks,
+    methods,
+    optim,
+    threshold,
+    topology,
+    trace,
+)
 
-CORE = (kse, topology, graph, trace, masks, methods, optim, gate, threshold)
+CORE = (kse, topology, graph, trace, masks, methods, optim, gate, autogate, threshold)
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

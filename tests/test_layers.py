@@ -48,8 +48,8 @@ def test_every_module_belongs_to_a_layer():
     layers = {_layer(p) for p in _modules()}
     assert layers == {"core", "runtime", "application"}
     core = {p.stem for p in _modules() if _layer(p) == "core"}
-    assert core == {"__init__", "gate", "kse", "masks", "methods", "optim", "threshold",
-                    "topology"}
+    assert core == {"__init__", "autogate", "batchnorm", "gate", "graph", "kse", "masks",
+                    "methods", "optim", "threshold", "topology", "trace"}
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -15,6 +15,8 @@ from conftest import TINY_FEATURES, frozen_and_retrained, quiet
 
 from tgd_jax import masks, optim
 from tgd_jax import threshold as threshold_lib
+from tgd_jax.batchnorm import running_statistics
+from tgd_jax.graph import flat_paths
 from tgd_jax.methods import tgd_plan
 from tgd_jax.optim import make_optimizer
 from tgd_jax.pet import pipeline
@@ -174,9 +176,9 @@ def test_gate_cosine_matches_an_independent_computation(tiny_dncnn):
 
     def grad_of(m, gates):
         def loss(p):
-            v = {"params": p, "batch_stats": variables["batch_stats"], **gates,
-                 masks.FROZEN_BN_COLLECTION: tgd.frozen_bn}
-            y, _ = m.apply(v, _batch()["inputs"], train=True, mutable=["batch_stats"])
+            v = {"params": p, "batch_stats": variables["batch_stats"], **gates}
+            with running_statistics(flat_paths(tgd.frozen_bn)):
+                y, _ = m.apply(v, _batch()["inputs"], train=True, mutable=["batch_stats"])
             return jnp.mean((y - _batch()["targets"]) ** 2)
         return jax.grad(loss)(params)
 
@@ -213,11 +215,12 @@ def test_frozen_bn_running_equals_inference_normalisation(tiny_dncnn):
     stats = jax.tree.map(lambda s: s + 0.3, variables["batch_stats"])
     v = {"params": variables["params"], "batch_stats": stats}
     x = _batch()["inputs"]
-    everything = masks.frozen_bn_variables(model.topology(), {
+    everything = masks.running_norms(model.topology(), {
         f"conv{i}": np.zeros(w, bool) for i, w in enumerate(TINY_FEATURES, start=1)})
+    assert sorted(everything) == ["bn2", "bn3", "bn4"]
     inference = model.apply(v, x, train=False)
-    trained, _ = model.apply({**v, masks.FROZEN_BN_COLLECTION: everything}, x, train=True,
-                             mutable=["batch_stats"])
+    with running_statistics(everything):
+        trained, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(trained, inference, rtol=1e-5, atol=1e-6)
     batch_mode, _ = model.apply(v, x, train=True, mutable=["batch_stats"])
     assert np.max(np.abs(batch_mode - inference)) > 1e-3  # the flag made the difference

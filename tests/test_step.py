@@ -97,8 +97,7 @@ def _regression_batch(i, size=8):
 
 
 def _train_mode_loss(model, state, batch):
-    prediction, _ = model.apply(step._variables(state, state.params), batch["inputs"],
-                                train=True, mutable=["batch_stats"])
+    prediction, _ = step.apply_train(state, state.params, batch["inputs"], model=model)
     return float(jnp.mean((prediction - batch["targets"]) ** 2))
 
 

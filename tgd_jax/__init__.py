@@ -5,11 +5,14 @@ The package has three layers, and imports only point downwards:
 * the **TGD core**, flat in ``tgd_jax`` (this namespace; any Flax ConvNet, no I/O):
 
   * :mod:`tgd_jax.kse` - KSE scores of a conv kernel (pure, jit-able).
-  * :mod:`tgd_jax.topology` - which params make which feature map (:class:`ConvNode`).
+  * :mod:`tgd_jax.graph` - the channel graph TGD decides on (:class:`ChannelGraph`).
+  * :mod:`tgd_jax.trace` - the channel graph of any JAX function, read off its jaxpr.
+  * :mod:`tgd_jax.topology` - hand-written sequential wiring (:class:`ConvNode`).
   * :mod:`tgd_jax.masks` - from params to channel masks, mask pytrees and collections.
   * :mod:`tgd_jax.methods` - one decision, one value: :class:`TGDPlan` (TGD and baselines).
   * :mod:`tgd_jax.optim` - the mask as an optax ``GradientTransformation``; optimizers.
-  * :mod:`tgd_jax.gate` - the backward-only TGD layer (``jax.custom_vjp``).
+  * :mod:`tgd_jax.gate` - the backward-only TGD layer (``jax.custom_jvp``).
+  * :mod:`tgd_jax.autogate` - the paper's gates without model edits.
   * :mod:`tgd_jax.threshold` - the paper's threshold study, for any network.
 
 * the **training runtime**, :mod:`tgd_jax.train` (data, steps, loop, checkpoints);
@@ -19,7 +22,9 @@ The package has three layers, and imports only point downwards:
 ``docs/method.md`` explains the method and what the paper leaves open.
 """
 
+from tgd_jax.autogate import gated
 from tgd_jax.gate import GATE_COLLECTION, TGDGate, tgd_gate
+from tgd_jax.graph import ChannelGraph, Layer
 from tgd_jax.kse import kse_scores
 from tgd_jax.masks import (
     drop_kernels,
@@ -31,18 +36,23 @@ from tgd_jax.masks import (
 from tgd_jax.methods import METHODS, TGDPlan, plan_finetune, tgd_plan
 from tgd_jax.optim import make_optimizer, replace_mask, retrain_only, tgd
 from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology, validate_topology
+from tgd_jax.trace import TraceError, trace_topology
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GATE_COLLECTION",
     "METHODS",
+    "ChannelGraph",
     "ConvNode",
+    "Layer",
     "TGDGate",
     "TGDPlan",
+    "TraceError",
     "dncnn_topology",
     "drop_kernels",
     "gate_variables",
+    "gated",
     "keep_frozen",
     "kse_scores",
     "layer_scores",
@@ -55,5 +65,6 @@ __all__ = [
     "tgd",
     "tgd_gate",
     "tgd_plan",
+    "trace_topology",
     "validate_topology",
 ]

@@ -34,7 +34,7 @@ import jax
 from tgd_jax.topology import Topology, get_path, has_path, validate_topology
 
 __all__ = ["Layer", "ChannelGraph", "from_topology", "as_graph", "PARAMS", "key_name",
-           "flat_paths", "map_with_paths"]
+           "flat_paths", "map_with_paths", "unflatten_paths"]
 
 #: The collection whose leaves an optimizer trains (Linen's ``"params"``; NNX ``Param``).
 PARAMS = "params"
@@ -316,3 +316,20 @@ def map_with_paths(fn: Any, tree: Any) -> Any:
       {'a': {'b': 'a/b'}}
     """
     return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_join(path), leaf), tree)
+
+
+def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``'/'``-joined paths -> nested dicts (the inverse of :func:`flat_paths` for dicts).
+
+    Example:
+      >>> unflatten_paths({"enc/bn": 1, "bn2": 2})
+      {'enc': {'bn': 1}, 'bn2': 2}
+    """
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

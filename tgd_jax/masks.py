@@ -34,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgd_jax import kse as kse_lib
-from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths, map_with_paths
+from tgd_jax.graph import (
+    PARAMS,
+    ChannelGraph,
+    as_graph,
+    flat_paths,
+    map_with_paths,
+    unflatten_paths,
+)
 from tgd_jax.topology import Topology
 
 __all__ = [
@@ -46,12 +53,10 @@ __all__ = [
     "map_decisions",
     "expand_channel_masks",
     "gate_variables",
-    "FROZEN_BN_COLLECTION",
+    "layer_gate_values",
     "BN_MODES",
-    "frozen_bn_flag",
     "running_channels",
     "running_norms",
-    "frozen_bn_variables",
     "statistics_mask",
     "keep_frozen",
     "mask_summary",
@@ -360,7 +365,7 @@ def gate_variables(
             flat[path] = jnp.asarray([True if mode == "projected" or m < 0 or m not in reads
                                       or m in graph.outputs else bool(decision[m])
                                       for m in maps])
-        return _unflatten(flat)
+        return unflatten_paths(flat)
     flat = {}
     for node in topology:
         if not node.gates:
@@ -370,37 +375,37 @@ def gate_variables(
             channel = jnp.ones_like(channel)
         for gate in node.gates:
             flat[f"{gate}/mask"] = channel
-    return _unflatten(flat)
+    return unflatten_paths(flat)
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+def layer_gate_values(topology: Graphish, channels: Mapping[str, Any],
+                      params: Params | None = None) -> dict[str, np.ndarray]:
+    """Layer path -> ``(C_out,)`` bool: what paper-mode gates let through on its channels.
+
+    A retrained map's gate is open and a frozen one's closed; a map no layer reads (or that
+    reaches the output) stays open, since masking it would stop every gradient. These are
+    the values :func:`tgd_jax.autogate.gated` applies (no gate modules needed).
+
+    Example:
+      >>> from tgd_jax.graph import ChannelGraph, Layer
+      >>> g = ChannelGraph(layers=(Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0, 1)),
+      ...                          Layer("b", "b/kernel", 2, 3, "conv", (0, 1), (2,))),
+      ...                  leaves={}, outputs=frozenset({2}))
+      >>> {k: v.tolist() for k, v in layer_gate_values(g, {"a": [False, True],
+      ...                                                  "b": [False]}).items()}
+      {'a': [False, True], 'b': [True]}
+    """
+    graph = topology if isinstance(topology, ChannelGraph) else as_graph(topology, params)
+    decision = map_decisions(graph, channels)
+    reads = graph.reads()
+    return {layer.path: np.array([bool(decision[m]) or m not in reads or m in graph.outputs
+                                  for m in layer.out_maps]) for layer in graph.layers}
 
 
-#: Flax variable collection of per-channel "normalise with the running statistics in
-#: training passes" flags, one ``(C,)`` bool entry per BatchNorm (see :data:`BN_MODES`).
-FROZEN_BN_COLLECTION = "frozen_bn"
 #: How a BatchNorm channel normalises in training passes: with the batch's statistics
 #: (``"batch"``, which also updates its running statistics) or with its running statistics
 #: (``"running"``, as at inference; they then stay as they are).
 BN_MODES: tuple[str, ...] = ("batch", "running")
-
-
-def frozen_bn_flag(norm: str) -> str:
-    """Name of BatchNorm module ``norm``'s entry in :data:`FROZEN_BN_COLLECTION`.
-
-    Example:
-      >>> frozen_bn_flag("bn2")
-      'bn2_use_running'
-    """
-    return f"{norm}_use_running"
 
 
 def running_channels(channels: Any, *, frozen_bn: str = "running",
@@ -428,7 +433,8 @@ def running_norms(topology: Graphish, channels: Mapping[str, Any], *,
                   frozen_bn: str = "running", retrained_bn: str = "batch"
                   ) -> dict[str, np.ndarray]:
     """BatchNorm module path -> ``(C,)`` bool: the channels that normalise with running
-    statistics in training passes (:func:`running_channels`).
+    statistics in training passes (:func:`running_channels`; applied by
+    :func:`tgd_jax.batchnorm.running_statistics`).
 
     A BatchNorm is found from its running statistics (``batch_stats/<module>/mean``) in a
     graph, or named by a topology's ``norm``.
@@ -453,26 +459,6 @@ def running_norms(topology: Graphish, channels: Mapping[str, Any], *,
     return {node.norm: running_channels(channels[node.conv], frozen_bn=frozen_bn,
                                         retrained_bn=retrained_bn)
             for node in topology if node.norm is not None}
-
-
-def frozen_bn_variables(topology: Graphish, channels: Mapping[str, Any], *,
-                        frozen_bn: str = "running", retrained_bn: str = "batch"
-                        ) -> dict[str, Any]:
-    """The :data:`FROZEN_BN_COLLECTION` (read by :class:`tgd_jax.pet.models.DnCNN`): per
-    BatchNorm, the channels that normalise with their running statistics while training
-    (:func:`running_norms`); ``{}`` when none does.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from tgd_jax.topology import sequential_topology
-      >>> topology = sequential_topology(["a", "b"], norms={"a": "bn_a"})
-      >>> flags = frozen_bn_variables(topology, {"a": jnp.array([True, False])})
-      >>> flags["bn_a_use_running"].tolist()
-      [False, True]
-    """
-    flags = {frozen_bn_flag(norm): flag for norm, flag in running_norms(
-        topology, channels, frozen_bn=frozen_bn, retrained_bn=retrained_bn).items()}
-    return flags if any(flag.any() for flag in flags.values()) else {}
 
 
 def statistics_mask(batch_stats: Params, topology: Graphish, channels: Mapping[str, Any],

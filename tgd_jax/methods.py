@@ -31,7 +31,7 @@ import optax
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import optim
-from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths
+from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths, unflatten_paths
 from tgd_jax.topology import Topology
 
 __all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables"]
@@ -52,10 +52,12 @@ class TGDPlan:
         the decision; the fields below are derived from it.
       mask: params mask pytree (bool leaves broadcastable to each parameter, None = frozen
         leaf), or None for ``full`` (nothing frozen).
-      gates: the ``"tgd"`` collection of :class:`tgd_jax.gate.TGDGate` masks; ``{}`` unless
-        ``mode="paper"`` (then the model must be built with gates).
-      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION` (which BatchNorm channels
-        normalise with their running statistics in training passes); ``{}`` if none does.
+      gates: paper mode's gates, ``{}`` in projected mode: the ``"tgd"`` collection of
+        the model's :class:`tgd_jax.gate.TGDGate` modules, or (``auto_gates``) the values
+        :func:`tgd_jax.autogate.gated_by` applies without any gate module.
+      frozen_bn: which BatchNorm channels normalise with their running statistics in
+        training passes: BatchNorm path (nested, as in ``batch_stats``) -> ``(C,)`` bool,
+        applied by :func:`tgd_jax.batchnorm.running_statistics`; ``{}`` if none does.
       stats_mask: which running statistics a training pass may change, mirroring
         ``batch_stats`` (:func:`tgd_jax.masks.statistics_mask`); None when the plan was made
         without ``batch_stats``.
@@ -63,6 +65,9 @@ class TGDPlan:
         ``l1``), else ``{}``.
       summary: :func:`tgd_jax.masks.mask_summary` plus the method's settings (JSON).
       graph: the :class:`~tgd_jax.graph.ChannelGraph` the decision was made on.
+      auto_gates: paper mode without gate modules: ``gates`` holds per-layer gate values
+        (layer path -> ``(C_out,)`` bool) for :func:`tgd_jax.autogate.gated_by`, not a
+        ``"tgd"`` collection.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -86,6 +91,7 @@ class TGDPlan:
     scores: dict[str, Any]
     summary: dict[str, Any]
     graph: ChannelGraph | None = None
+    auto_gates: bool = False
 
     @property
     def use_gates(self) -> bool:
@@ -213,6 +219,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
     check_variables(graph, params, batch_stats)
     settings: dict[str, Any] = {"method": method}
     gates: dict[str, Any] = {}
+    auto_gates = False
     used_scores: dict[str, Any] = {}
     if method in ("tgd", "random", "l1"):
         masks_lib.check_phi(phi)
@@ -233,8 +240,12 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
             l1 = _map_l1(params, graph)
             channels = _same_counts(graph, channels, lambda i, maps, n: jnp.argsort(
                 jnp.asarray(l1[list(maps)]), stable=True))
-        if mode == "paper":
+        if mode == "paper" and (hand or any(n.startswith("tgd/") for n in graph.leaves)):
             gates = masks_lib.gate_variables(topology if hand else graph, channels, mode)
+        elif mode == "paper":  # no gate modules: tgd_jax.autogate applies these values
+            auto_gates = True
+            gates = unflatten_paths({path: jnp.asarray(v) for path, v in
+                                     masks_lib.layer_gate_values(graph, channels).items()})
         settings.update(phi=phi, alpha=alpha, k=k, first=first, last=last, mode=mode)
         if not hand:
             settings.update(combine=combine)
@@ -259,14 +270,14 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         summary["other"]["policy"] = other
     running = masks_lib.running_norms(graph, channels, frozen_bn=frozen_bn,
                                       retrained_bn=retrained_bn)
-    flags = {masks_lib.frozen_bn_flag(norm): flag for norm, flag in running.items()}
-    flags = flags if any(flag.any() for flag in flags.values()) else {}
+    flags = (unflatten_paths({norm: jnp.asarray(flag) for norm, flag in running.items()})
+             if any(flag.any() for flag in running.values()) else {})
     stats_mask = (None if batch_stats is None else
                   masks_lib.statistics_mask(batch_stats, graph, channels, running))
     return TGDPlan(
         method=method, channels=channels, mask=None if full else mask,
         gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
-        summary=summary, graph=graph)
+        summary=summary, graph=graph, auto_gates=auto_gates)
 
 
 def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -> None:

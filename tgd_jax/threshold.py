@@ -22,7 +22,8 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
-from tgd_jax.topology import Topology, get_path
+from tgd_jax.graph import ChannelGraph, as_graph, flat_paths
+from tgd_jax.topology import Topology
 
 __all__ = ["PAPER_FRACTIONS", "DEFAULT_PHIS", "threshold_study", "output_change",
            "consumer_share"]
@@ -51,12 +52,13 @@ def output_change(outputs: np.ndarray, intact: np.ndarray, inputs: np.ndarray) -
     return float(np.linalg.norm(np.asarray(outputs) - np.asarray(intact))) / max(scale, 1e-30)
 
 
-def consumer_share(params: Any, topology: Topology, channels: dict[str, Any]) -> dict[str, float]:
-    """Per layer, the share of its consumer's kernel L1 mass that reads the retrained maps.
+def consumer_share(params: Any, topology: Topology | ChannelGraph,
+                   channels: dict[str, Any]) -> dict[str, float]:
+    """Per layer, the share of its readers' kernel L1 mass that reads its retrained maps.
 
     This is what paper-mode TGD assumes to be ~0: a "useless" map is one the next layer
     does not read. A random choice of a fraction f of the maps gets a share of about f.
-    Returns ``{layer: share}`` for layers with a consumer and at least one retrained map.
+    Returns ``{layer: share}`` for layers with a reader and at least one retrained map.
 
     Example:
       >>> import jax.numpy as jnp
@@ -66,16 +68,37 @@ def consumer_share(params: Any, topology: Topology, channels: dict[str, Any]) ->
       >>> consumer_share(params, sequential_topology(["a", "b"]), {"a": jnp.array([True, False])})
       {'a': 0.25}
     """
+    graph = as_graph(topology, params)
+    decision = masks_lib.map_decisions(graph, {  # a layer not in ``channels``: frozen
+        layer.path: channels.get(layer.path, np.zeros(layer.c_out, bool))
+        for layer in graph.layers})
+    flat = flat_paths(params)
+    mass = {}  # reader -> L1 mass per input channel
+    for layer in graph.layers:
+        kernel = np.abs(np.asarray(flat[layer.kernel]))
+        kernel = np.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
+        mass[layer.path] = kernel.reshape(-1, layer.c_in, layer.c_out).sum(axis=(0, 2))
+    reads = graph.reads()
     out = {}
-    for node in topology:
-        if node.consumer is None:
+    for layer in graph.layers:
+        maps = set(layer.out_maps)
+        retrained = {m for m in maps if decision[m]}
+        if not retrained:
             continue
-        retrained = np.asarray(channels[node.conv], bool)
-        if not retrained.any():
+        positions: dict[str, list[tuple[int, bool]]] = {}  # reader -> (input channel, retrained)
+        for m in maps:
+            for r, j in reads.get(m, ()):
+                positions.setdefault(r, []).append((j, m in retrained))
+        if not positions:
             continue
-        kernel = np.abs(np.asarray(get_path(params, f"{node.consumer}/kernel")))
-        per_map = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).sum(axis=(0, 2))
-        out[node.conv] = float(per_map[retrained].sum() / max(per_map.sum(), 1e-30))
+        total = share = 0.0
+        for r, read in positions.items():
+            read.sort()
+            index = np.array([j for j, _ in read])
+            chosen = np.array([j for j, retrain in read if retrain], int)
+            total += mass[r][index].sum()
+            share += mass[r][chosen].sum()
+        out[layer.path] = float(share / max(total, 1e-30))
     return out
 
 

@@ -103,6 +103,10 @@ class _Interpreter:
         self.kernel_layer: dict[int, str] = {}
         self.attached: dict[int, tuple[int, dict[int, int]]] = {}  # leaf -> (axis, idx -> id)
         self.used_opaque: set[int] = set()
+        # The walk as a tree, one node per equation visited (for tgd_jax.autogate):
+        # {"gate": (axis, ids) or None, "children": [node lists of its sub-jaxprs]}.
+        self._stack: list[list[dict[str, Any]]] = []
+        self.gate_point: tuple[int | None, np.ndarray] | None = None
 
     # --- union-find -------------------------------------------------------------------
     def new_ids(self, n: int, layer: str) -> np.ndarray:
@@ -151,7 +155,13 @@ class _Interpreter:
             env[var] = value
         for var, value in zip(jaxpr.invars, args, strict=True):
             env[var] = value
+        nodes: list[dict[str, Any]] = []
+        parent = self._stack[-1] if self._stack else None
+        self._stack.append(nodes)
         for eqn in jaxpr.eqns:
+            node: dict[str, Any] = {"gate": None, "children": []}
+            nodes.append(node)
+            self.gate_point = None
             ins = [read(a) for a in eqn.invars]
             name = eqn.primitive.name
             rule = RULES.get(name)
@@ -167,8 +177,14 @@ class _Interpreter:
                 raise TraceError(
                     f"trace_topology: {error} (primitive '{name}' at '{stack}'; layers "
                     f"involved: {layers or 'none'})") from None
+            node["gate"] = self.gate_point
+            self.gate_point = None
             for var, value in zip(eqn.outvars, outs, strict=True):
                 env[var] = value
+        self._stack.pop()
+        if parent is not None and parent:
+            parent[-1]["children"].append(nodes)
+        self.last_nodes = nodes
         return [read(a) for a in jaxpr.outvars]
 
 
@@ -197,11 +213,13 @@ def _leaf_set(v: _Value) -> frozenset[int]:
 def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     """Same-shape (or scalar) operands: channels at the same position are one map."""
     (shape,) = _out_shapes(eqn)
-    acts = [v for v in ins if v.ids is not None and v.shape == shape]
+    acts = [v for v in ins if v.ids is not None]
     variables = [v for v in ins if v.is_variable and v.ids is None]
-    scalars_tracked = [v for v in ins if v.ids is not None and v.shape != shape]
-    if scalars_tracked:
-        raise TraceError("an operand with channels is broadcast implicitly")
+    for v in acts:  # operands of equal rank broadcast their size-1 axes
+        if v.axis is not None and (len(v.shape) != len(shape) or v.shape[v.axis] != shape[v.axis]):
+            if v.tracked:
+                raise TraceError("one channel is broadcast to many channels (not per-channel)")
+            acts = [a for a in acts if a is not v]
     axes = {v.axis for v in acts}
     if len(axes) > 1:
         raise TraceError(f"operands carry channels on different axes {sorted(map(str, axes))}")
@@ -217,6 +235,9 @@ def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
         ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
     for v in variables:
         _attach(interp, v, axis, ids, shape)
+    if axis is not None and any(interp.collections[leaf] == PARAMS and la[axis] is not None
+                                for v in variables for leaf, la, _ in v.leaves):
+        interp.gate_point = (axis, ids)  # a per-channel parameter acts here (bias, scale)
     return [_Value(shape, axis=axis, ids=ids)]
 
 
@@ -318,6 +339,7 @@ def _conv(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     dilated = any(d != 1 for d in eqn.params["lhs_dilation"])
     ids = _register_layer(interp, eqn, rhs, lhs, lhs_f, rhs_i, rhs_o,
                           "conv_transpose" if dilated else "conv")
+    interp.gate_point = (out_f, ids)
     return [_Value(shape, axis=out_f, ids=ids)]
 
 
@@ -347,6 +369,7 @@ def _dot_general(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
         if len(a_c) == 1 and len(k_free) == 1 and not lb and _is_dense_kernel(interp, kern):
             ids = _register_layer(interp, eqn, kern, act, a_c[0], k_c[0], k_free[0], "dense")
             kernel_side = "r" if side == "l" else "l"
+            interp.gate_point = (out_axis(kernel_side, k_free[0]), ids)
             return [_Value(shape, axis=out_axis(kernel_side, k_free[0]), ids=ids)]
         if act.tracked:
             raise TraceError("a contraction of the channel axis with a variable that is not "

@@ -22,7 +22,7 @@ from tgd_jax import methods as methods_lib
 from tgd_jax import optim
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
-from tgd_jax.pet.models import DnCNN, model_from_config
+from tgd_jax.pet.models import model_from_config, model_graph
 from tgd_jax.train import checkpoints as ckpt_lib
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
@@ -45,7 +45,7 @@ def num_steps_for(config: ml_collections.ConfigDict, pairs: data_lib.PairSet) ->
     return max(1, math.ceil(config.num_epochs * per_epoch))
 
 
-def initial_variables(model: DnCNN, config: ml_collections.ConfigDict) -> dict[str, Any]:
+def initial_variables(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Fresh variables from ``config.seed`` (the data use the same seed, another stream)."""
     p = config.data.patch_size
     return model.init(jax.random.key(config.seed), jnp.zeros((1, p, p, 3), jnp.float32))
@@ -82,7 +82,7 @@ def _held_out(held: ml_collections.ConfigDict, version: str,
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = print,
           mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-    """Trains a DnCNN from scratch on ``config.data.version`` (v1-net / v2-net)."""
+    """Trains the config's denoiser from scratch on ``config.data.version`` (v1-net / v2-net)."""
     config_lib.validate(config)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     workdir = workdir_lib.prepare_workdir(workdir, config, "train")
@@ -117,16 +117,17 @@ def _pretrained(config: ml_collections.ConfigDict, log: Log
         f"{meta.get('val_loss')})")
     adopted: dict[str, Any] = {}
     if "model" in source:
-        adopted = {"model.features": tuple(source.model.features),
-                   "model.width_multiplier": source.model.width_multiplier,
-                   "model.bn_momentum": source.model.bn_momentum,
-                   "data.intensity_scale": source.data.intensity_scale}
+        adopted = {f"model.{k}": tuple(v) if isinstance(v, list | tuple) else v
+                   for k, v in source.model.to_dict().items() if k in config.model}
+        adopted.setdefault("model.name", "dncnn")  # written before there were several
+        adopted["data.intensity_scale"] = source.data.intensity_scale
     model_config = {**config.model.to_dict(),
                     **{k.split(".")[1]: v for k, v in adopted.items() if k.startswith("model.")}}
     variables = {"params": params, "batch_stats": batch_stats}
     # Shapes only (jax.eval_shape): nothing is initialised or computed.
+    p = config.data.patch_size
     template = jax.eval_shape(model_from_config(model_config).init, jax.random.key(0),
-                              jnp.zeros((1, 8, 8, 3), jnp.float32))
+                              jnp.zeros((1, p, p, 3), jnp.float32))
     ckpt_lib.check_tree_match(template, {k: v for k, v in variables.items() if v},
                               meta["checkpoint"])
     return variables, meta, adopted
@@ -144,18 +145,19 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
              mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
     """Shared by fine-tuning and online learning: plan the mask, then train."""
     t = config.tgd
-    gated = t.mode == "paper" and config.method in ("tgd", "random", "l1")
+    model = model_from_config(config.model)
+    graph = model_graph(model, variables, config.data.patch_size)
     plan = methods_lib.plan_finetune(
-        config.method, variables["params"],
-        model_from_config(config.model, use_gates=gated).topology(),
+        config.method, variables["params"], graph,
         phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last, mode=t.mode,
-        frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn,
-        batch_stats=variables.get("batch_stats"), last_k=config.last_k,
+        frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn, combine=t.combine,
+        other=t.other, batch_stats=variables.get("batch_stats"), last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
         workdir_lib.write_json(workdir / "mask.json", {
             **plan.to_json(), "source_checkpoint": source_meta["checkpoint"]})
+        workdir_lib.write_json(workdir / "graph.json", graph.to_json())
         if plan.scores:
             premise_lib.kse_figure(plan.scores, workdir / "kse_hist.png", phi=t.phi)
     log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
@@ -163,7 +165,6 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         f"({100 * plan.summary['retrained_fraction']:.1f} %)")
     steps = num_steps_for(config, train_pairs)
     tx = plan.optimizer(num_steps=steps, **config.optimizer)
-    model = model_from_config(config.model, use_gates=plan.use_gates)
     state = step_lib.create_train_state(variables, tx, plan)
     old = config.get("old_task")
     extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
@@ -173,7 +174,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
         meta={"command": command, "method": config.method}, mesh=mesh, log=log,
         freeze_batch_stats=config.freeze_batch_stats, extra_val=extra_val,
-        gate_cosine=bool(t.gate_cosine))
+        gate_cosine=bool(t.gate_cosine), graph=plan.graph if plan.auto_gates else None)
     summary.update(command=command, method=config.method,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],

@@ -17,7 +17,7 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import threshold as threshold_lib
-from tgd_jax.pet.models import model_from_config
+from tgd_jax.pet.models import model_from_config, model_graph
 from tgd_jax.train import checkpoints as ckpt_lib
 from tgd_jax.train import data as data_lib
 from tgd_jax.train import workdir as workdir_lib
@@ -47,7 +47,8 @@ def threshold_checkpoint(checkpoint: str, data_path: str, out: str | Path, *,
     batch = held_out_batch(data_path, version, studies, scale=config.data.intensity_scale,
                            patch_size=config.data.patch_size, examples=examples, seed=seed)
     model = model_from_config(config.model)
-    topology = model.topology()
+    topology = model_graph(model, {"params": params, "batch_stats": batch_stats},
+                           config.data.patch_size)
 
     @jax.jit
     def apply(p: Any) -> tuple[jax.Array, jax.Array]:

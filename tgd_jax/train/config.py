@@ -23,6 +23,8 @@ __all__ = ["base_config", "train_config", "finetune_config", "online_config", "P
            "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS"]
 
 PRESETS = ("paper", "demo", "tiny")
+#: ``config.model.name`` values (the registry is :data:`tgd_jax.pet.models.MODELS`).
+MODEL_NAMES = ("dncnn", "unet", "resnet")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,8 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # model init and data sampling: batches are a pure function of (seed, step)
 
     c.model = ml_collections.ConfigDict()
-    c.model.features = (64, 64, 128, 128, 128, 256, 256, 3)  # the paper's widths
-    c.model.width_multiplier = 1.0
+    c.model.name = "dncnn"  # dncnn (the paper's) | unet (2.5D UNet) | resnet (residual)
+    c.model.features = (64, 64, 128, 128, 128, 256, 256, 3)  # dncnn: the paper's widths
+    c.model.unet_features = (64, 128, 256)  # unet: widths per level (the last: bottleneck)
+    c.model.resnet_width = 64  # resnet: the residual stream's width
+    c.model.resnet_blocks = 4  # resnet: residual blocks
+    c.model.width_multiplier = 1.0  # scales every width (demo: 0.25)
     c.model.bn_momentum = 0.9
 
     c.data = ml_collections.ConfigDict()
@@ -91,7 +97,9 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
         "num_steps": 600, "log_every": 50, "eval_every": 200,
     },
     "tiny": {  # a few hundred parameters and a handful of steps, for the test suite
-        "model.features": (8, 8, 8, 3), "data.patch_size": 16, "batch_size": 4,
+        "model.features": (8, 8, 8, 3), "model.unet_features": (4, 6, 8),
+        "model.resnet_width": 6, "model.resnet_blocks": 2, "data.patch_size": 16,
+        "batch_size": 4,
         "num_epochs": 0.0, "num_steps": 12, "log_every": 2, "eval_every": 4,
         "eval_batches": 1, "data.prefetch": 1,
     },
@@ -181,6 +189,10 @@ def tgd_section(phi: float) -> ml_collections.ConfigDict:
     # running statistics, as at inference: the network trained is the one evaluated) | batch
     t.retrained_bn = "batch"  # BatchNorm of retrained channels: batch | running (with
     # frozen_bn=running: every BatchNorm in inference mode, no statistic changes)
+    t.combine = "max"  # a map read by several layers: max | mean | min of their KSE values
+    # (docs/method.md, "graphs"; sequential networks: one reader, the same for all three)
+    t.other = "frozen"  # parameters of no channel (a learned scalar, an embedding): frozen |
+    # train
     t.gate_cosine = False  # log the cosine between the gated and the true gradient (costs
     # one more backward pass per step)
     return t
@@ -234,6 +246,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "keep_steps", "must be positive step numbers")
     need(c.data.val_studies >= 0, "data.val_studies", "must be >= 0")
     need(c.data.prefetch >= 1, "data.prefetch", "must be >= 1")
+    one_of("model.name", c.model.name, MODEL_NAMES)
     one_of("loss", c.loss, tuple(LOSSES))
     one_of("optimizer.name", c.optimizer.name, ("adam", "adamw", "sgd"))
     one_of("optimizer.schedule", c.optimizer.schedule, ("constant", "cosine"))
@@ -250,6 +263,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         one_of("tgd.last", t.last, ("frozen", "train"))
         one_of("tgd.frozen_bn", t.frozen_bn, methods.FROZEN_BN)
         one_of("tgd.retrained_bn", t.retrained_bn, methods.FROZEN_BN)
+        one_of("tgd.combine", t.combine, masks.COMBINE)
+        one_of("tgd.other", t.other, masks.OTHER)
         positive("tgd.alpha", t.alpha)
         positive("tgd.k", t.k)
         positive("last_k", c.last_k)

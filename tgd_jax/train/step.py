@@ -4,8 +4,10 @@
 optimizer with ``functools.partial`` and ``jax.jit`` them (data-parallel sharding is added
 around them by the training loop, not in here).
 
-The TGD pieces meet here: the gate collection travels in the state and is passed to the
-model ("paper" mode), the optax mask lives in ``opt_state`` (see :mod:`tgd_jax.optim`), and
+The TGD pieces meet here: the gates travel in the state (paper mode: a ``"tgd"``
+collection for gate modules, or values for :func:`tgd_jax.autogate.gated_by`), the optax
+mask lives in ``opt_state`` (see :mod:`tgd_jax.optim`), frozen BatchNorm channels
+normalise with running statistics (:mod:`tgd_jax.batchnorm`), and
 the BatchNorm running statistics of frozen channels are kept unchanged
 (``freeze_batch_stats=True``, the default) using the plan's ``stats_mask``, also in the
 state. :func:`create_train_state` checks that these copies of the plan agree.
@@ -13,6 +15,7 @@ state. :func:`create_train_state` checks that these copies of the plan agree.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +26,15 @@ import optax
 from flax import linen as nn
 
 from tgd_jax import masks as masks_lib
+from tgd_jax.autogate import gated_by
+from tgd_jax.batchnorm import running_statistics
 from tgd_jax.gate import GATE_COLLECTION
+from tgd_jax.graph import ChannelGraph, flat_paths
 from tgd_jax.methods import TGDPlan
 from tgd_jax.optim import check_same_layout, find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
-           "LOSSES", "replace_plan", "masked_cosine"]
+           "LOSSES", "replace_plan", "masked_cosine", "apply_train"]
 
 Batch = dict[str, jax.Array]
 
@@ -43,9 +49,9 @@ class TrainState:
       batch_stats: the ``batch_stats`` collection (``{}`` for models without BatchNorm).
       opt_state: optimizer state; with :func:`tgd_jax.optim.tgd` it holds the TGD mask.
       gates: the ``"tgd"`` gate collection (``{}``: no gates, plain back-propagation).
-      frozen_bn: the :data:`tgd_jax.masks.FROZEN_BN_COLLECTION`: per BatchNorm, the
-        channels that normalise with their running statistics in training-mode passes
-        (``{}``: batch statistics everywhere, the usual). See :class:`tgd_jax.pet.models.DnCNN`.
+      frozen_bn: per BatchNorm (path -> ``(C,)`` bool, nested), the channels that
+        normalise with their running statistics in training-mode passes (``{}``: batch
+        statistics everywhere, the usual); :func:`tgd_jax.batchnorm.running_statistics`.
       stats_mask: which running statistics a training pass may change, mirroring
         ``batch_stats`` (``{}``: all of them, plain training).
     """
@@ -196,15 +202,39 @@ def mae(prediction: jax.Array, target: jax.Array) -> jax.Array:
 LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {"mse": mse, "mae": mae}
 
 
-def _variables(state: TrainState, params: Any) -> dict[str, Any]:
+def _variables(state: TrainState, params: Any, gates: Any = None) -> dict[str, Any]:
     variables = {"params": params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-    if state.gates:
-        variables[GATE_COLLECTION] = state.gates
-    if state.frozen_bn:
-        variables[masks_lib.FROZEN_BN_COLLECTION] = state.frozen_bn
+    if gates:
+        variables[GATE_COLLECTION] = gates
     return variables
+
+
+def apply_train(state: TrainState, params: Any, inputs: jax.Array, *, model: nn.Module,
+                gates: Any = None, graph: ChannelGraph | None = None,
+                rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """The model's training-mode forward pass on ``inputs`` as TGD trains it.
+
+    ``(prediction, new batch_stats)``: the plan's frozen BatchNorm channels normalise with
+    their running statistics (:func:`tgd_jax.batchnorm.running_statistics`), its gates act
+    (a ``"tgd"`` collection, or with ``graph`` the automatic gates of
+    :func:`tgd_jax.autogate.gated_by`), and ``rng`` feeds the model's ``dropout`` stream.
+    """
+    gates = state.gates if gates is None else gates
+    kwargs: dict[str, Any] = {"train": True, "mutable": ["batch_stats"]}
+    if rng is not None:
+        kwargs["rngs"] = {"dropout": rng}
+    running = flat_paths(state.frozen_bn)
+    context = running_statistics(running) if running else contextlib.nullcontext()
+    with context:
+        if graph is not None:
+            prediction, updates = gated_by(model.apply, graph)(
+                gates, _variables(state, params), inputs, **kwargs)
+        else:
+            prediction, updates = model.apply(_variables(state, params, gates), inputs,
+                                              **kwargs)
+    return prediction, updates.get("batch_stats", {})
 
 
 def train_step(
@@ -216,21 +246,33 @@ def train_step(
     freeze_batch_stats: bool = True,
     loss: Callable[[jax.Array, jax.Array], jax.Array] = mse,
     gate_cosine: bool = False,
+    graph: ChannelGraph | None = None,
+    dropout_seed: int = 0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on ``batch = {"inputs": (B,H,W,C), "targets": (B,H,W,C)}``.
 
-    Returns the new state and ``{"loss": scalar, "grad_norm": scalar}``. With
-    ``gate_cosine`` (a diagnostic costing one more backward pass) also ``"gate_cosine"``:
-    the cosine, over the retrained elements, between the gradient the gates let through
-    and the true gradient (all gates open); 1 in projected mode or without gates.
+    Args:
+      state, batch: the state and the batch.
+      model, tx: the Linen model and the full optimizer (the plan's mask inside).
+      freeze_batch_stats: keep the running statistics the state's ``stats_mask`` freezes.
+      loss: ``loss(prediction, target) -> scalar``.
+      gate_cosine: also return ``"gate_cosine"``, the cosine over the retrained elements
+        between the gradient the gates let through and the true gradient (all gates
+        open); 1 in projected mode. Costs one more backward pass.
+      graph: the plan's graph when its gates are automatic (``plan.auto_gates``).
+      dropout_seed: the model's ``dropout`` stream is ``fold_in(key(seed), step)``, so a
+        resumed run draws the same masks.
+
+    Returns:
+      The new state and ``{"loss": scalar, "grad_norm": scalar}`` (the norm of the whole
+      gradient, before the mask).
     """
+    rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
     def loss_fn(params: Any, gates: Any) -> tuple[jax.Array, Any]:
-        prediction, updates = model.apply(
-            _variables(state.replace(gates=gates), params), batch["inputs"], train=True,
-            mutable=["batch_stats"]
-        )
-        return loss(prediction, batch["targets"]), updates.get("batch_stats", {})
+        prediction, stats = apply_train(state, params, batch["inputs"], model=model,
+                                        gates=gates, graph=graph, rng=rng)
+        return loss(prediction, batch["targets"]), stats
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (value, new_stats), grads = grad_fn(state.params, state.gates)

@@ -112,6 +112,7 @@ def fit(
     log: Callable[[str], None] = print,
     extra_val: Mapping[str, data_lib.PairSet] | None = None,
     gate_cosine: bool = False,
+    graph: Any = None,
 ) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """Trains ``state`` to ``num_steps`` steps in ``workdir`` (resuming if it can).
 
@@ -131,6 +132,8 @@ def fit(
         not choose the best checkpoint.
       gate_cosine: log the cosine between the gated and the true gradient
         (:func:`tgd_jax.train.step.train_step`).
+      graph: the plan's channel graph when its paper-mode gates are automatic
+        (``plan.auto_gates``; :func:`tgd_jax.autogate.gated_by`).
 
     Returns:
       The final state and the run summary (the commands add their fields and write it
@@ -157,7 +160,7 @@ def fit(
     loss = step_lib.LOSSES[config.loss]
     train_fn = parallel.jit_step(functools.partial(
         step_lib.train_step, model=model, tx=tx, freeze_batch_stats=freeze_batch_stats,
-        loss=loss, gate_cosine=gate_cosine), mesh)
+        loss=loss, gate_cosine=gate_cosine, graph=graph, dropout_seed=int(config.seed)), mesh)
     eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model, loss=loss),
                                 mesh, donate_state=False)
     held_out = functools.partial(validation_batches, config=config, local_batch=local_batch,
