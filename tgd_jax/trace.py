@@ -107,6 +107,7 @@ class _Interpreter:
         # {"gate": (axis, ids) or None, "children": [node lists of its sub-jaxprs]}.
         self._stack: list[list[dict[str, Any]]] = []
         self.gate_point: tuple[int | None, np.ndarray] | None = None
+        self.name_stacks: list[str] = []  # of the equations whose sub-jaxprs are walked
 
     # --- union-find -------------------------------------------------------------------
     def new_ids(self, n: int, layer: str) -> np.ndarray:
@@ -167,16 +168,19 @@ class _Interpreter:
             rule = RULES.get(name)
             if rule is None:
                 rule = _unknown
+            self.name_stacks.append(str(eqn.source_info.name_stack))
             try:
                 outs = rule(self, eqn, ins)
             except TraceError as error:
                 if str(error).startswith("trace_topology:"):
                     raise
-                stack = str(eqn.source_info.name_stack) or "<top level>"
+                stack = "/".join(s for s in self.name_stacks if s)
+                stack = stack or "<top level>"
                 layers = self.layers_of(ins)
                 raise TraceError(
                     f"trace_topology: {error} (primitive '{name}' at '{stack}'; layers "
                     f"involved: {layers or 'none'})") from None
+            self.name_stacks.pop()
             node["gate"] = self.gate_point
             self.gate_point = None
             for var, value in zip(eqn.outvars, outs, strict=True):

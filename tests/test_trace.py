@@ -1,0 +1,279 @@
+"""The traced channel graph against a ground truth found by running the network
+(tests/channel_truth.py), for every model family; one refusal test per construct."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from channel_truth import OUTPUT, agree, lax_truth, linen_truth, nnx_truth
+from flax import linen as nn
+from flax import nnx
+
+from tgd_jax import TraceError, trace_topology
+from tgd_jax.graph import from_topology
+from tgd_jax.pet.models import DnCNN, ResNetDenoiser, UNet
+
+# --- models of every family ------------------------------------------------------------
+
+
+class DenseNetish(nn.Module):
+    """DenseNet-style concatenations (every map read by several convs) and a dense head on
+    pooled features."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x0 = nn.relu(nn.Conv(4, (3, 3), name="c0")(x))
+        x1 = nn.relu(nn.Conv(3, (3, 3), name="c1")(x0))
+        x2 = nn.relu(nn.Conv(3, (3, 3), name="c2")(jnp.concatenate([x0, x1], -1)))
+        x3 = nn.Conv(5, (1, 1), name="c3")(jnp.concatenate([x0, x1, x2], -1))
+        pooled = nn.avg_pool(x3, (2, 2), strides=(2, 2))
+        return nn.Dense(2, name="head")(pooled.mean(axis=(1, 2)))
+
+
+class NNXNet(nnx.Module):
+    """An NNX model: integer-keyed lists, BatchNorm, a residual stream, a slice."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.convs = nnx.List([nnx.Conv(6, 6, (3, 3), use_bias=False, rngs=rngs)
+                               for _ in range(2)])
+        self.norms = nnx.List([nnx.BatchNorm(6, rngs=rngs) for _ in range(2)])
+        self.head = nnx.Conv(4, 3, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem(x))
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = nnx.relu(h + norm(conv(h)))
+        return self.head(h[..., 1:5])  # reads channels 1..4 of the stream only
+
+
+def lax_net(params, x):
+    """A plain function of a params dict: a map read twice by one conv, padding, a slice."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    conv = lambda h, w: jax.lax.conv_general_dilated(h, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=dn)
+    a = jax.nn.relu(conv(x, params["w1"]))
+    b = conv(jnp.concatenate([a, a], -1), params["w2"])  # a read at offsets 0 and 4
+    c = jnp.pad(b, ((0, 0), (0, 0), (0, 0), (1, 0)))[..., :3]  # a zero channel, then b[:2]
+    return conv(c, params["w3"]) + x
+
+
+def _lax_params():
+    keys = jax.random.split(jax.random.key(3), 3)
+    return {"w1": jax.random.normal(keys[0], (3, 3, 2, 4)),
+            "w2": jax.random.normal(keys[1], (3, 3, 8, 3)),
+            "w3": jax.random.normal(keys[2], (3, 3, 3, 2))}
+
+
+def _linen(model, size=8, channels=3):
+    x = jax.random.normal(jax.random.key(1), (2, size, size, channels))
+    variables = model.init(jax.random.key(0), x)
+    # non-trivial statistics, so that perturbed BatchNorm inputs move what they should
+    if "batch_stats" in variables:
+        variables = {**variables, "batch_stats": jax.tree.map(
+            lambda s: s + 0.5, variables["batch_stats"])}
+    return variables, x
+
+
+LINEN = {
+    "sequential": lambda: DnCNN(features=(6, 5, 4, 3)),
+    "residual": lambda: ResNetDenoiser(width=5, blocks=2),
+    "unet": lambda: UNet(features=(4, 6, 8)),
+    "densenet": lambda: DenseNetish(),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LINEN))
+def test_linen_graph_equals_the_measured_wiring(family):
+    model = LINEN[family]()
+    variables, x = _linen(model)
+    graph = trace_topology(model.apply, variables, x, train=False)
+    bn_leaves = [(name, 1) for name in graph.leaves
+                 if "_bn" in name or name.startswith(("batch_stats/", "params/bn"))]
+    reads, outputs, leaf_reads = linen_truth(model, variables, x, bn_leaves)
+    agree(graph, reads, outputs)
+    # every per-channel BatchNorm variable moves only readers of its map's channel
+    maps = graph.reads()
+    for (name, i), (moved, reached) in leaf_reads.items():
+        m = graph.leaves[name][1][i]
+        readers = {p for p in moved if p[0] != OUTPUT}
+        assert readers and readers <= set(maps.get(m, ())), name
+        assert reached <= (m in graph.outputs), name
+    assert bn_leaves or family == "densenet"
+
+
+def test_the_families_have_what_they_are_named_for():
+    residual = trace_topology(ResNetDenoiser(width=5, blocks=2).apply,
+                              *_linen(ResNetDenoiser(width=5, blocks=2)), train=False)
+    assert residual.groups == (("stem", "block0_1_conv", "block1_1_conv"),)
+    unet = UNet(features=(4, 6, 8))
+    graph = trace_topology(unet.apply, *_linen(unet), train=False)
+    assert ("dec0a_conv", 4) in graph.readers["enc0b_conv"]  # the skip, after up0's 4
+    assert graph.layer["up1"].kind == "conv_transpose"
+    dense = trace_topology(DenseNetish().apply, *_linen(DenseNetish()))
+    assert dense.readers["c0"] == (("c1", 0), ("c2", 0), ("c3", 0))
+    assert dense.layer["head"].kind == "dense" and dense.readers["c3"] == (("head", 0),)
+
+
+def test_sequential_graph_equals_the_hand_written_topology():
+    model = DnCNN(features=(8, 8, 12, 6, 3))
+    variables, x = _linen(model)
+    traced = trace_topology(model.apply, variables, x, train=False)
+    written = from_topology(model.topology(), variables["params"], variables["batch_stats"])
+    assert [(la.path, la.in_maps, la.out_maps) for la in traced.layers] == [
+        (la.path, la.in_maps, la.out_maps) for la in written.layers]
+    assert dict(traced.leaves) == dict(written.leaves)
+    assert traced.outputs == written.outputs
+
+
+def test_nnx_graph_equals_the_measured_wiring():
+    model = NNXNet(nnx.Rngs(0))
+    model.eval()
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    graphdef, state = nnx.split(model)
+    graph = trace_topology(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    reads, outputs, _ = nnx_truth(model, x)
+    agree(graph, reads, outputs)
+    assert graph.groups == (("stem", "convs/0", "convs/1"),)
+    assert graph.readers["stem"] == (("convs/0", 0), ("convs/1", 0), ("head", -1))
+    assert "batch_stats/norms/1/mean" in graph.leaves  # integer keys, NNX variable types
+
+
+def test_lax_graph_equals_the_measured_wiring():
+    params, x = _lax_params(), jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+    graph = trace_topology(lax_net, params, x)
+    reads, outputs, _ = lax_truth(lax_net, params, x)
+    agree(graph, reads, outputs)
+    assert graph.readers["w1"] == (("w2", 0), ("w2", 4))  # concat([a, a])
+    assert graph.readers["w2"] == (("w3", 1),)  # padded by one channel, its last one cut
+
+
+# --- refusals: one per construct ---------------------------------------------------------
+
+
+def _conv(features, **kw):
+    return nn.Conv(features, (3, 3), **kw)
+
+
+class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _conv(4, name="g", feature_group_count=2)(_conv(4, name="a")(x))
+
+
+class Depthwise(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = _conv(4, name="a")(x)
+        return _conv(4, name="dw", feature_group_count=4)(h)
+
+
+class FlattenDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = _conv(4, name="a")(x)
+        return nn.Dense(2, name="head")(h.reshape(h.shape[0], -1))
+
+
+class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q, k = _conv(4, name="q")(x), _conv(4, name="k")(x)
+        return jnp.einsum("bhwc,bHWc->bhwHW", q, k)
+
+
+class LayerNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _conv(2, name="b")(nn.LayerNorm(name="ln")(_conv(4, name="a")(x)))
+
+
+class GroupNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _conv(2, name="b")(nn.GroupNorm(num_groups=2, name="gn")(_conv(4, name="a")(x)))
+
+
+class TwiceUsed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        conv = _conv(3, name="shared")
+        return conv(nn.relu(conv(x)))
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        class Block(nn.Module):
+            @nn.compact
+            def __call__(self, h, _):
+                return nn.relu(_conv(3, name="c")(h)), None
+        stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=2)
+        return stack(name="stack")(x, None)[0]
+
+
+class BroadcastGate(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = _conv(4, name="a")(x)
+        attention = nn.sigmoid(_conv(1, name="gate")(h))  # one channel times all of them
+        return _conv(2, name="b")(h * attention)
+
+
+class Sorted(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _conv(2, name="b")(jnp.sort(_conv(4, name="a")(x), axis=-1))
+
+
+REFUSED = {
+    "grouped": (Grouped, "feature_group_count=2", "conv_general_dilated", "Grouped/g"),
+    "depthwise": (Depthwise, "feature_group_count=4", "conv_general_dilated", "Depthwise/dw"),
+    "flatten-dense": (FlattenDense, "merges or splits the channel axis", "reshape",
+                      "FlattenDense"),
+    "attention": (Attention, "attention-style", "dot_general", "Attention"),
+    "layernorm": (LayerNormed, "reduction over the channel axis", "reduce_sum", "LayerNormed/ln"),
+    "groupnorm": (GroupNormed, "merges or splits the channel axis", "reshape",
+                  "GroupNormed/gn"),
+    "kernel-twice": (TwiceUsed, "used by two layers", "conv_general_dilated", "TwiceUsed"),
+    "scan": (Scanned, "loop", "scan", "Scanned"),
+    "broadcast": (BroadcastGate, "one channel is broadcast to many", "mul", "BroadcastGate"),
+    "unknown": (Sorted, "no rule for this primitive", "sort", "Sorted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refuses_what_it_cannot_state_exactly(case):
+    cls, problem, primitive, stack = REFUSED[case]
+    model = cls()
+    x = jnp.ones((1, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    with pytest.raises(TraceError) as error:
+        trace_topology(model.apply, variables, x)
+    message = str(error.value)
+    assert problem in message and f"primitive '{primitive}'" in message, message
+    assert stack in message, message
+    assert "\n" not in message
+
+
+def test_a_gate_mask_is_attached_and_a_plain_function_needs_a_layer():
+    model = DnCNN(features=(6, 5, 3), use_gates=True)
+    variables, x = _linen(model)
+    graph = trace_topology(model.apply, variables, x, train=False)
+    assert graph.leaves["tgd/gate_bn2/mask"] == (0, graph.layer["conv2"].out_maps)
+    with pytest.raises(TraceError, match="no conv or dense layer"):
+        trace_topology(lambda v, x: x * v["scale"], {"scale": jnp.ones(3)}, x)
+
+
+def test_json_form_lists_readers_and_groups():
+    model = ResNetDenoiser(width=3, blocks=1)
+    graph = trace_topology(model.apply, *_linen(model), train=False)
+    record = graph.to_json()
+    assert record["readers"]["stem"] == [["block0_0_conv", 0], ["out", 0]]  # the stream
+    assert record["groups"] == [["stem", "block0_1_conv"]]
+    assert {layer["path"] for layer in record["layers"]} == {
+        "stem", "block0_0_conv", "block0_1_conv", "out"}
+    assert np.all([isinstance(m, int) for layer in record["layers"] for m in layer["out_maps"]])
