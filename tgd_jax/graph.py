@@ -175,6 +175,7 @@ class ChannelGraph:
         """JSON form: layers (kind, shapes, maps), readers, groups, per-channel leaves."""
         return {
             "layers": [{"path": layer.path, "kind": layer.kind, "kernel": layer.kernel,
+                        "in_axis": layer.in_axis, "out_axis": layer.out_axis,
                         "c_in": layer.c_in, "c_out": layer.c_out,
                         "in_maps": list(layer.in_maps), "out_maps": list(layer.out_maps),
                         "name": layer.name} for layer in self.layers],
@@ -184,6 +185,24 @@ class ChannelGraph:
             "outputs": sorted(self.outputs),
             "other": list(self.other),
         }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> ChannelGraph:
+        """The graph :meth:`to_json` wrote (``graph.json`` of a fine-tuning run).
+
+        Example:
+          >>> g = ChannelGraph((Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0,)),), {},
+          ...                  frozenset({0}))
+          >>> ChannelGraph.from_json(g.to_json()) == g
+          True
+        """
+        layers = tuple(Layer(path=e["path"], kernel=e["kernel"], in_axis=int(e["in_axis"]),
+                             out_axis=int(e["out_axis"]), kind=e["kind"],
+                             in_maps=tuple(e["in_maps"]), out_maps=tuple(e["out_maps"]),
+                             name=e.get("name", "")) for e in record["layers"])
+        leaves = {k: (int(v["axis"]), tuple(v["maps"])) for k, v in record["leaves"].items()}
+        return cls(layers=layers, leaves=leaves, outputs=frozenset(record["outputs"]),
+                   other=tuple(record.get("other", ())))
 
     def __str__(self) -> str:
         return json.dumps(self.to_json()["readers"])

@@ -239,7 +239,8 @@ def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
         ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
     for v in variables:
         _attach(interp, v, axis, ids, shape)
-    if axis is not None and any(interp.collections[leaf] == PARAMS and la[axis] is not None
+    if axis is not None and any(interp.collections[leaf] == PARAMS and len(la) == len(shape)
+                                and la[axis] is not None
                                 for v in variables for leaf, la, _ in v.leaves):
         interp.gate_point = (axis, ids)  # a per-channel parameter acts here (bias, scale)
     return [_Value(shape, axis=axis, ids=ids)]
@@ -251,12 +252,12 @@ def _attach(interp: _Interpreter, v: _Value, axis: int | None, ids: np.ndarray,
     attached to them; a leaf broadcast along it is shared by all channels (not attached)."""
     if axis is None:
         return
-    if v.opaque and shape[axis] > 1:
+    if v.opaque and len(v.shape) == len(shape) and v.shape[axis] > 1:
         names = [interp.leaf_names[i] for i in sorted(v.opaque)]
         raise TraceError(f"variables {names} reach the channels through an op the tracer "
                          "cannot follow")
     for leaf, leaf_axes, exact in v.leaves:
-        leaf_axis = leaf_axes[axis]
+        leaf_axis = leaf_axes[axis] if len(leaf_axes) == len(shape) else None
         if leaf_axis is None:
             continue  # broadcast along the channel axis: one value for every channel
         if not exact[axis]:

@@ -72,7 +72,7 @@ def _own_buffers(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any) -> None:
+def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any, model_gates: Any) -> None:
     """The optimizer and the variables must carry the plan they are trained with."""
     carried = find_mask(opt_state)
     if plan.mask is None:
@@ -93,6 +93,13 @@ def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any) -> None:
         if not same:
             raise ValueError("the optimizer carries another mask than the plan's: build it "
                              "with this plan's plan.optimizer(...)")
+    if plan.gates and not plan.auto_gates:
+        if jax.tree.structure(model_gates) != jax.tree.structure(plan.gates):
+            raise ValueError(
+                "the plan's gates do not match the model's gate modules: plan "
+                f"{sorted(flat_paths(plan.gates))}, model {sorted(flat_paths(model_gates))} "
+                f"(variables['{GATE_COLLECTION}'], from model.init); misspelled or "
+                "missing gate names would leave gates open")
     if batch_stats and plan.stats_mask is None:
         raise ValueError("the model has batch_stats but the plan was made without them, so "
                          "it cannot say which running statistics stay frozen: pass "
@@ -122,13 +129,14 @@ def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformati
 
     Raises:
       ValueError: ``tx`` does not carry the plan's mask (or carries one for a plan without
-        a mask); the model has ``batch_stats`` but the plan was made without them.
+        a mask); the model has ``batch_stats`` but the plan was made without them; the
+        plan's gates are not the model's gate modules (``variables["tgd"]``).
     """
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     opt_state = tx.init(params)
     if plan is not None:
-        _check_plan(plan, opt_state, batch_stats)
+        _check_plan(plan, opt_state, batch_stats, variables.get(GATE_COLLECTION, {}))
     return _own_buffers(TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -169,7 +177,7 @@ def replace_plan(state: TrainState, plan: TGDPlan, tx: optax.GradientTransformat
             raise ValueError(f"the new plan's {name} have a different tree structure:\n"
                              f"old {jax.tree.structure(old)}\nnew {jax.tree.structure(new)}")
     opt_state = replace_mask(tx.init(state.params), plan.mask)
-    _check_plan(plan, opt_state, state.batch_stats)
+    _check_plan(plan, opt_state, state.batch_stats, state.gates)
     return state.replace(**_own_buffers(dict(
         opt_state=opt_state, gates=plan.gates, frozen_bn=plan.frozen_bn,
         stats_mask=stats_mask)))

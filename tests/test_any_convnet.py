@@ -1,0 +1,241 @@
+"""TGD on any ConvNet: after several AdamW steps (decoupled decay + coupled L2) in training
+mode, every frozen element, parameters AND running statistics, is bit-identical and the
+retrained ones moved; for the runtime's step (both modes) and for hand-written loops
+(Linen, NNX with nnx.Optimizer, plain JAX)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+from test_trace import LINEN, NNXNet, _lax_params, _linen, lax_net
+
+import tgd_jax
+from tgd_jax.graph import flat_paths
+from tgd_jax.train import step as step_lib
+
+OPTIMIZER = dict(name="adamw", learning_rate=1e-2, weight_decay=0.1, l2=1e-2, num_steps=5)
+
+
+def _flat_masked(mask, tree):
+    """(frozen values, retrained values) per leaf, by path."""
+    m, t = flat_paths(mask, none_leaves=True), flat_paths(tree)
+    for path, value in t.items():
+        keep = np.zeros(np.shape(value), bool) if m[path] is None else np.broadcast_to(
+            np.asarray(m[path]), np.shape(value))
+        yield path, np.asarray(value)[~keep], np.asarray(value)[keep]
+
+
+def check_frozen_and_moved(mask, before, after):
+    moved = 0
+    for (path, fb, rb), (_, fa, ra) in zip(_flat_masked(mask, before),
+                                           _flat_masked(mask, after), strict=True):
+        assert fb.tobytes() == fa.tobytes(), f"frozen elements of '{path}' changed"
+        moved += int(np.sum(rb != ra))
+    return moved
+
+
+def _targets(model_out):
+    return jax.random.normal(jax.random.key(9), model_out.shape)
+
+
+@pytest.mark.parametrize("mode", ["projected", "paper"])
+@pytest.mark.parametrize("family", sorted(LINEN))
+def test_runtime_step_keeps_frozen_params_and_statistics(family, mode):
+    model = LINEN[family]()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x, train=False)
+    stats = variables.get("batch_stats")
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5, mode=mode, batch_stats=stats)
+    assert plan.auto_gates == (mode == "paper")
+    tx = plan.optimizer(**OPTIMIZER)
+    state = step_lib.create_train_state(variables, tx, plan)
+    batch = {"inputs": x, "targets": _targets(model.apply(variables, x))}
+    fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
+                                   graph=plan.graph if plan.auto_gates else None))
+    for _ in range(4):
+        state, metrics = fn(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = check_frozen_and_moved(plan.mask, variables["params"], state.params)
+    assert moved > 0.5 * plan.summary["params_retrained"]
+    if stats:
+        assert check_frozen_and_moved(plan.stats_mask, stats, state.batch_stats) > 0
+    frozen = sum(not np.all(np.asarray(v)) for v in jax.tree.leaves(plan.channels))
+    assert frozen > 0, "the test needs frozen channels"
+
+
+def test_tied_channels_share_one_decision():
+    model = LINEN["residual"]()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x, train=False)
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5)
+    (group,) = graph.groups
+    decisions = {tuple(np.asarray(plan.channels[path]).tolist()) for path in group}
+    assert len(decisions) == 1  # stem, block0 and block1 write one stream: one decision
+
+
+class WithScalar(nn.Module):
+    """A parameter of no channel: a learned global scale of the output."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.relu(nn.Conv(4, (3, 3), name="a")(x))
+        h = nn.Conv(3, (3, 3), name="b")(h)
+        return h * self.param("gain", nn.initializers.ones, ())
+
+
+@pytest.mark.parametrize("other", ["frozen", "train"])
+def test_parameters_of_no_channel_follow_the_other_policy(other):
+    model = WithScalar()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x)
+    assert graph.other == ("params/gain",)
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5, other=other)
+    assert plan.summary["other"] == {"leaves": ["gain"], "params_total": 1,
+                                     "params_retrained": int(other == "train"),
+                                     "policy": other}
+    tx = plan.optimizer(optax.sgd(0.1))
+    grads = jax.grad(lambda p: model.apply({"params": p}, x).sum())(variables["params"])
+    updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+    assert (float(updates["gain"]) != 0.0) == (other == "train")
+
+
+def test_own_linen_loop_with_the_documented_lines():
+    """The README's lines for a loop of your own: keep_frozen for the statistics."""
+    model = LINEN["unet"]()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x, train=False)
+    params, stats = variables["params"], variables["batch_stats"]
+    plan = tgd_jax.tgd_plan(params, graph, 0.5, batch_stats=stats, frozen_bn="batch")
+    tx = plan.optimizer(**OPTIMIZER)
+    opt_state = tx.init(params)
+    y = _targets(model.apply(variables, x))
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        def loss(p):
+            out, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                   mutable=["batch_stats"])
+            return jnp.mean((out - y) ** 2), new["batch_stats"]
+        (_, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new_stats = tgd_jax.keep_frozen(stats, new_stats, plan.stats_mask)
+        return optax.apply_updates(params, updates), new_stats, opt_state
+
+    p, s, o = params, stats, opt_state
+    for _ in range(4):
+        p, s, o = step(p, s, o)
+    assert check_frozen_and_moved(plan.mask, params, p) > 0
+    assert check_frozen_and_moved(plan.stats_mask, stats, s) > 0
+
+
+def test_own_nnx_loop_with_nnx_optimizer():
+    model = NNXNet(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    graph = tgd_jax.trace_topology(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    params, stats = nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat)
+    before_params, before_stats = jax.tree.map(np.asarray, (params, stats))
+    plan = tgd_jax.tgd_plan(params, graph, 0.9, batch_stats=stats, frozen_bn="batch")
+    assert any(np.asarray(c).any() and not np.asarray(c).all() for c in plan.channels.values())
+    assert isinstance(plan.mask, nnx.State)  # it mirrors the params, as nnx.Optimizer needs
+    optimizer = nnx.Optimizer(model, plan.optimizer(**OPTIMIZER), wrt=nnx.Param)
+    y = _targets(model(x))  # (in eval mode: a training-mode call would move the statistics)
+    model.train()
+
+    @nnx.jit
+    def step(model, optimizer):
+        old = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))  # a copy: the state
+        # nnx.state returns follows the model's variables
+        grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        try:
+            optimizer.update(model, grads)
+        except TypeError:  # flax < 0.11: update(grads)
+            optimizer.update(grads)
+        new = nnx.state(model, nnx.BatchStat)
+        nnx.update(model, tgd_jax.keep_frozen(old, new, plan.stats_mask))
+
+    for _ in range(4):
+        step(model, optimizer)
+    assert check_frozen_and_moved(plan.mask, before_params, nnx.state(model, nnx.Param)) > 0
+    assert check_frozen_and_moved(plan.stats_mask, before_stats,
+                                  nnx.state(model, nnx.BatchStat)) > 0
+
+
+def test_own_lax_loop_paper_mode():
+    params, x = _lax_params(), jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+    graph = tgd_jax.trace_topology(lax_net, params, x)
+    plan = tgd_jax.tgd_plan(params, graph, 0.6, mode="paper")
+    apply = tgd_jax.gated(lax_net, plan)
+    tx = plan.optimizer(**OPTIMIZER)
+    y = _targets(lax_net(params, x))
+    p, o = params, tx.init(params)
+    for _ in range(4):
+        grads = jax.grad(lambda q: jnp.mean((apply(q, x) - y) ** 2))(p)
+        updates, o = tx.update(grads, o, p)
+        p = optax.apply_updates(p, updates)
+    assert check_frozen_and_moved(plan.mask, params, p) > 0
+
+
+def test_names_the_plan_refers_to_are_checked():
+    from tgd_jax.pet.models import DnCNN
+    from tgd_jax.topology import dncnn_topology, sequential_topology
+
+    model = DnCNN(features=(6, 5, 3), use_gates=True)
+    variables, x = _linen(model)
+    params, stats = variables["params"], variables["batch_stats"]
+    # a misspelled gate: the plan would gate nothing there
+    wrong = sequential_topology(["conv1", "conv2", "conv3"], norms={"conv2": "bn2"},
+                                gates={"conv1": ["gate_conv1"], "conv2": ["gate_convv2"]})
+    plan = tgd_jax.tgd_plan(params, wrong, 0.5, mode="paper", batch_stats=stats)
+    with pytest.raises(ValueError, match="gates do not match the model's gate modules"):
+        step_lib.create_train_state(variables, plan.optimizer(optax.adam(1e-3)), plan)
+    good = tgd_jax.tgd_plan(params, dncnn_topology(3), 0.5, mode="paper", batch_stats=stats)
+    step_lib.create_train_state(variables, good.optimizer(optax.adam(1e-3)), good)
+    # a graph traced from another network
+    other = tgd_jax.trace_topology(DnCNN(features=(6, 4, 3)).apply,
+                                   *_linen(DnCNN(features=(6, 4, 3))), train=False)
+    with pytest.raises(ValueError, match=r"'conv2/kernel' has shape \(3, 3, 6, 5\), but the graph"):
+        tgd_jax.tgd_plan(params, other, 0.5, batch_stats=stats)
+    with pytest.raises(ValueError, match="BatchNorm 'bnx', not found in params or batch_stats"):
+        tgd_jax.tgd_plan(params, sequential_topology(["conv1", "conv2", "conv3"],
+                                                     norms={"conv2": "bnx"}), 0.5,
+                         batch_stats=stats)
+
+
+class CustomNorm(nn.Module):
+    """A normalisation of its own with running statistics: not a flax.linen.BatchNorm."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.Conv(4, (3, 3), use_bias=False, name="a")(x)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (4,))
+        if train and not self.is_initializing():
+            mean.value = 0.9 * mean.value + 0.1 * h.mean(axis=(0, 1, 2))
+        return nn.Conv(3, (3, 3), name="b")(nn.relu(h - mean.value))
+
+
+def test_running_statistics_are_refused_for_a_norm_it_cannot_reach():
+    model = CustomNorm()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x)
+    assert "batch_stats/mean" in graph.leaves
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.9,
+                            batch_stats=variables["batch_stats"])  # frozen_bn="running"
+    tx = plan.optimizer(optax.adam(1e-3))
+    state = step_lib.create_train_state(variables, tx, plan)
+    batch = {"inputs": x, "targets": x}
+    with pytest.raises(ValueError, match="never called as flax.linen.BatchNorm"):
+        step_lib.train_step(state, batch, model=model, tx=tx)
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.9, frozen_bn="batch",
+                            batch_stats=variables["batch_stats"])
+    tx = plan.optimizer(optax.adam(1e-3))
+    state = step_lib.create_train_state(variables, tx, plan)
+    step_lib.train_step(state, batch, model=model, tx=tx)  # batch statistics: it runs
