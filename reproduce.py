@@ -26,6 +26,7 @@ from absl import app, flags
 
 from tgd_jax.pet import report as report_lib
 from tgd_jax.pet import reproduce as rp
+from tgd_jax.pet.models import MODELS
 from tgd_jax.train import errors
 from tgd_jax.train import workdir as workdir_lib
 
@@ -34,6 +35,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default runs/<preset>)."
 _JOBS = flags.DEFINE_integer("jobs", 0, "Jobs at a time (0: one per CPU core up to 4 on a "
                              "CPU-only machine, 1 with a GPU).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite report.md.")
+_MODEL = flags.DEFINE_enum("model", "dncnn", list(MODELS), "The denoiser of every network "
+                           "(default output runs/<preset>-<model> for other than dncnn).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the traceback.")
 
 
@@ -43,9 +46,10 @@ def main(argv: list[str]) -> None:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
         if _JOBS.value < 0:
             raise errors.UsageError(f"--jobs must be >= 0, got {_JOBS.value}")
-        out = Path(_OUT.value or f"runs/{_PRESET.value}")
+        suffix = "" if _MODEL.value == "dncnn" else f"-{_MODEL.value}"
+        out = Path(_OUT.value or f"runs/{_PRESET.value}{suffix}")
         workdir_lib.check_writable(out)
-        jobs = rp.plan(_PRESET.value, out.resolve())
+        jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value)
         if not _REPORT_ONLY.value:
             gpus = _gpu_names()
             workers = _JOBS.value or default_workers(gpus)

@@ -27,6 +27,8 @@ _EXAMPLES = flags.DEFINE_integer("examples", 256, "Fixed held-out 2.5D patches."
 _PHIS = flags.DEFINE_list("phis", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6"], "Thresholds.")
 _DRAWS = flags.DEFINE_integer("random_draws", 3, "Random choices per phi.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the patches and the random choices.")
+_COMBINE = flags.DEFINE_enum("combine", "max", ["max", "mean", "min"], "How a map read by "
+                             "several layers combines their KSE values (graphs with skips).")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of the workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint>/threshold).")
 flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> None:
             _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
             studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
             random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
-            log=cli.progress)
+            combine=_COMBINE.value, log=cli.progress)
 
 
 if __name__ == "__main__":

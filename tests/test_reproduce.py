@@ -50,6 +50,19 @@ def test_plan_is_a_valid_graph_with_every_system(preset, tmp_path):
     assert by_name["tgdn2n"].system.start == f"v2net-s{seeds[0]}"
 
 
+def test_a_model_choice_reaches_every_pretraining_and_nothing_else(tmp_path):
+    plain = {job.name: job.argv for job in rp.plan("study", tmp_path)}
+    unet = {job.name: job.argv for job in rp.plan("study", tmp_path, model="unet")}
+    assert plain.keys() == unet.keys()
+    for name, argv in unet.items():
+        extra = [a for a in argv if a not in plain[name]]
+        # pretraining picks the model; the rest take it from their starting checkpoint
+        assert extra == (["--config.model.name=unet"] if name.startswith(("v1net", "v2net"))
+                         else []), name
+    with pytest.raises(UsageError, match="unknown model 'vit'"):
+        rp.plan("demo", tmp_path, model="vit")
+
+
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(UsageError, match="unknown preset"):
         rp.plan("huge", tmp_path)

@@ -114,6 +114,7 @@ def threshold_study(
     first: str = "kse",
     key: jax.Array,
     random_draws: int = 3,
+    combine: str = "max",
 ) -> dict[str, Any]:
     """Loss and output change with the kernels below each phi zeroed: KSE vs random vs L1.
 
@@ -127,6 +128,8 @@ def threshold_study(
       alpha, k, first: TGD's KSE and first-layer settings.
       key: PRNG key of the random choices.
       random_draws: random choices per phi (mean and sd reported).
+      combine: how a map read by several layers combines their scores
+        (:data:`tgd_jax.masks.COMBINE`).
 
     Returns:
       JSON-ready ``{"intact_loss", "rows": [...]}``, one row per phi: ``phi``,
@@ -153,7 +156,7 @@ def threshold_study(
     if random_draws < 1:
         raise ValueError(f"random_draws must be >= 1, got {random_draws}")
     intact_loss, intact = evaluate(params)
-    scores = masks_lib.layer_scores(params, topology, alpha=alpha, k=k)
+    scores = masks_lib.layer_scores(params, topology, alpha=alpha, k=k, combine=combine)
     rows = []
     for phi in phis:
         row: dict[str, Any] = {"phi": float(phi)}
@@ -162,7 +165,8 @@ def threshold_study(
             for draw in range(random_draws if method == "random" else 1):
                 plan = methods_lib.plan_finetune(
                     method, params, topology, phi=phi, alpha=alpha, k=k, first=first,
-                    mode="projected", key=jax.random.fold_in(key, draw), scores=scores)
+                    mode="projected", key=jax.random.fold_in(key, draw), scores=scores,
+                    combine=combine)
                 loss, out = evaluate(masks_lib.drop_kernels(params, plan.mask))
                 losses.append(float(loss))
                 changes.append(output_change(out, intact, inputs))
@@ -177,4 +181,4 @@ def threshold_study(
                 row[name]["loss_sd"] = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
         rows.append(row)
     return {"intact_loss": float(intact_loss), "phis": [float(p) for p in phis],
-            "random_draws": random_draws, "rows": rows}
+            "random_draws": random_draws, "combine": combine, "rows": rows}

@@ -40,6 +40,7 @@ def threshold_checkpoint(checkpoint: str, data_path: str, out: str | Path, *,
                          version: str = "v1", studies: int = 1, examples: int = 256,
                          phis: tuple[float, ...] = threshold_lib.DEFAULT_PHIS,
                          random_draws: int = 3, seed: int = 0, which: str = "best",
+                         combine: str = "max",
                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the threshold study of ``checkpoint`` on the last ``studies`` studies of
     ``data_path`` (``version`` images) and writes its files into ``out``."""
@@ -63,14 +64,15 @@ def threshold_checkpoint(checkpoint: str, data_path: str, out: str | Path, *,
     alpha, k = (t.alpha, t.k) if t is not None else (1.0, 5)
     result = threshold_lib.threshold_study(
         params, topology, evaluate, batch["inputs"], phis=phis, alpha=alpha, k=k,
-        key=jax.random.key(seed), random_draws=random_draws)
+        key=jax.random.key(seed), random_draws=random_draws, combine=combine)
     result.update(checkpoint=str(checkpoint), data=str(data_path), version=version,
-                  held_out_studies=studies, examples=examples, seed=seed)
+                  held_out_studies=studies, examples=examples, seed=seed, combine=combine,
+                  model=config.model.get("name", "dncnn"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workdir_lib.write_json(out / "threshold.json", result)
     threshold_figure(result, out / "threshold.png")
-    scores = masks_lib.layer_scores(params, topology, alpha=alpha, k=k)
+    scores = masks_lib.layer_scores(params, topology, alpha=alpha, k=k, combine=combine)
     kse_figure(scores, out / "kse_hist.png", phi=0.3)
     for row in result["rows"]:
         log(f"phi {row['phi']:.1f}: {100 * row['fraction']:.1f} % dropped; held-out loss "

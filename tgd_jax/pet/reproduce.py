@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tgd_jax.pet.models import MODELS
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.errors import RunError, UsageError
 
@@ -158,10 +159,18 @@ ONLINES: dict[str, tuple[str, str, str]] = {
 }
 
 
-def plan(preset_name: str, out: str | Path, python: str = sys.executable) -> list[Job]:
-    """Every job of ``preset_name`` writing under ``out``, in a valid execution order."""
+def plan(preset_name: str, out: str | Path, python: str = sys.executable,
+         model: str = "dncnn") -> list[Job]:
+    """Every job of ``preset_name`` writing under ``out``, in a valid execution order.
+
+    ``model``: the denoiser every network is (``config.model.name``; fine-tuning and online
+    learning take it from their starting checkpoint).
+    """
     if preset_name not in PRESETS:
         raise UsageError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    if model not in MODELS:
+        raise UsageError(f"unknown model {model!r}; choose from {MODELS}")
+    arch = () if model == "dncnn" else (f"--config.model.name={model}",)
     p = PRESETS[preset_name]
     out = Path(out)
     data = out / "data"
@@ -196,7 +205,7 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable) -> lis
                                    f"--config.data.path={data}/train.h5",
                                    f"--config.data.version={version}", f"--config.seed={seed}",
                                    f"--config.eval_every={p.eval_every[0]}",
-                                   *steps(p.train_steps)),
+                                   *arch, *steps(p.train_steps)),
                             deps=("sim-train",), weight=train_weight,
                             system=System(f"{version}-net", seed)))
     jobs.append(Job("threshold", (python, "threshold.py", f"--checkpoint={out}/v1net-s{p.seeds[0]}",
