@@ -26,7 +26,7 @@ import subprocess
 import sys
 from typing import Any
 
-SECTIONS = ("peak", "step", "tgd", "kse", "osem", "scaling", "launch")
+SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch")
 #: (name, width multiplier, global batch) of the step sizes; the first two are the
 #: default (the demo's and the paper's); the large batches keep a GPU busy.
 SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32), ("paper-b256", 1.0, 256),
@@ -84,6 +84,13 @@ def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo"
         result["kse"] = kse_bench.measure(rounds=rounds)
         print(f"KSE warm {1e3 * result['kse']['warm']['min_s']:.0f} ms, cold "
               f"{result['kse']['cold']['first_call_s']:.2f} s", flush=True)
+    if "graph" in sections:
+        from benchmarks import graph_bench
+
+        result["graph"] = graph_bench.measure(rounds=max(2, rounds // 2))
+        for name, g in result["graph"].items():
+            print(f"graph {name}: {g['layers']} layers, trace {1e3 * g['trace']['min_s']:.0f} "
+                  f"ms, plan {1e3 * g['plan']['min_s']:.0f} ms", flush=True)
     if "osem" in sections:
         try:
             from benchmarks import osem_vs_skimage
@@ -160,6 +167,15 @@ def table(r: dict[str, Any]) -> str:
                 f"which the density {1e3 * lay['kernel_density']:.0f} ms; XLA's top_k alone "
                 f"on its 256 x 256 x 256 distances takes {1e3 * lay['top_k_of_distances']:.0f}"
                 " ms.", ""]
+    if "graph" in r:
+        out += ["| channel graph (full width) | layers | maps read by several layers | "
+                "parameters | trace | plan (KSE, masks) | KSE alone |",
+                "|---|---|---|---|---|---|---|"]
+        for name, g in r["graph"].items():
+            out.append(f"| {name} | {g['layers']} | {g['multi_reader_maps']} | "
+                       f"{g['params']:,} | {1e3 * g['trace']['min_s']:.0f} ms | "
+                       f"{1e3 * g['plan']['min_s']:.0f} ms | {1e3 * g['kse']['min_s']:.0f} ms |")
+        out.append("")
     if "osem" in r and "ratio" in r["osem"]:
         o = r["osem"]
         out += [f"OSEM ({o['slices']} slices, {o['iterations']} x {o['subsets']}): ours "

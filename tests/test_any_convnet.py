@@ -239,3 +239,27 @@ def test_running_statistics_are_refused_for_a_norm_it_cannot_reach():
     tx = plan.optimizer(optax.adam(1e-3))
     state = step_lib.create_train_state(variables, tx, plan)
     step_lib.train_step(state, batch, model=model, tx=tx)  # batch statistics: it runs
+
+
+class WithDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.relu(nn.Conv(6, (3, 3), name="a")(x))
+        h = nn.Dropout(0.5, deterministic=not train)(h)
+        return nn.Conv(3, (3, 3), name="b")(h)
+
+
+def test_train_step_gives_dropout_its_keys():
+    model = WithDropout()
+    variables, x = _linen(model)
+    graph = tgd_jax.trace_topology(model.apply, variables, x)  # Dropout: no channel mixing
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.9)
+    tx = plan.optimizer(optax.sgd(0.1))
+    state = step_lib.create_train_state(variables, tx, plan)
+    batch = {"inputs": x, "targets": x}
+    losses = {}
+    for seed in (0, 0, 1):
+        fn = functools.partial(step_lib.train_step, model=model, tx=tx, dropout_seed=seed)
+        _, metrics = fn(state, batch)  # it raised "needs PRNG for 'dropout'" before
+        losses.setdefault(seed, []).append(float(metrics["loss"]))
+    assert losses[0][0] == losses[0][1] != losses[1][0]  # a function of (seed, step)

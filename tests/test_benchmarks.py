@@ -65,10 +65,13 @@ def test_the_table_reports_every_section():
                  "skimage_slices_per_s": 5.0, "ratio": 4.0, "liver_mean_ours": 2.5,
                  "liver_mean_skimage": 2.5},
         "scaling": {"1": {**t, "speedup": 1.0}, "2": {**t, "min_s": 0.05, "speedup": 2.0}},
+        "graph": {"unet": {"layers": 23, "multi_reader_maps": 96, "params": 1000, "trace": t,
+                           "plan": {**t, "min_s": 2.0}, "kse": {**t, "min_s": 1.5}}},
     }
     text = bench.table(result)
     for fragment in ("200 GFLOP/s", "**0.50x**", "25 %", "projected **+1.0 %**",
-                     "**10.0x** warm", "**4.0x**", "| 2 | 50.0 ms | 2.00x |"):
+                     "**10.0x** warm", "**4.0x**", "| 2 | 50.0 ms | 2.00x |",
+                     "| unet | 23 | 96 | 1,000 | 100 ms | 2000 ms | 1500 ms |"):
         assert fragment in text, fragment
 
 
