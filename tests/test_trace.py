@@ -77,7 +77,28 @@ def _linen(model, size=8, channels=3):
     return variables, x
 
 
+class SetupStyle(nn.Module):
+    """Modules declared in ``setup`` (not ``@compact``), nested in a submodule."""
+
+    def setup(self):
+        self.blocks = [nn.Conv(4, (3, 3), name=f"conv_{i}") for i in range(2)]
+        self.norm = nn.BatchNorm(use_running_average=True)
+        self.head = nn.Conv(3, (1, 1))
+
+    def __call__(self, x, *, train: bool = False):
+        h = nn.relu(self.blocks[0](x))
+        h = nn.relu(self.norm(self.blocks[1](h))) + h
+        return self.head(h)
+
+
+class Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        return SetupStyle(name="inner")(nn.Conv(3, (3, 3), name="stem")(x)) + x
+
+
 LINEN = {
+    "setup-nested": lambda: Nested(),
     "sequential": lambda: DnCNN(features=(6, 5, 4, 3)),
     "residual": lambda: ResNetDenoiser(width=5, blocks=2),
     "unet": lambda: UNet(features=(4, 6, 8)),
