@@ -152,3 +152,35 @@ def test_float_masks_scale_and_forward_mode_agrees_with_reverse():
     forward = jnp.stack([jax.jvp(f, (x,), (e,))[1] for e in jnp.eye(3)])
     np.testing.assert_allclose(forward, expected, rtol=1e-6)
     np.testing.assert_allclose(jax.jacfwd(f)(x), jax.jacrev(f)(x), rtol=1e-6)
+
+
+def test_automatic_gates_equal_explicit_gate_modules_bit_for_bit():
+    from tgd_jax import gated, trace_topology
+
+    features = (8, 8, 12, 6, 3)
+    explicit_model, plain_model = DnCNN(features=features, use_gates=True), DnCNN(
+        features=features)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    variables = explicit_model.init(jax.random.key(0), x[:1])
+    params, stats = variables["params"], variables["batch_stats"]
+    explicit = tgd_plan(params, explicit_model.topology(), 0.5, mode="paper",
+                        batch_stats=stats)
+    graph = trace_topology(plain_model.apply, {"params": params, "batch_stats": stats}, x,
+                           train=False)
+    auto = tgd_plan(params, graph, 0.5, mode="paper", batch_stats=stats)
+    assert auto.auto_gates and not explicit.auto_gates
+    apply = gated(plain_model.apply, auto)
+
+    def loss(p, fn, gates):
+        out, _ = fn({"params": p, "batch_stats": stats, **gates}, x, train=True,
+                    mutable=["batch_stats"])
+        return jnp.mean((out - 0.5 * x) ** 2)
+
+    a = jax.jit(jax.grad(lambda p: loss(p, explicit_model.apply, {"tgd": explicit.gates})))(
+        params)
+    b = jax.jit(jax.grad(lambda p: loss(p, apply, {})))(params)
+    c = jax.jit(jax.grad(lambda p: loss(p, plain_model.apply, {})))(params)
+    for ga, gb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(ga).tobytes() == np.asarray(gb).tobytes()
+    assert any(not np.array_equal(ga, gc) for ga, gc in zip(jax.tree.leaves(a),
+                                                           jax.tree.leaves(c), strict=True))
