@@ -301,3 +301,26 @@ def test_roles_never_share_a_patient():
              for role in spec}
     change = np.abs(truth["train"] - truth["test"]).sum() / np.abs(truth["train"]).sum()
     assert change > 0.05, change
+
+
+def test_oncology_studies_hold_several_lesions_and_small_hot_structures():
+    from tgd_jax.sim.phantom import make_phantom
+
+    grid = SimConfig(n_slices=12).fine_grid
+    for i in range(3):
+        key = jax.random.fold_in(simulation_key(0), i)
+        sparse = make_phantom(key, grid, recipe="sparse")
+        onc = make_phantom(key, grid, recipe="oncology")
+        lesions = onc.attrs["lesions"]
+        assert 3 <= len(lesions) <= 8
+        for lesion in lesions:
+            assert 4.0 <= lesion["diameter_mm"] <= 20.0
+            assert lesion["organ"] in ("liver", "lung", "node", "bone")
+        assert onc.rois["hot"].any() and not (onc.rois["hot"] & onc.rois["liver_voi"]).any()
+        assert int(onc.rois["hot"].sum()) > 2 * sum(
+            int(m.sum()) for k, m in sparse.rois.items() if k.startswith("lesion"))
+        # the sparse recipe draws what it always drew (its own random stream is untouched)
+        again = make_phantom(key, grid)
+        assert again.activity.tobytes() == sparse.activity.tobytes()
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        make_phantom(key, grid, recipe="dense")

@@ -33,6 +33,8 @@ flags.DEFINE_list("versions", None, "Override the reconstruction versions (v1, v
 flags.DEFINE_list("levels", None, "Override the input count levels, s/bed.")
 flags.DEFINE_integer("realisations", None, "Override the number of 60 s realisations.")
 flags.DEFINE_bool("ood", None, "Override: add out-of-distribution features.")
+flags.DEFINE_enum("recipe", None, ["sparse", "oncology"], "Override what each study holds: "
+                  "sparse (0-3 lesions) or oncology (several lesions, nodes, ureters, bowel).")
 flags.DEFINE_bool("verbose", False, "On an error, show the traceback instead of one line.")
 flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of <out> instead.")
 
@@ -78,7 +80,8 @@ def _main(out: Path) -> None:
             FLAGS.preset, role, n_studies=FLAGS.studies, n_slices=FLAGS.slices,
             high_bmi_fraction=FLAGS.high_bmi_fraction,
             versions=tuple(FLAGS.versions) if FLAGS.versions else None,
-            levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood)
+            levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood,
+            recipe=FLAGS.recipe)
         for role in FLAGS.role
     ]
     workdir_lib.check_writable(out)  # before hours of simulation

@@ -1,8 +1,9 @@
 """Dataset recipes for the paper's four roles, and the ``demo`` / ``paper`` presets.
 
 * ``train``: v1-net / v2-net training set: studies of mixed BMI, each with a 600 s/bed
-  target and inputs at the paper's six count levels, in both versions.
-* ``finetune``: the few low-BMI studies for FT-net / TGD-net, v2 only.
+  target and inputs at the paper's six count levels, in both versions; the ``oncology``
+  recipe (several lesions and other small hot structures per study).
+* ``finetune``: the few low-BMI studies for FT-net / TGD-net, v2 only; ``oncology`` too.
 * ``test``: studies with an 8-10 mm liver lesion: a 600 s reference, R i.i.d. 60 s
   realisations (ensemble bias, liver CoV) and a noiseless reconstruction, both versions.
 * ``online``: one study with out-of-distribution features (hot bladder, catheter): a 120 s
@@ -46,19 +47,22 @@ class RoleSpec:
     levels: tuple[float, ...] = PAPER_LEVELS
     realisations: int = 0
     ood: bool = False
+    recipe: str = "sparse"  # what each study holds (tgd_jax.sim.phantom.RECIPES)
 
 
 PRESETS: dict[str, dict[str, RoleSpec]] = {
     "demo": {
-        "train": RoleSpec("train", 4, 8),
-        "finetune": RoleSpec("finetune", 2, 8, high_bmi_fraction=0.0, versions=("v2",)),
+        "train": RoleSpec("train", 4, 8, recipe="oncology"),
+        "finetune": RoleSpec("finetune", 2, 8, high_bmi_fraction=0.0, versions=("v2",),
+                             recipe="oncology"),
         "test": RoleSpec("test", 1, 8, high_bmi_fraction=0.0, levels=(), realisations=10),
         "online": RoleSpec("online", 1, 8, high_bmi_fraction=0.0, versions=("v2",), levels=(),
                            ood=True),
     },
     "paper": {
-        "train": RoleSpec("train", 20, 32),
-        "finetune": RoleSpec("finetune", 7, 32, high_bmi_fraction=0.0, versions=("v2",)),
+        "train": RoleSpec("train", 20, 32, recipe="oncology"),
+        "finetune": RoleSpec("finetune", 7, 32, high_bmi_fraction=0.0, versions=("v2",),
+                             recipe="oncology"),
         "test": RoleSpec("test", 2, 32, levels=(), realisations=10),
         "online": RoleSpec("online", 1, 32, high_bmi_fraction=0.0, versions=("v2",),
                            levels=(), ood=True),
@@ -94,7 +98,7 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
         raise ValueError(f"unknown role {spec.role!r}")
     key = study_key(spec.role, index, seed)
     common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
-                  versions=spec.versions, ood=spec.ood)
+                  versions=spec.versions, ood=spec.ood, recipe=spec.recipe)
     if spec.role in ("train", "finetune"):
         study = simulate_study(key, config, levels=spec.levels, **common)
     elif spec.role == "test":

@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES"]
+__all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES", "RECIPES"]
+
+#: What a study holds: ``sparse`` (the original recipe) or ``oncology``.
+RECIPES = ("sparse", "oncology")
 
 #: 511 keV linear attenuation coefficients, 1/mm.
 MU_WATER, MU_FAT, MU_LUNG, MU_SPONGY, MU_CORTICAL = 0.0096, 0.0090, 0.0030, 0.0120, 0.0160
@@ -89,6 +92,7 @@ def make_phantom(
     liver_lesion: bool = False,
     ood: bool = False,
     z_start: float | None = None,
+    recipe: str = "sparse",
 ) -> Phantom:
     """A random torso phantom.
 
@@ -105,9 +109,16 @@ def make_phantom(
         the liver, for the noise VOI) rather than in the pelvis: what matters is that the
         network has never seen such intensities and shapes.
       z_start: z (mm) of the first slice; random over the liver/heart region if None.
+      recipe: ``"sparse"`` (0-3 lesions of 6-25 mm) or ``"oncology"``: what oncology FDG
+        studies hold (:data:`RECIPES`): 3-8 lesions of 4-20 mm at 1.5-6 times their
+        organ's uptake in the liver, lungs, lymph-node stations and bone, plus small hot
+        structures that are not lesions (2-6 lymph nodes, the ureters with hot urine,
+        1-3 bowel loops). All of them are in the ``hot`` ROI.
     """
     if bmi not in ("low", "high"):
         raise ValueError(f"bmi must be 'low' or 'high', got {bmi!r}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     keys = iter(jax.random.split(key, 64))
     u = lambda lo, hi: _uniform(next(keys), lo, hi)  # noqa: E731
     suv = {name: u(*SUV_RANGES[name]) for name in SUV_RANGES}
@@ -167,7 +178,63 @@ def make_phantom(
     liver_voi = _ellipsoid(xx, yy, zz, liver_c, tuple(0.6 * v for v in liver_axes)) & inner
 
     lesions = []
+    hot = jnp.zeros_like(body)
+    if recipe == "oncology":  # its own stream: the sparse recipe's draws stay as they were
+        okeys = iter(jax.random.split(next(keys), 256))
+        ou = lambda lo, hi: _uniform(next(okeys), lo, hi)  # noqa: E731
+        organs = {"liver": (liver_c, liver_axes, suv["liver"]),
+                  "lung": ((-0.45 * ai, -0.1 * bi, 340), (0.3 * ai, 0.5 * bi, 90),
+                           suv["lung"]),
+                  "node": ((0.0, 0.1 * bi, liver_cz + 30), (0.45 * ai, 0.35 * bi, 90),
+                           suv["muscle"]),
+                  "bone": ((spine_c[0], spine_c[1], liver_cz), (14, 12, 120), suv["marrow"])}
+        names, weights = list(organs), np.array([0.35, 0.25, 0.25, 0.15])
+        for _ in range(int(jax.random.randint(next(okeys), (), 3, 9))):
+            choice = names[int(jax.random.choice(next(okeys), len(names), p=weights))]
+            (cx, cy, cz), (sx, sy, sz), background = organs[choice]
+            if choice == "lung":
+                cx *= 1 if ou(0, 1) < 0.5 else -1
+            diameter = float(np.exp(ou(np.log(4.0), np.log(20.0))))
+            centre = (cx + ou(-0.7, 0.7) * sx, cy + ou(-0.7, 0.7) * sy,
+                      float(np.clip(cz + ou(-0.7, 0.7) * sz, z[0], z[-1])))
+            value = float(background) * float(np.exp(ou(np.log(1.5), np.log(6.0))))
+            r = diameter / 2
+            mask = _ellipsoid(xx, yy, zz, centre, (r, r, r)) & inner
+            paint(mask, value)
+            hot = hot | mask
+            lesions.append({"diameter_mm": diameter, "centre_mm": centre, "organ": choice,
+                            "suv": value})
+        for _ in range(int(jax.random.randint(next(okeys), (), 2, 7))):  # lymph nodes
+            r = ou(2.0, 4.0)
+            centre = (ou(-0.35, 0.35) * ai, ou(-0.2, 0.45) * bi, ou(z[0], z[-1]))
+            mask = _ellipsoid(xx, yy, zz, centre, (r, r, 1.3 * r)) & inner
+            paint(mask, ou(2.0, 4.5))
+            hot = hot | mask
+        urine = ou(4.0, 12.0)
+        for side in (-1, 1):  # ureters: thin vertical tubes of hot urine (hot dots in-plane)
+            r = ou(1.5, 2.5)
+            tube = _cylinder(xx, yy, (side * 0.22 * ai + ou(-6, 6), 0.42 * bi), (r, r))
+            tube = tube & (zz < liver_cz + ou(0, 30)) & inner  # from below up to the hilum
+            paint(tube, urine)
+            hot = hot | tube
+        for _ in range(int(jax.random.randint(next(okeys), (), 1, 4))):  # bowel loops
+            centre = (ou(-0.4, 0.4) * ai, ou(-0.6, -0.1) * bi, ou(z[0], z[-1]))
+            radius, thickness = ou(12, 25), ou(3.0, 5.0)
+            dist = jnp.sqrt((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2)
+            ring = (jnp.abs(dist - radius) <= thickness / 2) & (jnp.abs(zz - centre[2]) <= 12)
+            ring = ring & (xx - centre[0] >= ou(-radius, 0)) & inner  # an open arc
+            paint(ring, ou(1.5, 3.5))
+            hot = hot | ring
+        rois["hot"] = hot
+        # the noise VOI stays clear of every hot structure (10 mm margin, as for lesions)
+        near = _ellipsoid(xx, yy, zz, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)) & False
+        for entry in lesions:
+            r = entry["diameter_mm"] / 2 + 10
+            near = near | _ellipsoid(xx, yy, zz, entry["centre_mm"], (r, r, r))
+        liver_voi = liver_voi & ~near & ~hot
     count = int(jax.random.randint(next(keys), (), 0, 4)) if n_lesions is None else n_lesions
+    if recipe == "oncology" and n_lesions is None:
+        count = 0  # the lesions above replace the sparse ones
     if liver_lesion:
         count = max(count, 1)
     for i in range(count):
@@ -210,7 +277,7 @@ def make_phantom(
 
     attrs = {
         "bmi_class": bmi, "bmi": bmi_value, "body_axes_mm": (a, b), "fat_mm": fat,
-        "z_start_mm": z_start, "lesions": lesions, "ood": ood, "suv": suv,
+        "z_start_mm": z_start, "lesions": lesions, "ood": ood, "suv": suv, "recipe": recipe,
     }
     return Phantom(
         activity=np.asarray(activity, np.float32),

@@ -166,6 +166,7 @@ def measure(folder: Path) -> dict[str, Any]:
                 label = "600" if key == "target" else key.split("/")[1]
                 cov.setdefault(v, {}).setdefault(bmi, {}).setdefault(label, []).append(
                     liver_cov(s[f"{v}/{key}"], s["rois/liver_voi"]))
+    results["hot_patch_share"] = hot_patch_share(train.path, train.studies)
     cov_mean = {v: {b: {lv: float(np.mean(x)) for lv, x in d.items()} for b, d in bb.items()}
                 for v, bb in cov.items()}
     results["liver_cov_percent"] = cov_mean
@@ -184,6 +185,30 @@ def measure(folder: Path) -> dict[str, Any]:
     checks["7_projector_adjoint_and_chords"] = adjoint < 1e-5 and chord < 0.01
     results["checks"] = checks
     return results
+
+
+def hot_patch_share(path: Path, studies: list[str], *, patch: int = 32, samples: int = 400,
+                    seed: int = 0) -> float:
+    """Share of ``patch`` x ``patch`` x 3 training patches (inside the body) that hold a
+    voxel of a lesion or of another small hot structure (the ``hot`` ROI): what the
+    networks see of the small hot spots they must preserve."""
+    rng = np.random.default_rng(seed)
+    hits = total = 0
+    for name in studies:
+        s = load_study(path, name)
+        hot = np.zeros_like(s["rois/body"], bool)
+        for key in s:
+            if key.startswith(("rois/lesion", "rois/hot")):
+                hot |= s[key].astype(bool)
+        body = s["rois/body"].astype(bool)
+        depth, height, width = body.shape
+        for _ in range(samples):
+            z = int(rng.integers(1, depth - 1))
+            y, x = (int(rng.integers(0, n - patch + 1)) for n in (height, width))
+            if body[z, y:y + patch, x:x + patch].any():
+                total += 1
+                hits += bool(hot[z - 1:z + 2, y:y + patch, x:x + patch].any())
+    return hits / max(total, 1)
 
 
 #: Property 5's bands of liver CoV (%), read per reconstruction version: v1 is smoother
@@ -254,6 +279,8 @@ def main(folder: Path) -> dict[str, Any]:
         for bmi, values in by_bmi.items():
             print(f"liver CoV % {v} {bmi:>4} BMI: "
                   + ", ".join(f"{lv} s {val:.1f}" for lv, val in sorted(values.items())))
+    print(f"training patches (32 x 32 x 3, in the body) holding a small hot structure: "
+          f"{100 * results['hot_patch_share']:.1f} %")
     print("splitting:", results["splitting"])
     print("projector:", results["projector"])
     for name, ok in results["checks"].items():
