@@ -47,6 +47,7 @@ from tgd_jax.topology import Topology
 __all__ = [
     "LayerPolicy",
     "COMBINE",
+    "READERS",
     "layer_scores",
     "map_scores",
     "channel_masks_from_scores",
@@ -267,14 +268,24 @@ def channel_masks_from_scores(
     return _layer_channels(graph, decision)
 
 
+#: Which frozen filters also retrain their input slices that read retrained maps.
+READERS: tuple[str, ...] = ("none", "all", "last")
+
+
 def expand_channel_masks(params: Params, topology: Graphish, channels: Mapping[str, Any],
-                         batch_stats: Params | None = None, *, other: str = "frozen") -> Any:
+                         batch_stats: Params | None = None, *, other: str = "frozen",
+                         readers: str = "none") -> Any:
     """Channel masks -> mask pytree mirroring ``params`` (the same pytree type).
 
     A layer's kernel gets its channel mask along its output axis; each per-channel
     parameter (bias, BatchNorm scale/offset) the decision of the maps along its channel
     axis; parameters of no channel are None (``other="frozen"``) or all True
     (``other="train"``).
+
+    ``readers`` also retrains, in the kernels of the layers that read retrained maps, the
+    input slices ``W[..., j, :]`` that read them (``"all"`` readers, or ``"last"``: only
+    the layers whose maps no layer reads): the path from the new maps into the kept
+    network. A frozen filter then keeps its weights on frozen maps only.
 
     Example:
       >>> import jax.numpy as jnp
@@ -287,14 +298,24 @@ def expand_channel_masks(params: Params, topology: Graphish, channels: Mapping[s
       ((1, 1, 1, 2), [True, False], None)
     """
     _check_policy("other", other, OTHER)
+    _check_policy("readers", readers, READERS)
     graph = as_graph(topology, params, batch_stats)
     decision = map_decisions(graph, channels)
-    return _mirror(params, graph, decision, PARAMS, other=other)
+    reading = None
+    if readers != "none":
+        reads = graph.reads()
+        last = {layer.path for layer in graph.layers
+                if all(m not in reads or m in graph.outputs for m in layer.out_maps)}
+        reading = {layer.path: np.array([m >= 0 and bool(decision[m]) for m in layer.in_maps])
+                   for layer in graph.layers if readers == "all" or layer.path in last}
+    return _mirror(params, graph, decision, PARAMS, other=other, reading=reading)
 
 
 def _mirror(tree: Params, graph: ChannelGraph, decision: np.ndarray, collection: str, *,
-            other: str = "frozen", keep: Mapping[str, np.ndarray] | None = None) -> Any:
-    """A mask mirroring ``tree`` (a collection of the graph's variables)."""
+            other: str = "frozen", keep: Mapping[str, np.ndarray] | None = None,
+            reading: Mapping[str, np.ndarray] | None = None) -> Any:
+    """A mask mirroring ``tree`` (a collection of the graph's variables); ``reading``:
+    layer -> ``(C_in,)`` input slices retrained as well."""
     kernels = {layer.kernel: layer for layer in graph.layers} if collection == PARAMS else {}
 
     def leaf_mask(path: str, leaf: Any) -> Any:
@@ -302,7 +323,12 @@ def _mirror(tree: Params, graph: ChannelGraph, decision: np.ndarray, collection:
             layer = kernels[path]
             shape = [1] * np.ndim(leaf)
             shape[layer.out_axis] = layer.c_out
-            return jnp.asarray(decision[list(layer.out_maps)]).reshape(shape)
+            out = np.asarray(decision[list(layer.out_maps)]).reshape(shape)
+            if reading is not None and layer.path in reading and reading[layer.path].any():
+                in_shape = [1] * np.ndim(leaf)
+                in_shape[layer.in_axis] = layer.c_in
+                out = out | reading[layer.path].reshape(in_shape)
+            return jnp.asarray(out)
         attached = graph.leaves.get(f"{collection}/{path}")
         if attached is not None:
             axis, maps = attached

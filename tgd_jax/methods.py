@@ -6,6 +6,10 @@
 * ``random``: per layer, as MANY channels as TGD would retrain, chosen uniformly at random.
 * ``l1``: per layer, as many channels as TGD, those whose filter has the lowest L1 norm
   (the filter-pruning criterion of Li et al. 2017: ``sum |W[..., n]|`` over the filter n).
+* ``packnet``: the nearest published method (PackNet, Mallya and Lazebnik 2018): per
+  layer, the fraction ``packnet_fraction`` of kernel weights with the smallest magnitude
+  is freed (re-initialise them with :func:`reinitialize`) and only those are trained; every
+  other parameter and statistic stays frozen.
 
 ``random`` and ``l1`` differ from ``tgd`` only in the choice of channels (same counts, same
 first/last-layer policies, same gates in ``paper`` mode), so they isolate what KSE adds.
@@ -31,12 +35,20 @@ import optax
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import optim
-from tgd_jax.graph import PARAMS, ChannelGraph, as_graph, flat_paths, unflatten_paths
+from tgd_jax.graph import (
+    PARAMS,
+    ChannelGraph,
+    as_graph,
+    flat_paths,
+    map_with_paths,
+    unflatten_paths,
+)
 from tgd_jax.topology import Topology
 
-__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables"]
+__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables",
+           "reinitialize"]
 
-METHODS = ("tgd", "last_k", "full", "random", "l1")
+METHODS = ("tgd", "last_k", "full", "random", "l1", "packnet")
 #: How the BatchNorm channels of a fine-tuning run normalise in training passes (the
 #: ``frozen_bn`` and ``retrained_bn`` options): see :data:`tgd_jax.masks.BN_MODES`.
 FROZEN_BN = masks_lib.BN_MODES
@@ -123,8 +135,8 @@ class TGDPlan:
 def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float, *,
              alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
              mode: str = "projected", frozen_bn: str = "running", retrained_bn: str = "batch",
-             combine: str = "max", other: str = "frozen", batch_stats: Any = None,
-             scores: Mapping[str, Any] | None = None) -> TGDPlan:
+             combine: str = "max", other: str = "frozen", readers: str = "none",
+             batch_stats: Any = None, scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The TGD rule in one call: KSE scores, channel masks, params mask, gates.
 
     ``plan_finetune("tgd", ...)``; see there for the arguments.
@@ -144,14 +156,16 @@ def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float, *,
     """
     return plan_finetune("tgd", params, topology, phi=phi, alpha=alpha, k=k, first=first,
                          last=last, mode=mode, frozen_bn=frozen_bn, retrained_bn=retrained_bn,
-                         combine=combine, other=other, batch_stats=batch_stats, scores=scores)
+                         combine=combine, other=other, readers=readers,
+                         batch_stats=batch_stats, scores=scores)
 
 
 def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *,
                   phi: float = 0.3, alpha: float = 1.0, k: int = 5, first: str = "kse",
                   last: str = "frozen", mode: str = "projected", frozen_bn: str = "running",
                   retrained_bn: str = "batch", combine: str = "max", other: str = "frozen",
-                  batch_stats: Any = None, last_k: int = 3, key: jax.Array | None = None,
+                  readers: str = "none", batch_stats: Any = None, last_k: int = 3,
+                  key: jax.Array | None = None, packnet_fraction: float = 0.5,
                   scores: Mapping[str, Any] | None = None) -> TGDPlan:
     """The :class:`TGDPlan` of ``method`` for a network's ``params``.
 
@@ -181,6 +195,11 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         :data:`tgd_jax.masks.COMBINE`.
       other: policy of parameters that belong to no channel, ``"frozen"`` or ``"train"``
         (reported in the summary's ``other``).
+      readers: also retrain the input slices of frozen filters that read retrained maps
+        (:data:`tgd_jax.masks.READERS`: ``"none"``, ``"all"`` readers, or ``"last"``: only
+        the last layers'), the path from the new maps into the kept network. Projected
+        mode only: paper-mode gates stop the gradient of the frozen outputs they feed.
+      packnet_fraction: the fraction of each kernel's weights ``packnet`` frees.
       batch_stats: the ``batch_stats`` (needed to train a network that has them: the plan
         then says which statistics may change, ``stats_mask``).
       last_k: layers fine-tuned by ``last_k`` (the last in forward order).
@@ -211,9 +230,13 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         if value not in FROZEN_BN:
             raise ValueError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
     for name, value, allowed in (("combine", combine, masks_lib.COMBINE),
-                                 ("other", other, masks_lib.OTHER)):
+                                 ("other", other, masks_lib.OTHER),
+                                 ("readers", readers, masks_lib.READERS)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if readers != "none" and mode == "paper" and method in ("tgd", "random", "l1"):
+        raise ValueError("readers needs mode='projected': in paper mode the gates stop the "
+                         "gradient of the frozen maps those input slices feed")
     hand = not isinstance(topology, ChannelGraph)
     graph = as_graph(topology, params, batch_stats)
     check_variables(graph, params, batch_stats)
@@ -258,11 +281,21 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         channels = {layer.path: jnp.asarray([m in maps for m in layer.out_maps])
                     for layer in graph.layers}
         settings.update(last_k=last_k)
+    elif method == "packnet":
+        if not 0.0 < packnet_fraction < 1.0:
+            raise ValueError(f"packnet_fraction must be in (0, 1), got {packnet_fraction}")
+        channels = {layer.path: jnp.zeros((layer.c_out,), bool) for layer in graph.layers}
+        settings.update(packnet_fraction=packnet_fraction)
     else:  # full
         channels = {layer.path: jnp.ones((layer.c_out,), bool) for layer in graph.layers}
     full = method == "full"
     mask = masks_lib.expand_channel_masks(params, graph, channels,
-                                          other="train" if full else other)
+                                          other="train" if full else other,
+                                          readers="none" if method == "packnet" else readers)
+    if method == "packnet":
+        mask = _packnet_mask(params, graph, packnet_fraction)
+    if readers != "none":
+        settings.update(readers=readers)
     summary = masks_lib.mask_summary(params, mask, graph, scores=used_scores or None,
                                      phi=settings.get("phi"))
     summary.update(settings, frozen_bn=frozen_bn, retrained_bn=retrained_bn)
@@ -278,6 +311,88 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         method=method, channels=channels, mask=None if full else mask,
         gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
         summary=summary, graph=graph, auto_gates=auto_gates)
+
+
+def _packnet_mask(params: Any, graph: ChannelGraph, fraction: float) -> Any:
+    """Per layer kernel, True on the ``fraction`` of weights with the smallest magnitude
+    (ties broken by position); every other leaf frozen (None)."""
+    kernels = {layer.kernel for layer in graph.layers}
+
+    def leaf(path: str, value: Any) -> Any:
+        if path not in kernels:
+            return None
+        flat = np.abs(np.asarray(value)).reshape(-1)
+        count = int(round(fraction * flat.size))
+        chosen = np.zeros(flat.size, bool)
+        chosen[np.argsort(flat, kind="stable")[:count]] = True
+        return jnp.asarray(chosen.reshape(np.shape(value)))
+
+    return map_with_paths(leaf, params)
+
+
+def reinitialize(params: Any, batch_stats: Any, plan: TGDPlan, key: jax.Array, *,
+                 scale: float = 1.0) -> tuple[Any, Any]:
+    """Fresh values for what ``plan`` retrains: ``(params, batch_stats)``.
+
+    Retrained kernel weights are drawn He-normal (``N(0, 2 / fan_in)``, fan_in = the
+    filter's size over spatial axes and input channels) times ``scale``; retrained
+    per-channel parameters are reset (a BatchNorm ``scale`` to 1, offsets and biases to 0),
+    and the running statistics of retrained channels to mean 0, variance 1. Everything
+    frozen is returned unchanged (the same arrays). Whole re-drawn leaves other than
+    kernels (``other="train"``) are left as they are.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 4)), "bias": jnp.ones(4)},
+      ...           "b": {"kernel": jnp.ones((3, 3, 4, 1))}}
+      >>> plan = plan_finetune("last_k", params, sequential_topology(["a", "b"]), last_k=1)
+      >>> new, _ = reinitialize(params, {}, plan, jax.random.key(0), scale=0.1)
+      >>> bool(jnp.all(new["a"]["kernel"] == 0)), bool(jnp.any(new["b"]["kernel"] != 1))
+      (True, True)
+    """
+    if plan.mask is None:
+        raise ValueError("a 'full' plan retrains everything: re-initialising it would be "
+                         "training from scratch")
+    graph = plan.graph
+    kernels = {layer.kernel: layer for layer in graph.layers}
+    masks = flat_paths(plan.mask, none_leaves=True)
+    keys = iter(jax.random.split(key, max(1, len(masks))))
+
+    def new_param(path: str, value: Any) -> Any:
+        mask = masks.get(path)
+        k = next(keys)
+        if mask is None or not np.any(mask):
+            return value
+        if path in kernels:
+            layer = kernels[path]
+            fan_in = int(np.prod(np.shape(value))) // layer.c_out
+            fresh = jax.random.normal(k, np.shape(value), jnp.float32) * (
+                scale * np.sqrt(2.0 / fan_in))
+        elif np.ndim(mask) == 0:
+            return value
+        else:
+            fresh = jnp.ones_like(value) if path.rsplit("/", 1)[-1] == "scale" else (
+                jnp.zeros_like(value))
+        return jnp.where(mask, fresh.astype(jnp.asarray(value).dtype), value)
+
+    decision = masks_lib.map_decisions(graph, plan.channels)
+
+    def new_stat(path: str, value: Any) -> Any:
+        attached = graph.leaves.get(f"batch_stats/{path}")
+        if attached is None:
+            return value
+        axis, maps = attached
+        retrained = np.array([m >= 0 and bool(decision[m]) for m in maps])
+        if not retrained.any():
+            return value
+        shape = [1] * np.ndim(value)
+        shape[axis] = len(maps)
+        fresh = jnp.ones_like(value) if path.rsplit("/", 1)[-1] == "var" else (
+            jnp.zeros_like(value))
+        return jnp.where(jnp.asarray(retrained).reshape(shape), fresh, value)
+
+    return map_with_paths(new_param, params), map_with_paths(new_stat, batch_stats or {})
 
 
 def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -> None:

@@ -151,8 +151,15 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         config.method, variables["params"], graph,
         phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last, mode=t.mode,
         frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn, combine=t.combine,
-        other=t.other, batch_stats=variables.get("batch_stats"), last_k=config.last_k,
+        other=t.other, readers=t.readers, batch_stats=variables.get("batch_stats"),
+        last_k=config.last_k, packnet_fraction=t.packnet_fraction,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
+    if t.reinit_scale > 0 or config.method == "packnet":  # fresh values for what is retrained
+        params, stats = methods_lib.reinitialize(
+            variables["params"], variables.get("batch_stats", {}), plan,
+            jax.random.fold_in(jax.random.key(config.seed), 2),
+            scale=t.reinit_scale or 1.0)
+        variables = {**variables, "params": params, "batch_stats": stats}
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
         workdir_lib.write_json(workdir / "mask.json", {
@@ -180,6 +187,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                    params_retrained=plan.summary["params_retrained"],
                    optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
                    mode=t.mode, frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn,
+                   readers=t.readers, reinit_scale=t.reinit_scale,
                    source_checkpoint=source_meta["checkpoint"])
     return summary, state
 

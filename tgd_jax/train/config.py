@@ -151,7 +151,7 @@ def finetune_config(preset: str = "") -> ml_collections.ConfigDict:
     c.data.val_studies = 0  # the paper fine-tunes on only 7 studies: keep them all
     c.checkpoint = ""  # workdir or checkpoint folder of the network to start from
     c.checkpoint_which = "best"  # best | latest | <step>
-    c.method = "tgd"  # tgd | last_k | full | random | l1
+    c.method = "tgd"  # tgd | last_k | full | random | l1 | packnet
     c.optimizer.learning_rate = 1e-4  # chosen at demo scale over the paper's 1e-3
     # (docs/premise/premise.md)
     c.tgd = tgd_section(phi=0.3)
@@ -193,6 +193,11 @@ def tgd_section(phi: float) -> ml_collections.ConfigDict:
     # (docs/method.md, "graphs"; sequential networks: one reader, the same for all three)
     t.other = "frozen"  # parameters of no channel (a learned scalar, an embedding): frozen |
     # train
+    t.readers = "none"  # also retrain the input slices of frozen filters that read retrained
+    # maps: none | all | last (the last layer only); projected mode (docs/method.md, 11)
+    t.reinit_scale = 0.0  # > 0: re-draw what is retrained (He-normal x scale; BatchNorm and
+    # biases reset) before training; 0 keeps the pretrained values (the paper)
+    t.packnet_fraction = 0.5  # method packnet: the fraction of each kernel freed
     t.gate_cosine = False  # log the cosine between the gated and the true gradient (costs
     # one more backward pass per step)
     return t
@@ -265,6 +270,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         one_of("tgd.retrained_bn", t.retrained_bn, methods.FROZEN_BN)
         one_of("tgd.combine", t.combine, masks.COMBINE)
         one_of("tgd.other", t.other, masks.OTHER)
+        one_of("tgd.readers", t.readers, masks.READERS)
+        need(t.reinit_scale >= 0, "tgd.reinit_scale", "must be >= 0")
+        need(0 < t.packnet_fraction < 1, "tgd.packnet_fraction", "must be in (0, 1)")
         positive("tgd.alpha", t.alpha)
         positive("tgd.k", t.k)
         positive("last_k", c.last_k)
