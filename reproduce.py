@@ -35,6 +35,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default runs/<preset>)."
 _JOBS = flags.DEFINE_integer("jobs", 0, "Jobs at a time (0: one per CPU core up to 4 on a "
                              "CPU-only machine, 1 with a GPU).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite report.md.")
+_TINY = flags.DEFINE_bool("tiny", False, "The preset's jobs and seeds at the test suite's "
+                          "sizes (default output runs/<preset>-tiny): a quick trial on a CPU.")
 _MODEL = flags.DEFINE_enum("model", "dncnn", list(MODELS), "The denoiser of every network "
                            "(default output runs/<preset>-<model> for other than dncnn).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the traceback.")
@@ -46,13 +48,17 @@ def main(argv: list[str]) -> None:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
         if _JOBS.value < 0:
             raise errors.UsageError(f"--jobs must be >= 0, got {_JOBS.value}")
-        suffix = "" if _MODEL.value == "dncnn" else f"-{_MODEL.value}"
+        suffix = ("" if _MODEL.value == "dncnn" else f"-{_MODEL.value}") + (
+            "-tiny" if _TINY.value else "")
         out = Path(_OUT.value or f"runs/{_PRESET.value}{suffix}")
         workdir_lib.check_writable(out)
-        jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value)
+        jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value, tiny=_TINY.value)
         if not _REPORT_ONLY.value:
             gpus = _gpu_names()
-            workers = _JOBS.value or default_workers(gpus)
+            preset_workers = 0 if _TINY.value else rp.PRESETS[_PRESET.value].workers
+            workers = _JOBS.value or preset_workers or default_workers(gpus)
+            if workers > 1 and gpus:  # jobs share the GPU: no process may take it all
+                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             where = machine(gpus)
             t0 = time.monotonic()
             started = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -63,6 +63,17 @@ def test_a_model_choice_reaches_every_pretraining_and_nothing_else(tmp_path):
         rp.plan("demo", tmp_path, model="vit")
 
 
+def test_a_preset_at_tiny_scale_keeps_its_jobs_and_seeds(tmp_path):
+    full = rp.plan("gpu", tmp_path)
+    tiny = rp.plan("gpu", tmp_path, tiny=True)
+    assert [j.name for j in full] == [j.name for j in tiny]
+    assert rp.PRESETS["gpu"].seeds == (0, 1) and rp.PRESETS["gpu"].config == ""  # full width
+    argv = {j.name: " ".join(j.argv) for j in tiny}
+    assert "--studies=3" in argv["sim-train"] and "--studies=21" not in argv["sim-train"]
+    assert "configs/train.py:tiny" in argv["v1net-s1"]
+    assert "--studies=21" in " ".join(next(j.argv for j in full if j.name == "sim-train"))
+
+
 def test_unknown_preset_is_refused(tmp_path):
     with pytest.raises(UsageError, match="unknown preset"):
         rp.plan("huge", tmp_path)
