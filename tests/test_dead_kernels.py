@@ -123,3 +123,34 @@ def test_reinitialise_draws_he_normal_at_the_scale_and_resets_batchnorm():
     with pytest.raises(ValueError, match="training from scratch"):
         methods.reinitialize(params, stats, methods.plan_finetune("full", params, graph),
                              jax.random.key(1))
+
+
+def test_statistics_are_re_estimated_for_re_drawn_channels_only():
+    model, variables, x, plan = _dead_network(seed=4)
+    params, stats = methods.reinitialize(variables["params"], variables["batch_stats"], plan,
+                                         jax.random.key(2))
+    batches = [x, 1.5 * x + 0.3]
+    new = step_lib.estimate_statistics(model, {"params": params, "batch_stats": stats},
+                                       batches, plan.stats_mask)
+    # independent truth: the conv outputs feeding each BatchNorm, captured on the same data
+    moments = {}
+    for batch in batches:
+        _, captured = model.apply({"params": params, "batch_stats": stats}, batch, train=True,
+                                  capture_intermediates=lambda m, _: str(m.name).startswith(
+                                      "conv"),
+                                  mutable=["batch_stats", "intermediates"])
+        for name, value in captured["intermediates"].items():
+            h = np.asarray(value["__call__"][0], np.float64)
+            moments.setdefault(name, []).append((h.mean((0, 1, 2)), h.var((0, 1, 2))))
+    for bn in ("bn2", "bn3"):
+        conv = bn.replace("bn", "conv")
+        retrained = np.asarray(plan.channels[conv])
+        mean = np.mean([m for m, _ in moments[conv]], axis=0)
+        var = np.mean([v for _, v in moments[conv]], axis=0)
+        np.testing.assert_allclose(np.asarray(new[bn]["mean"])[retrained], mean[retrained],
+                                   rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(new[bn]["var"])[retrained], var[retrained],
+                                   rtol=1e-3, atol=1e-4)
+        for stat in ("mean", "var"):  # frozen channels: exactly as they were
+            assert np.asarray(new[bn][stat])[~retrained].tobytes() == np.asarray(
+                variables["batch_stats"][bn][stat])[~retrained].tobytes()

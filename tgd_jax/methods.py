@@ -334,12 +334,16 @@ def reinitialize(params: Any, batch_stats: Any, plan: TGDPlan, key: jax.Array, *
                  scale: float = 1.0) -> tuple[Any, Any]:
     """Fresh values for what ``plan`` retrains: ``(params, batch_stats)``.
 
-    Retrained kernel weights are drawn He-normal (``N(0, 2 / fan_in)``, fan_in = the
-    filter's size over spatial axes and input channels) times ``scale``; retrained
-    per-channel parameters are reset (a BatchNorm ``scale`` to 1, offsets and biases to 0),
-    and the running statistics of retrained channels to mean 0, variance 1. Everything
-    frozen is returned unchanged (the same arrays). Whole re-drawn leaves other than
-    kernels (``other="train"``) are left as they are.
+    The filters of retrained channels are drawn He-normal (``N(0, 2 / fan_in)``, fan_in =
+    the filter's size over spatial axes and input channels) times ``scale`` (0: zeros, as
+    pruning leaves them); other retrained kernel weights (the input slices of frozen
+    filters, the ``readers`` option; PackNet's freed weights) are set to 0, so that the
+    kept network's output does not move until training moves them; retrained per-channel
+    parameters are reset (a BatchNorm ``scale`` to 1, offsets and biases to 0), and the
+    running statistics of retrained channels to mean 0, variance 1 (re-estimate them on
+    data before training: ``tgd_jax.train.step.estimate_statistics``). Everything frozen
+    is returned unchanged (the same arrays). Whole leaves other than kernels
+    (``other="train"``) are left as they are.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -367,8 +371,12 @@ def reinitialize(params: Any, batch_stats: Any, plan: TGDPlan, key: jax.Array, *
         if path in kernels:
             layer = kernels[path]
             fan_in = int(np.prod(np.shape(value))) // layer.c_out
-            fresh = jax.random.normal(k, np.shape(value), jnp.float32) * (
-                scale * np.sqrt(2.0 / fan_in))
+            own = np.zeros(np.shape(value), bool)  # the filters of retrained channels
+            shape = [1] * np.ndim(value)
+            shape[layer.out_axis] = layer.c_out
+            own |= np.asarray(plan.channels[layer.path], bool).reshape(shape)
+            fresh = jnp.where(own, jax.random.normal(k, np.shape(value), jnp.float32) * (
+                scale * np.sqrt(2.0 / fan_in)), 0.0)
         elif np.ndim(mask) == 0:
             return value
         else:

@@ -154,12 +154,21 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         other=t.other, readers=t.readers, batch_stats=variables.get("batch_stats"),
         last_k=config.last_k, packnet_fraction=t.packnet_fraction,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
-    if t.reinit_scale > 0 or config.method == "packnet":  # fresh values for what is retrained
+    if t.reinit_scale > 0 or config.method == "packnet":
+        # fresh values for what is retrained (PackNet's freed weights: 0 unless a scale is
+        # given), then the running statistics of the re-drawn channels estimated on data
         params, stats = methods_lib.reinitialize(
             variables["params"], variables.get("batch_stats", {}), plan,
-            jax.random.fold_in(jax.random.key(config.seed), 2),
-            scale=t.reinit_scale or 1.0)
+            jax.random.fold_in(jax.random.key(config.seed), 2), scale=t.reinit_scale)
         variables = {**variables, "params": params, "batch_stats": stats}
+        if stats and plan.stats_mask is not None:
+            model = model_from_config(config.model)
+            batches = [data_lib.sample_batch(
+                train_pairs, seed=config.seed, step=i, batch_size=config.batch_size,
+                patch_size=config.data.patch_size, augment=False,
+                stream=data_lib.STREAM_VAL)["inputs"] for i in range(8)]
+            variables["batch_stats"] = step_lib.estimate_statistics(
+                model, variables, batches, plan.stats_mask)
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
         workdir_lib.write_json(workdir / "mask.json", {

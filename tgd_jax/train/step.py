@@ -34,7 +34,7 @@ from tgd_jax.methods import TGDPlan
 from tgd_jax.optim import check_same_layout, find_mask, replace_mask
 
 __all__ = ["TrainState", "create_train_state", "train_step", "eval_step", "mse", "mae",
-           "LOSSES", "replace_plan", "masked_cosine", "apply_train"]
+           "LOSSES", "replace_plan", "masked_cosine", "apply_train", "estimate_statistics"]
 
 Batch = dict[str, jax.Array]
 
@@ -243,6 +243,44 @@ def apply_train(state: TrainState, params: Any, inputs: jax.Array, *, model: nn.
             prediction, updates = model.apply(_variables(state, params, gates), inputs,
                                               **kwargs)
     return prediction, updates.get("batch_stats", {})
+
+
+def estimate_statistics(model: nn.Module, variables: dict[str, Any], batches: Any,
+                        mask: Any) -> Any:
+    """Running BatchNorm statistics re-estimated on data where ``mask`` says (a mirror of
+    ``batch_stats``, e.g. a plan's channels after :func:`tgd_jax.methods.reinitialize`):
+    the mean of the batch statistics over ``batches`` (training-mode passes, momentum 0 in
+    effect); elsewhere the statistics are kept.
+
+    Args:
+      model, variables: the network (``params`` and ``batch_stats``).
+      batches: an iterable of input arrays ``(B, H, W, C)``.
+      mask: bool leaves broadcastable to each statistic, None = keep.
+    """
+    stats = variables["batch_stats"]
+
+    @jax.jit
+    def batch_stats(x: jax.Array) -> Any:
+        # with momentum m, one pass from the current values gives m * old + (1 - m) * batch:
+        # solve for the batch statistics
+        _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    estimates = [batch_stats(x) for x in batches]
+    if not estimates:
+        raise ValueError("estimate_statistics needs at least one batch")
+    momentum = _bn_momentum(model)
+    mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *estimates)
+    batch = jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum), mean, stats)
+    return masks_lib.keep_frozen(stats, batch, mask)
+
+
+def _bn_momentum(model: nn.Module) -> float:
+    momentum = getattr(model, "bn_momentum", None)
+    if momentum is None:
+        raise ValueError(f"{type(model).__name__} has no bn_momentum attribute: the batch "
+                         "statistics cannot be recovered from its running averages")
+    return float(momentum)
 
 
 def train_step(
