@@ -30,17 +30,21 @@ def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
         networks = parse_nets(_NETS.value)
-        out = workdir_lib.check_writable(_OUT.value)  # before any work
-        cli.quiet_libraries()
-        result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
-                                       which=_WHICH.value)
+        with workdir_lib.output_folder(_OUT.value) as out:  # before any work
+            cli.quiet_libraries()
+            result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
+                                           which=_WHICH.value)
         examples = result.pop("examples")
-        workdir_lib.write_json(out / "evaluation.json", result)
+        # make_parent=False: a --out removed during the evaluation is an error, not a new
+        # folder holding only the files written after that
+        workdir_lib.write_json(out / "evaluation.json", result, make_parent=False)
         text = evaluate_lib.table(result["rows"])
-        workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode())
-        with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz") as tmp:
+        workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode(),
+                                       make_parent=False)
+        with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz",
+                                     make_parent=False) as tmp:
             np.savez_compressed(tmp, **examples)
-        evaluate_lib.figure(examples, out / "examples.png")
+        evaluate_lib.figure(examples, out / "examples.png", make_parent=False)
     print(text)
 
 

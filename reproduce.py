@@ -51,30 +51,32 @@ def main(argv: list[str]) -> None:
         suffix = ("" if _MODEL.value == "dncnn" else f"-{_MODEL.value}") + (
             "-tiny" if _TINY.value else "")
         out = Path(_OUT.value or f"runs/{_PRESET.value}{suffix}")
-        workdir_lib.check_writable(out)
-        jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value, tiny=_TINY.value)
-        if not _REPORT_ONLY.value:
-            gpus = _gpu_names()
-            preset_workers = 0 if _TINY.value else rp.PRESETS[_PRESET.value].workers
-            workers = _JOBS.value or preset_workers or default_workers(gpus)
-            if workers > 1 and gpus:  # jobs share the GPU: no process may take it all
-                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-            where = machine(gpus)
-            t0 = time.monotonic()
-            started = time.strftime("%Y-%m-%dT%H:%M:%S")
-            print(f"reproduce.py --preset={_PRESET.value}: {where}; output in {out}/",
-                  flush=True)
-            records = rp.run(jobs, out.resolve(), workers=workers,
-                             log=lambda m: print(m, flush=True))
-            workdir_lib.write_json(out / "reproduce.json", {
-                "preset": _PRESET.value, "started": started, "machine": where,
-                "workers": workers, "wall_s": time.monotonic() - t0,
-                "python": sys.version.split()[0], "command": " ".join(sys.argv),
-                "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
-                         for name, r in records.items()}})
-        collected = report_lib.collect(out, _PRESET.value)
-        path = report_lib.write(collected, out)
-        report_lib.write_json(collected, out / "report.json")
+        # One reproduction per folder: a second one would start the same jobs on the
+        # same workdirs. The jobs' commands lock their own workdirs too.
+        with workdir_lib.lock_folder(out, "reproduce.py"):
+            jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value, tiny=_TINY.value)
+            if not _REPORT_ONLY.value:
+                gpus = _gpu_names()
+                preset_workers = 0 if _TINY.value else rp.PRESETS[_PRESET.value].workers
+                workers = _JOBS.value or preset_workers or default_workers(gpus)
+                if workers > 1 and gpus:  # jobs share the GPU: no process may take it all
+                    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+                where = machine(gpus)
+                t0 = time.monotonic()
+                started = time.strftime("%Y-%m-%dT%H:%M:%S")
+                print(f"reproduce.py --preset={_PRESET.value}: {where}; output in {out}/",
+                      flush=True)
+                records = rp.run(jobs, out.resolve(), workers=workers,
+                                 log=lambda m: print(m, flush=True))
+                workdir_lib.write_json(out / "reproduce.json", {
+                    "preset": _PRESET.value, "started": started, "machine": where,
+                    "workers": workers, "wall_s": time.monotonic() - t0,
+                    "python": sys.version.split()[0], "command": " ".join(sys.argv),
+                    "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
+                             for name, r in records.items()}})
+            collected = report_lib.collect(out, _PRESET.value)
+            path = report_lib.write(collected, out)
+            report_lib.write_json(collected, out / "report.json")
     print(f"wrote {path}")
     for i, (claim, verdict, evidence) in enumerate(report_lib.claims(collected), 1):
         print(f"{i}. [{verdict}] {claim}\n   {evidence}")
@@ -113,4 +115,4 @@ def machine(gpus: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

@@ -44,13 +44,14 @@ def main(argv: list[str]) -> None:
         except ValueError as e:
             raise errors.UsageError(f"--phis must be numbers: {e}") from None
         checkpoints.resolve(_CHECKPOINT.value, _WHICH.value)  # exists, before making <out>
-        out = workdir_lib.check_writable(_OUT.value or f"{_CHECKPOINT.value}/threshold")
-        cli.quiet_libraries()
-        premise_lib.threshold_checkpoint(
-            _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
-            studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
-            random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
-            combine=_COMBINE.value, log=cli.progress)
+        with workdir_lib.output_folder(
+                _OUT.value or f"{_CHECKPOINT.value}/threshold") as out:
+            cli.quiet_libraries()
+            premise_lib.threshold_checkpoint(
+                _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
+                studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
+                random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
+                combine=_COMBINE.value, log=cli.progress)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def _corrupt(path, action):
     "action, message",
     [
         (lambda f: f["study_001"].__delitem__("v2/inputs/030"),
-         "study 'study_001': missing key 'v2/inputs/030'"),
+         "study 'study_001': no key 'v2/inputs/030'"),
         (lambda f: (f["study_000"].__delitem__("v2/target"),
                     f["study_000"].create_dataset("v2/target", data=np.zeros((2, 8, 7),
                                                                               np.float32))),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging as std_logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,16 +58,7 @@ def reported(name: str) -> contextlib.AbstractContextManager[None]:
 def parse_flags(argv: list[str]) -> list[str]:
     """``app.run(main, flags_parser=cli.parse_flags)``: a bad flag, including an unknown or
     mistyped ``--config.<field>``, is one line on stderr and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as error:  # noqa: BLE001 - absl and ml_collections raise many kinds
-        name = Path(argv[0]).name if argv else "command"
-        message = errors.one_line(error)
-        if isinstance(error, AttributeError | KeyError):
-            message = f"unknown config field or flag {message.strip(chr(34) + chr(39))}"
-        print(f"{name}: error: {message} (--helpfull lists the flags)", file=sys.stderr,
-              flush=True)
-        sys.exit(2)
+    return errors.parse_flags(argv)
 
 
 def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,
@@ -88,8 +80,21 @@ def progress(message: str) -> None:
 
 
 def quiet_libraries() -> None:
-    """Orbax reports every file it writes at INFO; keep the run's own lines readable."""
+    """Orbax reports every file it writes at INFO; keep the run's own lines readable. Its
+    errors are raised to the command too, which reports each as one line, so orbax's own
+    ERROR records (with tracebacks, from its background threads) are dropped."""
     logging.set_verbosity(logging.WARNING)
+    absl_logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxErrors())
+
+
+class _DropOrbaxErrors(std_logging.Filter):
+    """Drops ERROR (and worse) records logged from orbax's modules."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno >= std_logging.ERROR
+                    and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 def workdir_flag() -> flags.FlagHolder[str]:

@@ -8,6 +8,7 @@ keeps the noise of the stack independent, unlike repeating the edge slice itself
 from __future__ import annotations
 
 import functools
+import gzip
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from tgd_jax.pet.models import model_from_config
+from tgd_jax.pet.models import network_of
+from tgd_jax.train import readers
 from tgd_jax.train.errors import UsageError
 from tgd_jax.train.workdir import atomic_path, check_output_file
 
@@ -83,53 +85,121 @@ def check_finite_volume(volume: np.ndarray, where: str = "input volume") -> None
 
 def read_volume(path: str | Path, *, study: str = "", key: str = "",
                 index: int = 0) -> tuple[np.ndarray, Any]:
-    """A ``(Z, H, W)`` volume from HDF5 (``study``/``key``) or NIfTI (``.nii``/``.nii.gz``).
+    """A ``(Z, H, W)`` float32 volume from HDF5 (``study``/``key``) or NIfTI (``.nii``,
+    ``.nii.gz``).
 
-    A 4D HDF5 key (``(R, Z, H, W)`` realisations) gives volume ``index``.
-
+    A 4D HDF5 key (``(R, Z, H, W)`` realisations) gives volume ``index``; a NIfTI image may
+    have one frame in a 4th dimension. Floats and integers (counts) are read, as float32.
     Returns the volume and what is needed to write a result alike (the NIfTI affine, or
     None). NIfTI volumes are stored (X, Y, Z) and are transposed to (Z, Y, X).
+
+    Raises:
+      UsageError: naming the file (and study and key) and the problem: not a readable file
+        (missing, a folder, a link loop, truncated, another format), an object of the wrong
+        kind (a group where the volume should be, a study that is an array), data that are
+        not real numbers (complex, boolean, strings, records), empty, beyond float32's
+        range, of another rank, fewer than 2 slices, or an unusable NIfTI scaling.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+    readers.check_input_file(path)
     if path.name.endswith((".nii", ".nii.gz")):
-        nib = _nibabel()
-        try:
-            image = nib.load(str(path))
-            data = np.asarray(image.get_fdata(dtype=np.float32))
-        except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for bad bytes
-            raise UsageError(f"{path}: not a readable NIfTI image ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        if data.ndim != 3:
-            raise ValueError(f"{path}: expected a 3D NIfTI image, got shape {data.shape}")
-        return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
-    import h5py
+        data, affine = _read_nifti(path)
+        where = str(path)
+    else:
+        data, where = _read_h5_volume(path, study, key, index)
+        affine = None
+    if data.ndim != 3:
+        raise UsageError(f"{where}: has shape {data.shape}, expected a 3D (Z, H, W) volume")
+    readers.check_not_empty(data.shape, where)
+    if data.shape[0] < 2:
+        raise UsageError(f"{where}: has {data.shape[0]} slice; 2.5D denoising needs at "
+                         "least 2")
+    return data, affine
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UsageError(f"{path}: not a readable HDF5 file ({e}); NIfTI inputs must end in "
-                         ".nii or .nii.gz") from None
-    with f:
+
+def _read_h5_volume(path: Path, study: str, key: str, index: int
+                    ) -> tuple[np.ndarray, str]:
+    """The volume at ``study``/``key`` of an HDF5 file, and how to name it in messages."""
+    with readers.open_h5(path, hint="; NIfTI inputs must end in .nii or .nii.gz") as f:
         if not study or not key:
-            raise ValueError(f"{path}: HDF5 input needs --study and --key (studies: "
+            raise UsageError(f"{path}: HDF5 input needs --study and --key (studies: "
                              f"{sorted(f)})")
         if study not in f:
-            raise KeyError(f"{path}: no study '{study}' (have {sorted(f)})")
-        if key not in f[study]:
-            raise KeyError(f"{path}: study '{study}' has no key '{key}'")
-        d = f[study][key]
-        if d.ndim == 4:
+            raise UsageError(f"{path}: no study '{study}' (have {sorted(f)})")
+        g = readers.h5_get(f, study, str(path), group=True)
+        where = f"{path}: '{study}/{key}'"
+        d = readers.h5_get(g, key, f"{path}: study '{study}'")
+        readers.check_real_dtype(d.dtype, where)
+        readers.check_not_empty(d.shape, where)
+        if len(d.shape) == 4:
             if not 0 <= index < d.shape[0]:
-                raise ValueError(f"{path}: '{study}/{key}' holds {d.shape[0]} volumes; "
-                                 f"index {index} is out of range")
-            data = np.asarray(d[index], np.float32)
+                raise UsageError(f"{where} holds {d.shape[0]} volumes; index {index} is out "
+                                 "of range")
+            values = readers.read_array(d, where, index)
+            where = f"{where}[{index}]"
         else:
-            data = np.asarray(d[()], np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: '{study}/{key}' has shape {data.shape}, expected (Z, H, W)")
-    return data, None
+            values = readers.read_array(d, where)
+    return readers.to_float32(values, where), where
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Any]:
+    """A NIfTI image's data as float32 and its affine, after checking its header.
+
+    The stored type must be real numbers, and the scaling usable: ``scl_slope`` 0 or NaN is
+    the standard's (and nibabel's) mark of unscaled data and is read as such, but not with
+    an intercept (which would be dropped), and an infinite slope or a non-finite intercept
+    is refused.
+    """
+    nib = _nibabel()
+    try:
+        if path.name.endswith(".gz"):
+            _check_gzip(path)
+        image = nib.load(str(path))
+        header = _raw_header(nib, image, path)
+        stored = np.dtype(image.get_data_dtype())
+    except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for bad bytes
+        raise UsageError(f"{path}: not a readable NIfTI image ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    readers.check_real_dtype(stored, str(path))
+    slope, inter = (float(header[f]) if f in header else float("nan")
+                    for f in ("scl_slope", "scl_inter"))
+    unscaled = slope == 0 or np.isnan(slope)
+    if np.isinf(slope) or (unscaled and np.isfinite(inter) and inter != 0) or (
+            not unscaled and not np.isfinite(inter)):
+        raise UsageError(f"{path}: unusable intensity scaling in the header (scl_slope "
+                         f"{slope}, scl_inter {inter}); fix it, e.g. slope 1 and intercept 0")
+    shape = image.shape
+    if len(shape) == 4 and shape[3] == 1:  # one frame of a time series: a 3D volume
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise UsageError(f"{path}: a {len(image.shape)}D NIfTI image of shape {image.shape}; "
+                         "expected one 3D volume")
+    readers.check_not_empty(shape, str(path))
+    try:
+        raw = np.asarray(image.dataobj.get_unscaled(), np.float64).reshape(shape)
+    except Exception as e:  # noqa: BLE001 - truncated data: EOFError, zlib, OSError ...
+        raise UsageError(f"{path}: unreadable image data, the file may be truncated "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+    # The scaling in float64 here (nibabel may apply it in float32, where it can overflow
+    # unseen), then one checked conversion.
+    values = raw if unscaled else raw * slope + inter
+    data = readers.to_float32(values, f"{path} (x, y, z)")
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
+
+
+def _check_gzip(path: Path) -> None:
+    """Reads the gzip stream to its end, where its length and CRC are checked: a file cut
+    in its last bytes otherwise reads without an error."""
+    with gzip.open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def _raw_header(nib: Any, image: Any, path: Path) -> Any:
+    """The header as stored (``nib.load`` resets a scaling it ignores to NaN)."""
+    with nib.openers.ImageOpener(str(path)) as f:
+        return type(image.header).from_fileobj(f)
 
 
 def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: str | Path,
@@ -149,14 +219,13 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
         raise UsageError(f"--batch_slices must be >= 1, got {batch_slices}")
     check_output_file(output_path, inputs=[input_path], overwrite=overwrite)
     params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
-    model = model_from_config(config.model)
+    model, scale = network_of(config, meta["checkpoint"])
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     checkpoints.check_tree_match(template["params"], params, meta["checkpoint"])
     volume, affine = read_volume(input_path, study=study, key=key, index=index)
     t0 = time.perf_counter()
     out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
-                         scale=float(config.data.intensity_scale), batch_slices=batch_slices,
-                         name=str(input_path))
+                         scale=scale, batch_slices=batch_slices, name=str(input_path))
     seconds = time.perf_counter() - t0
     write_volume(output_path, out, affine=affine, attrs={
         "checkpoint": meta["checkpoint"], "input": str(input_path), "study": study,
@@ -167,11 +236,15 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
 
 def write_volume(path: str | Path, volume: np.ndarray, *, affine: Any = None,
                  attrs: Mapping[str, Any] | None = None) -> Path:
-    """Writes ``(Z, H, W)`` atomically: NIfTI (by extension) or HDF5 dataset ``denoised``."""
+    """Writes ``(Z, H, W)`` atomically: NIfTI (by extension) or HDF5 dataset ``denoised``.
+
+    The folder must exist (:func:`~tgd_jax.train.workdir.check_output_file` made it before
+    the run): one that vanished meanwhile is a :class:`~tgd_jax.train.errors.RunError`.
+    """
     path = Path(path)
     nifti = path.name.endswith((".nii", ".nii.gz"))
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii" if nifti else ".h5"
-    with atomic_path(path, suffix=suffix) as tmp:
+    with atomic_path(path, suffix=suffix, make_parent=False) as tmp:
         if nifti:
             nib = _nibabel()
             affine = np.eye(4) if affine is None else affine

@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 
 from tgd_jax.pet.denoise import denoise_volume
-from tgd_jax.pet.models import model_from_config
-from tgd_jax.train import checkpoints
+from tgd_jax.pet.models import network_of
+from tgd_jax.train import checkpoints, readers
 from tgd_jax.train.dataset import DatasetError, open_dataset
 from tgd_jax.train.errors import UsageError
 
@@ -129,8 +129,8 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
     loaded = {}
     for name, path in networks.items():
         params, stats, config, meta = checkpoints.restore(path, which)
-        loaded[name] = (model_from_config(config.model), {"params": params,
-                        "batch_stats": stats}, float(config.data.intensity_scale),
+        model, scale = network_of(config, meta["checkpoint"])
+        loaded[name] = (model, {"params": params, "batch_stats": stats}, scale,
                         meta["checkpoint"])
     rows: list[dict[str, Any]] = []
     examples: dict[str, np.ndarray] = {}
@@ -140,16 +140,15 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
             lesions = sorted(k for k in g["rois"] if k.startswith("lesion"))
             if not lesions:
                 raise DatasetError(f"{test_path}: study '{study}' has no lesion ROI")
-            lesion = g[f"rois/{lesions[0]}"][()].astype(bool)
-            voi = g["rois/liver_voi"][()].astype(bool)
-            body = g["rois/body"][()].astype(bool)
-            truth = g["truth"][()]
+            lesion, voi, body = (_read(g, f"rois/{k}", test_path).astype(bool)
+                                 for k in (lesions[0], "liver_voi", "body"))
+            truth = _read(g, "truth", test_path)
             bmi = json.loads(g.attrs.get("attrs", "{}")).get("bmi_class", "")
             for roi, mask in ((lesions[0], lesion), ("liver_voi", voi), ("body", body)):
                 if not mask.any():
                     raise DatasetError(f"{test_path}: study '{study}': ROI '{roi}' is empty")
-            reference = g[f"{version}/target"][()]
-            noisy = g[f"{version}/realisations"][()]
+            reference = _read(g, f"{version}/target", test_path)
+            noisy = _read(g, f"{version}/realisations", test_path)
             z = int(np.argmax(lesion.sum(axis=(1, 2))))
             for name, images in _outputs(noisy, loaded):
                 rows.append({"network": name, "study": study, "bmi_class": bmi,
@@ -163,6 +162,12 @@ def evaluate(test_path: str | Path, networks: Mapping[str, str | Path], *,
                              "checkpoint": loaded[name][3] if name in loaded else None})
                 examples[f"{name}/{study}"] = images[0, z]
     return {"rows": rows, "examples": examples, "version": version, "test": str(test_path)}
+
+
+def _read(g: h5py.Group, key: str, path: str | Path) -> np.ndarray:
+    """An array open_dataset validated; a failing read (truncated chunk) names it."""
+    where = f"{path}: study '{g.name.strip('/')}': key '{key}'"
+    return readers.read_array(g[key], where, error=DatasetError)
 
 
 def _outputs(noisy: np.ndarray, loaded: Mapping[str, Any]):
@@ -182,7 +187,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def figure(examples: Mapping[str, np.ndarray], path: str | Path) -> None:
+def figure(examples: Mapping[str, np.ndarray], path: str | Path, *,
+           make_parent: bool = True) -> None:
     """One realisation's slice through the lesion, per network (and study)."""
     import matplotlib
 
@@ -198,4 +204,4 @@ def figure(examples: Mapping[str, np.ndarray], path: str | Path) -> None:
         ax.imshow(examples[name], cmap="gray_r", vmin=0, vmax=vmax)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    save_figure(fig, path)
+    save_figure(fig, path, make_parent=make_parent)

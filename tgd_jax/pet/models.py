@@ -29,7 +29,7 @@ from tgd_jax.topology import Topology, dncnn_topology
 from tgd_jax.trace import trace_topology
 
 __all__ = ["PAPER_FEATURES", "DnCNN", "UNet", "ResNetDenoiser", "MODELS", "scaled_features",
-           "model_from_config", "model_graph"]
+           "model_from_config", "network_of", "model_graph"]
 
 #: Output channels of conv1..conv8 in the paper.
 PAPER_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 128, 256, 256, 3)
@@ -225,6 +225,23 @@ def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
         return ResNetDenoiser(width=int(model_config["resnet_width"]),
                               blocks=int(model_config["resnet_blocks"]), **common)
     raise ValueError(f"config.model.name must be one of {MODELS}, got {name!r}")
+
+
+def network_of(config: Mapping[str, Any], where: str) -> tuple[nn.Module, float]:
+    """The denoiser and intensity scale that a checkpoint's stored config describes.
+
+    Raises:
+      CheckpointError: naming the checkpoint ``where``, if the config lacks them or holds
+        values of the wrong type.
+    """
+    from tgd_jax.train.checkpoints import CheckpointError
+    from tgd_jax.train.errors import one_line
+
+    try:
+        return model_from_config(config["model"]), float(config["data"]["intensity_scale"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{where}: its stored config does not describe a network "
+                              f"({type(e).__name__}: {one_line(e)})") from None
 
 
 def model_graph(model: nn.Module, variables: Mapping[str, Any], patch_size: int

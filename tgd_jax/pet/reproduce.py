@@ -67,6 +67,7 @@ class Preset:
     workers: int = 0  # jobs at a time (0: reproduce.py's default for the machine)
 
 
+#: The scales of a reproduction (``reproduce.py --preset``).
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         sim="demo", roles={
@@ -328,7 +329,9 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
 
     Each job's output goes to ``<out>/logs/<job>.log``; on success ``<out>/jobs/<job>.json``
     records its command line and wall time. The first failure stops new jobs from starting
-    (running ones finish) and raises :class:`RunError` naming the job and its log.
+    (running ones finish) and raises :class:`RunError` naming the job and its log. An
+    exception here (an interruption: Ctrl-C, SIGTERM) sends SIGTERM to the running jobs and
+    waits for them, which stop between checkpoints and resume on the rerun.
 
     Returns ``{job name: record}`` for every job (skipped ones included).
     """
@@ -356,60 +359,80 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
     failed: list[str] = []
     t0 = last_beat = time.monotonic()
     done_weight = done_wall = 0.0
-    while todo or running:
-        # Start what can start.
-        while not failed and len(running) < workers:
-            ready = [j for j in todo if all(d in records for d in j.deps)]
-            if not ready:
+    try:
+        while todo or running:
+            # Start what can start.
+            while not failed and len(running) < workers:
+                ready = [j for j in todo if all(d in records for d in j.deps)]
+                if not ready:
+                    break
+                job = ready[0]
+                todo.remove(job)
+                handle = open(out / "logs" / f"{job.name}.log", "a")  # noqa: SIM115 (closed below)
+                handle.write(f"$ {shlex.join(job.argv)}\n")
+                handle.flush()
+                proc = subprocess.Popen(job.argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                        env=child_env)
+                running[job.name] = (proc, time.monotonic(), handle)
+                log(f"  start {job.name}")
+            if not running:
+                if todo and not failed:
+                    blocked = ", ".join(j.name for j in todo)
+                    raise RunError(f"reproduce: jobs {blocked} wait for jobs that did not succeed")
                 break
-            job = ready[0]
-            todo.remove(job)
-            handle = open(out / "logs" / f"{job.name}.log", "a")  # noqa: SIM115 (closed below)
-            handle.write(f"$ {shlex.join(job.argv)}\n")
-            handle.flush()
-            proc = subprocess.Popen(job.argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                    env=child_env)
-            running[job.name] = (proc, time.monotonic(), handle)
-            log(f"  start {job.name}")
-        if not running:
-            if todo and not failed:
-                blocked = ", ".join(j.name for j in todo)
-                raise RunError(f"reproduce: jobs {blocked} wait for jobs that did not succeed")
-            break
-        time.sleep(0.2)
-        for name, (proc, started, handle) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            handle.close()
-            del running[name]
-            wall = time.monotonic() - started
-            job = by_name[name]
-            if proc.returncode != 0:
-                failed.append(name)
-                log(f"  FAILED {name} (exit {proc.returncode}) after {wall:.0f} s: see "
-                    f"{out / 'logs' / (name + '.log')}")
-                continue
-            record = {"argv": list(job.argv), "wall_s": wall,
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "weight": job.weight}
-            workdir_lib.write_json(_record_path(out, job), record)
-            records[name] = record
-            done_weight += job.weight
-            done_wall += wall
-            # Seconds per unit of weight, from the jobs finished in this invocation; the
-            # remaining weight (running jobs counted whole) is shared by the workers.
-            eta = done_wall / done_weight * (total_weight - done_weight) / workers
-            log(f"  done  {name} in {_hms(wall)} | {len(records)}/{len(jobs)} jobs, "
-                f"{_hms(time.monotonic() - t0)} elapsed, ETA {_hms(eta)}")
-        if running and time.monotonic() - last_beat > heartbeat_s:
-            last_beat = time.monotonic()
-            for name in running:
-                log(f"  ... {name}: {_last_line(out / 'logs' / f'{name}.log')}")
+            time.sleep(0.2)
+            for name, (proc, started, handle) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                del running[name]
+                wall = time.monotonic() - started
+                job = by_name[name]
+                if proc.returncode != 0:
+                    failed.append(name)
+                    log(f"  FAILED {name} (exit {proc.returncode}) after {wall:.0f} s: see "
+                        f"{out / 'logs' / (name + '.log')}")
+                    continue
+                record = {"argv": list(job.argv), "wall_s": wall,
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "weight": job.weight}
+                workdir_lib.write_json(_record_path(out, job), record)
+                records[name] = record
+                done_weight += job.weight
+                done_wall += wall
+                # Seconds per unit of weight, from the jobs finished in this invocation; the
+                # remaining weight (running jobs counted whole) is shared by the workers.
+                eta = done_wall / done_weight * (total_weight - done_weight) / workers
+                log(f"  done  {name} in {_hms(wall)} | {len(records)}/{len(jobs)} jobs, "
+                    f"{_hms(time.monotonic() - t0)} elapsed, ETA {_hms(eta)}")
+            if running and time.monotonic() - last_beat > heartbeat_s:
+                last_beat = time.monotonic()
+                for name in running:
+                    log(f"  ... {name}: {_last_line(out / 'logs' / f'{name}.log')}")
+    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the jobs, which end
+        # cleanly on SIGTERM (their checkpoints complete), before the folder is released
+        _stop(running)
+        raise
     if failed:
         tail = _last_line(out / "logs" / f"{failed[0]}.log")
         raise RunError(f"reproduce: job {failed[0]!r} failed ({tail}); its log: "
                        f"{out / 'logs' / (failed[0] + '.log')}. Rerun the same command to "
                        "resume: finished jobs are skipped")
     return records
+
+
+def _stop(running: Mapping[str, tuple[subprocess.Popen, float, Any]],
+          grace_s: float = 120.0) -> None:
+    """SIGTERM to every running job, then waits for them (SIGKILL after ``grace_s``)."""
+    for proc, _, _ in running.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc, _, handle in running.values():
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        handle.close()
 
 
 def _refuse_stale(jobs: Sequence[Job], records: Mapping[str, Any], out: Path) -> None:

@@ -95,4 +95,4 @@ def _main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

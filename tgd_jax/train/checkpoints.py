@@ -14,7 +14,9 @@ renames it when complete, so a run killed mid-save leaves the previous ones inta
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,12 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
-from tgd_jax.train.errors import RunError, UsageError
+from tgd_jax.train.errors import RunError, UsageError, interrupts_deferred
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
            "load", "resolve", "check_tree_match"]
 
 LATEST_DIR, BEST_DIR, KEPT_DIR, DAMAGED_DIR = "checkpoints", "best", "kept", "damaged"
+#: In the name of orbax's temporary folder of a checkpoint being written.
+_UNFINISHED = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(UsageError):
@@ -56,6 +60,11 @@ def _manager(directory: Path, keep: int | None, create: bool = True
 class Checkpointer:
     """Saves and restores a run's :class:`~tgd_jax.train.step.TrainState` in ``workdir``.
 
+    For the one run that holds ``workdir`` (:func:`tgd_jax.train.trainer.fit` locks it): it
+    removes unfinished checkpoints when it starts, which another run's would look like.
+    A save that fails (a full disk, here or in orbax's background thread) is a
+    :class:`RunError` naming the checkpoint to resume from, with the unfinished one removed.
+
     Args:
       workdir: the run's folder.
       keep: how many of the latest checkpoints to keep.
@@ -67,6 +76,7 @@ class Checkpointer:
                              f"got {keep}")
         self.workdir = Path(workdir).absolute()  # orbax needs absolute paths
         self.log = log
+        self.discard_unfinished()  # a killed run's half-written checkpoints
         self._latest = _manager(self.workdir / LATEST_DIR, keep)
         self._best = _manager(self.workdir / BEST_DIR, 1)
         self._kept: ocp.CheckpointManager | None = None  # made by the first save(kept=True)
@@ -95,6 +105,32 @@ class Checkpointer:
         ``kept``: also keep this one for good in ``kept/<step>`` (never rotated out).
         Returns whether it became the best.
         """
+        with interrupts_deferred():  # a Ctrl-C lands after orbax has the whole checkpoint
+            return self._writing(step, lambda: self._save(step, state, meta, val_loss, kept))
+
+    def _writing(self, step: int | None, write: Callable[[], Any]) -> Any:
+        """``write()``; a failure (here, or of an earlier save finishing in the background)
+        becomes one :class:`RunError` naming what is kept."""
+        try:
+            return write()
+        except CheckpointError:
+            raise
+        except Exception as error:  # noqa: BLE001 - orbax/tensorstore/OS errors alike
+            first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+            for manager in self._managers():  # let the other writes end before removing
+                with contextlib.suppress(Exception):
+                    manager.wait_until_finished()
+            self.discard_unfinished()
+            latest = self._latest.latest_step()
+            raise RunError(
+                f"{self.workdir}: writing a checkpoint failed"
+                + (f" at step {step}" if step is not None else "")
+                + f" ({type(error).__name__}: {first[:200]}); the unfinished one was removed; "
+                + (f"rerun the same command to resume from step {latest}" if latest is not None
+                   else "no complete checkpoint yet, a rerun starts over")) from error
+
+    def _save(self, step: int, state: Any, meta: Mapping[str, Any],
+              val_loss: float | None, kept: bool) -> bool:
         meta = {**meta, "step": int(step), "val_loss": val_loss}
         args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
                                   meta=ocp.args.JsonSave(meta))
@@ -156,12 +192,24 @@ class Checkpointer:
         return [m for m in (self._latest, self._best, self._kept) if m is not None]
 
     def wait(self) -> None:
-        for manager in self._managers():
-            manager.wait_until_finished()
+        """Waits for the checkpoints being written (:class:`RunError` if one failed)."""
+        with interrupts_deferred():  # a checkpoint being written is finished first
+            for manager in self._managers():
+                self._writing(None, manager.wait_until_finished)
 
     def close(self) -> None:
-        for manager in self._managers():
-            manager.close()
+        """Finishes the checkpoints being written and closes (:class:`RunError` as ``wait``)."""
+        with interrupts_deferred():
+            for manager in self._managers():
+                self._writing(None, manager.close)
+
+    def discard_unfinished(self) -> None:
+        """Removes orbax's temporary folders of checkpoints that were never completed (a
+        failed or killed save). Only for the run that holds the workdir: another's save in
+        progress looks the same."""
+        for kind in (LATEST_DIR, BEST_DIR, KEPT_DIR):
+            for path in (self.workdir / kind).glob(f"*{_UNFINISHED}*"):
+                shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -185,6 +233,7 @@ def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,
 
 def _guarded(folder: Path, read: Callable[[], Any]) -> Any:
     """``read()``, with any failure of orbax/tensorstore/JSON reported as one line."""
+    _quiet_abandoned_reads()
     try:
         out = read()
     except CheckpointError:
@@ -198,6 +247,28 @@ def _guarded(folder: Path, read: Callable[[], Any]) -> Any:
     return out
 
 
+def _quiet_abandoned_reads() -> None:
+    """Drops the "Event loop is closed" reports of reads abandoned by a failed restore.
+
+    When one array of a checkpoint fails to read, orbax ends its event loop while
+    tensorstore still completes the other reads; their callbacks then find the loop closed
+    and Python reports each through ``sys.unraisablehook`` as a traceback, after the one-line
+    error. Their results are discarded anyway, so exactly these reports are dropped
+    (everything else goes to the previous hook). Installed once per process.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_tgd_quiet", False):
+        return
+
+    def hook(report: Any) -> None:
+        value = report.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(report)
+
+    hook._tgd_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _check_finite_state(state: Any, folder: Path) -> None:
     """Checkpoints are only written for finite losses: non-finite params mean damage."""
     for path, leaf in traverse_util.flatten_dict(_to_dict(state.get("params", {})),
@@ -206,6 +277,15 @@ def _check_finite_state(state: Any, folder: Path) -> None:
                 not np.all(np.isfinite(np.asarray(leaf)))):
             raise CorruptCheckpointError(f"{folder}: parameter '{path}' holds non-finite "
                                          "values")
+
+
+def _check_real_params(params: Any, folder: Path) -> None:
+    """A network's parameters are real floating-point arrays; anything else is not one."""
+    for path, leaf in _flat(params).items():
+        dtype = np.dtype(leaf.dtype)
+        if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bfloat16 included
+            raise CheckpointError(f"{folder}: parameter '{path}' has dtype {dtype}, expected "
+                                  "real floating point; not a network checkpoint")
 
 
 def check_tree_match(expected: Any, saved: Any, where: str) -> None:
@@ -256,8 +336,14 @@ def resolve(path: str | Path, which: str = "best") -> tuple[Path, int]:
     step number.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such workdir or checkpoint folder")
+    try:
+        path.stat()
+    except OSError as e:  # missing, a symlink loop, no permission: say which
+        raise CheckpointError(f"{path}: no such workdir or checkpoint folder"
+                              if isinstance(e, FileNotFoundError) else
+                              f"{path}: cannot open ({e.strerror})") from None
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; give a workdir or a checkpoint folder")
     if path.name.isdigit() and (path / "state").is_dir():  # one checkpoint: <folder>/<step>
         return path.parent, int(path.name)
     if (path / LATEST_DIR).is_dir() or (path / BEST_DIR).is_dir():
@@ -312,10 +398,15 @@ def restore(path: str | Path, which: str = "best") -> Restored:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())))
     finally:
         manager.close()
-    state, meta = restored["state"], dict(restored["meta"])
-    _check_finite_state(state, where)
-    if "params" not in state:
+    state, meta = restored["state"], restored["meta"]
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("config", {}), Mapping):
+        raise CorruptCheckpointError(f"{where}: its metadata is not a JSON object with a "
+                                     "'config' object")
+    meta = dict(meta)
+    if not isinstance(state, Mapping) or "params" not in state:
         raise CheckpointError(f"{folder}/{step}: no 'params' in the checkpoint's state")
+    _check_real_params(state["params"], where)
+    _check_finite_state(state, where)
     to_numpy = lambda t: jax.tree.map(np.asarray, t)  # noqa: E731
     meta["checkpoint"] = str(folder / str(step))
     config = ml_collections.ConfigDict(meta.get("config", {}))

@@ -25,11 +25,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.train import readers
 from tgd_jax.train.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
 __all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
            "split_studies", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL"]
 
+#: Random streams of the patch sampler: training batches, and fixed validation batches.
 STREAM_TRAIN, STREAM_VAL = 0, 1
 Batch = dict[str, np.ndarray]
 
@@ -138,7 +140,12 @@ def _select(path: Any, available: Sequence[str], wanted: Sequence[str] | None) -
 
 
 def _read(f: h5py.File, study: str, key: str, scale: float) -> np.ndarray:
-    return np.asarray(f[study][key][()], np.float32) * np.float32(scale)
+    """One volume, scaled; a read that fails (the file changed since it was validated, a
+    truncated chunk) is a :class:`DatasetError` naming it."""
+    where = f"{f.filename}: study '{study}'"
+    d = readers.h5_get(f[study], key, where, error=DatasetError)
+    values = readers.read_array(d, f"{where}: key '{key}'", error=DatasetError)
+    return values.astype(np.float32) * np.float32(scale)
 
 
 def steps_per_epoch(pairs: PairSet, patch_size: int, batch_size: int) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.train import readers
 from tgd_jax.train.errors import UsageError
 from tgd_jax.train.workdir import atomic_path
 
@@ -48,7 +49,9 @@ __all__ = [
     "level_key",
 ]
 
+#: The version of the HDF5 dataset schema this reader and writer implement.
 SCHEMA_VERSION = 1
+#: The roles a dataset file can have.
 ROLES = ("train", "finetune", "test", "online")
 #: Per-version keys each role requires ("inputs" expands to one key per level).
 ROLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -151,26 +154,9 @@ def open_dataset(
       DatasetError: naming the file, study, key and problem.
     """
     name = display_name or str(path)
-    if not Path(path).exists():
-        raise DatasetError(f"{name}: no such file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DatasetError(f"{name}: not a readable HDF5 file ({e})") from None
-    with f:
-        for attr in _ROOT_ATTRS:
-            if attr not in f.attrs:
-                raise DatasetError(f"{name}: missing root attribute '{attr}'")
-        version = int(f.attrs["schema_version"])
-        if version != SCHEMA_VERSION:
-            raise DatasetError(
-                f"{name}: schema version {version}, this reader needs {SCHEMA_VERSION}")
-        role = str(f.attrs["role"])
-        if role not in ROLES:
-            raise DatasetError(f"{name}: unknown role '{role}' (expected one of {ROLES})")
-        versions = tuple(json.loads(f.attrs["versions"]))
-        levels = tuple(float(v) for v in json.loads(f.attrs["levels_s"]))
-        studies = tuple(sorted(k for k in f if isinstance(f[k], h5py.Group)))
+    with readers.open_h5(path, DatasetError, name) as f:
+        role, versions, levels = _root(name, f)
+        studies = tuple(sorted(k for k in f if isinstance(f.get(k), h5py.Group)))
         if not studies:
             raise DatasetError(f"{name}: no study groups")
         for study in studies:
@@ -179,21 +165,70 @@ def open_dataset(
     return DatasetInfo(Path(path), role, versions, levels, studies, attrs)
 
 
+def _root(name: str, f: h5py.File) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+    """The root attributes' role, versions and levels, each checked for its type."""
+    for attr in _ROOT_ATTRS:
+        if attr not in f.attrs:
+            raise DatasetError(f"{name}: missing root attribute '{attr}'")
+    try:
+        version = int(f.attrs["schema_version"])
+    except (TypeError, ValueError):
+        raise DatasetError(f"{name}: root attribute 'schema_version' is "
+                           f"{f.attrs['schema_version']!r}, expected an integer") from None
+    if version != SCHEMA_VERSION:
+        raise DatasetError(
+            f"{name}: schema version {version}, this reader needs {SCHEMA_VERSION}")
+    role = _attr(f.attrs["role"])
+    if not isinstance(role, str) or role not in ROLES:
+        raise DatasetError(f"{name}: unknown role {role!r} (expected one of {ROLES})")
+    versions = _json_list(name, f, "versions", str)
+    levels = _json_list(name, f, "levels_s", float)
+    if not all(np.isfinite(levels)) or any(v <= 0 for v in levels):
+        raise DatasetError(f"{name}: root attribute 'levels_s' is {list(levels)}, expected "
+                           "positive seconds per bed")
+    bad = [v for v in versions if not v or "/" in v or v in (".", "..")]
+    if bad:
+        raise DatasetError(f"{name}: root attribute 'versions' holds {bad[0]!r}, not a "
+                           "version name")
+    return role, versions, levels
+
+
+def _json_list(name: str, f: h5py.File, attr: str, kind: type) -> tuple[Any, ...]:
+    """A root attribute holding a JSON list of ``kind`` (str or float) values."""
+    try:
+        values = json.loads(_attr(f.attrs[attr]))
+        ok = isinstance(values, list) and all(
+            isinstance(v, str) if kind is str else
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DatasetError(f"{name}: root attribute '{attr}' is {f.attrs[attr]!r}, expected "
+                           f"a JSON list of {'names' if kind is str else 'numbers'}")
+    return tuple(kind(v) for v in values)
+
+
 def _validate_study(name: str, g: h5py.Group, role: str, versions: Sequence[str],
                     levels: Sequence[float], check_values: bool) -> None:
     where = f"{name}: study '{g.name.strip('/')}'"
-    if "truth" not in g:
-        raise DatasetError(f"{where}: missing key 'truth'")
-    shape = g["truth"].shape
-    if len(shape) != 3:
+    truth = readers.h5_get(g, "truth", where, error=DatasetError)
+    shape = truth.shape
+    if shape is None or len(shape) != 3:
         raise DatasetError(f"{where}: key 'truth' has shape {shape}, expected (Z, n, n)")
     _check_array(where, g, "truth", shape, check_values)
+    rois = readers.h5_get(g, "rois", where, group=True, error=DatasetError)
     for roi in _REQUIRED_ROIS:
+        if roi not in rois:
+            raise DatasetError(f"{where}: missing key 'rois/{roi}'")
+    for roi in rois:  # every ROI: evaluate.py reads the lesions too
         key = f"rois/{roi}"
-        if key not in g:
-            raise DatasetError(f"{where}: missing key '{key}'")
-        if g[key].shape != shape:
-            raise DatasetError(f"{where}: key '{key}' has shape {g[key].shape}, expected {shape}")
+        d = readers.h5_get(g, key, where, error=DatasetError)
+        readers.check_real_dtype(d.dtype, f"{where}: key '{key}'", DatasetError,
+                                 allow_bool=True)
+        if d.shape != shape:
+            raise DatasetError(f"{where}: key '{key}' has shape {d.shape}, expected {shape}")
+    if "attrs" in g.attrs:
+        _study_attrs(where, g)
     required = []
     for key in ROLE_KEYS[role]:
         required += [level_key(s) for s in levels] if key == "inputs" else [key]
@@ -204,47 +239,75 @@ def _validate_study(name: str, g: h5py.Group, role: str, versions: Sequence[str]
             _check_array(where, g, full, expected, check_values)
 
 
+def _study_attrs(where: str, g: h5py.Group) -> dict[str, Any]:
+    """A study's ``attrs`` attribute: a JSON object."""
+    try:
+        value = json.loads(_attr(g.attrs["attrs"]))
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise DatasetError(f"{where}: attribute 'attrs' is not a JSON object")
+    return value
+
+
 def _check_array(where: str, g: h5py.Group, key: str, shape: tuple, check_values: bool) -> None:
-    if key not in g:
-        raise DatasetError(f"{where}: missing key '{key}'")
-    d = g[key]
-    if not isinstance(d, h5py.Dataset):
-        raise DatasetError(f"{where}: key '{key}' is a group, expected an array")
+    d = readers.h5_get(g, key, where, error=DatasetError)
     if d.dtype != np.float32:
         raise DatasetError(f"{where}: key '{key}' has dtype {d.dtype}, expected float32")
-    if len(d.shape) != len(shape) or any(e is not None and e != s
-                                         for e, s in zip(shape, d.shape, strict=True)):
+    if d.shape is None or len(d.shape) != len(shape) or any(
+            e is not None and e != s for e, s in zip(shape, d.shape, strict=True)):
         raise DatasetError(f"{where}: key '{key}' has shape {d.shape}, expected "
                            f"{tuple('R' if e is None else e for e in shape)}")
+    readers.check_not_empty(d.shape, f"{where}: key '{key}'", DatasetError)
     if check_values:
-        values = d[()]
+        values = readers.read_array(d, f"{where}: key '{key}'", error=DatasetError)
         if not np.all(np.isfinite(values)):
             raise DatasetError(f"{where}: key '{key}' holds {int(np.sum(~np.isfinite(values)))} "
                                "NaN or infinite values")
 
 
 def load_study(path: str | os.PathLike[str], study: str) -> dict[str, Any]:
-    """All arrays of one study as a flat dict (``'v2/inputs/030'`` -> array), plus ``attrs``."""
+    """All arrays of one study as a flat dict (``'v2/inputs/030'`` -> array), plus ``attrs``.
+
+    ROIs come back boolean. ``attrs`` holds the study's attributes, its ``attrs`` JSON
+    parsed (``{}`` if absent).
+
+    Raises:
+      DatasetError: naming the file, study, key and problem (no such study, a study that is
+        not a group, an array of strings or records, unreadable data ...).
+    """
     out: dict[str, Any] = {}
-    with h5py.File(path, "r") as f:
+    with readers.open_h5(path, DatasetError) as f:
         if study not in f:
             raise DatasetError(f"{path}: no study '{study}' (have {sorted(f)})")
-        g = f[study]
+        g = readers.h5_get(f, study, f"{path}", group=True, error=DatasetError)
+        where = f"{path}: study '{study}'"
+        problems: list[str] = []
 
         def visit(key: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset):
-                value = obj[()]
-                out[key] = value.astype(bool) if key.startswith("rois/") else value
+            if not isinstance(obj, h5py.Dataset) or problems:
+                return
+            try:
+                is_roi = key.startswith("rois/")
+                readers.check_real_dtype(obj.dtype, f"{where}: key '{key}'", DatasetError,
+                                         allow_bool=is_roi)
+                value = readers.read_array(obj, f"{where}: key '{key}'", error=DatasetError)
+            except DatasetError as e:
+                problems.append(str(e))
+                return
+            out[key] = value.astype(bool) if is_roi else value
 
         g.visititems(visit)
+        if problems:
+            raise DatasetError(problems[0])
         out["attrs"] = {k: _attr(v) for k, v in g.attrs.items()}
-        out["attrs"]["attrs"] = json.loads(out["attrs"]["attrs"])
+        out["attrs"]["attrs"] = _study_attrs(where, g) if "attrs" in g.attrs else {}
     return out
 
 
 def _attr(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode(errors="replace")
     if isinstance(value, np.generic):
         return value.item()
     return value

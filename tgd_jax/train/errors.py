@@ -4,8 +4,10 @@
   an output path). Fix the command and run it again. Exit code 2.
 * :class:`RunError` - something failed while running (a non-finite loss, a damaged
   checkpoint, a disk error). Exit code 1.
+* :class:`Interrupted` - SIGINT (Ctrl-C) or SIGTERM arrived. Exit code 128 + the signal
+  (130, 143), the shell's convention.
 
-Both derive from :class:`TGDError`. :func:`reported` turns them (and the standard
+The first two derive from :class:`TGDError`. :func:`reported` turns them (and the standard
 exceptions that mean the same: ValueError, KeyError, FileNotFoundError, OSError ...) into one
 line on stderr naming the problem; ``TGD_VERBOSE=1`` (or a command's ``--verbose``) shows the
 traceback instead. Anything else is a bug and keeps its traceback.
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["TGDError", "UsageError", "RunError", "exit_code", "one_line", "reported",
-           "VERBOSE_ENV"]
+__all__ = ["TGDError", "UsageError", "RunError", "Interrupted", "exit_code", "one_line",
+           "reported", "interrupts_deferred", "parse_flags", "VERBOSE_ENV"]
 
 #: Environment variable that makes commands show tracebacks.
 VERBOSE_ENV = "TGD_VERBOSE"
@@ -37,8 +42,69 @@ class RunError(TGDError):
     """Something failed while running; the message says what, and what was kept."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread by :func:`reported`'s handlers.
+
+    A :class:`KeyboardInterrupt` (not an ``Exception``), so no ``except Exception`` on the
+    way up (a checkpoint reader's, say) mistakes it for a failure of its own.
+    """
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(message or f"interrupted by {name}")
+
+
+#: Signals :func:`reported` turns into :class:`Interrupted`.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferred: dict[str, int | None] = {"depth": 0, "pending": None}
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    del frame
+    if _deferred["depth"]:  # inside interrupts_deferred(): act when it ends
+        _deferred["pending"] = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds back :class:`Interrupted` until the block ends (a checkpoint being handed to
+    the writer): a signal during the block is raised right after it, not inside it."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        pending = _deferred["pending"]
+        if not _deferred["depth"] and pending is not None:
+            _deferred["pending"] = None
+            raise Interrupted(pending)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the block (main thread only: Python
+    delivers signals there), so ``finally`` clauses run and files are closed. A signal the
+    process was started ignoring (``nohup``, a shell's background job) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def exit_code(error: BaseException) -> int | None:
-    """2 for usage errors, 1 for failures, None for a bug (keep the traceback)."""
+    """2 for usage errors, 1 for failures, 128 + signal for an interruption, None for a bug
+    (keep the traceback)."""
+    if isinstance(error, Interrupted):
+        return 128 + error.signum
     if isinstance(error, RunError):
         return 1
     if isinstance(error, UsageError | ValueError | KeyError | FileNotFoundError
@@ -59,10 +125,15 @@ def one_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def reported(name: str, verbose: bool = False) -> Iterator[None]:
-    """Runs the block; an expected error ends the program with ``<name>: error: <line>``."""
+    """Runs the block; an expected error ends the program with ``<name>: error: <line>``.
+
+    SIGINT and SIGTERM during the block end it the same way (:class:`Interrupted`, exit code
+    130 / 143), after the ``finally`` clauses and atomic writers on the way have run.
+    """
     try:
-        yield
-    except Exception as error:  # noqa: BLE001 - sorted by exit_code, bugs re-raised
+        with _signals_raise():
+            yield
+    except (Exception, Interrupted) as error:  # noqa: BLE001 - sorted by exit_code
         code = exit_code(error)
         if code is None or verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
             raise
@@ -74,3 +145,29 @@ def reported(name: str, verbose: bool = False) -> Iterator[None]:
             sys.stdout.flush()
             os._exit(code)
         sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """``app.run(main, flags_parser=errors.parse_flags)``: a bad flag, including an unknown
+    or mistyped ``--config.<field>``, is one line on stderr and exit code 2 (absl's own
+    parser prints two lines and exits with 1)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - absl and ml_collections raise many kinds
+        name = _program(argv)
+        message = one_line(error)
+        if isinstance(error, AttributeError | KeyError):
+            message = f"unknown config field or flag {message.strip(chr(34) + chr(39))}"
+        print(f"{name}: error: {message} (--helpfull lists the flags)", file=sys.stderr,
+              flush=True)
+        sys.exit(2)
+
+
+def _program(argv: list[str]) -> str:
+    """How the user called the program: ``train.py``, or ``python -m tgd_jax.sim``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if argv and Path(argv[0]).name == "__main__.py" and spec is not None:
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return Path(argv[0]).name if argv else "command"

@@ -13,11 +13,16 @@
   checkpoint saved (the last few kept, plus the best); at the steps of ``keep_steps`` too,
   and those checkpoints are kept for good;
 * if ``workdir`` already holds checkpoints, the newest is restored first, so rerunning a
-  killed command finishes with the same parameters as an uninterrupted run.
+  killed command finishes with the same parameters as an uninterrupted run;
+* the workdir is locked for the run (:func:`tgd_jax.train.workdir.lock_folder`): a second
+  command on it is refused, and a workdir removed during the run stops it;
+* SIGINT / SIGTERM under :func:`tgd_jax.train.errors.reported` stop it between writes: the
+  checkpoint being saved is completed, nothing is half-written, and the rerun resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -33,7 +38,9 @@ from flax import linen as nn
 from tgd_jax.train import data as data_lib
 from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
+from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.checkpoints import Checkpointer
+from tgd_jax.train.errors import Interrupted
 from tgd_jax.train.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -142,6 +149,9 @@ def fit(
     Raises:
       NonFiniteLossError: at the first step whose loss is not finite; the checkpoints
         written before it are kept.
+      FolderInUseError: if another live run holds ``workdir``.
+      RunError: if ``workdir`` is removed or replaced during the run.
+      Interrupted: on SIGINT/SIGTERM (naming the last complete checkpoint).
     """
     if config.loss not in step_lib.LOSSES:
         raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
@@ -152,6 +162,28 @@ def fit(
     mesh = mesh or parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    # Held since prepare_workdir (re-entrant), released when training ends, however it ends.
+    lock = workdir_lib.lock_folder(workdir, "fit", log=log) if main else None
+    try:
+        return _fit(config=config, workdir=workdir, model=model, tx=tx, state=state,
+                    train_pairs=train_pairs, val_pairs=val_pairs, num_steps=num_steps,
+                    meta=meta, freeze_batch_stats=freeze_batch_stats, mesh=mesh, log=log,
+                    extra_val=extra_val, gate_cosine=gate_cosine, graph=graph,
+                    local_batch=local_batch, metrics_path=metrics_path,
+                    check=lock.check if lock else _nothing)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
+         tx: optax.GradientTransformation, state: step_lib.TrainState,
+         train_pairs: data_lib.PairSet, val_pairs: data_lib.PairSet | None, num_steps: int,
+         meta: Mapping[str, Any] | None, freeze_batch_stats: bool, mesh: jax.sharding.Mesh,
+         log: Callable[[str], None], extra_val: Mapping[str, data_lib.PairSet] | None,
+         gate_cosine: bool, graph: Any, local_batch: int, metrics_path: Path | None,
+         check: Callable[[], None]) -> tuple[step_lib.TrainState, dict[str, Any]]:
+    """:func:`fit` in its locked workdir; ``check()`` before each write (workdir still ours)."""
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, log=log)
     meta = {"config": config.to_dict(), **(meta or {})}
 
@@ -187,6 +219,7 @@ def fit(
     last_val, last_extra = None, {}
     kept_steps = frozenset(int(s) for s in config.get("keep_steps", ()))
     pending: list[dict[str, jax.Array]] = []
+    done = start
     prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
     try:
         for step, batch in prefetch:
@@ -196,17 +229,30 @@ def fit(
             kept = done in kept_steps
             evaluate = done % config.eval_every == 0 or done == num_steps or kept
             if pending and (evaluate or done % config.log_every == 0):
+                check()
                 logger.train(done, jax.device_get(pending), first_step=done - len(pending),
                              where=where())
                 pending.clear()
             if evaluate:
                 last_val, last_extra = validate(state)
                 check_finite("validation loss", last_val, done, where())
+                check()
                 best = ckpt.save(done, state, meta, val_loss=last_val, kept=kept)
                 logger.validation(done, last_val, last_extra, best=best)
+    except Interrupted as stop:
+        with contextlib.suppress(Interrupted):  # a second Ctrl-C changes nothing here
+            ckpt.close()  # completes the checkpoint in flight: the rerun resumes from it
+        last = ckpt.latest_step
+        raise Interrupted(stop.signum, f"{stop} at step {done}; nothing was half-written; " + (
+            f"rerun the same command to resume from step {last} ({workdir / 'checkpoints'})"
+            if last is not None else "no checkpoint yet, a rerun starts over")) from None
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            ckpt.close()  # no orbax write left running behind the error
+        raise
     finally:
         prefetch.close()
-        ckpt.wait()
+    ckpt.wait()
     if last_val is None:  # nothing left to train: report the restored network
         last_val, last_extra = validate(state)
     summary = {
@@ -228,3 +274,7 @@ def fit(
 
 def _silent(message: str) -> None:
     del message
+
+
+def _nothing() -> None:
+    """The workdir check of processes that write nothing (multi-host, not the first)."""

@@ -1,15 +1,22 @@
-"""What every run writes into its workdir: atomic JSON, JSONL metrics, versions, figures."""
+"""What every run writes into its workdir: atomic JSON, JSONL metrics, versions, figures, and
+the lock that keeps a second command out of a folder in use."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,24 +24,34 @@ from typing import Any
 import jax
 import ml_collections
 
-from tgd_jax.train.errors import UsageError
+from tgd_jax.train.errors import RunError, UsageError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
            "save_figure", "prepare_workdir", "config_diff", "check_writable",
-           "check_output_file"]
+           "check_output_file", "output_folder", "FolderLock", "FolderInUseError",
+           "lock_folder", "LOCK_FILE"]
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp", *,
+                make_parent: bool = True) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; renames it to ``path`` if the block succeeds.
 
     Whatever writes the file (h5py, nibabel, plain bytes) writes the temporary path; an
     exception or a kill leaves either the old file or none under ``path``, never a
     half-written one (the temporary file is removed on an exception). ``suffix`` keeps an
     extension writers need (``.nii.gz``).
+
+    ``make_parent=False``: the folder must exist (it was checked before the run, so a
+    missing one vanished during it); :class:`RunError` instead of creating a new one that
+    would hold only part of the run's outputs.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise RunError(f"{path.parent}: the output folder vanished during the run; "
+                       f"{path.name} was not written")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
@@ -53,18 +70,20 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *,
+                       make_parent: bool = True) -> Path:
     """Writes ``data`` to ``path`` atomically (see :func:`atomic_path`), fsynced."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, make_parent=make_parent) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+def write_json(path: str | os.PathLike[str], obj: Any, *, make_parent: bool = True) -> Path:
     """Atomic, indented JSON (numpy/JAX scalars and arrays are converted)."""
-    return atomic_write_bytes(path, (json.dumps(_plain(obj), indent=2) + "\n").encode())
+    return atomic_write_bytes(path, (json.dumps(_plain(obj), indent=2) + "\n").encode(),
+                              make_parent=make_parent)
 
 
 def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
@@ -93,7 +112,8 @@ def versions() -> dict[str, Any]:
     return out
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120, *,
+                make_parent: bool = True) -> Path:
     """Saves a matplotlib figure atomically (PNG) and closes it."""
     import io
 
@@ -102,7 +122,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue(), make_parent=make_parent)
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> str | None:
@@ -123,19 +143,38 @@ def _jsonable(x: Any) -> Any:
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
-                    command: str) -> Path:
-    """Creates ``workdir`` and writes ``config.json`` and ``versions.json``.
+                    command: str, log: Callable[[str], None] = print) -> Path:
+    """Creates and locks ``workdir``, and writes ``config.json`` and ``versions.json``.
 
-    A workdir whose checkpoints (``checkpoints/`` or ``best/``) come from a DIFFERENT config,
-    or from an unknown one (no readable ``config.json``), is refused: they would be resumed
-    into, or reported as the best of, the wrong experiment. The same config resumes. A
-    workdir without checkpoints (a run that failed before its first one) is reused.
+    The lock (:func:`lock_folder`) refuses a workdir another live run holds, before anything
+    is written; :func:`tgd_jax.train.trainer.fit` releases it when training ends (else the
+    process's exit does). A workdir whose checkpoints (``checkpoints/`` or ``best/``) come
+    from a DIFFERENT config, or from an unknown one (no readable ``config.json``), is
+    refused: they would be resumed into, or reported as the best of, the wrong experiment.
+    The same config resumes. A workdir without checkpoints (a run that failed before its
+    first one) is reused.
     """
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"{workdir}: exists and is not a folder; choose another --workdir")
-    saved = workdir / "config.json"
     new = {"command": command, "config": config.to_dict()}
+    if jax.process_index() != 0:  # the same refusal everywhere; only the first one writes
+        _check_config(workdir, new)
+        return workdir
+    lock = lock_folder(workdir, command, log=log)
+    try:
+        _check_config(workdir, new)
+        write_json(workdir / "config.json", new)
+        write_json(workdir / "versions.json", versions())
+    except BaseException:
+        lock.release()
+        raise
+    return workdir
+
+
+def _check_config(workdir: Path, new: Mapping[str, Any]) -> None:
+    """Refuses a workdir whose checkpoints come from another config than ``new``."""
+    saved = workdir / "config.json"
     has_checkpoints = any(p.name.isdigit() for kind in ("checkpoints", "best")
                           for p in (workdir / kind).glob("*"))
     if has_checkpoints:
@@ -149,11 +188,162 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
         if diff:
             raise UsageError(f"{workdir} holds a run with a different config ({diff}); "
                              "use a new --workdir, or delete it to start over")
-    if jax.process_index() == 0:
-        check_writable(workdir)
-        write_json(saved, new)
-        write_json(workdir / "versions.json", versions())
-    return workdir
+
+
+#: The lock file of a folder in use (a workdir, a reproduction's output folder).
+LOCK_FILE = "run.lock"
+_HELD: dict[str, FolderLock] = {}
+
+
+class FolderInUseError(UsageError):
+    """Another live run holds the folder (the message names its pid and host)."""
+
+
+@dataclasses.dataclass
+class FolderLock:
+    """This process's hold on a folder (see :func:`lock_folder`); a context manager."""
+
+    folder: Path
+    path: Path
+    fd: int
+
+    def check(self) -> None:
+        """Raises :class:`RunError` if the folder or its lock file was removed or replaced
+        (the run would otherwise recreate it and write a partial run into it)."""
+        if not _same_file(self.path, self.fd):
+            raise RunError(f"{self.folder}: removed or replaced during the run ({LOCK_FILE} "
+                           "is gone); stopped without writing more into it")
+
+    def release(self) -> None:
+        """Removes the lock file (if still ours) and drops the lock. Idempotent."""
+        if _HELD.get(str(self.folder)) is self:
+            del _HELD[str(self.folder)]
+        if self.fd < 0:
+            return
+        if _same_file(self.path, self.fd):
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        os.close(self.fd)  # drops the flock
+        self.fd = -1
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | os.PathLike[str], command: str, *,
+                log: Callable[[str], None] = print) -> FolderLock:
+    """Creates ``folder`` if needed and takes its lock, ``<folder>/run.lock``.
+
+    The lock is an exclusive ``flock`` on that file, which holds this process's pid, host,
+    command and start time. The kernel drops a flock when its process dies, however it dies
+    (SIGKILL included), so a lock file left by a dead run is taken over (with a line in
+    ``log``). On a file system without ``flock`` a holder on this host counts as alive while
+    its pid runs. The lock is re-entrant within one process; :meth:`FolderLock.release`, or
+    the process's exit, releases it.
+
+    Raises:
+      FolderInUseError: if a live run holds the folder (naming its pid and host), or a run
+        on another host left the file (this host cannot tell whether it still runs).
+      UsageError: if the folder cannot be created or written.
+    """
+    folder = check_writable(folder)
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return _HELD[key]
+    path = folder / LOCK_FILE
+    for _ in range(100):  # retried only while releasing holders remove the file under us
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = True
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FolderInUseError(_in_use(folder, holder)) from None
+        except OSError:  # no flock on this file system: the pid check alone decides
+            flocked = False
+        if _same_file(path, fd):
+            break
+        os.close(fd)
+    else:
+        raise RunError(f"{path}: could not take the lock (the file keeps being replaced)")
+    holder = _holder(fd)
+    if holder and (holder.get("host") != socket.gethostname()
+                   or (not flocked and _alive(holder))):
+        os.close(fd)
+        raise FolderInUseError(_in_use(folder, holder, path))
+    if holder:
+        log(f"{folder}: took over {LOCK_FILE} of a run that ended without releasing it "
+            f"({holder.get('command')}, pid {holder.get('pid')} on {holder.get('host')})")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "proc_start": _proc_start(os.getpid())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    os.fsync(fd)
+    lock = _HELD[key] = FolderLock(Path(key), Path(key) / LOCK_FILE, fd)
+    return lock
+
+
+def _in_use(folder: Path, holder: Mapping[str, Any], path: Path | None = None) -> str:
+    what = (f"{holder.get('command', 'another run')} (pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, since {holder.get('started', '?')})")
+    if path is not None and holder.get("host") != socket.gethostname():
+        return (f"{folder} is in use by {what}, which this host cannot check; if that run "
+                f"has ended, delete {path}")
+    return f"{folder} is in use by {what}; wait for it to end, or choose another folder"
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """The record in a lock file ({} if empty or unreadable: a holder that died writing)."""
+    try:
+        record = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _alive(holder: Mapping[str, Any]) -> bool:
+    """Whether the holder's pid runs on this host, and is the same process (start time)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    started = holder.get("proc_start")
+    return started is None or _proc_start(pid) in (None, started)
+
+
+def _proc_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF):
+            return False
+        raise
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        lock.release()
 
 
 def check_writable(folder: str | os.PathLike[str]) -> Path:
@@ -173,6 +363,29 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
     except OSError as e:
         raise UsageError(f"{folder}: cannot write here ({e.strerror})") from None
     return folder
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`check_writable` for the block; if the block raises (a refusal of a later input,
+    say), the folders this call created are removed again while still empty, so a command
+    that refuses leaves nothing behind."""
+    folder = Path(folder)
+    created: list[Path] = []  # deepest first
+    probe = folder.absolute()
+    while not os.path.lexists(probe) and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
+    check_writable(folder)
+    try:
+        yield folder
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: something was written, keep it
+                break
+        raise
 
 
 def check_output_file(path: str | os.PathLike[str], *,
