@@ -82,12 +82,12 @@ class SetupStyle(nn.Module):
 
     def setup(self):
         self.blocks = [nn.Conv(4, (3, 3), name=f"conv_{i}") for i in range(2)]
-        self.norm = nn.BatchNorm(use_running_average=True)
+        self.norm = nn.BatchNorm()
         self.head = nn.Conv(3, (1, 1))
 
     def __call__(self, x, *, train: bool = False):
         h = nn.relu(self.blocks[0](x))
-        h = nn.relu(self.norm(self.blocks[1](h))) + h
+        h = nn.relu(self.norm(self.blocks[1](h), use_running_average=not train)) + h
         return self.head(h)
 
 

@@ -41,9 +41,10 @@ def running_statistics(flags: Mapping[str, Any]) -> Iterator[set[str]]:
 
     Yields:
       The set of paths seen so far (filled as the model runs). On leaving the context, a
-      path that was never called in a training pass raises :class:`BatchNormFlagError`
-      (a custom normalisation, or a misspelled path, would otherwise train silently with
-      batch statistics).
+      path that was never called as a ``flax.linen.BatchNorm`` raises
+      :class:`BatchNormFlagError` (a custom normalisation, or a misspelled path, would
+      otherwise train silently with batch statistics). A BatchNorm called in inference
+      mode uses its running statistics for every channel already.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -71,9 +72,9 @@ def running_statistics(flags: Mapping[str, Any]) -> Iterator[set[str]]:
         if len(args) > 1:
             call_flag = args.pop(1)
             kwargs = {**kwargs, "use_running_average": call_flag}
-        if nn.merge_param("use_running_average", module.use_running_average, call_flag):
-            return next_fun(*args, **kwargs)  # an inference pass: nothing to do
         seen.add(path)
+        if nn.merge_param("use_running_average", module.use_running_average, call_flag):
+            return next_fun(*args, **kwargs)  # running statistics already, for every channel
         flag = wanted[path]
         x = args[0]
         # The running statistics as they were before this pass updates them.
@@ -93,8 +94,8 @@ def running_statistics(flags: Mapping[str, Any]) -> Iterator[set[str]]:
     missing = sorted(set(wanted) - seen)
     if missing:
         raise BatchNormFlagError(
-            f"BatchNorm modules {missing} were never called as flax.linen.BatchNorm in a "
-            "training pass, so their frozen channels cannot use running statistics: use "
+            f"BatchNorm modules {missing} were never called as flax.linen.BatchNorm, so "
+            "their frozen channels cannot use running statistics: use "
             "frozen_bn='batch', or a flax.linen.BatchNorm")
 
 
