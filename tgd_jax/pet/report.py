@@ -30,6 +30,7 @@ PAPER_TABLE1: dict[str, tuple[float, float]] = {
     "v1-net": (-6.30, 6.02), "v2-net": (-4.07, 8.56), "FT-net": (-4.71, 7.87),
     "TGD-net": (-3.77, 6.46)}
 
+#: The verdict rules of a report, fixed before the runs (printed in every report).
 RULES = """\
 * Two systems differ only when their means differ by more than twice the larger of their
   seed standard deviations ("spread"); otherwise the difference is no finding. With one
@@ -587,10 +588,29 @@ def claims(c: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 
 def _claims(c) -> list[str]:
     lines = ["## The paper's claims", ""]
-    for i, (claim, verdict, evidence) in enumerate(claims(c), 1):
+    now = claims(c)
+    for i, (claim, verdict, evidence) in enumerate(now, 1):
         lines.append(f"{i}. **{verdict[0].upper() + verdict[1:]}.** {claim} Measured: "
                      f"{evidence}.")
+    before = c.get("before")
+    if before:
+        lines += ["", "## Before and after", "",
+                  f"Each claim's verdict and key figure in the earlier report "
+                  f"(`{before['path']}`) and in this one, judged by the same rules.", "",
+                  "| claim | before | after |", "|---|---|---|"]
+        for i, (claim, verdict, evidence) in enumerate(now, 1):
+            old = next((b for b in before["claims"] if b["claim"] == claim), None)
+            was = f"{old['verdict']}: {old['evidence']}" if old else "(not in it)"
+            lines.append(f"| {i}. {claim} | {was} | {verdict}: {evidence} |")
     return lines + [""]
+
+
+def with_before(c: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``c`` with the claims of an earlier ``report.json`` to compare against."""
+    record = json.loads(Path(path).read_text())
+    if "claims" not in record:
+        raise ValueError(f"{path}: not a report.json (no 'claims')")
+    return {**c, "before": {"path": str(path), "claims": record["claims"]}}
 
 
 # ----------------------------------------------------------------------------- figures
