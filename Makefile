@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint demo reproduce premise bench bench-gpu clean
+.PHONY: venv test lint docs demo reproduce premise bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,19 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 -q
+
+# The documentation site, docs/_build/html: warnings are errors, then every internal link
+# of the built pages is checked (external ones are not: CI has no internet), and every
+# public name must be in the API reference.
+DOCS_STAMP = $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) docs/_ext/check_links.py docs/_build/html
+	$(PY) docs/_ext/check_api.py docs/_build/html
 
 # The paper end to end at CPU scale (reproduce.py --preset=demo): datasets and the
 # simulator's report, v1-net and v2-net, the threshold study, FT-net, TGD-net (both modes),
@@ -55,4 +68,4 @@ bench-gpu: $(STAMP)
 	    --sizes=demo,paper,paper-b256,paper-b1024 --dtypes=float32,bfloat16
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/_generated

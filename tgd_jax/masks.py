@@ -69,11 +69,13 @@ __all__ = [
     "OTHER",
 ]
 
+#: Policy of the first layer's maps: the rule (kse), frozen or train.
 LayerPolicy = Literal["kse", "frozen", "train"]
 #: "paper": TGD gates mask the cotangents AND the optax mask freezes updates (the paper).
 #: "projected": only the optax mask acts (projected gradient; earlier layers still receive
 #: gradient through frozen channels).
 Mode = Literal["paper", "projected"]
+#: The two TGD modes (:data:`Mode`).
 MODES: tuple[str, ...] = ("paper", "projected")
 #: How the scores of a map read by several layers combine (docs/method.md, "graphs").
 COMBINE: tuple[str, ...] = ("max", "mean", "min")

@@ -48,6 +48,7 @@ from tgd_jax.topology import Topology
 __all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables",
            "reinitialize"]
 
+#: The fine-tuning methods :func:`plan_finetune` makes plans for.
 METHODS = ("tgd", "last_k", "full", "random", "l1", "packnet")
 #: How the BatchNorm channels of a fine-tuning run normalise in training passes (the
 #: ``frozen_bn`` and ``retrained_bn`` options): see :data:`tgd_jax.masks.BN_MODES`.

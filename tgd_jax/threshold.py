@@ -30,6 +30,7 @@ __all__ = ["PAPER_FRACTIONS", "DEFAULT_PHIS", "threshold_study", "output_change"
 
 #: The paper's fractions of parameters dropped at phi = 0.3, 0.4, 0.5, 0.6 (its figure).
 PAPER_FRACTIONS: dict[float, float] = {0.3: 0.514, 0.4: 0.516, 0.5: 0.530, 0.6: 0.673}
+#: The thresholds of the paper's threshold study.
 DEFAULT_PHIS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 #: ``evaluate(params) -> (loss, outputs)``: a scalar loss on fixed held-out data and the

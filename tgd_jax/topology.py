@@ -56,6 +56,7 @@ class ConvNode:
         return dataclasses.asdict(self)
 
 
+#: A hand-written topology: the :class:`ConvNode` of each conv, in forward order.
 Topology = tuple[ConvNode, ...]
 
 

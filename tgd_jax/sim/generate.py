@@ -32,6 +32,7 @@ __all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "ROLE_STREAMS", "study_key", "
            "generate_role",
            "spec_from_args", "describe"]
 
+#: The paper's input count levels, s/bed (the target is 600 s/bed).
 PAPER_LEVELS: tuple[float, ...] = (30, 45, 60, 90, 120, 180)
 
 
@@ -50,6 +51,7 @@ class RoleSpec:
     recipe: str = "sparse"  # what each study holds (tgd_jax.sim.phantom.RECIPES)
 
 
+#: Dataset sizes per role (``python -m tgd_jax.sim --preset``).
 PRESETS: dict[str, dict[str, RoleSpec]] = {
     "demo": {
         "train": RoleSpec("train", 4, 8, recipe="oncology"),

@@ -69,6 +69,7 @@ class ReconSettings:
         return dataclasses.asdict(self)
 
 
+#: The two reconstruction versions: v1 (the older) and v2 (the updated).
 VERSIONS: dict[str, ReconSettings] = {
     "v1": ReconSettings(iterations=3, subsets=12, psf_fwhm_x_mm=0.0, psf_fwhm_y_mm=7.0,
                         postfilter_fwhm_mm=6.0, scatter_scale=0.9),

@@ -104,6 +104,7 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
         "eval_batches": 1, "data.prefetch": 1,
     },
 }
+#: The size presets' names (``--config=configs/<command>.py:<preset>``).
 PRESETS = tuple(SIZE_PRESETS)
 
 #: Per-command changes applied after the size preset (the demo lengths: see

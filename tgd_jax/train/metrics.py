@@ -24,6 +24,7 @@ from tgd_jax.train.errors import RunError
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
            "truncate_metrics", "initial_losses", "hms"]
 
+#: The file of a workdir that holds one JSON record per log or validation step.
 METRICS_FILE = "metrics.jsonl"
 
 

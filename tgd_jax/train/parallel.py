@@ -24,6 +24,7 @@ __all__ = ["DATA_AXIS", "use_cpu_cores", "cpu_device_count", "make_mesh", "batch
            "replicated", "check_batch_size", "local_batch_size", "shard_batch", "replicate",
            "jit_step", "quiet_start"]
 
+#: The name of the mesh axis the batch is sharded along.
 DATA_AXIS = "data"
 #: Environment variable that overrides the number of CPU devices chosen by use_cpu_cores.
 CPU_DEVICES_ENV = "TGD_CPU_DEVICES"
