@@ -37,6 +37,8 @@ _JOBS = flags.DEFINE_integer("jobs", 0, "Jobs at a time (0: one per CPU core up 
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite report.md.")
 _TINY = flags.DEFINE_bool("tiny", False, "The preset's jobs and seeds at the test suite's "
                           "sizes (default output runs/<preset>-tiny): a quick trial on a CPU.")
+_BEFORE = flags.DEFINE_string("before", None, "An earlier report.json: the report adds a "
+                              "table of each claim's verdict before and now.")
 _MODEL = flags.DEFINE_enum("model", "dncnn", list(MODELS), "The denoiser of every network "
                            "(default output runs/<preset>-<model> for other than dncnn).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the traceback.")
@@ -75,6 +77,8 @@ def main(argv: list[str]) -> None:
                     "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
                              for name, r in records.items()}})
             collected = report_lib.collect(out, _PRESET.value)
+            if _BEFORE.value:
+                collected = report_lib.with_before(collected, _BEFORE.value)
             path = report_lib.write(collected, out)
             report_lib.write_json(collected, out / "report.json")
     print(f"wrote {path}")

@@ -246,3 +246,20 @@ def test_bad_output_folder_is_one_line_before_any_work(tmp_path):
     assert proc.stderr.startswith("reproduce.py: error:") and str(blocker) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_report_compares_each_claim_with_an_earlier_one(tmp_path, monkeypatch):
+    from tgd_jax.pet import report as report_lib
+
+    now = [("Claim A.", "supported", "x 1"), ("Claim B.", "not supported", "y 2")]
+    monkeypatch.setattr(report_lib, "claims", lambda c: now)
+    before = tmp_path / "report.json"
+    before.write_text(json.dumps({"claims": [
+        {"claim": "Claim A.", "verdict": "not supported", "evidence": "x 0"}]}))
+    lines = report_lib._claims(report_lib.with_before({}, before))
+    table = "\n".join(lines[lines.index("## Before and after"):])
+    assert "| 1. Claim A. | not supported: x 0 | supported: x 1 |" in table
+    assert "| 2. Claim B. | (not in it) | not supported: y 2 |" in table
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a report.json"):
+        report_lib.with_before({}, tmp_path / "bad.json")
