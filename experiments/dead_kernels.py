@@ -44,6 +44,7 @@ _CONVERGED = flags.DEFINE_integer("converged", 32000, "Step of the converged sta
 _ALIVE = flags.DEFINE_integer("alive", 6000, "Step of the start whose kernels are alive.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Fine-tuning steps.")
 _STAGES = flags.DEFINE_list("stages", ["finetune", "report"], "Stages to run.")
+_OPTIONS = flags.DEFINE_list("options", None, "Options to run (default: all of OPTIONS).")
 
 #: option -> finetune.py overrides (on top of the demo config, projected TGD at phi 0.3)
 OPTIONS: dict[str, dict[str, object]] = {
@@ -76,7 +77,8 @@ def _argv(runs: Path, out: Path, seed: int, step: int, option: str) -> list[str]
 
 
 def finetune(runs: Path, out: Path, seeds: list[int], starts: list[int]) -> None:
-    todo = [(s, step, o) for step in starts for s in seeds for o in OPTIONS]
+    # Seed by seed, so that a cut-short run has whole seeds.
+    todo = [(s, step, o) for s in seeds for step in starts for o in _options()]
     t0 = time.perf_counter()
     for i, (seed, step, option) in enumerate(todo):
         workdir = out / f"start{step}" / f"s{seed}" / option
@@ -92,9 +94,17 @@ def finetune(runs: Path, out: Path, seeds: list[int], starts: list[int]) -> None
             subprocess.run(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
         s = json.loads((workdir / "summary.json").read_text())
         print(f"[{i + 1}/{len(todo)}] start {step} s{seed} {option}: new "
-              f"{s['initial_val_loss']:.4g} -> {s['best_val_loss']:.4g}, old "
+              f"{s['initial_val_loss']:.4g} -> {s['final_val_loss']:.4g}, old "
               f"{s['initial_val_loss_old']:.4g} -> {s['final_val_loss_old']:.4g} "
               f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
+
+def _options() -> list[str]:
+    chosen = _OPTIONS.value or list(OPTIONS)
+    unknown = sorted(set(chosen) - set(OPTIONS))
+    if unknown:
+        raise app.UsageError(f"unknown options {unknown}; choose from {list(OPTIONS)}")
+    return [o for o in OPTIONS if o in chosen]
 
 
 def _ms(values: list[float], fmt: str = "{:+.1f}") -> str:
@@ -111,7 +121,7 @@ def collect(out: Path, seeds: list[int], starts: list[int]) -> dict:
     re-initialising runs start from another one) and % retrained."""
     table: dict = {}
     for step in starts:
-        for option in OPTIONS:
+        for option in _options():
             entry = table.setdefault(step, {}).setdefault(option, {"new": [], "old": [],
                                                                    "retrained": []})
             for seed in seeds:
@@ -120,7 +130,7 @@ def collect(out: Path, seeds: list[int], starts: list[int]) -> dict:
                 if not (base.exists() and path.exists()):
                     continue
                 b, s = json.loads(base.read_text()), json.loads(path.read_text())
-                entry["new"].append(100 * (s["best_val_loss"] / b["initial_val_loss"] - 1))
+                entry["new"].append(100 * (s["final_val_loss"] / b["initial_val_loss"] - 1))
                 entry["old"].append(100 * (s["final_val_loss_old"] /
                                            b["initial_val_loss_old"] - 1))
                 entry["retrained"].append(100 * s["retrained_fraction"])
@@ -133,8 +143,8 @@ def report(out: Path, seeds: list[int], starts: list[int]) -> str:
              "`python experiments/dead_kernels.py` (the long pretrainings of "
              "experiments/premise_training.py; demo config, projected TGD at phi 0.3, Adam "
              f"1e-4 unless stated, {_STEPS.value} steps). Change of the held-out losses from "
-             "the pretrained network's, in % (new task: v2 images, at the best checkpoint; old "
-             "task: v1 images, at the end), mean ± sd over seeds "
+             "the pretrained network's, in %, at the end of fine-tuning (new task: v2 images; old "
+             "task: v1 images), mean ± sd over seeds "
              f"{', '.join(map(str, seeds))}.", ""]
     for step in starts:
         lines += [f"## Start: pretraining step {step}", "",
