@@ -115,7 +115,8 @@ def report(out: Path, seeds: list[int]) -> dict:
             old.append(100 * (s["final_val_loss_old"] / s["initial_val_loss_old"] - 1))
         rows[f"{method}/{option}"] = {"new": new, "old": old}
     lines = ["# BatchNorm in fine-tuning", "",
-             "`python experiments/bn_options.py` (the study preset's data and v1-net recipe, "
+             "`python experiments/bn_options.py` (the study preset's data as simulated before "
+             "2026-12-01, with the sparse-lesion recipe, and its v1-net recipe, "
              f"{PRETRAIN_STEPS} pretraining and {FINETUNE_STEPS} fine-tuning steps, Adam 1e-4). "
              "Change of the inference-mode held-out loss of the held-out training study from "
              "the start to the end of fine-tuning, mean ± sd over seeds "
