@@ -71,17 +71,18 @@ def test_retraining_the_readers_opens_the_path():
     assert np.all(last.mask["conv4"]["kernel"][0, 0, [2, 6], :])
 
 
-@pytest.mark.parametrize("option", ["readers", "reinit", "packnet"])
+@pytest.mark.parametrize("option", ["readers", "readers-last", "reinit", "packnet"])
 def test_each_option_keeps_what_it_freezes_bit_identical(option):
     model, variables, x, _ = _dead_network(seed=3)
     graph = tgd_jax.trace_topology(model.apply, variables, x, train=False)
     stats = variables["batch_stats"]
     method = "packnet" if option == "packnet" else "tgd"
     plan = methods.plan_finetune(method, variables["params"], graph, phi=0.05,
-                                 readers="all" if option == "readers" else "none",
+                                 readers={"readers": "all", "readers-last": "last"}.get(
+                                     option, "none"),
                                  packnet_fraction=0.3, batch_stats=stats)
     params = variables["params"]
-    if option != "readers":
+    if not option.startswith("readers"):
         params, stats = methods.reinitialize(params, stats, plan, jax.random.key(5), scale=0.5)
         # re-initialisation itself changes nothing frozen
         check_frozen_and_moved(plan.mask, variables["params"], params)
