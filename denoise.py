@@ -7,6 +7,8 @@ r"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or N
 NIfTI needs the optional extra: pip install 'tgd-jax[nifti]'.
 """
 
+from pathlib import Path
+
 from absl import app, flags
 
 from tgd_jax.pet import cli, denoise
@@ -26,21 +28,27 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output .h5 (dataset 'denoised') o
 _BATCH = flags.DEFINE_integer("batch_slices", 8, "Slices per network call (>= 1).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --output if it exists (never the "
                                "input itself).")
-flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices, the launch flags
 
 
 def main(argv: list[str]) -> None:
     cli.start()
+    result = None
     with cli.reported("denoise.py"):
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
-        cli.quiet_libraries()
-        result = denoise.denoise_file(
-            _CHECKPOINT.value, _INPUT.value, _OUTPUT.value, which=_WHICH.value,
-            study=_STUDY.value, key=_KEY.value, index=_INDEX.value,
-            batch_slices=_BATCH.value, overwrite=_OVERWRITE.value)
-    cli.progress(f"wrote {result['output']}: {result['slices']} slices in "
-                 f"{result['seconds']:.1f} s")
+        with cli.every_process_works() as scratch:  # several processes: 0 writes
+            cli.quiet_libraries()
+            output = _OUTPUT.value if scratch is None else scratch / Path(_OUTPUT.value).name
+            result = denoise.denoise_file(
+                _CHECKPOINT.value, _INPUT.value, output, which=_WHICH.value,
+                study=_STUDY.value, key=_KEY.value, index=_INDEX.value,
+                batch_slices=_BATCH.value, overwrite=_OVERWRITE.value)
+            if scratch is not None:
+                result = None
+    if result is not None:
+        cli.progress(f"wrote {result['output']}: {result['slices']} slices in "
+                     f"{result['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Writes evaluation.json, evaluation.md (a table), examples.npz (one realisation's
 through each study's lesion, per network) and examples.png into --out.
 """
 
+from pathlib import Path
+
 import numpy as np
 from absl import app, flags
 
@@ -21,31 +23,42 @@ _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evalu
 _VERSION = flags.DEFINE_string("version", "v2", "Reconstruction version of the test images.")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of each workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices, the launch flags
 
 
 def main(argv: list[str]) -> None:
     cli.start()
+    text = None
     with cli.reported("evaluate.py"):
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")
         networks = parse_nets(_NETS.value)
-        with workdir_lib.output_folder(_OUT.value) as out:  # before any work
-            cli.quiet_libraries()
-            result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
-                                           which=_WHICH.value)
-        examples = result.pop("examples")
-        # make_parent=False: a --out removed during the evaluation is an error, not a new
-        # folder holding only the files written after that
-        workdir_lib.write_json(out / "evaluation.json", result, make_parent=False)
-        text = evaluate_lib.table(result["rows"])
-        workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode(),
-                                       make_parent=False)
-        with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz",
-                                     make_parent=False) as tmp:
-            np.savez_compressed(tmp, **examples)
-        evaluate_lib.figure(examples, out / "examples.png", make_parent=False)
-    print(text)
+        with cli.every_process_works() as scratch:  # several processes: 0 writes
+            text = _evaluate(networks, _OUT.value if scratch is None else scratch / "out")
+            if scratch is not None:
+                text = None
+    if text is not None:
+        print(text)
+
+
+def _evaluate(networks: dict[str, str], folder: str | Path) -> str:
+    """Evaluates ``networks`` and writes the files into ``folder``; returns the table."""
+    with workdir_lib.output_folder(folder) as out:  # before any work
+        cli.quiet_libraries()
+        result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
+                                       which=_WHICH.value)
+    examples = result.pop("examples")
+    # make_parent=False: a --out removed during the evaluation is an error, not a new
+    # folder holding only the files written after that
+    workdir_lib.write_json(out / "evaluation.json", result, make_parent=False)
+    text = evaluate_lib.table(result["rows"])
+    workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode(),
+                                   make_parent=False)
+    with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz",
+                                 make_parent=False) as tmp:
+        np.savez_compressed(tmp, **examples)
+    evaluate_lib.figure(examples, out / "examples.png", make_parent=False)
+    return text
 
 
 def parse_nets(items: list[str]) -> dict[str, str]:

@@ -10,6 +10,9 @@ The held-out patches come from the LAST --studies studies of --data (for a v1-ne
 with val_studies=1, its held-out study).
 """
 
+from collections.abc import Callable
+from pathlib import Path
+
 from absl import app, flags
 
 from tgd_jax.pet import cli
@@ -31,7 +34,7 @@ _COMBINE = flags.DEFINE_enum("combine", "max", ["max", "mean", "min"], "How a ma
                              "several layers combines their KSE values (graphs with skips).")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of the workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <checkpoint>/threshold).")
-flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices
+flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices, the launch flags
 
 
 def main(argv: list[str]) -> None:
@@ -44,14 +47,21 @@ def main(argv: list[str]) -> None:
         except ValueError as e:
             raise errors.UsageError(f"--phis must be numbers: {e}") from None
         checkpoints.resolve(_CHECKPOINT.value, _WHICH.value)  # exists, before making <out>
-        with workdir_lib.output_folder(
-                _OUT.value or f"{_CHECKPOINT.value}/threshold") as out:
-            cli.quiet_libraries()
-            premise_lib.threshold_checkpoint(
-                _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
-                studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
-                random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
-                combine=_COMBINE.value, log=cli.progress)
+        with cli.every_process_works() as scratch:  # several processes: 0 writes
+            _threshold(phis, (_OUT.value or f"{_CHECKPOINT.value}/threshold")
+                       if scratch is None else scratch / "threshold",
+                       cli.progress if scratch is None else lambda message: None)
+
+
+def _threshold(phis: tuple[float, ...], folder: str | Path, log: Callable[[str], None]
+               ) -> None:
+    with workdir_lib.output_folder(folder) as out:
+        cli.quiet_libraries()
+        premise_lib.threshold_checkpoint(
+            _CHECKPOINT.value, _DATA.value, out, version=_VERSION.value,
+            studies=_STUDIES.value, examples=_EXAMPLES.value, phis=phis,
+            random_draws=_DRAWS.value, seed=_SEED.value, which=_WHICH.value,
+            combine=_COMBINE.value, log=log)
 
 
 if __name__ == "__main__":

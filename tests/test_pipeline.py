@@ -262,19 +262,6 @@ def test_a_bad_dataset_leaves_the_workdir_untouched(toy_data, tmp_path):
     assert summary["steps"] == 2
 
 
-def test_each_process_takes_its_share_of_the_studies(monkeypatch):
-    ids = [f"s{i}" for i in range(5)]
-    shares = []
-    for index in range(2):
-        monkeypatch.setattr(jax, "process_count", lambda: 2)
-        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        shares.append(pipeline._process_share(ids, ["v0", "v1"]))
-    assert shares == [(["s0", "s2", "s4"], ["v0"]), (["s1", "s3"], ["v1"])]
-    monkeypatch.setattr(jax, "process_count", lambda: 8)
-    with pytest.raises(ValueError, match="5 training studies cannot be shared by 8 processes"):
-        pipeline._process_share(ids, [])
-
-
 def test_ood_errors_are_the_rmse_near_each_feature(tmp_path):
     path = tmp_path / "online.h5"
     noiseless = np.zeros((1, 9, 9), np.float32)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from absl import flags, logging
 
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import errors, parallel
+from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "start",
-           "quiet_start", "reported", "parse_flags"]
+           "quiet_start", "reported", "parse_flags", "join_processes", "main_process",
+           "every_process_works"]
 
 quiet_start = parallel.quiet_start
 
@@ -44,6 +47,19 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "it is opt-in). Ignored on GPU/TPU.")
 
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: HOST:PORT where process 0 listens (the "
+    "same for every process), with --num_processes and --process_id. Absent (and with "
+    "--config.distributed=True), JAX detects the run itself on SLURM, TPU pods and "
+    "Kubernetes. See docs/scaling.md.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process run: how many processes take part (each with "
+    "--cpu_devices devices on a CPU).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process run: this process's index, 0 .. num_processes - 1; "
+    "process 0 writes the files.")
+
+
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, f"On an error, show the traceback instead of one line (also "
     f"${errors.VERBOSE_ENV}=1).")
@@ -61,17 +77,61 @@ def parse_flags(argv: list[str]) -> list[str]:
     return errors.parse_flags(argv)
 
 
+def join_processes(auto: bool = False) -> bool:
+    """Joins the multi-process run the flags (or, with ``auto``, the cluster) describe, before
+    any JAX work; returns whether this run has several processes. From then on an error
+    ends this process at once after its one line (:func:`errors.leave_at_once_on_error`),
+    so it never waits at shutdown for processes that are gone."""
+    parallel.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              auto=auto)
+    if not parallel.multi_process():
+        return False
+    errors.leave_at_once_on_error(workdir_lib.release_all_locks)
+    return True
+
+
+def main_process() -> bool:
+    """Whether this process writes the files and the progress lines (process 0)."""
+    return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def every_process_works() -> Iterator[Path | None]:
+    """For a command whose work is not data parallel (``evaluate.py``, ``denoise.py``,
+    ``threshold.py``): joins the run the launch flags describe, like the training commands,
+    so one launcher line serves every command.
+
+    Every process then does the same work: in a multi-process run orbax reads checkpoints
+    collectively, so process 0 cannot read one alone. Yields None on process 0 (or alone),
+    which writes the real outputs, and on the others a scratch folder for their copies
+    (removed at the end).
+    """
+    join_processes()
+    if main_process():
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="tgd-process-") as scratch:
+        yield Path(scratch)
+
+
 def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.ConfigDict,
         workdir: str) -> None:
-    """Runs an experiment function; expected errors end the program with one clear line."""
+    """Runs an experiment function; expected errors end the program with one clear line.
+
+    Multi-process (:func:`join_processes`): every process runs ``fn``; process 0 alone
+    prints progress."""
     with reported(name):
         parallel.use_cpu_cores(int(config.batch_size), _CPU_DEVICES.value)
         quiet_libraries()
-        if config.get("distributed"):
-            jax.distributed.initialize()
-        summary = fn(config, workdir, log=progress)
-    progress(f"{name} finished: " + ", ".join(
+        join_processes(auto=bool(config.get("distributed")))
+        log = progress if main_process() else _silent
+        summary = fn(config, workdir, log=log)
+    log(f"{name} finished: " + ", ".join(
         f"{k}={summary[k]}" for k in sorted(summary) if not isinstance(summary[k], list | dict)))
+
+
+def _silent(message: str) -> None:
+    del message
 
 
 def progress(message: str) -> None:

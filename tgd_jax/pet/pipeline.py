@@ -26,8 +26,8 @@ from tgd_jax.pet.models import model_from_config, model_graph
 from tgd_jax.train import checkpoints as ckpt_lib
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
+from tgd_jax.train import parallel, trainer
 from tgd_jax.train import step as step_lib
-from tgd_jax.train import trainer
 from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["train", "finetune", "online", "initial_variables", "num_steps_for"]
@@ -56,8 +56,9 @@ def _supervised_data(config: ml_collections.ConfigDict
     """Training and validation pairs of ``config.data`` (read and validated before the
     workdir is touched, so a wrong path leaves nothing behind)."""
     info = data_lib.open_dataset(config.data.path)
-    train_ids, val_ids = _process_share(
-        *data_lib.split_studies(info.studies, config.data.val_studies))
+    # Every process reads every study: the batches are drawn from all of them, and each
+    # process makes its own rows (tgd_jax.train.trainer.fit).
+    train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
     path, version, scale = config.data.path, config.data.version, config.data.intensity_scale
     train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale, info=info)
     val_pairs = (data_lib.supervised_pairs(path, version, val_ids, scale=scale, info=info)
@@ -190,7 +191,8 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
         meta={"command": command, "method": config.method}, mesh=mesh, log=log,
         freeze_batch_stats=config.freeze_batch_stats, extra_val=extra_val,
-        gate_cosine=bool(t.gate_cosine), graph=plan.graph if plan.auto_gates else None)
+        gate_cosine=bool(t.gate_cosine), graph=plan.graph if plan.auto_gates else None,
+        constants={"retrained_fraction": plan.summary["retrained_fraction"]})
     summary.update(command=command, method=config.method,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],
@@ -238,8 +240,8 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     model = model_from_config(config.model)
     scale = config.data.intensity_scale
     before = denoise_volume(model, start_vars, full, scale=scale)
-    after = denoise_volume(model, {"params": jax.device_get(state.params),
-                                   "batch_stats": jax.device_get(state.batch_stats)},
+    after = denoise_volume(model, parallel.host_copy({"params": state.params,
+                                                      "batch_stats": state.batch_stats}),
                            full, scale=scale)
     ood = _ood_errors(config.data.path, study, config.data.version,
                       {"input": full, "starting network": before, "online": after})
@@ -292,16 +294,6 @@ def _ood_errors(path: str, study: str, version: str, images: dict[str, np.ndarra
                 out[roi] = {name: float(np.sqrt(np.mean((image[region] - reference[region]) ** 2)))
                             for name, image in images.items()}
     return out
-
-
-def _process_share(train_ids: list[str], val_ids: list[str]) -> tuple[list[str], list[str]]:
-    """On several hosts each process loads only its share of the studies."""
-    n, i = jax.process_count(), jax.process_index()
-    if n == 1:
-        return train_ids, val_ids
-    if len(train_ids) < n:
-        raise ValueError(f"{len(train_ids)} training studies cannot be shared by {n} processes")
-    return train_ids[i::n], val_ids[i::n] if len(val_ids) >= n else val_ids
 
 
 def _main() -> bool:

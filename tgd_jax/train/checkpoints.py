@@ -10,11 +10,18 @@ Layout inside a workdir::
 statistics, optimizer state WITH the TGD mask, gates, step); ``meta`` is JSON (the run's
 config, the validation loss). Orbax writes each checkpoint under a temporary name and
 renames it when complete, so a run killed mid-save leaves the previous ones intact.
+
+Several processes write ONE checkpoint together, through orbax's multi-process protocol:
+every process calls the same saves (each writes the shards its devices own; the first
+process writes the metadata and finalises), so the workdir must be on a file system every
+process sees. A checkpoint does not depend on how many processes or devices wrote it: each
+is restored onto whatever mesh the resuming run has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -27,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
+from tgd_jax.train import parallel
 from tgd_jax.train.errors import RunError, UsageError, interrupts_deferred
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
@@ -63,7 +71,12 @@ class Checkpointer:
     For the one run that holds ``workdir`` (:func:`tgd_jax.train.trainer.fit` locks it): it
     removes unfinished checkpoints when it starts, which another run's would look like.
     A save that fails (a full disk, here or in orbax's background thread) is a
-    :class:`RunError` naming the checkpoint to resume from, with the unfinished one removed.
+    :class:`RunError` naming the checkpoint to resume from, with the unfinished one removed
+    (with several processes, by the rerun: the others may be gone).
+
+    With several processes every one of them makes a Checkpointer and makes the same calls;
+    only the first one changes folders itself (removing or setting aside), the others wait
+    for it.
 
     Args:
       workdir: the run's folder.
@@ -117,6 +130,13 @@ class Checkpointer:
             raise
         except Exception as error:  # noqa: BLE001 - orbax/tensorstore/OS errors alike
             first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
+            if jax.process_count() > 1:  # waiting or removing would need the others
+                raise RunError(
+                    f"process {jax.process_index()} of {jax.process_count()}: writing a "
+                    "checkpoint failed" + (f" at step {step}" if step is not None else "")
+                    + f" ({type(error).__name__}: {first[:200]}); if another process of this "
+                    "run stopped, that is the cause (see its output). Rerun every process to "
+                    f"resume from the newest complete checkpoint in {self.workdir}") from error
             for manager in self._managers():  # let the other writes end before removing
                 with contextlib.suppress(Exception):
                     manager.wait_until_finished()
@@ -134,20 +154,36 @@ class Checkpointer:
         meta = {**meta, "step": int(step), "val_loss": val_loss}
         args = ocp.args.Composite(state=ocp.args.StandardSave(serialization.to_state_dict(state)),
                                   meta=ocp.args.JsonSave(meta))
+        self._one_at_a_time()
         self._latest.save(step, args=args, force=True)
         if kept:
             if self._kept is None:
                 self._kept = _manager(self.workdir / KEPT_DIR, None)
             if step not in self._kept.all_steps():  # a resumed run may pass it again
+                self._one_at_a_time()
                 self._kept.save(step, args=args, force=True)
         improved = val_loss is not None and val_loss < self.best_loss
         if improved:
             self.best_loss = float(val_loss)
+            self._one_at_a_time()
             self._best.wait_until_finished()
             for old in self._best.all_steps():
                 self._best.delete(old)
             self._best.save(step, args=args, force=True)
         return improved
+
+    def _one_at_a_time(self) -> None:
+        """With several processes, lets every save in flight finish before the next starts.
+
+        Each save of orbax runs cross-process barriers in a background thread, named after a
+        process-wide operation counter; two managers saving at once (``latest`` and ``best``
+        at the same step) met in one barrier and failed ("Barrier
+        ThreadSaveMultiHostValueHolder:set_value_start is already ongoing"), and orbax warns
+        that its barriers must not run concurrently. One process has no barriers: its saves
+        still overlap."""
+        if jax.process_count() > 1:
+            for manager in self._managers():
+                manager.wait_until_finished()
 
     def restore_latest(self, template: Any, log: Callable[[str], None] = print
                        ) -> tuple[Any, dict[str, Any]] | None:
@@ -182,9 +218,11 @@ class Checkpointer:
         the way of the step that will be written again) and says so."""
         source = self.workdir / kind / str(step)
         target = self.workdir / DAMAGED_DIR / f"{kind}-{step}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        source.rename(target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            source.rename(target)
+        _sync(f"tgd_set_aside_{kind}_{step}")
         manager.reload()
         (log or self.log)(f"skipped damaged checkpoint {error}; moved it to {target}")
 
@@ -206,14 +244,25 @@ class Checkpointer:
     def discard_unfinished(self) -> None:
         """Removes orbax's temporary folders of checkpoints that were never completed (a
         failed or killed save). Only for the run that holds the workdir: another's save in
-        progress looks the same."""
-        for kind in (LATEST_DIR, BEST_DIR, KEPT_DIR):
-            for path in (self.workdir / kind).glob(f"*{_UNFINISHED}*"):
-                shutil.rmtree(path, ignore_errors=True)
+        progress looks the same. The first process removes them, the others wait."""
+        if jax.process_index() == 0:
+            for kind in (LATEST_DIR, BEST_DIR, KEPT_DIR):
+                for path in (self.workdir / kind).glob(f"*{_UNFINISHED}*"):
+                    shutil.rmtree(path, ignore_errors=True)
+        _sync("tgd_discard_unfinished")
 
     @staticmethod
     def _restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+_BARRIERS = itertools.count()
+
+
+def _sync(name: str) -> None:
+    """A barrier of every process of a multi-process run (nothing with one process). Every
+    process makes the same calls in the same order, so the numbered names agree."""
+    parallel.barrier(f"{name}_{next(_BARRIERS)}", timeout_s=600)
 
 
 def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,

@@ -157,17 +157,25 @@ def steps_per_epoch(pairs: PairSet, patch_size: int, batch_size: int) -> int:
 
 def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch_size: int,
                  augment: bool = True, stream: int = STREAM_TRAIN,
-                 process_index: int = 0) -> Batch:
-    """A batch of random 2.5D patches, a pure function of ``(seed, step, stream, process)``.
+                 rows: slice | None = None) -> Batch:
+    """A batch of random 2.5D patches, a pure function of ``(seed, step, stream)``.
 
     Each example: a pair, a centre slice ``z`` (1..Z-2, so its 3 slices exist), a
     ``patch_size`` square at a random position, and (``augment``) one of the 8 flips /
     90-degree rotations, applied to input and target alike.
 
+    Args:
+      batch_size: the GLOBAL batch: the random choices are drawn for all its rows.
+      rows: the rows to make (one process's share, :func:`tgd_jax.train.parallel.process_rows`);
+        None: all. The rows of several processes concatenated are exactly the batch one
+        process makes alone, so the run does not depend on how many processes share it.
+
     Returns:
-      ``{"inputs": (B, p, p, 3), "targets": (B, p, p, 3)}`` float32, slices as channels.
+      ``{"inputs": (R, p, p, 3), "targets": (R, p, p, 3)}`` float32, slices as channels,
+      ``R`` the number of rows made.
     """
-    rng = np.random.default_rng([seed, step, stream, process_index])
+    # The 4th entry keeps the stream of the batches single-process runs always drew.
+    rng = np.random.default_rng([seed, step, stream, 0])
     shape = pairs.volumes[pairs.pairs[0, 0]].shape
     z_max, h, w = shape[0] - 2, shape[1], shape[2]
     if patch_size > min(h, w):
@@ -178,16 +186,17 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
     xs = rng.integers(0, w - patch_size + 1, size=batch_size)
     rots = rng.integers(4, size=batch_size) if augment else np.zeros(batch_size, int)
     flips = rng.integers(2, size=batch_size) if augment else np.zeros(batch_size, int)
-    out = {name: np.empty((batch_size, patch_size, patch_size, 3), np.float32)
+    made = range(batch_size)[rows if rows is not None else slice(None)]
+    out = {name: np.empty((len(made), patch_size, patch_size, 3), np.float32)
            for name in ("inputs", "targets")}
-    for b in range(batch_size):
+    for i, b in enumerate(made):
         for name, vol in zip(("inputs", "targets"), pairs.pairs[pick[b]], strict=True):
             z, y, x = zs[b], ys[b], xs[b]
             patch = pairs.volumes[vol][z - 1:z + 2, y:y + patch_size, x:x + patch_size]
             patch = np.rot90(patch, rots[b], axes=(1, 2))
             if flips[b]:
                 patch = patch[:, :, ::-1]
-            out[name][b] = np.moveaxis(patch, 0, -1)
+            out[name][i] = np.moveaxis(patch, 0, -1)
     return out
 
 

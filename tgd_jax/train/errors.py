@@ -11,6 +11,11 @@ The first two derive from :class:`TGDError`. :func:`reported` turns them (and th
 exceptions that mean the same: ValueError, KeyError, FileNotFoundError, OSError ...) into one
 line on stderr naming the problem; ``TGD_VERBOSE=1`` (or a command's ``--verbose``) shows the
 traceback instead. Anything else is a bug and keeps its traceback.
+
+In a multi-process run (:func:`leave_at_once_on_error`) a process that stops on an error
+leaves at once after its report, without the interpreter's teardown: that teardown shuts
+``jax.distributed`` down, which waits for every other process, and those may be gone or
+stuck in a collective with this one.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["TGDError", "UsageError", "RunError", "Interrupted", "exit_code", "one_line",
-           "reported", "interrupts_deferred", "parse_flags", "VERBOSE_ENV"]
+           "reported", "interrupts_deferred", "parse_flags", "VERBOSE_ENV",
+           "leave_at_once_on_error"]
 
 #: Environment variable that makes commands show tracebacks.
 VERBOSE_ENV = "TGD_VERBOSE"
@@ -123,6 +130,28 @@ def one_line(error: BaseException) -> str:
     return " | ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
+#: Set by :func:`leave_at_once_on_error`: the cleanups to run before leaving.
+_LEAVE_AT_ONCE: list[Callable[[], None]] = []
+
+
+def leave_at_once_on_error(cleanup: Callable[[], None]) -> None:
+    """From now on :func:`reported` ends the process at once after reporting an error (a
+    multi-process run), running ``cleanup`` first (releasing this process's folder locks).
+
+    A bug's traceback is still printed, and ``--verbose`` prints every traceback."""
+    _LEAVE_AT_ONCE.append(cleanup)
+
+
+def _leave(code: int) -> None:
+    """Exits with ``code`` without the interpreter's teardown."""
+    for cleanup in _LEAVE_AT_ONCE:
+        with contextlib.suppress(Exception):
+            cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def reported(name: str, verbose: bool = False) -> Iterator[None]:
     """Runs the block; an expected error ends the program with ``<name>: error: <line>``.
@@ -136,14 +165,16 @@ def reported(name: str, verbose: bool = False) -> Iterator[None]:
     except (Exception, Interrupted) as error:  # noqa: BLE001 - sorted by exit_code
         code = exit_code(error)
         if code is None or verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
-            raise
+            if not _LEAVE_AT_ONCE:
+                raise
+            traceback.print_exc()
+            _leave(code or 1)
         print(f"{name}: error: {one_line(error)}", file=sys.stderr, flush=True)
-        if getattr(error, "skip_teardown", False):
+        if _LEAVE_AT_ONCE or getattr(error, "skip_teardown", False):
             # After a failed read, orbax/tensorstore callbacks still pending in background
             # threads print tracebacks during interpreter teardown; nothing is being written
             # then, so leave without it and keep the one line.
-            sys.stdout.flush()
-            os._exit(code)
+            _leave(code)
         sys.exit(code)
 
 

@@ -1,10 +1,13 @@
-"""A run's ``metrics.jsonl`` and progress lines: rates, ETA, and the non-finite check.
+"""A run's ``metrics.jsonl``, its TensorBoard scalars and progress lines: rates, ETA, and the
+non-finite check.
 
 :class:`MetricsLogger` is the only writer of ``metrics.jsonl``. Training steps are recorded
 in groups (one JSON line per ``log_every`` steps, with the mean loss, the last step's
-gradient norm, steps/s and ETA); validations get a line of their own. A non-finite loss
-raises :class:`NonFiniteLossError` before anything is written for it, so the file and the
-checkpoints never describe a diverged state.
+gradient norm, steps/s and ETA); validations get a line of their own. The same numbers go
+to TensorBoard when an :class:`~tgd_jax.train.tensorboard.EventWriter` is given
+(:data:`TENSORBOARD_TAGS`). A non-finite loss raises :class:`NonFiniteLossError` before
+anything is written for it, so the files and the checkpoints never describe a diverged
+state.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ import numpy as np
 
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.errors import RunError
+from tgd_jax.train.tensorboard import EventWriter
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
-           "truncate_metrics", "initial_losses", "hms"]
+           "truncate_metrics", "initial_losses", "hms", "TENSORBOARD_TAGS"]
 
 #: The file of a workdir that holds one JSON record per log or validation step.
 METRICS_FILE = "metrics.jsonl"
+#: ``metrics.jsonl`` field -> TensorBoard tag (``val_loss_<name>`` -> ``val/loss_<name>``,
+#: a run's constants -> ``run/<name>``).
+TENSORBOARD_TAGS = {"loss": "train/loss", "grad_norm": "train/grad_norm",
+                    "steps_per_s": "train/steps_per_s", "learning_rate": "train/learning_rate",
+                    "gate_cosine": "train/gate_cosine", "val_loss": "val/loss"}
 
 
 class NonFiniteLossError(RunError, FloatingPointError):
@@ -47,12 +56,22 @@ class MetricsLogger:
       start: the step this invocation starts from (rates count from it).
       log: where progress lines go.
       clock: seconds (injectable for tests).
+      events: TensorBoard writer of the same numbers (None: none).
+      learning_rate: ``step -> the learning rate of the update that made step``
+        (``schedule(step - 1)``), shown in TensorBoard with each training record.
+      constants: numbers of the run shown in TensorBoard with each validation (e.g.
+        ``{"retrained_fraction": 0.3}``), as ``run/<name>``.
     """
 
     def __init__(self, path: Path | None, num_steps: int, start: int = 0,
                  log: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 events: EventWriter | None = None,
+                 learning_rate: Callable[[int], float] | None = None,
+                 constants: Mapping[str, float] | None = None) -> None:
         self.path, self.num_steps, self.log, self.clock = path, num_steps, log, clock
+        self.events, self.learning_rate = events, learning_rate
+        self.constants = dict(constants or {})
         self.t_start = self.t_last = clock()
         self.steps_at_last = start
 
@@ -79,6 +98,8 @@ class MetricsLogger:
         if "gate_cosine" in values[-1]:  # mean over the steps since the last record
             record["gate_cosine"] = float(np.mean([float(m["gate_cosine"]) for m in values]))
         self._append(record)
+        self._scalars(step, {**record, **({"learning_rate": self.learning_rate(step)}
+                                          if self.learning_rate else {})})
         self.log(f"step {step}/{self.num_steps}  loss {record['loss']:.5g}  {rate:.2f} steps/s"
                  f"  ETA {hms(record['eta_s'])}")
         self.t_last, self.steps_at_last = now, step
@@ -97,6 +118,7 @@ class MetricsLogger:
             record["best"] = best
         record.update(extra)
         self._append(record)
+        self._scalars(step, {**record, **self.constants})
         tail = "".join(f"  {k} {v:.5g}" for k, v in extra.items())
         note = " (before training)" if best is None else "  (best)" if best else ""
         self.log(f"step {step}/{self.num_steps}  validation loss {val_loss:.5g}{note}{tail}")
@@ -105,6 +127,15 @@ class MetricsLogger:
     def _append(self, record: Mapping[str, Any]) -> None:
         if self.path is not None:
             workdir_lib.append_jsonl(self.path, record)
+
+    def _scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """``values`` under their TensorBoard tags (fields without one are not shown)."""
+        if self.events is None:
+            return
+        tags = {**TENSORBOARD_TAGS, **{k: f"val/loss_{k[len('val_loss_'):]}" for k in values
+                                       if k.startswith("val_loss_")},
+                **{k: f"run/{k}" for k in self.constants}}
+        self.events.scalars(step, {tags[k]: v for k, v in values.items() if k in tags})
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

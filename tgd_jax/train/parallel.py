@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tgd_jax.train.errors import UsageError
+
 __all__ = ["DATA_AXIS", "use_cpu_cores", "cpu_device_count", "make_mesh", "batch_sharding",
-           "replicated", "check_batch_size", "local_batch_size", "shard_batch", "replicate",
-           "jit_step", "quiet_start"]
+           "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
+           "replicate", "host_copy", "jit_step", "quiet_start", "init_distributed",
+           "free_port", "multi_process", "barrier"]
 
 #: The name of the mesh axis the batch is sharded along.
 DATA_AXIS = "data"
@@ -109,12 +113,37 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 def local_batch_size(batch_size: int, mesh: Mesh) -> int:
     """Rows of the global batch this process supplies."""
+    rows = process_rows(batch_size, mesh)
+    return rows.stop - rows.start
+
+
+def process_rows(batch_size: int, mesh: Mesh) -> slice:
+    """The rows ``[start, stop)`` of a global batch of ``batch_size`` that this process's
+    devices hold under :func:`batch_sharding` (all of them with one process).
+
+    The processes' slices are disjoint and together cover ``range(batch_size)``: every
+    example of the global batch is made by exactly one process.
+
+    Raises:
+      ValueError: the batch does not split evenly over the mesh, or this process's devices
+        do not hold one contiguous block of rows (a mesh whose device order interleaves
+        the processes).
+    """
     check_batch_size(batch_size, mesh)
-    return batch_size // jax.process_count()
+    starts = sorted((index[0].start or 0, index[0].stop or batch_size) for index in
+                    batch_sharding(mesh).addressable_devices_indices_map(
+                        (batch_size,)).values())
+    if not starts:
+        raise ValueError(f"process {jax.process_index()} has no device in the mesh")
+    if any(a[1] != b[0] for a, b in zip(starts[:-1], starts[1:], strict=True)):
+        raise ValueError(f"process {jax.process_index()}'s devices hold rows {starts} of the "
+                         "batch, not one block: order the mesh's devices by process")
+    return slice(starts[0][0], starts[-1][1])
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded along the batch axis."""
+    """This process's rows (:func:`process_rows`) -> global arrays sharded along the batch
+    axis (the global batch has ``rows * process_count`` rows)."""
     sharding = batch_sharding(mesh)
     out = {}
     for name, local in batch.items():
@@ -139,6 +168,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
+def host_copy(tree: Any) -> Any:
+    """This process's NumPy copy of a replicated pytree (a global array of several processes
+    cannot be fetched whole, but each process holds all of a replicated one)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))
+                        if isinstance(x, jax.Array) else x, tree)
+
+
 def jit_step(step_fn: Callable[..., Any], mesh: Mesh, *, donate_state: bool = True) -> Callable:
     """``jax.jit`` of ``step_fn(state, batch) -> (state, metrics)`` or ``-> metrics``.
 
@@ -161,6 +197,103 @@ class _DropBackendProbe(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno <= logging.INFO
                     and record.getMessage().startswith("Unable to initialize backend"))
+
+
+def multi_process() -> bool:
+    """Whether this run spans several processes (after :func:`init_distributed`)."""
+    return jax.process_count() > 1
+
+
+def barrier(name: str, timeout_s: float = 3600) -> None:
+    """Waits until every process of the run has called ``barrier(name)`` (nothing with one
+    process). The coordination service's barrier, not a device collective: it holds however
+    long the others take (up to ``timeout_s``), and fails as soon as one of them is known to
+    be dead (its heartbeats stop). ``name`` must be new each time, the same on every process.
+    """
+    if not multi_process():
+        return
+    import orbax.checkpoint as ocp  # its handle on JAX's distributed client
+
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
+def free_port() -> int:
+    """A TCP port that was free on this machine a moment ago (for a local coordinator)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+#: Environment variable: seconds after which a silent process counts as dead (default
+#: :data:`HEARTBEAT_TIMEOUT_S`).
+HEARTBEAT_TIMEOUT_ENV = "TGD_HEARTBEAT_TIMEOUT_S"
+#: A process that stops sending heartbeats this long is dead, and the others' barriers fail.
+#: JAX's default is 100 s; a killed process is usually noticed at once anyway (its peers'
+#: sockets close under a collective), this bounds the wait in a checkpoint's barrier.
+HEARTBEAT_TIMEOUT_S = 30
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, auto: bool = False,
+                     initialization_timeout_s: int = 300,
+                     heartbeat_timeout_s: int | None = None) -> bool:
+    """Joins a multi-process run (``jax.distributed.initialize``) before JAX starts.
+
+    Nothing happens (False) when no argument is given and ``auto`` is off: a plain
+    single-process run. Given arguments are passed on; absent ones, and all of them with
+    ``auto`` (``--config.distributed``), are left to JAX's own detection (SLURM, TPU pods,
+    Kubernetes, Open MPI). CPU devices of different processes talk through gloo (JAX's
+    in-process CPU collectives do not cross processes); GPUs and TPUs keep their own.
+    Call before any JAX array exists, and after :func:`use_cpu_cores` (which then sets the
+    devices of each process).
+
+    Args:
+      coordinator_address: ``HOST:PORT`` of process 0's coordination service.
+      num_processes: how many processes take part.
+      process_id: this one's index.
+      auto: join even with no argument (JAX's cluster detection).
+      initialization_timeout_s: how long to wait for every process to join.
+      heartbeat_timeout_s: a process silent this long counts as dead (None:
+        ``$TGD_HEARTBEAT_TIMEOUT_S``, else :data:`HEARTBEAT_TIMEOUT_S`).
+
+    Returns:
+      True once this process is part of the run (``jax.process_count()`` processes).
+
+    Raises:
+      UsageError: an argument is malformed, or JAX cannot tell the process count or index
+        (not given, and no cluster environment to detect them from).
+    """
+    if coordinator_address is None and num_processes is None and process_id is None \
+            and not auto:
+        return False
+    if coordinator_address is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+",
+                                                            coordinator_address):
+        raise UsageError(f"--coordinator_address must be HOST:PORT, got "
+                         f"{coordinator_address!r}")
+    if num_processes is not None and num_processes < 1:
+        raise UsageError(f"--num_processes must be >= 1, got {num_processes}")
+    if process_id is not None and (process_id < 0 or (num_processes is not None
+                                                      and process_id >= num_processes)):
+        raise UsageError(f"--process_id must be in [0, num_processes), got {process_id}")
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = int(os.environ.get(HEARTBEAT_TIMEOUT_ENV, "")
+                                  or HEARTBEAT_TIMEOUT_S)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    try:
+        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None},
+                                   initialization_timeout=initialization_timeout_s,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except ValueError as e:  # JAX's "Number of processes must be defined" and the like
+        raise UsageError(
+            f"cannot start the multi-process run ({e}); give --coordinator_address=HOST:PORT, "
+            "--num_processes=N and --process_id=I, or run under SLURM, a TPU pod or "
+            "Kubernetes, where JAX finds them itself") from None
+    # Every process makes its backend now: the CPU backend's gloo context waits for all of
+    # them, and a process that computes nothing itself (evaluate.py's others) would not.
+    jax.devices()
+    return True
 
 
 def quiet_start() -> None:

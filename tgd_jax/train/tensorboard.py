@@ -8,6 +8,7 @@ multi-process run writes.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ class EventWriter:
     Args:
       workdir: the run's folder.
       enabled: False makes every call a no-op (processes other than the first).
+      purge_step: a resumed run's first new step: TensorBoard hides what an earlier,
+        killed invocation wrote from this step on (they are written again), as
+        ``metrics.jsonl`` is cut back to the checkpoint (:func:`read_events` does the same).
 
     Example:
       >>> import tempfile
@@ -36,12 +40,17 @@ class EventWriter:
       [('loss', 10, 0.5)]
     """
 
-    def __init__(self, workdir: str | Path, enabled: bool = True) -> None:
+    def __init__(self, workdir: str | Path, enabled: bool = True,
+                 purge_step: int | None = None) -> None:
         self._writer = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(Path(workdir) / EVENTS_DIR), flush_secs=30)
+            # The name has the second it was made; the suffix keeps a run resumed within
+            # that second from replacing the file, and sorts after it (as TensorBoard reads).
+            self._writer = SummaryWriter(str(Path(workdir) / EVENTS_DIR), flush_secs=30,
+                                         purge_step=purge_step,
+                                         filename_suffix=f".{time.time_ns()}")
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         """One scalar per finite number of ``values`` (others are skipped)."""
@@ -73,8 +82,9 @@ class EventWriter:
 
 def read_events(workdir: str | Path) -> list[dict[str, Any]]:
     """Every scalar and image summary of ``<workdir>/tensorboard`` as dicts (``tag``,
-    ``step``, ``value`` or ``image`` bytes), in file order: a reader for tests and
-    scripts, with no TensorFlow or TensorBoard needed.
+    ``step``, ``value`` or ``image`` bytes), in file order, as TensorBoard shows them: a
+    resumed run's restart (``purge_step``) drops the earlier entries from its step on. A
+    reader for tests and scripts, with no TensorFlow or TensorBoard needed.
 
     Example:
       >>> read_events("/nonexistent")
@@ -92,6 +102,9 @@ def read_events(workdir: str | Path) -> list[dict[str, Any]]:
             offset += 12 + length + 4
             event = event_pb2.Event()
             event.ParseFromString(record)
+            if event.HasField("session_log") and \
+                    event.session_log.status == event.session_log.START:
+                out = [entry for entry in out if entry["step"] < event.step]
             for value in event.summary.value:
                 entry: dict[str, Any] = {"tag": value.tag, "step": int(event.step)}
                 if value.HasField("image"):

@@ -4,11 +4,15 @@
 
 * batches are :func:`tgd_jax.train.data.sample_batch` of ``(seed, step)``, prefetched on a
   thread and sharded over a 1-D ``('data',)`` mesh of all devices
-  (:mod:`tgd_jax.train.parallel`);
+  (:mod:`tgd_jax.train.parallel`); with several processes each makes only its own rows of
+  the same global batch, so the run does not depend on how many processes share it;
 * every ``log_every`` steps a JSON line goes to ``metrics.jsonl`` and a progress line
   (loss, steps/s, ETA) to the log (:class:`~tgd_jax.train.metrics.MetricsLogger`); a
   non-finite loss stops the run there (:class:`NonFiniteLossError`), before any checkpoint
   of a diverged state is written;
+* the same numbers, the learning rate, and at each evaluation an image of a fixed
+  validation slice (input | output | target) go to TensorBoard event files in
+  ``<workdir>/tensorboard`` (:mod:`tgd_jax.train.tensorboard`);
 * every ``eval_every`` steps (and at the end) the validation loss is measured and a
   checkpoint saved (the last few kept, plus the best); at the steps of ``keep_steps`` too,
   and those checkpoints are kept for good;
@@ -17,7 +21,12 @@
 * the workdir is locked for the run (:func:`tgd_jax.train.workdir.lock_folder`): a second
   command on it is refused, and a workdir removed during the run stops it;
 * SIGINT / SIGTERM under :func:`tgd_jax.train.errors.reported` stop it between writes: the
-  checkpoint being saved is completed, nothing is half-written, and the rerun resumes.
+  checkpoint being saved is completed, nothing is half-written, and the rerun resumes;
+* with several processes, process 0 alone writes files and logs, the checkpoints are
+  written by all of them together (:mod:`tgd_jax.train.checkpoints`), and a process that
+  stops makes the others stop at their next collective with a :class:`RunError` (a
+  checkpoint in flight is left unfinished; the rerun of every process resumes from the
+  newest complete one).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.checkpoints import Checkpointer
-from tgd_jax.train.errors import Interrupted
+from tgd_jax.train.errors import Interrupted, RunError, TGDError, one_line
 from tgd_jax.train.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -49,8 +58,10 @@ from tgd_jax.train.metrics import (
     initial_losses,
     truncate_metrics,
 )
+from tgd_jax.train.tensorboard import EventWriter
 
-__all__ = ["NonFiniteLossError", "fit", "resume", "validation_batches", "Validator"]
+__all__ = ["NonFiniteLossError", "fit", "resume", "validation_batches", "Validator",
+           "learning_rate_at", "SlicePanel"]
 
 Batch = dict[str, jax.Array]
 
@@ -72,12 +83,47 @@ def resume(ckpt: Checkpointer, state: step_lib.TrainState, metrics_path: Path | 
 
 
 def validation_batches(pairs: data_lib.PairSet, *, config: ml_collections.ConfigDict,
-                       local_batch: int, mesh: jax.sharding.Mesh) -> list[Batch]:
-    """``config.eval_batches`` fixed, unaugmented batches of ``pairs`` (the same every run)."""
+                       mesh: jax.sharding.Mesh) -> list[Batch]:
+    """``config.eval_batches`` fixed, unaugmented global batches of ``pairs`` (the same every
+    run, whatever the number of processes: each makes its own rows)."""
+    rows = parallel.process_rows(config.batch_size, mesh)
     return [parallel.shard_batch(data_lib.sample_batch(
-        pairs, seed=config.seed, step=i, batch_size=local_batch,
+        pairs, seed=config.seed, step=i, batch_size=config.batch_size,
         patch_size=config.data.patch_size, augment=False, stream=data_lib.STREAM_VAL,
-        process_index=jax.process_index()), mesh) for i in range(config.eval_batches)]
+        rows=rows), mesh) for i in range(config.eval_batches)]
+
+
+def learning_rate_at(config: ml_collections.ConfigDict, num_steps: int
+                     ) -> Callable[[int], float]:
+    """``step -> the learning rate of the update that made step``: the schedule of
+    :func:`tgd_jax.optim.make_optimizer` (``config.optimizer``) at count ``step - 1``."""
+    o = config.optimizer
+    schedule = (optax.cosine_decay_schedule(o.learning_rate, max(1, num_steps))
+                if o.schedule == "cosine" else optax.constant_schedule(o.learning_rate))
+    return lambda step: float(schedule(max(0, step - 1)))
+
+
+class SlicePanel:
+    """The image TensorBoard shows at each evaluation: one fixed validation slice as
+    ``input | output | target`` side by side, ``(H, 3 W)``.
+
+    The slice is the middle one of the first pair of ``pairs`` (its 2.5D stack in, the
+    network's centre channel out, as :mod:`tgd_jax.pet.denoise` uses it). The network runs
+    in inference mode on this process's copy of the state (no collective).
+    """
+
+    def __init__(self, model: nn.Module, pairs: data_lib.PairSet) -> None:
+        source, target = (pairs.volumes[i] for i in pairs.pairs[0])
+        z = source.shape[0] // 2  # 1 <= z <= Z - 2: PairSet volumes have Z >= 3
+        self.stack = np.moveaxis(source[z - 1:z + 2], 0, -1)[None]  # (1, H, W, 3)
+        self.input, self.target = source[z], target[z]
+        self._apply = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+    def __call__(self, state: step_lib.TrainState) -> np.ndarray:
+        local = parallel.host_copy({"params": state.params, "batch_stats": state.batch_stats})
+        variables = {k: v for k, v in local.items() if v}
+        output = np.asarray(self._apply(variables, self.stack))[0, ..., 1]
+        return np.concatenate([self.input, output, self.target], axis=1)
 
 
 class Validator:
@@ -120,6 +166,7 @@ def fit(
     extra_val: Mapping[str, data_lib.PairSet] | None = None,
     gate_cosine: bool = False,
     graph: Any = None,
+    constants: Mapping[str, float] | None = None,
 ) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """Trains ``state`` to ``num_steps`` steps in ``workdir`` (resuming if it can).
 
@@ -141,6 +188,8 @@ def fit(
         (:func:`tgd_jax.train.step.train_step`).
       graph: the plan's channel graph when its paper-mode gates are automatic
         (``plan.auto_gates``; :func:`tgd_jax.autogate.gated_by`).
+      constants: numbers of the run shown in TensorBoard with each validation
+        (``run/<name>``), e.g. the retrained fraction.
 
     Returns:
       The final state and the run summary (the commands add their fields and write it
@@ -152,6 +201,8 @@ def fit(
       FolderInUseError: if another live run holds ``workdir``.
       RunError: if ``workdir`` is removed or replaced during the run.
       Interrupted: on SIGINT/SIGTERM (naming the last complete checkpoint).
+      RunError: with several processes, any other failure of a step, a collective or a
+        checkpoint (another process stopped, most likely), naming this process.
     """
     if config.loss not in step_lib.LOSSES:
         raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
@@ -160,8 +211,7 @@ def fit(
     log = log if main else _silent
     metrics_path = workdir / METRICS_FILE if main else None
     mesh = mesh or parallel.make_mesh()
-    parallel.check_batch_size(config.batch_size, mesh)
-    local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    parallel.process_rows(config.batch_size, mesh)  # the batch splits over this mesh
     # Held since prepare_workdir (re-entrant), released when training ends, however it ends.
     lock = workdir_lib.lock_folder(workdir, "fit", log=log) if main else None
     try:
@@ -169,8 +219,8 @@ def fit(
                     train_pairs=train_pairs, val_pairs=val_pairs, num_steps=num_steps,
                     meta=meta, freeze_batch_stats=freeze_batch_stats, mesh=mesh, log=log,
                     extra_val=extra_val, gate_cosine=gate_cosine, graph=graph,
-                    local_batch=local_batch, metrics_path=metrics_path,
-                    check=lock.check if lock else _nothing)
+                    metrics_path=metrics_path, check=lock.check if lock else _nothing,
+                    constants=constants)
     finally:
         if lock:
             lock.release()
@@ -181,11 +231,13 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
          train_pairs: data_lib.PairSet, val_pairs: data_lib.PairSet | None, num_steps: int,
          meta: Mapping[str, Any] | None, freeze_batch_stats: bool, mesh: jax.sharding.Mesh,
          log: Callable[[str], None], extra_val: Mapping[str, data_lib.PairSet] | None,
-         gate_cosine: bool, graph: Any, local_batch: int, metrics_path: Path | None,
-         check: Callable[[], None]) -> tuple[step_lib.TrainState, dict[str, Any]]:
+         gate_cosine: bool, graph: Any, metrics_path: Path | None,
+         check: Callable[[], None], constants: Mapping[str, float] | None
+         ) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """:func:`fit` in its locked workdir; ``check()`` before each write (workdir still ours)."""
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, log=log)
     meta = {"config": config.to_dict(), **(meta or {})}
+    main = metrics_path is not None
 
     state = parallel.replicate(resume(ckpt, state, metrics_path, log), mesh)
     start = int(state.step)
@@ -195,18 +247,45 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
         loss=loss, gate_cosine=gate_cosine, graph=graph, dropout_seed=int(config.seed)), mesh)
     eval_fn = parallel.jit_step(functools.partial(step_lib.eval_step, model=model, loss=loss),
                                 mesh, donate_state=False)
-    held_out = functools.partial(validation_batches, config=config, local_batch=local_batch,
-                                 mesh=mesh)
+    held_out = functools.partial(validation_batches, config=config, mesh=mesh)
     validate = Validator(eval_fn, held_out(val_pairs if val_pairs is not None else train_pairs),
                          {name: held_out(p) for name, p in (extra_val or {}).items()})
+    rows = parallel.process_rows(config.batch_size, mesh)
 
     def make_batch(step: int) -> Batch:
         return parallel.shard_batch(data_lib.sample_batch(
-            train_pairs, seed=config.seed, step=step, batch_size=local_batch,
-            patch_size=config.data.patch_size, augment=config.data.augment,
-            process_index=jax.process_index()), mesh)
+            train_pairs, seed=config.seed, step=step, batch_size=config.batch_size,
+            patch_size=config.data.patch_size, augment=config.data.augment, rows=rows), mesh)
 
-    logger = MetricsLogger(metrics_path, num_steps, start, log)
+    # A resumed run hides in TensorBoard what a killed invocation wrote after its checkpoint
+    # (as metrics.jsonl is cut back); a fresh start hides a failed first attempt's.
+    events = EventWriter(workdir, enabled=main, purge_step=start + 1 if start else 0)
+    panel = SlicePanel(model, val_pairs if val_pairs is not None else train_pairs) \
+        if main else None
+    logger = MetricsLogger(metrics_path, num_steps, start, log, events=events,
+                           learning_rate=learning_rate_at(config, num_steps),
+                           constants=constants)
+    try:
+        return _loop(config=config, workdir=workdir, state=state, num_steps=num_steps,
+                     log=log, check=check, ckpt=ckpt, meta=meta, train_fn=train_fn,
+                     validate=validate, make_batch=make_batch, logger=logger,
+                     events=events, panel=panel, mesh=mesh, start=start)
+    finally:
+        events.close()
+
+
+def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.TrainState,
+          num_steps: int, log: Callable[[str], None], check: Callable[[], None],
+          ckpt: Checkpointer, meta: dict[str, Any], train_fn: Callable[..., Any],
+          validate: Validator, make_batch: Callable[[int], Batch], logger: MetricsLogger,
+          events: EventWriter, panel: SlicePanel | None, mesh: jax.sharding.Mesh,
+          start: int) -> tuple[step_lib.TrainState, dict[str, Any]]:
+    """The steps of :func:`fit` from ``start``, with validations, checkpoints and the summary."""
+
+    def show(step: int) -> None:
+        if panel is not None:
+            events.image(step, "val/slice_input_output_target", panel(state))
+
     where = lambda: (f" The last good checkpoint is step {ckpt.latest_step} in "  # noqa: E731
                      f"{workdir / 'checkpoints'}")
     if start >= num_steps:
@@ -216,6 +295,7 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
     else:  # the starting network's validation loss: what training must improve on
         initial, initial_extra = validate(state)
         logger.validation(0, initial, initial_extra)
+        show(0)
     last_val, last_extra = None, {}
     kept_steps = frozenset(int(s) for s in config.get("keep_steps", ()))
     pending: list[dict[str, jax.Array]] = []
@@ -237,16 +317,27 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
                 last_val, last_extra = validate(state)
                 check_finite("validation loss", last_val, done, where())
                 check()
-                best = ckpt.save(done, state, meta, val_loss=last_val, kept=kept)
-                logger.validation(done, last_val, last_extra, best=best)
+                # The record before the checkpoint: a run killed in between (with several
+                # processes, one waiting in the save's barrier for a dead one) resumes from
+                # an earlier checkpoint and drops it, or from this one and keeps it.
+                logger.validation(done, last_val, last_extra, best=last_val < ckpt.best_loss)
+                ckpt.save(done, state, meta, val_loss=last_val, kept=kept)
+                show(done)
     except Interrupted as stop:
+        if parallel.multi_process():  # completing a checkpoint needs every process
+            raise Interrupted(stop.signum, f"{stop} at step {done}; rerun every process to "
+                              "resume from the newest complete checkpoint in "
+                              f"{workdir / 'checkpoints'}") from None
         with contextlib.suppress(Interrupted):  # a second Ctrl-C changes nothing here
             ckpt.close()  # completes the checkpoint in flight: the rerun resumes from it
         last = ckpt.latest_step
         raise Interrupted(stop.signum, f"{stop} at step {done}; nothing was half-written; " + (
             f"rerun the same command to resume from step {last} ({workdir / 'checkpoints'})"
             if last is not None else "no checkpoint yet, a rerun starts over")) from None
-    except BaseException:
+    except BaseException as error:
+        if parallel.multi_process():
+            # Closing the checkpointer would wait for processes that may be gone.
+            raise _process_failure(error, done, workdir) from error
         with contextlib.suppress(Exception):  # the first error is the one to report
             ckpt.close()  # no orbax write left running behind the error
         raise
@@ -270,6 +361,19 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
     }
     ckpt.close()
     return state, summary
+
+
+def _process_failure(error: BaseException, step: int, workdir: Path) -> BaseException:
+    """What a process of a multi-process run reports when its loop fails: our own errors
+    as they are (every process meets them alike), anything else (a collective or a
+    checkpoint barrier failing, as when another process stopped) as a :class:`RunError`."""
+    if isinstance(error, TGDError):
+        return error
+    return RunError(
+        f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: "
+        f"{one_line(error)[:300]}; if another process of this run stopped, that is the "
+        f"cause (see its output). Rerun every process to resume from the newest complete "
+        f"checkpoint in {workdir / 'checkpoints'}")
 
 
 def _silent(message: str) -> None:

@@ -29,7 +29,7 @@ from tgd_jax.train.errors import RunError, UsageError
 __all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
            "save_figure", "prepare_workdir", "config_diff", "check_writable",
            "check_output_file", "output_folder", "FolderLock", "FolderInUseError",
-           "lock_folder", "LOCK_FILE"]
+           "lock_folder", "LOCK_FILE", "release_all_locks"]
 
 
 @contextlib.contextmanager
@@ -341,7 +341,8 @@ def _same_file(path: Path, fd: int) -> bool:
 
 
 @atexit.register
-def _release_all() -> None:
+def release_all_locks() -> None:
+    """Releases every folder lock this process holds (at exit, or before leaving at once)."""
     for lock in list(_HELD.values()):
         lock.release()
 
