@@ -17,7 +17,9 @@ the v2 images of the fine-tuning set, with:
   fresh kernels may need;
 * ``packnet``: the PackNet-style baseline (the 30 % smallest weights of each kernel freed,
   re-drawn and trained);
-* ``random``: TGD's per-layer counts at random; ``full``: every weight.
+* ``random``: TGD's per-layer counts at random; ``full``: every weight;
+* ``v1-control``: every weight, on the v1 images of the fine-tuning studies (the old task):
+  how much a mid-schedule start improves under any low-rate training.
 
 New task: the v2 images of the training set's held-out study; old task: its v1 images. The
 report gives, per start and option, the change of each held-out loss from the starting
@@ -58,6 +60,10 @@ OPTIONS: dict[str, dict[str, object]] = {
     "packnet": {"method": "packnet", "tgd.packnet_fraction": 0.3},
     "random": {"method": "random"},
     "full": {"method": "full"},
+    # Control: the same steps on the OLD task's images (v1 of the fine-tuning studies), every
+    # weight trained. A start taken mid-schedule improves under any low-rate training; this
+    # shows how much of a change is that, not the new task.
+    "v1-control": {"method": "full", "data.version": "v1"},
 }
 REPO = Path(__file__).resolve().parent.parent
 

@@ -141,9 +141,12 @@ def report(runs: Path) -> str:
     seeds = sorted(_kept(runs))
     lines = ["# The premise along training", "",
              f"`python experiments/premise_training.py` on `{runs}` (seeds "
-             f"{', '.join(map(str, seeds))}; the default pretraining recipe at quarter width "
-             "for 32,000 steps, cosine schedule over the whole run; the threshold study of "
-             "each kept checkpoint on the held-out study's v1 images). Mean ± sd over seeds.",
+             f"{', '.join(map(str, seeds))}; the default pretraining recipe at quarter width, "
+             "a cosine schedule planned over 32,000 steps; the threshold study of each kept "
+             "checkpoint on the held-out study's v1 images). Mean ± sd over the seeds that "
+             "reached a step; the last kept checkpoint of each seed: "
+             + ", ".join(f"seed {s}: {max(steps)}" for s, steps in sorted(_kept(runs).items()))
+             + ".",
              "", verdict(table), "",
              "| step | held-out MSE | retrained % (0.3 / 0.5) | zeroing cost %, KSE (0.3) | "
              "random (0.3) | L1 (0.3) | KSE (0.5) | random (0.5) | next layer's weight on "
