@@ -11,7 +11,8 @@ and ``bench.md`` (the table). PyTorch, scikit-learn and scikit-image comparisons
 Sections: ``peak`` (4096^2 float32 matmul), ``step`` (train step, ours vs PyTorch, demo and
 paper widths, with FLOP rates), ``tgd`` (plain / projected / paper step at demo width),
 ``kse`` (paper network, cold and warm, vs the scikit-learn loop), ``osem`` (vs
-scikit-image), ``scaling`` (the demo step on 1 / 2 / 4 host devices, separate processes),
+scikit-image), ``scaling`` (the demo step on 1 and 2 devices and on 2 processes, the
+all-reduce alone: ``benchmarks/scaling.py``),
 ``launch`` (a one-step ``train.py``: imports, and the whole run with the persistent
 compilation cache off, filling, and filled).
 """
@@ -20,10 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch")
@@ -32,13 +29,6 @@ SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch")
 SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32), ("paper-b256", 1.0, 256),
          ("paper-b1024", 1.0, 1024))
 DTYPES = ("float32", "bfloat16")
-
-
-def _scaling_worker(devices: int, rounds: int) -> None:
-    """Run in a fresh process whose XLA_FLAGS split the CPU into ``devices`` devices."""
-    from benchmarks import step
-
-    print(json.dumps(step.time_jax(0.25, 16, rounds=rounds, devices=devices)))
 
 
 def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo", "paper"),
@@ -100,17 +90,10 @@ def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo"
             result["osem"] = osem_vs_skimage.measure(rounds=max(2, rounds // 2))
             print(f"OSEM {result['osem']['ratio']:.1f}x scikit-image", flush=True)
     if "scaling" in sections:
-        scaling = {}
-        for devices in (1, 2, 4):
-            env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count="
-                                              f"{devices}", "JAX_PLATFORMS": "cpu"}
-            proc = subprocess.run([sys.executable, "-m", "benchmarks", "--_worker",
-                                   str(devices), f"--rounds={rounds}"], env=env,
-                                  capture_output=True, text=True, check=True)
-            scaling[devices] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{devices} device(s): {1e3 * scaling[devices]['min_s']:.1f} ms", flush=True)
-        result["scaling"] = {str(d): {**t, "speedup": scaling[1]["min_s"] / t["min_s"]}
-                             for d, t in scaling.items()}
+        from benchmarks import scaling
+
+        result["scaling"] = scaling.measure(rounds)
+        print("\n".join(scaling.table(result["scaling"])), flush=True)
     if "launch" in sections:
         from benchmarks import launch
 
@@ -189,11 +172,15 @@ def table(r: dict[str, Any]) -> str:
                 f"**{la['cache_hit_s']:.1f} s** with it filled; the imports alone take "
                 f"{la['imports_s']:.1f} s.", ""]
     if "scaling" in r:
-        s = r["scaling"]
-        out += ["| host devices (demo step) | step | speed-up |", "|---|---|---|"]
-        out += [f"| {d} | {1e3 * t['min_s']:.1f} ms | {t['speedup']:.2f}x |"
-                for d, t in s.items()]
-        out.append("")
+        from benchmarks import scaling
+
+        if "1 device" in r["scaling"]:
+            out += [*scaling.table(r["scaling"]), ""]
+        else:  # bench.json of an earlier release: host devices only
+            out += ["| host devices (demo step) | step | speed-up |", "|---|---|---|"]
+            out += [f"| {d} | {1e3 * t['min_s']:.1f} ms | {t['speedup']:.2f}x |"
+                    for d, t in r["scaling"].items()]
+            out.append("")
     return "\n".join(out)
 
 
@@ -205,11 +192,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="demo,paper",
                         help=f"step sizes, from {[s[0] for s in SIZES]}")
     parser.add_argument("--dtypes", default="float32", help=f"step dtypes, from {DTYPES}")
-    parser.add_argument("--_worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args._worker:
-        _scaling_worker(args._worker, args.rounds)
-        return
     sections = tuple(s for s in args.sections.split(",") if s)
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

@@ -85,3 +85,18 @@ def test_bfloat16_step_keeps_float32_state_and_the_same_loss():
     # bfloat16 has an 8-bit mantissa: the same loss to about 1 %, not bit for bit
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=3e-2)
     assert losses["bfloat16"] != losses["float32"]
+
+
+def test_the_on_paper_scaling_model_by_hand():
+    from benchmarks import scaling
+
+    m = scaling.paper_model(params=1_000_000, flops_per_example=8e9)
+    # ring all-reduce of 4 MB over 8 TPU v5e chips: 2 * 7/8 * 4e6 / 100e9 + 14 * 5 us
+    assert m["tpu_v5e_8"]["allreduce_s"] == pytest.approx(70e-6 + 70e-6)
+    # compute: 32 * 8e9 / (8 chips * 197e12 * 0.5)
+    assert m["tpu_v5e_8"]["compute_b32_s"] == pytest.approx(32 * 8e9 / (8 * 98.5e12))
+    batch = m["tpu_v5e_8"]["batch_where_allreduce_stops_mattering"]
+    per_example = 8e9 / (8 * 98.5e12)
+    assert batch * per_example >= 9 * 140e-6 > (batch - 8) * per_example
+    rows = scaling.paper_table(m)
+    assert rows[2].startswith("| TPU v5e host (8 chips) | 140 us |")
