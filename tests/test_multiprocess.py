@@ -3,7 +3,7 @@ by ``--coordinator_address/--num_processes/--process_id`` and talking through gl
 
 Each run is real: every process is a command line of its own (``train.py`` ...), and the
 references are the same commands in one process with 2 devices (the same global mesh).
-Tiny configs; the file takes about two minutes on 2 cores.
+Tiny configs; the file took 2.5 CPU-minutes (175 s wall on a loaded 2-core machine).
 """
 
 from __future__ import annotations

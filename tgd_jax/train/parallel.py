@@ -3,9 +3,10 @@
 The batch is sharded along its first axis over every device of the mesh; the training
 state is replicated. ``jax.jit`` with these ``NamedSharding`` s partitions the step (GSPMD):
 gradients and the BatchNorm batch statistics are reduced over the GLOBAL batch, so one
-device and N devices compute the same step up to float32 reduction order. Multi-host:
-each process passes only its own rows (:func:`shard_batch`), and
-``jax.distributed.initialize()`` must have run first (``--config.distributed``).
+device and N devices compute the same step up to float32 reduction order. Several
+processes: :func:`init_distributed` joins them first (the commands' ``--coordinator_address``,
+``--num_processes``, ``--process_id``), and each process makes and passes only its own rows
+of the global batch (:func:`process_rows`, :func:`shard_batch`).
 """
 
 from __future__ import annotations
