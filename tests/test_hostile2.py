@@ -1035,9 +1035,13 @@ def _interrupt_at(prefix: str, signum: int):
 
 
 def test_ctrl_c_stops_training_with_one_line_and_the_rerun_is_bit_identical(
-        toy_data, pretrained, tmp_path, capsys):
+        toy_data, pretrained, tmp_path, capsys, request):
     workdir = tmp_path / "run"
     config = tiny_train_config(toy_data["train"])
+    # A suite started in the background (nohup, `&`) ignores SIGINT, and the commands leave
+    # an ignored signal ignored; this test is about Ctrl-C in a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped, errors.reported("train.py"):
         pipeline.train(config, workdir, log=_interrupt_at("step 6/12", signal.SIGINT))
