@@ -15,11 +15,12 @@ the v2 images of the fine-tuning set, with:
 * ``readers-last``: only the last layer's slices;
 * ``reinit+readers``: both, at Adam 1e-4 and (``reinit+readers-lr1e-3``) 1e-3, the rate
   fresh kernels may need;
-* ``packnet``: the PackNet-style baseline (the 30 % smallest weights of each kernel freed,
-  re-drawn and trained);
+* ``packnet``: the PackNet-style baseline: the 30 % smallest weights of each kernel freed
+  and trained from their (small) values; PackNet zeroes them first, `tgd.reinit_scale` > 0 would;
 * ``random``: TGD's per-layer counts at random; ``full``: every weight;
-* ``v1-control``: every weight, on the v1 images of the fine-tuning studies (the old task):
-  how much a mid-schedule start improves under any low-rate training.
+* ``v1-control``: every weight, on the v1 images of the training studies but the held-out
+  one (the old task, the data v1-net was trained on): how much a mid-schedule start
+  improves under any low-rate training.
 
 New task: the v2 images of the training set's held-out study; old task: its v1 images. The
 report gives, per start and option, the change of each held-out loss from the starting
@@ -60,10 +61,12 @@ OPTIONS: dict[str, dict[str, object]] = {
     "packnet": {"method": "packnet", "tgd.packnet_fraction": 0.3},
     "random": {"method": "random"},
     "full": {"method": "full"},
-    # Control: the same steps on the OLD task's images (v1 of the fine-tuning studies), every
+    # Control: the same steps on the OLD task's images, every
     # weight trained. A start taken mid-schedule improves under any low-rate training; this
     # shows how much of a change is that, not the new task.
-    "v1-control": {"method": "full", "data.version": "v1"},
+    # (v1 of the training studies but the held-out one: the fine-tuning set has only v2).
+    "v1-control": {"method": "full", "data.path": "train.h5", "data.version": "v1",
+                  "data.val_studies": 1},
 }
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,10 +75,11 @@ def _argv(runs: Path, out: Path, seed: int, step: int, option: str) -> list[str]
     data = runs / "data"
     overrides = {"tgd.mode": "projected", "tgd.phi": 0.3, "method": "tgd",
                  **OPTIONS[option]}
+    train_set = data / str(overrides.pop("data.path", "finetune.h5"))
     return ["finetune.py", f"--workdir={out / f'start{step}' / f's{seed}' / option}",
             "--config=configs/finetune.py:demo",
             f"--config.checkpoint={runs / f'seed{seed}' / 'kept' / str(step)}",
-            f"--config.data.path={data / 'finetune.h5'}", f"--config.seed={seed}",
+            f"--config.data.path={train_set}", f"--config.seed={seed}",
             f"--config.num_steps={_STEPS.value}", "--config.eval_every=100",
             f"--config.validation.path={data / 'train.h5'}", "--config.validation.version=v2",
             f"--config.old_task.path={data / 'train.h5'}", "--config.old_task.version=v1",
