@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 # The documentation site, docs/_build/html: warnings are errors, then every internal link
 # of the built pages is checked (external ones are not: CI has no internet), and every

@@ -30,6 +30,10 @@ from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
 from tgd_jax.train.tensorboard import read_events
 
+# One worker runs this whole file, so its module fixtures are built once (make test uses
+# --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 ENV.pop("XLA_FLAGS", None)  # each process has the devices its flags say
@@ -64,16 +68,27 @@ class Launch:
                     [sys.executable, *argv, *launch(i)], stdout=out, stderr=subprocess.STDOUT,
                     env=ENV, cwd=ROOT))
 
+    def __enter__(self) -> Launch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Whatever happened in the block (a failed assert, a timeout), no process outlives
+        the test."""
+        self._kill()
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
     def wait(self, timeout: float = 300, check: bool = True) -> list[str]:
         deadline = time.time() + timeout
         try:
             for proc in self.procs:
                 proc.wait(timeout=max(1.0, deadline - time.time()))
         finally:
-            for proc in self.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            self._kill()
         outs = [log.read_text() for log in self.logs]
         if check and any(p.returncode for p in self.procs):
             raise AssertionError("\n\n".join(f"process {i} exited {p.returncode}:\n{o[-3000:]}"
@@ -176,9 +191,15 @@ def test_each_process_makes_only_its_rows_of_the_global_batch(toy_data, tmp_path
     procs = [subprocess.Popen([sys.executable, "-c", ROWS, f"localhost:{port}", str(i),
                                str(toy_data["train"]), str(tmp_path)], env=ENV, cwd=ROOT,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-3000:]
+    finally:  # no process outlives the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     full = data_lib.sample_batch(data_lib.supervised_pairs(toy_data["train"], "v1"), seed=0,
                                  step=5, batch_size=8, patch_size=16)["inputs"]
     made = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
@@ -231,13 +252,13 @@ def test_process_zero_alone_writes_and_the_checkpoint_is_one(runs):
 def test_a_killed_process_ends_the_other_and_one_process_resumes(runs, toy_data, tmp_path):
     workdir = tmp_path / "killed"
     args = [*_train_args(toy_data), f"--workdir={workdir}"]
-    run = Launch(args, 2, tmp_path, "killed")
-    run.kill_at_checkpoint(workdir, which=1)
-    t0 = time.time()
-    survivor = run.procs[0]
-    survivor.wait(timeout=120)  # bounded: never a hang
-    waited = time.time() - t0
-    out = run.logs[0].read_text()
+    with Launch(args, 2, tmp_path, "killed") as run:
+        run.kill_at_checkpoint(workdir, which=1)
+        t0 = time.time()
+        survivor = run.procs[0]
+        survivor.wait(timeout=120)  # bounded: never a hang
+        waited = time.time() - t0
+        out = run.logs[0].read_text()
     assert survivor.returncode == 1, out[-2000:]
     assert waited < 40, waited  # within the heartbeat timeout (10 s here), and slack
     line = out.strip().splitlines()[-1]
@@ -255,11 +276,14 @@ def test_a_killed_process_ends_the_other_and_one_process_resumes(runs, toy_data,
 def test_a_one_process_run_resumes_on_two_processes(runs, toy_data, tmp_path):
     workdir = tmp_path / "grow"
     args = [*_train_args(toy_data), f"--workdir={workdir}"]
-    run = Launch([*args, "--cpu_devices=2"], 1, tmp_path, "single")
-    run.kill_at_checkpoint(workdir, which=0)
-    run.wait(check=False)
+    with Launch([*args, "--cpu_devices=2"], 1, tmp_path, "single") as run:
+        run.kill_at_checkpoint(workdir, which=0)
+        run.wait(check=False)
     first = Launch(args, 2, tmp_path, "grown").wait()[0]
     assert f"resuming from {workdir / 'checkpoints'} at step" in first
+    resumed_at = int(first.split(f"resuming from {workdir / 'checkpoints'} at step ")[1]
+                     .split()[0].rstrip(".,;"))
+    assert 10 <= resumed_at < STEPS  # it was killed mid-run, and the rest ran on 2 processes
     _assert_close_params(workdir, runs["one"])
     _assert_same_losses(workdir, runs["one"])
 

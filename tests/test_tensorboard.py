@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import struct
 
+import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import quiet, tiny_train_config
 
+from tgd_jax import optim
 from tgd_jax.pet import pipeline
 from tgd_jax.train import config as config_lib
 from tgd_jax.train.tensorboard import EventWriter, read_events
@@ -97,8 +98,15 @@ def test_only_the_first_process_writes(tmp_path):
 def test_the_learning_rate_shown_is_the_optimizer_schedule(toy_data):
     config = tiny_train_config(toy_data["train"], **{"optimizer.schedule": "cosine",
                                                      "optimizer.learning_rate": 0.01})
-    schedule = optax.cosine_decay_schedule(0.01, 12)
     shown = learning_rate_at(config, 12)
-    # step s is made by the update of count s - 1
-    assert [shown(s) for s in (1, 6, 12)] == pytest.approx(
-        [float(schedule(0)), float(schedule(5)), float(schedule(11))])
+    # Independent truth: the optimizer the runs use, as plain SGD on a unit gradient, moves
+    # a weight by exactly its learning rate; step s is made by the update of count s - 1.
+    tx = optim.make_optimizer(num_steps=12, learning_rate=0.01, schedule="cosine",
+                              name="sgd", momentum=0.0)
+    params = {"w": jnp.zeros(())}
+    state, applied = tx.init(params), []
+    for _ in range(12):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        applied.append(-float(updates["w"]))
+    assert [shown(s) for s in range(1, 13)] == pytest.approx(applied, rel=1e-6)
+    assert applied[0] > applied[5] > applied[11] > 0  # a real cosine, not a constant
