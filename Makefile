@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Whole files per worker (--dist loadfile): the slowest fixtures (the tiny reproduction,
+# the multi-process runs) are module-scoped and must be built once, not once per worker.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadgroup -q
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 # The documentation site, docs/_build/html: warnings are errors, then every internal link
 # of the built pages is checked (external ones are not: CI has no internet), and every

@@ -137,3 +137,13 @@ def pretrained(toy_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrained")
     pipeline.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
     return workdir
+
+
+#: Files whose module fixtures take minutes; run first, so that under ``--dist loadfile``
+#: (make test) the other worker fills the time beside them instead of waiting at the end.
+SLOWEST_FILES = ("test_reproduce.py", "test_multiprocess.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: order kept

@@ -172,7 +172,7 @@ def _expected_h5(c: dict, data: np.ndarray | None) -> np.ndarray | None:
     return wide.astype(np.float32)
 
 
-@settings(max_examples=80, **FUZZ)
+@settings(max_examples=40, **FUZZ)
 @given(c=h5_cases)
 def test_fuzz_read_volume_hdf5(c):
     with tempfile.TemporaryDirectory() as folder:
@@ -275,7 +275,7 @@ def _expected_nifti(c: dict, data: np.ndarray) -> np.ndarray | None:
     return values.astype(np.float32).transpose(2, 1, 0)
 
 
-@settings(max_examples=80, **FUZZ)
+@settings(max_examples=40, **FUZZ)
 @given(c=nifti_cases)
 def test_fuzz_read_volume_nifti(c):
     with tempfile.TemporaryDirectory() as folder:
@@ -449,7 +449,7 @@ DATASET_MUTATIONS = {
 }
 
 
-@settings(max_examples=30, **FUZZ)
+@settings(max_examples=20, **FUZZ)
 @given(mutation=st.sampled_from(sorted(DATASET_MUTATIONS)), study=st.integers(0, 2),
        truncate=st.sampled_from([None, None, None, 0.6]))
 def test_fuzz_open_dataset_and_load_study(toy_data, mutation, study, truncate):
@@ -487,7 +487,7 @@ json_values = st.recursive(
                                                                  max_size=3), max_leaves=6)
 
 
-@settings(max_examples=25, **FUZZ)
+@settings(max_examples=15, **FUZZ)
 @given(meta=st.one_of(json_values, st.fixed_dictionaries({"config": json_values})),
        damage=st.sampled_from(["meta", "meta", "truncate", "folder", "loop", "file"]))
 def test_fuzz_checkpoint_restore(pretrained, meta, damage):

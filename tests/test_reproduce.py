@@ -188,10 +188,6 @@ def test_claim_on_par_follows_the_rule_both_ways():
 # --- the tiny preset end to end ---------------------------------------------------------------
 
 
-#: The tests of the tiny reproduction run on one xdist worker, which builds it once.
-TINY_GROUP = pytest.mark.xdist_group("tiny_reproduction")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce") / "tiny"
@@ -202,7 +198,6 @@ def tiny_run(tmp_path_factory):
     return out, proc.stdout
 
 
-@TINY_GROUP
 def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
     out, stdout = tiny_run
     text = (out / "report.md").read_text()
@@ -219,7 +214,6 @@ def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
     assert "35 jobs, 0 already done" in stdout
 
 
-@TINY_GROUP
 def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     out, _ = tiny_run
     rows = json.loads((out / "eval" / "tgdnet-s0-v2" / "evaluation.json").read_text())["rows"]
@@ -233,7 +227,6 @@ def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     assert cells[6:8] == ["-3.77", "6.46"]  # the paper's, beside ours
 
 
-@TINY_GROUP
 def test_tiny_rerun_skips_every_job(tiny_run):
     out, _ = tiny_run
     proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--preset=tiny",
