@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["RetrainOnlyState", "retrain_only", "tgd", "replace_mask", "find_mask",
-           "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer"]
+           "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer",
+           "learning_rate_schedule"]
 
 
 class RetrainOnlyState(NamedTuple):
@@ -253,6 +254,22 @@ def find_mask(opt_state: Any) -> Any | None:
     return None
 
 
+def learning_rate_schedule(learning_rate: float, schedule: str,
+                           num_steps: int) -> optax.Schedule:
+    """The learning rate of :func:`make_optimizer`'s update of count ``c`` (0-based):
+    ``constant`` or ``cosine`` (decaying to 0 over ``num_steps``).
+
+    Example:
+      >>> float(learning_rate_schedule(0.1, "cosine", 10)(10))
+      0.0
+    """
+    if schedule == "constant":
+        return optax.constant_schedule(learning_rate)
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(learning_rate, max(1, num_steps))
+    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
 def make_optimizer(
     *,
     num_steps: int,
@@ -312,12 +329,7 @@ def make_optimizer(
         raise ValueError(f"optimizer.weight_decay={weight_decay} is decoupled weight decay, "
                          f"which only 'adamw' applies (optimizer.name={name!r}); use "
                          "optimizer.l2 for coupled L2")
-    if schedule == "constant":
-        lr: Any = learning_rate
-    elif schedule == "cosine":
-        lr = optax.cosine_decay_schedule(learning_rate, max(1, num_steps))
-    else:
-        raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    lr = learning_rate_schedule(learning_rate, schedule, num_steps)
     if name == "adam":
         inner = optax.adam(lr)
     elif name == "adamw":

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from tgd_jax import optim
 from tgd_jax.train import data as data_lib
 from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
@@ -97,9 +98,8 @@ def learning_rate_at(config: ml_collections.ConfigDict, num_steps: int
                      ) -> Callable[[int], float]:
     """``step -> the learning rate of the update that made step``: the schedule of
     :func:`tgd_jax.optim.make_optimizer` (``config.optimizer``) at count ``step - 1``."""
-    o = config.optimizer
-    schedule = (optax.cosine_decay_schedule(o.learning_rate, max(1, num_steps))
-                if o.schedule == "cosine" else optax.constant_schedule(o.learning_rate))
+    schedule = optim.learning_rate_schedule(config.optimizer.learning_rate,
+                                            config.optimizer.schedule, num_steps)
     return lambda step: float(schedule(max(0, step - 1)))
 
 
