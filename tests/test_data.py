@@ -154,3 +154,23 @@ def test_prefetcher_prepares_batches_on_another_thread_before_they_are_asked_for
     finally:
         prefetch.close()
     assert threading.get_ident() not in threads and len(threads) == 1
+
+
+def test_prefetcher_places_on_the_consuming_thread_only():
+    # make (NumPy only) runs on the background thread, place (the device copy) where the
+    # batches are consumed: a second thread using the CPU devices can abort the all-reduce
+    # of jaxlib 0.10 (benchmarks/rendezvous.py).
+    made, placed = set(), set()
+
+    def make(step):
+        made.add(threading.get_ident())
+        return step
+
+    def place(value):
+        placed.add(threading.get_ident())
+        return value * 10
+
+    assert list(data.Prefetcher(make, 0, 5, depth=2, place=place)) == [
+        (s, 10 * s) for s in range(5)]
+    assert placed == {threading.get_ident()}
+    assert len(made) == 1 and threading.get_ident() not in made

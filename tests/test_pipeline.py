@@ -284,3 +284,23 @@ def test_a_workdir_without_checkpoints_is_reused_with_a_new_config(toy_data, tmp
     workdir_lib.prepare_workdir(tmp_path, config, "train")  # no checkpoints yet: allowed
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["config"]["batch_size"] == 8
+
+
+def test_training_touches_the_devices_from_the_main_thread_only(toy_data, tmp_path,
+                                                                monkeypatch):
+    # The batches are sampled on a background thread but sharded onto the devices on the
+    # thread that runs the steps (tgd_jax.train.data.Prefetcher).
+    import threading
+
+    from tgd_jax.train import parallel
+    threads, real = [], parallel.shard_batch
+
+    def shard_batch(batch, mesh):
+        threads.append(threading.get_ident())
+        assert all(isinstance(v, np.ndarray) for v in batch.values())  # host arrays in
+        return real(batch, mesh)
+
+    monkeypatch.setattr(parallel, "shard_batch", shard_batch)
+    pipeline.train(tiny_train_config(toy_data["train"], num_steps=6), tmp_path / "run",
+                   log=quiet)
+    assert len(threads) >= 6 and set(threads) == {threading.get_ident()}

@@ -8,7 +8,7 @@ A :class:`PairSet` is a list of 3D volumes plus ``(input, target)`` index pairs 
 
 :func:`sample_batch` draws a batch as a pure function of ``(seed, step)`` (NumPy's
 ``SeedSequence``), so a resumed run sees exactly the batches an uninterrupted one would,
-and :class:`Prefetcher` prepares the next batches on a background thread while the
+and :class:`Prefetcher` samples the next batches on a background thread while the
 device computes.
 """
 
@@ -201,16 +201,24 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
 
 
 class Prefetcher:
-    """Iterates ``make(step)`` for ``step`` in ``[start, stop)``, ``depth`` steps ahead.
+    """Iterates ``place(make(step))`` for ``step`` in ``[start, stop)``, ``make`` running
+    ``depth`` steps ahead.
 
-    ``make`` runs on one background thread (NumPy sampling and the host-to-device copy),
-    so the device is not kept waiting for data. An exception in ``make`` is re-raised in
+    ``make`` runs on one background thread and must not touch JAX (NumPy sampling only);
+    ``place`` (the host-to-device copy, default: none) runs on the consuming thread. The
+    split is needed on CPU devices: with jaxlib 0.10, any transfer made from a second thread
+    while the main thread runs all-reduce steps over several CPU devices of the process
+    can leave one device out of the collective, and XLA then aborts the process
+    ("Termination timeout ... Expected 2 threads to join the rendezvous";
+    ``benchmarks/rendezvous.py`` reproduces it). An exception in ``make`` is re-raised in
     the consumer at the step that failed.
     """
 
-    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2):
+    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2,
+                 place: Callable[[Any], Any] | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._count = max(0, stop - start)
+        self._place = place
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True)
         self._thread.start()
@@ -235,7 +243,7 @@ class Prefetcher:
             step, value, error = self._queue.get()
             if error is not None:
                 raise error
-            yield step, value
+            yield step, (value if self._place is None else self._place(value))
 
     def close(self) -> None:
         self._stop.set()

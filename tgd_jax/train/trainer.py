@@ -2,8 +2,8 @@
 
 :func:`fit` runs ``train_step`` from the state's step to ``num_steps``:
 
-* batches are :func:`tgd_jax.train.data.sample_batch` of ``(seed, step)``, prefetched on a
-  thread and sharded over a 1-D ``('data',)`` mesh of all devices
+* batches are :func:`tgd_jax.train.data.sample_batch` of ``(seed, step)``, sampled ahead on a
+  thread and sharded (on the main thread) over a 1-D ``('data',)`` mesh of all devices
   (:mod:`tgd_jax.train.parallel`); with several processes each makes only its own rows of
   the same global batch, so the run does not depend on how many processes share it;
 * every ``log_every`` steps a JSON line goes to ``metrics.jsonl`` and a progress line
@@ -252,10 +252,10 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
                          {name: held_out(p) for name, p in (extra_val or {}).items()})
     rows = parallel.process_rows(config.batch_size, mesh)
 
-    def make_batch(step: int) -> Batch:
-        return parallel.shard_batch(data_lib.sample_batch(
+    def make_batch(step: int) -> dict[str, np.ndarray]:  # host only: see data.Prefetcher
+        return data_lib.sample_batch(
             train_pairs, seed=config.seed, step=step, batch_size=config.batch_size,
-            patch_size=config.data.patch_size, augment=config.data.augment, rows=rows), mesh)
+            patch_size=config.data.patch_size, augment=config.data.augment, rows=rows)
 
     # A resumed run hides in TensorBoard what a killed invocation wrote after its checkpoint
     # (as metrics.jsonl is cut back); a fresh start hides a failed first attempt's.
@@ -277,7 +277,8 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
 def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.TrainState,
           num_steps: int, log: Callable[[str], None], check: Callable[[], None],
           ckpt: Checkpointer, meta: dict[str, Any], train_fn: Callable[..., Any],
-          validate: Validator, make_batch: Callable[[int], Batch], logger: MetricsLogger,
+          validate: Validator, make_batch: Callable[[int], dict[str, np.ndarray]],
+          logger: MetricsLogger,
           events: EventWriter, panel: SlicePanel | None, mesh: jax.sharding.Mesh,
           start: int) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """The steps of :func:`fit` from ``start``, with validations, checkpoints and the summary."""
@@ -300,7 +301,8 @@ def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.T
     kept_steps = frozenset(int(s) for s in config.get("keep_steps", ()))
     pending: list[dict[str, jax.Array]] = []
     done = start
-    prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch)
+    prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch,
+                                   place=functools.partial(parallel.shard_batch, mesh=mesh))
     try:
         for step, batch in prefetch:
             state, metrics = train_fn(state, batch)

@@ -1,0 +1,168 @@
+r"""Why a CPU all-reduce stopped with "Termination timeout": a second thread using the devices.
+
+  python -m benchmarks.rendezvous --trials=3 --seconds=120 [--data=runs/demo/data/train.h5]
+
+Every trial is a fresh process on 2 CPU devices (``--devices``) whose main thread runs a
+jitted data-parallel step again and again (a sum over the sharded batch, all-reduced into a
+replicated vector: cheap, so the collectives come often) while a second thread works
+beside it:
+
+* ``put-on-thread``: the thread copies batches to the devices (the step uses another one);
+* ``get-on-thread``: the thread copies a small replicated array back to the host;
+* ``prefetch-old``: :class:`tgd_jax.train.data.Prefetcher` samples *and copies* each batch
+  on its thread, the step consumes it (how the trainer worked before ``place``);
+* ``prefetch-new``: the thread samples with NumPy only and the main thread copies
+  (``Prefetcher(..., place=...)``, what :func:`tgd_jax.train.trainer.fit` does);
+* ``train``: ``train.py`` at the tiny config with its default device count, pinned to
+  ``--devices`` cores, a validation and an (asynchronous orbax) checkpoint every 10 steps.
+
+XLA's collective timeouts are shortened (stuck warning 3 s, termination 10 s), so a stuck
+collective ends a trial in seconds rather than minutes; a trial that runs ``--steps`` steps
+or ``--seconds`` seconds without one counts as clean. The outcome per mode is the number
+of trials XLA aborted (SIGABRT, "Termination timeout") and the seconds each took. It
+depends on the jaxlib version and on the machine's load: report both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("put-on-thread", "get-on-thread", "prefetch-old", "prefetch-new", "train")
+_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=10")
+
+
+def _trial(mode: str, devices: int, steps: int) -> None:
+    """One trial, in this (fresh) process: prints ``clean <steps> <seconds>`` at the end."""
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                               + os.environ.get("XLA_FLAGS", _TIMEOUTS))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from tgd_jax.train.data import Prefetcher
+
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    sharded, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(
+        mesh, PartitionSpec())
+    shape = (4 * devices, 32, 32, 8)
+
+    @jax.jit
+    def step(w: jax.Array, x: jax.Array) -> jax.Array:  # w: (8,) replicated, x sharded
+        return w + 1e-9 * jnp.sum(x ** 2, axis=(0, 1, 2))  # the sum is all-reduced
+
+    put = lambda host: jax.device_put(host, sharded)  # noqa: E731
+    probe = jax.device_put(np.ones((64, 64), np.float32), replicated)
+
+    def make(i: int) -> Any:
+        host = np.random.default_rng(i).standard_normal(shape, dtype=np.float32)
+        if mode in ("put-on-thread", "prefetch-old"):
+            return put(host)
+        if mode == "get-on-thread":
+            np.asarray(probe)
+        return host
+
+    w = jax.device_put(np.zeros(8, np.float32), replicated)
+    fixed = put(np.ones(shape, np.float32))
+    consume = mode.startswith("prefetch")
+    start = time.perf_counter()
+    prefetch = Prefetcher(make, 0, steps, depth=2,
+                          place=put if mode == "prefetch-new" else None)
+    for i, batch in prefetch:
+        w = step(w, batch if consume else fixed)
+        if i % 50 == 0:
+            w.block_until_ready()
+    w.block_until_ready()
+    print(f"clean {steps} {time.perf_counter() - start:.1f}", flush=True)
+
+
+def _command(mode: str, devices: int, steps: int, data: str, workdir: Path) -> list[str]:
+    if mode != "train":
+        return [sys.executable, "-m", "benchmarks.rendezvous", f"--trial={mode}",
+                f"--devices={devices}", f"--steps={steps}"]
+    return [sys.executable, "train.py", "--config=configs/train.py:tiny",
+            f"--config.data.path={data}", f"--config.num_steps={steps}",
+            "--config.eval_every=10", "--config.log_every=10", f"--workdir={workdir}"]
+
+
+def run(modes: list[str], trials: int, devices: int, steps: int, seconds: float,
+        data: str) -> dict[str, Any]:
+    import tempfile
+
+    import jax
+    import jaxlib
+
+    out: dict[str, Any] = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                           "cores": len(os.sched_getaffinity(0)), "devices": devices,
+                           "steps": steps, "seconds_limit": seconds,
+                           "load_average_at_start": os.getloadavg()[0], "modes": {}}
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TGD_CPU_DEVICES")}
+    env.update(PYTHONPATH=str(root), XLA_FLAGS=_TIMEOUTS, JAX_PLATFORMS="cpu")
+    cores = set(sorted(os.sched_getaffinity(0))[:devices])
+    for mode in modes:
+        rows = []
+        for t in range(trials):
+            begin = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="tgd-rendezvous-") as scratch:
+                proc = subprocess.Popen(
+                    _command(mode, devices, steps, data, Path(scratch) / "run"), cwd=root,
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    preexec_fn=lambda: os.sched_setaffinity(0, cores))
+                try:
+                    stdout, stderr = proc.communicate(timeout=seconds)
+                    outcome = ("aborted" if "Termination timeout" in stderr + stdout
+                               else "clean" if proc.returncode == 0
+                               else f"rc {proc.returncode}: {(stderr + stdout)[-300:]}")
+                except subprocess.TimeoutExpired:  # its time ran out without a stuck collective
+                    proc.send_signal(signal.SIGKILL)
+                    proc.communicate()
+                    outcome = "clean (time limit)"
+            rows.append({"outcome": outcome, "seconds": round(time.perf_counter() - begin, 1)})
+            print(f"{mode:14s} trial {t}: {outcome} after {rows[-1]['seconds']} s", flush=True)
+        out["modes"][mode] = {"aborted": sum(r["outcome"] == "aborted" for r in rows),
+                              "trials": rows}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--data", default="runs/demo/data/train.h5",
+                        help="a training dataset for the train mode")
+    parser.add_argument("--out", default="", help="write the result as JSON here")
+    parser.add_argument("--trial", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trial:
+        _trial(args.trial, args.devices, args.steps)
+        return
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown --modes {unknown}; choose from {list(MODES)}")
+    result = run(modes, args.trials, args.devices, args.steps, args.seconds,
+                 str(Path(args.data).resolve()))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
