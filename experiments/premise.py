@@ -183,7 +183,7 @@ def _quiet(message: str) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    parallel.use_cpu_cores(16, None)  # $TGD_CPU_DEVICES, else 1 device
+    parallel.use_cpu_cores(16, None, default=1)  # $TGD_CPU_DEVICES, else 1 device
     out, data = Path(_OUT.value), Path(_DATA.value)
     seeds = [int(s) for s in _SEEDS.value]
     recipes = _RECIPES.value or list(RECIPES)

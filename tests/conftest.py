@@ -11,6 +11,10 @@ import numpy as np
 # Commands started by the tests keep their compiled programs in a throw-away folder per
 # test process, not in the user's ~/.cache (tgd_jax.train.parallel.use_compilation_cache).
 os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-cache-"))
+# ... and use one CPU device each (the commands' default is one per core): the two xdist
+# workers already fill the machine's cores, and tests compare commands with in-process runs,
+# which have one device. tests/test_multiprocess.py runs a command with the default.
+os.environ.setdefault("TGD_CPU_DEVICES", "1")
 
 # Threefry's XLA:CPU compile takes ~1.5 s per distinct shape on the CI machine, which would
 # dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the

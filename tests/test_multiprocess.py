@@ -52,7 +52,8 @@ def _train_args(toy_data) -> list[str]:
 class Launch:
     """``n`` processes of one command (n=1: a plain run, no launch flags)."""
 
-    def __init__(self, argv: list[str], n: int, logs: Path, name: str):
+    def __init__(self, argv: list[str], n: int, logs: Path, name: str,
+                 env: dict[str, str] | None = None, cores: set[int] | None = None):
         self.logs = [logs / f"{name}.{i}.log" for i in range(n)]
         port = parallel.free_port()
         launch = (lambda i: [f"--coordinator_address=localhost:{port}", f"--num_processes={n}",
@@ -62,7 +63,8 @@ class Launch:
             with open(log, "w") as out:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, *argv, *launch(i)], stdout=out, stderr=subprocess.STDOUT,
-                    env=ENV, cwd=ROOT))
+                    env=ENV if env is None else env, cwd=ROOT,
+                    preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores)))
 
     def __enter__(self) -> Launch:
         return self
@@ -209,15 +211,24 @@ def test_each_process_makes_only_its_rows_of_the_global_batch(toy_data, tmp_path
 # --- train.py ----------------------------------------------------------------------------
 
 
+#: Two of this machine's cores, for the run with the default device count (every core).
+TWO_CORES = set(sorted(os.sched_getaffinity(0))[:2])
+
+
 @pytest.fixture(scope="module")
 def runs(toy_data, tmp_path_factory):
-    """The same training run: 2 processes x 1 device, and 1 process x 2 devices."""
+    """The same training run: 2 processes x 1 device, 1 process x 2 devices, and 1 process
+    with the default device count pinned to 2 cores."""
     root = tmp_path_factory.mktemp("runs")
     args = _train_args(toy_data)
     two = Launch([*args, f"--workdir={root / 'two'}"], 2, root, "two").wait()
     one = Launch([*args, f"--workdir={root / 'one'}", "--cpu_devices=2"], 1, root,
                  "one").wait()
-    return {"root": root, "two": root / "two", "one": root / "one", "logs": two + one}
+    default_env = {k: v for k, v in ENV.items() if k != parallel.CPU_DEVICES_ENV}
+    Launch([*args, f"--workdir={root / 'default'}"], 1, root, "default", env=default_env,
+           cores=TWO_CORES).wait()
+    return {"root": root, "two": root / "two", "one": root / "one",
+            "default": root / "default", "logs": two + one}
 
 
 def test_two_processes_train_as_one_process_with_two_devices(runs):
@@ -227,6 +238,17 @@ def test_two_processes_train_as_one_process_with_two_devices(runs):
         summary = json.loads((runs[name] / "summary.json").read_text())
         assert summary["devices"] == 2 and summary["global_batch"] == 4
         assert summary["steps"] == STEPS
+
+
+@pytest.mark.skipif(len(TWO_CORES) < 2, reason="needs 2 cores")
+def test_a_command_uses_every_core_by_default_with_the_same_bits_each_run(runs):
+    # Pinned to 2 cores, a plain train.py (no --cpu_devices, no $TGD_CPU_DEVICES) splits the
+    # CPU into 2 devices: the explicit 2-device run's losses and parameters, bit for bit.
+    summary = json.loads((runs["default"] / "summary.json").read_text())
+    assert summary["devices"] == 2
+    assert _losses(runs["default"]) == _losses(runs["one"])
+    for x, y in zip(_leaves(runs["default"]), _leaves(runs["one"]), strict=True):
+        assert x.tobytes() == y.tobytes()
 
 
 def test_process_zero_alone_writes_and_the_checkpoint_is_one(runs):

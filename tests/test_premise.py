@@ -327,18 +327,25 @@ CORES_SCRIPT = (
     "    print('DEVICES', n, jax.device_count())\n")
 
 
-@pytest.mark.parametrize("env, expected", [("2", "DEVICES 2 2"), ("", "DEVICES 1 1"),
-                                           ("two", "ERROR $TGD_CPU_DEVICES='two' is not an "
-                                                   "integer")])
-def test_use_cpu_cores_sets_the_device_count_before_jax_starts(env, expected):
+@pytest.mark.parametrize("env, cores, expected", [
+    ("2", 1, "DEVICES 2 2"),  # asked for: 2 devices even on 1 core
+    ("1", 2, "DEVICES 1 1"),
+    ("", 1, "DEVICES 1 1"),  # the default: one per core this process may run on
+    ("", 2, "DEVICES 2 2"),
+    ("two", 2, "ERROR $TGD_CPU_DEVICES='two' is not an integer")])
+def test_use_cpu_cores_sets_the_device_count_before_jax_starts(env, cores, expected):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    allowed = set(sorted(os.sched_getaffinity(0))[:cores])
+    if len(allowed) < cores:
+        pytest.skip(f"needs {cores} cores")
     clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     clean.update(JAX_PLATFORMS="cpu", TGD_CPU_DEVICES=env,
                  PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     out = subprocess.run([sys.executable, "-c", CORES_SCRIPT], capture_output=True, text=True,
-                         env=clean, timeout=120)
+                         env=clean, timeout=120,
+                         preexec_fn=lambda: os.sched_setaffinity(0, allowed))
     assert expected in out.stdout, out.stdout + out.stderr[-2000:]

@@ -42,9 +42,10 @@ def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "JAX devices to split a CPU-only machine into, for data "
-    "parallelism over its cores: 0 = one per core (the largest count that divides the "
-    "batch); default $TGD_CPU_DEVICES, else 1 (see tgd_jax.train.parallel.use_cpu_cores for why "
-    "it is opt-in). Ignored on GPU/TPU.")
+    "parallelism over its cores: 0 = one per core this process may run on (the largest "
+    "count that divides the batch); default $TGD_CPU_DEVICES, else 0. Per process in a "
+    "multi-process run (processes sharing a machine: --cpu_devices=1, or pin each to its "
+    "cores). Ignored on GPU/TPU.")
 
 
 _COORDINATOR = flags.DEFINE_string(

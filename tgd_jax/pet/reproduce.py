@@ -355,6 +355,10 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
         f"{workers} at a time")
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    # One device per job (unless $TGD_CPU_DEVICES says otherwise): the jobs running side
+    # by side fill the cores without all-reduces, and the numbers of a report do not depend
+    # on how many ran at a time.
+    child_env.setdefault("TGD_CPU_DEVICES", "1")  # tgd_jax.train.parallel.CPU_DEVICES_ENV
     running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
     failed: list[str] = []
     t0 = last_beat = time.monotonic()

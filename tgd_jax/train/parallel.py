@@ -42,20 +42,25 @@ def cpu_device_count(batch_size: int, cores: int) -> int:
     return max(d for d in range(1, max(1, cores) + 1) if batch_size % d == 0)
 
 
-def use_cpu_cores(batch_size: int, requested: int | None = None) -> int:
-    """Splits the CPU into several JAX host devices, so the data-parallel step can use every core.
+def use_cpu_cores(batch_size: int, requested: int | None = None, *, default: int = 0) -> int:
+    """Splits the CPU into several JAX host devices, so the data-parallel step uses every core.
 
     With one device per core, the ``('data',)`` mesh shards the batch over them and the
     step computes the same update up to float32 reduction order (gradients and BatchNorm
-    statistics are reduced over the global batch). It is opt-in (the commands default to
-    1 device); benchmarks/RESULTS.md has the measured throughput and why.
+    statistics are reduced over the global batch): a run's numbers depend on its device
+    count, so the same command gives the same numbers on the same machine (and the count
+    is recorded in the workdir). The commands use every core by default; ``reproduce.py``
+    runs one single-device job per core instead (``$TGD_CPU_DEVICES=1`` for its jobs).
     Must run before JAX initialises its backends; no effect on GPU/TPU.
 
     Args:
       batch_size: the global batch; the automatic count is the largest divisor of it that
-        does not exceed the cores (so the batch always splits evenly).
+        does not exceed the cores this process may run on (so the batch splits evenly).
       requested: devices asked for (``--cpu_devices``): 0 = one per core (automatic),
-        None = ``$TGD_CPU_DEVICES`` if set, else 1.
+        None = ``$TGD_CPU_DEVICES`` if set, else ``default``.
+      default: the count when neither ``requested`` nor ``$TGD_CPU_DEVICES`` says (0 = one
+        per core; the experiments whose published numbers were measured on one device
+        pass 1).
 
     Returns:
       The number of CPU devices set (or already forced by ``XLA_FLAGS``, which wins).
@@ -65,7 +70,7 @@ def use_cpu_cores(batch_size: int, requested: int | None = None) -> int:
     if forced:
         return int(forced.group(1))
     if requested is None:
-        value = os.environ.get(CPU_DEVICES_ENV, "") or "1"
+        value = os.environ.get(CPU_DEVICES_ENV, "") or str(default)
         try:
             requested = int(value)
         except ValueError:
