@@ -7,8 +7,9 @@ jitted data-parallel step again and again (a sum over the sharded batch, all-red
 replicated vector: cheap, so the collectives come often) while a second thread works
 beside it:
 
-* ``put-on-thread``: the thread copies batches to the devices (the step uses another one);
-* ``get-on-thread``: the thread copies a small replicated array back to the host;
+* ``put-on-thread``: the thread copies batches to the devices as fast as it can (the step
+  uses another one);
+* ``get-on-thread``: the thread copies a small replicated array back to the host, likewise;
 * ``prefetch-old``: :class:`tgd_jax.train.data.Prefetcher` samples *and copies* each batch
   on its thread, the step consumes it (how the trainer worked before ``place``);
 * ``prefetch-new``: the thread samples with NumPy only and the main thread copies
@@ -28,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,23 +68,33 @@ def _trial(mode: str, devices: int, steps: int) -> None:
 
     def make(i: int) -> Any:
         host = np.random.default_rng(i).standard_normal(shape, dtype=np.float32)
-        if mode in ("put-on-thread", "prefetch-old"):
-            return put(host)
-        if mode == "get-on-thread":
-            np.asarray(probe)
-        return host
+        return put(host) if mode == "prefetch-old" else host
+
+    stop = threading.Event()
+
+    def traffic() -> None:  # the free-running second thread of the *-on-thread modes
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            if mode == "put-on-thread":
+                put(rng.standard_normal(shape, dtype=np.float32))
+            else:
+                np.asarray(probe)
 
     w = jax.device_put(np.zeros(8, np.float32), replicated)
     fixed = put(np.ones(shape, np.float32))
-    consume = mode.startswith("prefetch")
     start = time.perf_counter()
-    prefetch = Prefetcher(make, 0, steps, depth=2,
-                          place=put if mode == "prefetch-new" else None)
-    for i, batch in prefetch:
-        w = step(w, batch if consume else fixed)
+    if mode.startswith("prefetch"):
+        batches: Any = Prefetcher(make, 0, steps, depth=2,
+                                  place=put if mode == "prefetch-new" else None)
+    else:
+        batches = ((i, fixed) for i in range(steps))
+        threading.Thread(target=traffic, daemon=True).start()
+    for i, batch in batches:
+        w = step(w, batch)
         if i % 50 == 0:
             w.block_until_ready()
     w.block_until_ready()
+    stop.set()
     print(f"clean {steps} {time.perf_counter() - start:.1f}", flush=True)
 
 
@@ -125,10 +138,13 @@ def run(modes: list[str], trials: int, devices: int, steps: int, seconds: float,
                                else f"rc {proc.returncode}: {(stderr + stdout)[-300:]}")
                 except subprocess.TimeoutExpired:  # its time ran out without a stuck collective
                     proc.send_signal(signal.SIGKILL)
-                    proc.communicate()
+                    stdout, stderr = proc.communicate()
                     outcome = "clean (time limit)"
-            rows.append({"outcome": outcome, "seconds": round(time.perf_counter() - begin, 1)})
-            print(f"{mode:14s} trial {t}: {outcome} after {rows[-1]['seconds']} s", flush=True)
+            done = re.findall(r"step (\d+)/\d+", stdout)  # train.py's progress lines
+            rows.append({"outcome": outcome, "seconds": round(time.perf_counter() - begin, 1),
+                         **({"steps_done": int(done[-1])} if done else {})})
+            print(f"{mode:14s} trial {t}: {outcome} after {rows[-1]['seconds']} s"
+                  + (f" ({done[-1]} steps)" if done else ""), flush=True)
         out["modes"][mode] = {"aborted": sum(r["outcome"] == "aborted" for r in rows),
                               "trials": rows}
     return out
