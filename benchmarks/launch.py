@@ -26,7 +26,9 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
 
 
 def measure() -> dict[str, Any]:
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    # One CPU device: the launch and compile times of RESULTS.md are a 1-device program's.
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+           "TGD_CPU_DEVICES": os.environ.get("TGD_CPU_DEVICES", "1")}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "tgd_jax.sim", "--role=train", "--studies=2",

@@ -1,12 +1,17 @@
-r"""Why a CPU all-reduce stopped with "Termination timeout": a second thread using the devices.
+r"""When XLA aborts an in-process CPU all-reduce ("Termination timeout"), and when not.
 
   python -m benchmarks.rendezvous --trials=3 --seconds=120 [--data=runs/demo/data/train.h5]
 
 Every trial is a fresh process on 2 CPU devices (``--devices``) whose main thread runs a
 jitted data-parallel step again and again (a sum over the sharded batch, all-reduced into a
 replicated vector: cheap, so the collectives come often) while a second thread works
-beside it:
+beside it (or not):
 
+* ``no-thread``: the control: no second thread at all;
+* ``no-thread-sync``: no second thread, and each step waits for the one before (one
+  collective program in flight instead of up to 50);
+* ``numpy-on-thread``: the thread keeps a core busy with NumPy only (random batches),
+  touching no device;
 * ``put-on-thread``: the thread copies batches to the devices as fast as it can (the step
   uses another one);
 * ``get-on-thread``: the thread copies a small replicated array back to the host, likewise;
@@ -21,7 +26,8 @@ XLA's collective timeouts are shortened (stuck warning 3 s, termination 10 s), s
 collective ends a trial in seconds rather than minutes; a trial that runs ``--steps`` steps
 or ``--seconds`` seconds without one counts as clean. The outcome per mode is the number
 of trials XLA aborted (SIGABRT, "Termination timeout") and the seconds each took. It
-depends on the jaxlib version and on the machine's load: report both.
+depends on the jaxlib version and on the machine's load (``--load`` adds busy loops):
+report both.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("put-on-thread", "get-on-thread", "prefetch-old", "prefetch-new", "train")
+MODES = ("no-thread", "no-thread-sync", "numpy-on-thread", "put-on-thread", "get-on-thread",
+         "prefetch-old", "prefetch-new", "train")
 _TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=3 "
              "--xla_cpu_collective_call_terminate_timeout_seconds=10")
 
@@ -75,7 +82,9 @@ def _trial(mode: str, devices: int, steps: int) -> None:
     def traffic() -> None:  # the free-running second thread of the *-on-thread modes
         rng = np.random.default_rng(0)
         while not stop.is_set():
-            if mode == "put-on-thread":
+            if mode == "numpy-on-thread":
+                rng.standard_normal(shape, dtype=np.float32)
+            elif mode == "put-on-thread":
                 put(rng.standard_normal(shape, dtype=np.float32))
             else:
                 np.asarray(probe)
@@ -88,13 +97,18 @@ def _trial(mode: str, devices: int, steps: int) -> None:
                                   place=put if mode == "prefetch-new" else None)
     else:
         batches = ((i, fixed) for i in range(steps))
-        threading.Thread(target=traffic, daemon=True).start()
+        if not mode.startswith("no-thread"):
+            second = threading.Thread(target=traffic, daemon=True)
+            second.start()
+    every = 1 if mode == "no-thread-sync" else 50
     for i, batch in batches:
         w = step(w, batch)
-        if i % 50 == 0:
+        if i % every == 0:
             w.block_until_ready()
     w.block_until_ready()
     stop.set()
+    if not mode.startswith(("no-thread", "prefetch")):
+        second.join()  # a thread still copying at interpreter exit crashes it
     print(f"clean {steps} {time.perf_counter() - start:.1f}", flush=True)
 
 
@@ -108,7 +122,7 @@ def _command(mode: str, devices: int, steps: int, data: str, workdir: Path) -> l
 
 
 def run(modes: list[str], trials: int, devices: int, steps: int, seconds: float,
-        data: str) -> dict[str, Any]:
+        data: str, xla_timeouts: bool = False) -> dict[str, Any]:
     import tempfile
 
     import jax
@@ -117,10 +131,13 @@ def run(modes: list[str], trials: int, devices: int, steps: int, seconds: float,
     out: dict[str, Any] = {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                            "cores": len(os.sched_getaffinity(0)), "devices": devices,
                            "steps": steps, "seconds_limit": seconds,
-                           "load_average_at_start": os.getloadavg()[0], "modes": {}}
+                           "load_average_at_start": os.getloadavg()[0],
+                           "xla_timeouts": "XLA's own (20 s, 40 s)" if xla_timeouts else _TIMEOUTS,
+                           "modes": {}}
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TGD_CPU_DEVICES")}
-    env.update(PYTHONPATH=str(root), XLA_FLAGS=_TIMEOUTS, JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=" " if xla_timeouts else _TIMEOUTS)
     cores = set(sorted(os.sched_getaffinity(0))[:devices])
     for mode in modes:
         rows = []
@@ -159,6 +176,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--data", default="runs/demo/data/train.h5",
                         help="a training dataset for the train mode")
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy-loop processes (nice 5) to run beside the trials, as a "
+                        "machine shared with other runs")
+    parser.add_argument("--xla_timeouts", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep XLA's own collective timeouts (warning 20 s, termination "
+                        "40 s) instead of 3 s and 10 s")
     parser.add_argument("--out", default="", help="write the result as JSON here")
     parser.add_argument("--trial", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,8 +192,16 @@ def main() -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown --modes {unknown}; choose from {list(MODES)}")
-    result = run(modes, args.trials, args.devices, args.steps, args.seconds,
-                 str(Path(args.data).resolve()))
+    busy = [subprocess.Popen(["nice", "-n", "5", sys.executable, "-c", "while True: pass"])
+            for _ in range(args.load)]
+    try:
+        result = run(modes, args.trials, args.devices, args.steps, args.seconds,
+                     str(Path(args.data).resolve()), args.xla_timeouts)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    result["busy_loops_beside"] = args.load
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

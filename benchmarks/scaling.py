@@ -5,7 +5,7 @@ r"""The scaling section of ``make bench``: 1 and 2 devices, 1 and 2 processes, o
 Every configuration runs in fresh processes, at the demo step (width 0.25, global batch
 16, 32 x 32 patches):
 
-* ``1 device``: one process, one device, the whole batch (the default of every command);
+* ``1 device``: one process, one device, the whole batch (``--cpu_devices=1``);
 * ``compute (1 device, half batch)``: what each of 2 devices computes, with no all-reduce;
 * ``2 devices``: one process split into 2 CPU devices (``--cpu_devices=2``), XLA's
   in-process all-reduce;

@@ -30,6 +30,7 @@ network's (mean ± sd over seeds) and the retrained share.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -101,7 +102,11 @@ def finetune(runs: Path, out: Path, seeds: list[int], starts: list[int]) -> None
         log = out / "logs" / f"start{step}-s{seed}-{option}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
-            subprocess.run(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True)
+            # One CPU device per run, as the published numbers (and one run per core).
+            env = {**os.environ,
+                   "TGD_CPU_DEVICES": os.environ.get("TGD_CPU_DEVICES", "1")}
+            subprocess.run(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True,
+                           env=env)
         s = json.loads((workdir / "summary.json").read_text())
         print(f"[{i + 1}/{len(todo)}] start {step} s{seed} {option}: new "
               f"{s['initial_val_loss']:.4g} -> {s['final_val_loss']:.4g}, old "

@@ -20,6 +20,7 @@ Finished steps are skipped.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run(argv: list[str]) -> None:
     print("+", " ".join(argv), flush=True)
-    subprocess.run([sys.executable, *argv], check=True, cwd=REPO)
+    # One CPU device, as the demo preset's jobs (reproduce.py): the published numbers'.
+    env = {**os.environ, "TGD_CPU_DEVICES": os.environ.get("TGD_CPU_DEVICES", "1")}
+    subprocess.run([sys.executable, *argv], check=True, cwd=REPO, env=env)
 
 
 def runs(data: Path, out: Path) -> None:

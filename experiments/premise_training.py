@@ -5,7 +5,7 @@ r"""The premise along training: does KSE find idle kernels once pretraining has 
 ``--runs`` holds one pretraining per seed (``seed<s>/``), each with checkpoints kept at
 log-spaced steps (``kept/<step>``), as made by::
 
-  python train.py --config=configs/train.py:demo --config.num_steps=32000 \
+  python train.py --config=configs/train.py:demo --config.num_steps=32000 --cpu_devices=1 \
       --config.keep_steps='(250,500,1000,2000,3000,4000,6000,8000,12000,16000,24000,32000)' \
       --config.data.path=runs/long/data/train.h5 --config.seed=<s> --workdir=runs/long/seed<s>
 

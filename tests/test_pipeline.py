@@ -304,3 +304,17 @@ def test_training_touches_the_devices_from_the_main_thread_only(toy_data, tmp_pa
     pipeline.train(tiny_train_config(toy_data["train"], num_steps=6), tmp_path / "run",
                    log=quiet)
     assert len(threads) >= 6 and set(threads) == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("written, now, warned", [(2, 1, True), (1, 1, False), (None, 2, False)])
+def test_a_resume_on_another_device_count_says_so(tmp_path, written, now, warned):
+    from types import SimpleNamespace
+
+    from tgd_jax.train import trainer
+    state = SimpleNamespace(step=7)
+    meta = {} if written is None else {"devices": written}
+    ckpt = SimpleNamespace(workdir=tmp_path, restore_latest=lambda template, log: (state, meta))
+    lines = []
+    assert trainer.resume(ckpt, state, None, lines.append, devices=now) is state
+    assert any(f"written on {written} devices and this run has {now}" in line
+               for line in lines) == warned

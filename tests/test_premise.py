@@ -316,6 +316,17 @@ def test_a_bad_held_out_count_is_named(toy_data, pretrained, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the workdir was touched
 
 
+@pytest.mark.parametrize("cpu_max, cap", [("150000 100000\n", 2), ("50000 100000", 1),
+                                          ("max 100000", None), (None, None)])
+def test_usable_cores_follow_the_affinity_mask_and_a_cgroup_quota(tmp_path, cpu_max, cap):
+    import os
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    mask = len(os.sched_getaffinity(0))
+    assert parallel.usable_cores(path) == (mask if cap is None else min(mask, cap))
+
+
 CORES_SCRIPT = (
     "import jax\n"
     "from tgd_jax.train import parallel\n"

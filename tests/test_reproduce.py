@@ -112,6 +112,20 @@ def test_run_respects_dependencies_and_runs_in_parallel(tmp_path):
         assert record["wall_s"] > 0.25 and (tmp_path / "logs" / f"{name}.log").exists()
 
 
+@pytest.mark.parametrize("user, expected", [(None, "1"), ("0", "0")])
+def test_jobs_get_one_cpu_device_unless_the_user_says(tmp_path, monkeypatch, user, expected):
+    # One single-device job per core: the report's numbers do not depend on --jobs.
+    if user is None:
+        monkeypatch.delenv("TGD_CPU_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("TGD_CPU_DEVICES", user)
+    code = ("import os; open(os.path.join(os.environ['OUT'], 'env.txt'), 'w')"
+            ".write(os.environ.get('TGD_CPU_DEVICES', 'unset'))")
+    rp.run([rp.Job("e", (sys.executable, "-c", code))], tmp_path, workers=1,
+           log=lambda m: None, env={"OUT": str(tmp_path)})
+    assert (tmp_path / "env.txt").read_text() == expected
+
+
 def test_failure_stops_dependents_names_the_job_and_a_rerun_resumes(tmp_path):
     flag = tmp_path / "fail"
     flag.write_text("1")

@@ -41,11 +41,11 @@ def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
 
 
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", None, "JAX devices to split a CPU-only machine into, for data "
-    "parallelism over its cores: 0 = one per core this process may run on (the largest "
-    "count that divides the batch); default $TGD_CPU_DEVICES, else 0. Per process in a "
-    "multi-process run (processes sharing a machine: --cpu_devices=1, or pin each to its "
-    "cores). Ignored on GPU/TPU.")
+    "cpu_devices", None, "Training commands on a CPU-only machine: JAX devices to split "
+    "the CPU into, for data parallelism over its cores: 0 = one per core this process may "
+    "use (the largest count that divides the batch). Default $TGD_CPU_DEVICES, else 0 "
+    "alone and 1 per process in a multi-process run. Ignored on GPU/TPU and by the "
+    "inference commands.")
 
 
 _COORDINATOR = flags.DEFINE_string(
@@ -122,9 +122,15 @@ def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.Con
     Multi-process (:func:`join_processes`): every process runs ``fn``; process 0 alone
     prints progress."""
     with reported(name):
-        parallel.use_cpu_cores(int(config.batch_size), _CPU_DEVICES.value)
+        auto = bool(config.get("distributed"))
+        # Every core for a single process; one device per process in a multi-process run
+        # (each would otherwise size its split from the global batch and its own cores).
+        several = auto or any(v is not None for v in (
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+        parallel.use_cpu_cores(int(config.batch_size), _CPU_DEVICES.value,
+                               default=1 if several else 0)
         quiet_libraries()
-        join_processes(auto=bool(config.get("distributed")))
+        join_processes(auto=auto)
         log = progress if main_process() else _silent
         summary = fn(config, workdir, log=log)
     log(f"{name} finished: " + ", ".join(

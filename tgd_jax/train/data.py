@@ -205,13 +205,13 @@ class Prefetcher:
     ``depth`` steps ahead.
 
     ``make`` runs on one background thread and must not touch JAX (NumPy sampling only);
-    ``place`` (the host-to-device copy, default: none) runs on the consuming thread. The
-    split is needed on CPU devices: with jaxlib 0.10, any transfer made from a second thread
-    while the main thread runs all-reduce steps over several CPU devices of the process
-    can leave one device out of the collective, and XLA then aborts the process
-    ("Termination timeout ... Expected 2 threads to join the rendezvous";
-    ``benchmarks/rendezvous.py`` reproduces it). An exception in ``make`` is re-raised in
-    the consumer at the step that failed.
+    ``place`` (the host-to-device copy, default: none) runs on the consuming thread. Why:
+    with jaxlib 0.10, while the main thread runs all-reduce steps over several CPU devices
+    of the process, copies to or from the devices made by a second thread were followed by
+    XLA aborting the process ("Termination timeout ... Expected 2 threads to join the
+    rendezvous"), and a second thread doing NumPy work only was not
+    (``benchmarks/rendezvous.py``). An exception in ``make`` is re-raised in the consumer
+    at the step that failed.
     """
 
     def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2,

@@ -12,10 +12,12 @@ of the global batch (:func:`process_rows`, :func:`shard_batch`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tgd_jax.train.errors import UsageError
 
-__all__ = ["DATA_AXIS", "use_cpu_cores", "cpu_device_count", "make_mesh", "batch_sharding",
+__all__ = ["DATA_AXIS", "use_cpu_cores", "usable_cores", "cpu_device_count", "make_mesh",
+           "batch_sharding",
            "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
            "replicate", "host_copy", "jit_step", "quiet_start", "init_distributed",
            "free_port", "multi_process", "barrier"]
@@ -42,6 +45,20 @@ def cpu_device_count(batch_size: int, cores: int) -> int:
     return max(d for d in range(1, max(1, cores) + 1) if batch_size % d == 0)
 
 
+def usable_cores(cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its affinity mask (``taskset``, SLURM's binding),
+    capped by a cgroup v2 CPU quota (containers, Kubernetes limits) rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    try:
+        quota, period = Path(cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 limit readable here: the mask alone
+        pass
+    return cores
+
+
 def use_cpu_cores(batch_size: int, requested: int | None = None, *, default: int = 0) -> int:
     """Splits the CPU into several JAX host devices, so the data-parallel step uses every core.
 
@@ -55,12 +72,12 @@ def use_cpu_cores(batch_size: int, requested: int | None = None, *, default: int
 
     Args:
       batch_size: the global batch; the automatic count is the largest divisor of it that
-        does not exceed the cores this process may run on (so the batch splits evenly).
+        does not exceed :func:`usable_cores` (so the batch splits evenly).
       requested: devices asked for (``--cpu_devices``): 0 = one per core (automatic),
         None = ``$TGD_CPU_DEVICES`` if set, else ``default``.
       default: the count when neither ``requested`` nor ``$TGD_CPU_DEVICES`` says (0 = one
-        per core; the experiments whose published numbers were measured on one device
-        pass 1).
+        per core; multi-process runs, and the experiments whose published numbers were
+        measured on one device, pass 1).
 
     Returns:
       The number of CPU devices set (or already forced by ``XLA_FLAGS``, which wins).
@@ -80,9 +97,7 @@ def use_cpu_cores(batch_size: int, requested: int | None = None, *, default: int
     if requested:
         n = requested
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        n = cpu_device_count(batch_size, cores)
+        n = cpu_device_count(batch_size, usable_cores())
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError as e:  # JAX already made its devices: too late to split the CPU

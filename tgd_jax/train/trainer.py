@@ -68,16 +68,23 @@ Batch = dict[str, jax.Array]
 
 
 def resume(ckpt: Checkpointer, state: step_lib.TrainState, metrics_path: Path | None,
-           log: Callable[[str], None]) -> step_lib.TrainState:
+           log: Callable[[str], None], devices: int | None = None) -> step_lib.TrainState:
     """The newest checkpoint restored into ``state`` (or ``state`` itself if there is none).
 
     ``metrics.jsonl`` is cut back to the restored step (to nothing on a fresh start), so the
-    records written after that checkpoint by a killed invocation are not kept twice.
+    records written after that checkpoint by a killed invocation are not kept twice. A
+    checkpoint written on another number of devices than ``devices`` resumes with a
+    warning line: the continuation differs from an uninterrupted run in float32 rounding.
     """
     restored = ckpt.restore_latest(state, log)
     if restored is not None:
-        state = restored[0]
+        state, meta = restored
         log(f"resuming from {ckpt.workdir / 'checkpoints'} at step {int(state.step)}")
+        before = meta.get("devices")
+        if devices is not None and before is not None and int(before) != devices:
+            log(f"warning: the checkpoint was written on {before} devices and this run has "
+                f"{devices}: the result will differ from an uninterrupted run by float32 "
+                f"reduction order (--cpu_devices={before} on a CPU keeps it)")
     if metrics_path is not None:
         truncate_metrics(metrics_path, int(state.step) if restored is not None else -1)
     return state
@@ -236,10 +243,11 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
          ) -> tuple[step_lib.TrainState, dict[str, Any]]:
     """:func:`fit` in its locked workdir; ``check()`` before each write (workdir still ours)."""
     ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, log=log)
-    meta = {"config": config.to_dict(), **(meta or {})}
+    devices = int(mesh.devices.size)
+    meta = {"config": config.to_dict(), "devices": devices, **(meta or {})}
     main = metrics_path is not None
 
-    state = parallel.replicate(resume(ckpt, state, metrics_path, log), mesh)
+    state = parallel.replicate(resume(ckpt, state, metrics_path, log, devices), mesh)
     start = int(state.step)
     loss = step_lib.LOSSES[config.loss]
     train_fn = parallel.jit_step(functools.partial(
@@ -301,11 +309,19 @@ def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.T
     kept_steps = frozenset(int(s) for s in config.get("keep_steps", ()))
     pending: list[dict[str, jax.Array]] = []
     done = start
+    # jaxlib 0.10's in-process CPU all-reduce can deadlock (XLA aborts after its
+    # termination timeout) when several multi-device programs are in flight at once;
+    # with one at a time it did not (benchmarks/rendezvous.py, docs/scaling.md). The wait
+    # costs a dispatch per step, nothing next to a step.
+    one_in_flight = mesh.devices.size > 1 and all(
+        d.platform == "cpu" for d in mesh.devices.flat)
     prefetch = data_lib.Prefetcher(make_batch, start, num_steps, depth=config.data.prefetch,
                                    place=functools.partial(parallel.shard_batch, mesh=mesh))
     try:
         for step, batch in prefetch:
             state, metrics = train_fn(state, batch)
+            if one_in_flight:
+                jax.block_until_ready(metrics)
             pending.append(metrics)
             done = step + 1
             kept = done in kept_steps
