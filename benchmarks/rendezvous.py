@@ -144,10 +144,15 @@ def run(modes: list[str], trials: int, devices: int, steps: int, seconds: float,
         for t in range(trials):
             begin = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="tgd-rendezvous-") as scratch:
-                proc = subprocess.Popen(
-                    _command(mode, devices, steps, data, Path(scratch) / "run"), cwd=root,
-                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                    preexec_fn=lambda: os.sched_setaffinity(0, cores))
+                mine = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, cores)  # inherited by the trial (no fork hook)
+                try:
+                    proc = subprocess.Popen(
+                        _command(mode, devices, steps, data, Path(scratch) / "run"),
+                        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True)
+                finally:
+                    os.sched_setaffinity(0, mine)
                 try:
                     stdout, stderr = proc.communicate(timeout=seconds)
                     outcome = ("aborted" if "Termination timeout" in stderr + stdout

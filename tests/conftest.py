@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -151,3 +152,19 @@ SLOWEST_FILES = ("test_reproduce.py", "test_multiprocess.py")
 def pytest_collection_modifyitems(config, items):
     del config
     items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: order kept
+
+
+@contextlib.contextmanager
+def pinned(cores: set[int] | None):
+    """Processes started in the block run on ``cores`` only (None: unchanged): the calling
+    thread's CPU affinity, which a child inherits, is set for the block and restored
+    (no ``preexec_fn``, which would fork a multithreaded JAX process)."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

@@ -158,8 +158,7 @@ def test_prefetcher_prepares_batches_on_another_thread_before_they_are_asked_for
 
 def test_prefetcher_places_on_the_consuming_thread_only():
     # make (NumPy only) runs on the background thread, place (the device copy) where the
-    # batches are consumed: a second thread using the CPU devices can abort the all-reduce
-    # of jaxlib 0.10 (benchmarks/rendezvous.py).
+    # batches are consumed: one thread uses the devices.
     made, placed = set(), set()
 
     def make(step):

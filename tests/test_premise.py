@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import TINY_FEATURES, frozen_and_retrained, quiet
+from conftest import TINY_FEATURES, frozen_and_retrained, pinned, quiet
 
 from tgd_jax import masks, optim
 from tgd_jax import threshold as threshold_lib
@@ -356,7 +356,7 @@ def test_use_cpu_cores_sets_the_device_count_before_jax_starts(env, cores, expec
     clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     clean.update(JAX_PLATFORMS="cpu", TGD_CPU_DEVICES=env,
                  PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    out = subprocess.run([sys.executable, "-c", CORES_SCRIPT], capture_output=True, text=True,
-                         env=clean, timeout=120,
-                         preexec_fn=lambda: os.sched_setaffinity(0, allowed))
+    with pinned(allowed):
+        out = subprocess.run([sys.executable, "-c", CORES_SCRIPT], capture_output=True,
+                             text=True, env=clean, timeout=120)
     assert expected in out.stdout, out.stdout + out.stderr[-2000:]

@@ -205,13 +205,9 @@ class Prefetcher:
     ``depth`` steps ahead.
 
     ``make`` runs on one background thread and must not touch JAX (NumPy sampling only);
-    ``place`` (the host-to-device copy, default: none) runs on the consuming thread. Why:
-    with jaxlib 0.10, while the main thread runs all-reduce steps over several CPU devices
-    of the process, copies to or from the devices made by a second thread were followed by
-    XLA aborting the process ("Termination timeout ... Expected 2 threads to join the
-    rendezvous"), and a second thread doing NumPy work only was not
-    (``benchmarks/rendezvous.py``). An exception in ``make`` is re-raised in the consumer
-    at the step that failed.
+    ``place`` (the host-to-device copy, default: none) runs on the consuming thread, so
+    that only the thread that runs the steps uses the devices. An exception in ``make`` is
+    re-raised in the consumer at the step that failed.
     """
 
     def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2,
