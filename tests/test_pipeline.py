@@ -300,10 +300,44 @@ def test_training_touches_the_devices_from_the_main_thread_only(toy_data, tmp_pa
         assert all(isinstance(v, np.ndarray) for v in batch.values())  # host arrays in
         return real(batch, mesh)
 
+    waits = []  # and on one device it does not wait for each step (see the next test)
+    real_wait = jax.block_until_ready
     monkeypatch.setattr(parallel, "shard_batch", shard_batch)
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: (waits.append(1), real_wait(x))[1])
     pipeline.train(tiny_train_config(toy_data["train"], num_steps=6), tmp_path / "run",
                    log=quiet)
     assert len(threads) >= 6 and set(threads) == {threading.get_ident()}
+    assert waits == []
+
+
+WAITS_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
+import jax
+from conftest import quiet, tiny_train_config
+from tgd_jax.pet import pipeline
+waits, real = [], jax.block_until_ready
+jax.block_until_ready = lambda x: (waits.append(1), real(x))[1]
+pipeline.train(tiny_train_config(sys.argv[2], num_steps=6), sys.argv[3], log=quiet)
+print("WAITS", len(waits), jax.device_count())
+"""
+
+
+def test_a_cpu_mesh_of_several_devices_runs_one_step_at_a_time(toy_data, tmp_path):
+    # jaxlib 0.10's in-process CPU all-reduce can deadlock with several multi-device steps
+    # in flight (benchmarks/rendezvous.py): the trainer waits for each step's metrics.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    out = subprocess.run([sys.executable, "-c", WAITS_SCRIPT, "2",
+                          str(toy_data["train"]), str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert "WAITS 6 2" in out.stdout, out.stdout + out.stderr[-3000:]  # 6 steps, 6 waits
 
 
 @pytest.mark.parametrize("written, now, warned", [(2, 1, True), (1, 1, False), (None, 2, False)])
