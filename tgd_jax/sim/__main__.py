@@ -35,6 +35,9 @@ flags.DEFINE_integer("realisations", None, "Override the number of 60 s realisat
 flags.DEFINE_bool("ood", None, "Override: add out-of-distribution features.")
 flags.DEFINE_enum("recipe", None, ["sparse", "oncology"], "Override what each study holds: "
                   "sparse (0-3 lesions) or oncology (several lesions, nodes, ureters, bowel).")
+flags.DEFINE_enum("lesions", None, ["single", "graded"], "Override the test lesions: single "
+                  "(one 8-10 mm liver lesion) or graded (plus 6-22 mm liver and soft-tissue "
+                  "spheres at 4:1, docs/simulator.md).")
 flags.DEFINE_bool("verbose", False, "On an error, show the traceback instead of one line.")
 flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of <out> instead.")
 
@@ -81,7 +84,7 @@ def _main(out: Path) -> None:
             high_bmi_fraction=FLAGS.high_bmi_fraction,
             versions=tuple(FLAGS.versions) if FLAGS.versions else None,
             levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood,
-            recipe=FLAGS.recipe)
+            recipe=FLAGS.recipe, lesions=FLAGS.lesions)
         for role in FLAGS.role
     ]
     workdir_lib.check_writable(out)  # before hours of simulation

@@ -49,6 +49,7 @@ class RoleSpec:
     realisations: int = 0
     ood: bool = False
     recipe: str = "sparse"  # what each study holds (tgd_jax.sim.phantom.RECIPES)
+    lesions: str = "single"  # test lesions (tgd_jax.sim.phantom.LESION_SETS)
 
 
 #: Dataset sizes per role (``python -m tgd_jax.sim --preset``).
@@ -57,7 +58,8 @@ PRESETS: dict[str, dict[str, RoleSpec]] = {
         "train": RoleSpec("train", 4, 8, recipe="oncology"),
         "finetune": RoleSpec("finetune", 2, 8, high_bmi_fraction=0.0, versions=("v2",),
                              recipe="oncology"),
-        "test": RoleSpec("test", 1, 8, high_bmi_fraction=0.0, levels=(), realisations=10),
+        "test": RoleSpec("test", 1, 8, high_bmi_fraction=0.0, levels=(), realisations=10,
+                         lesions="graded"),
         "online": RoleSpec("online", 1, 8, high_bmi_fraction=0.0, versions=("v2",), levels=(),
                            ood=True),
     },
@@ -65,7 +67,7 @@ PRESETS: dict[str, dict[str, RoleSpec]] = {
         "train": RoleSpec("train", 20, 32, recipe="oncology"),
         "finetune": RoleSpec("finetune", 7, 32, high_bmi_fraction=0.0, versions=("v2",),
                              recipe="oncology"),
-        "test": RoleSpec("test", 2, 32, levels=(), realisations=10),
+        "test": RoleSpec("test", 2, 32, levels=(), realisations=10, lesions="graded"),
         "online": RoleSpec("online", 1, 32, high_bmi_fraction=0.0, versions=("v2",),
                            levels=(), ood=True),
     },
@@ -100,7 +102,8 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
         raise ValueError(f"unknown role {spec.role!r}")
     key = study_key(spec.role, index, seed)
     common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
-                  versions=spec.versions, ood=spec.ood, recipe=spec.recipe)
+                  versions=spec.versions, ood=spec.ood, recipe=spec.recipe,
+                  lesion_set=spec.lesions)
     if spec.role in ("train", "finetune"):
         study = simulate_study(key, config, levels=spec.levels, **common)
     elif spec.role == "test":

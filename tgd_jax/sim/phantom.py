@@ -18,10 +18,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES", "RECIPES"]
+__all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES", "RECIPES",
+           "LESION_SETS", "GRADED_LESIONS", "GRADED_CONTRAST", "HEADLINE_LESION"]
 
 #: What a study holds: ``sparse`` (the original recipe) or ``oncology``.
 RECIPES = ("sparse", "oncology")
+
+#: Lesions inserted for the test metrics: ``single`` (one 8-10 mm liver lesion, the original
+#: test) or ``graded`` (that one plus :data:`GRADED_LESIONS`).
+LESION_SETS = ("single", "graded")
+
+#: The graded test lesions: organ -> sphere diameters (mm). The liver holds NEMA NU 2's hot
+#: sphere sizes (10, 13, 17, 22 mm) and a 6 mm one below them; ``soft`` (muscle, a warm
+#: uniform background outside the organs) the NEMA sizes. docs/simulator.md, section 7.
+GRADED_LESIONS: dict[str, tuple[float, ...]] = {
+    "liver": (6.0, 10.0, 13.0, 17.0, 22.0),
+    "soft": (10.0, 13.0, 17.0, 22.0),
+}
+#: Lesion-to-background activity ratio of the graded lesions (NEMA NU 2's 4:1).
+GRADED_CONTRAST = 4.0
+#: The lesion Table 1 is headlined on, chosen before any network was measured on it
+#: (docs/simulator.md, section 7): the smallest NEMA sphere above twice the image resolution.
+HEADLINE_LESION = "lesion_liver_13mm"
 
 #: 511 keV linear attenuation coefficients, 1/mm.
 MU_WATER, MU_FAT, MU_LUNG, MU_SPONGY, MU_CORTICAL = 0.0096, 0.0090, 0.0030, 0.0120, 0.0160
@@ -93,6 +111,7 @@ def make_phantom(
     ood: bool = False,
     z_start: float | None = None,
     recipe: str = "sparse",
+    lesion_set: str = "single",
 ) -> Phantom:
     """A random torso phantom.
 
@@ -114,11 +133,22 @@ def make_phantom(
         organ's uptake in the liver, lungs, lymph-node stations and bone, plus small hot
         structures that are not lesions (2-6 lymph nodes, the ureters with hot urine,
         1-3 bowel loops). All of them are in the ``hot`` ROI.
+      lesion_set: ``"single"`` or ``"graded"``: also insert :data:`GRADED_LESIONS` (spheres at
+        :data:`GRADED_CONTRAST` times their organ's uptake, each wholly inside its organ and
+        10 mm from every other lesion, preferably outside the liver VOI; one with no room,
+        e.g. wider than the slab, is left out and named in ``attrs["graded_missing"]``),
+        each with its ROI
+        ``lesion_<organ>_<d>mm`` and a background shell ``bg_<organ>_<d>mm`` (4-12 mm
+        around it, same organ, clear of other lesions). Drawn from their own stream, so
+        everything else in the study is as with ``"single"``.
     """
     if bmi not in ("low", "high"):
         raise ValueError(f"bmi must be 'low' or 'high', got {bmi!r}")
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if lesion_set not in LESION_SETS:
+        raise ValueError(f"lesion_set must be one of {LESION_SETS}, got {lesion_set!r}")
+    graded_key = jax.random.fold_in(key, 0x6AD)  # its own stream: other draws unchanged
     keys = iter(jax.random.split(key, 64))
     u = lambda lo, hi: _uniform(next(keys), lo, hi)  # noqa: E731
     suv = {name: u(*SUV_RANGES[name]) for name in SUV_RANGES}
@@ -254,6 +284,21 @@ def make_phantom(
         liver_voi = liver_voi & ~_ellipsoid(xx, yy, zz, centre, (r + 10, r + 10, r + 10))
         lesions.append({"diameter_mm": diameter, "centre_mm": centre,
                         "suv": float(activity[mask].mean()) if bool(mask.any()) else 0.0})
+    if lesion_set == "graded":
+        muscle = np.asarray(inner & (activity == suv["muscle"]))
+        regions = {"liver": (np.asarray(liver), float(suv["liver"])),
+                   "soft": (muscle, float(suv["muscle"]))}
+        placed = _graded_lesions(graded_key, grid, np.asarray(z), regions, lesions,
+                                 np.asarray(liver_voi))
+        for entry, mask, shell in placed:
+            paint(jnp.asarray(mask), entry["suv"])
+            rois[entry["roi"]] = jnp.asarray(mask)
+            rois["bg" + entry["roi"][len("lesion"):]] = jnp.asarray(shell)
+            r = entry["diameter_mm"] / 2 + 10
+            liver_voi = liver_voi & ~_ellipsoid(xx, yy, zz, entry["centre_mm"], (r, r, r))
+            lesions.append(entry)
+        missing = sorted({f"lesion_{o}_{d:g}mm" for o, sizes in GRADED_LESIONS.items()
+                          for d in sizes} - {e["roi"] for e, _, _ in placed})
     rois["liver_voi"] = liver_voi
 
     if ood:
@@ -278,10 +323,64 @@ def make_phantom(
     attrs = {
         "bmi_class": bmi, "bmi": bmi_value, "body_axes_mm": (a, b), "fat_mm": fat,
         "z_start_mm": z_start, "lesions": lesions, "ood": ood, "suv": suv, "recipe": recipe,
+        "lesion_set": lesion_set,
     }
+    if lesion_set == "graded":
+        attrs["graded_missing"] = missing
     return Phantom(
         activity=np.asarray(activity, np.float32),
         mu=np.asarray(mu, np.float32),
         rois={k: np.asarray(v, bool) for k, v in rois.items()},
         attrs=attrs,
     )
+
+
+def _graded_lesions(key: jax.Array, grid: Grid, z: np.ndarray,
+                    regions: dict[str, tuple[np.ndarray, float]],
+                    existing: list[dict[str, Any]], voi: np.ndarray
+                    ) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+    """Places :data:`GRADED_LESIONS` (largest first): ``[(attrs, mask, shell), ...]``; a
+    lesion with no room (a slab thinner than its diameter) is left out.
+
+    A centre is drawn uniformly among the voxels of its organ (``regions``: organ ->
+    ``((Z, n, n) mask, background SUV)``) where the sphere lies inside the organ with 2 mm to
+    spare and inside the slab, 10 mm clear of every lesion already there; centres whose
+    sphere keeps 10 mm from the liver VOI ``voi`` are preferred (the VOI measures noise).
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    ax = grid.axis()
+    zz, yy, xx = np.meshgrid(z, ax, ax, indexing="ij")
+    centres = [(tuple(e["centre_mm"]), e["diameter_mm"] / 2) for e in existing]
+    sampling = (grid.slice_mm, grid.pixel_mm, grid.pixel_mm)
+    voi_dist = ndimage.distance_transform_edt(~voi, sampling=sampling)
+    todo = sorted(((organ, d) for organ, sizes in GRADED_LESIONS.items() for d in sizes),
+                  key=lambda item: -item[1])
+    placed = []
+    for organ, diameter in todo:
+        region, background = regions[organ]
+        r = diameter / 2
+        ok = ndimage.distance_transform_edt(region, sampling=sampling) >= r + 2.0
+        ok &= (zz - z[0] >= r - grid.slice_mm / 2) & (z[-1] - zz >= r - grid.slice_mm / 2)
+        for c, rc in centres:
+            ok &= (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 >= (r + rc + 10) ** 2
+        if not ok.any():  # e.g. a slab thinner than the sphere (the test suite's 4 slices)
+            continue
+        clear = ok & (voi_dist >= r + 10)
+        candidates = np.flatnonzero(clear if clear.any() else ok)
+        i = np.unravel_index(candidates[rng.integers(len(candidates))], ok.shape)
+        centre = (float(xx[i]), float(yy[i]), float(zz[i]))
+        d2 = (xx - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (zz - centre[2]) ** 2
+        mask = d2 <= r * r
+        centres.append((centre, r))
+        name = f"lesion_{organ}_{diameter:g}mm"
+        placed.append(({"diameter_mm": diameter, "centre_mm": centre, "organ": organ,
+                        "suv": GRADED_CONTRAST * background, "background_suv": background,
+                        "roi": name}, mask, (d2 >= (r + 4) ** 2) & (d2 <= (r + 12) ** 2)
+                       & region))
+    # a shell never holds another lesion (nor the 4 mm around it)
+    for _, _, shell in placed:
+        for c, rc in centres:
+            shell &= (xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 > (rc + 4) ** 2
+    return placed

@@ -124,6 +124,7 @@ def simulate_study(
     liver_lesion: bool = False,
     n_lesions: int | None = None,
     recipe: str = "sparse",
+    lesion_set: str = "single",
 ) -> Study:
     """Simulates one study.
 
@@ -139,7 +140,7 @@ def simulate_study(
       realisations: number of disjoint, i.i.d. pieces of ``realisation_seconds`` each, cut
         from the 600 s acquisition (needs ``realisations * realisation_seconds <= 600``).
       noiseless: also reconstruct the expected 600 s data (no noise).
-      ood, liver_lesion, n_lesions, recipe: phantom options (see :func:`make_phantom`).
+      ood, liver_lesion, n_lesions, recipe, lesion_set: phantom options (see :func:`make_phantom`).
     """
     for version in versions:
         if version not in VERSIONS:
@@ -148,7 +149,8 @@ def simulate_study(
         raise ValueError(f"{realisations} x {realisation_seconds} s exceed the 600 s acquisition")
     k_phantom, k_counts, k_levels, k_halves, k_real = jax.random.split(key, 5)
     phantom = make_phantom(k_phantom, config.fine_grid, bmi=bmi, ood=ood,
-                           liver_lesion=liver_lesion, n_lesions=n_lesions, recipe=recipe)
+                           liver_lesion=liver_lesion, n_lesions=n_lesions, recipe=recipe,
+                           lesion_set=lesion_set)
     emission, mu = project_phantom(phantom, config)
     rates = acquisition.expected_rates(emission, mu, sensitivity=sensitivity(config),
                                        geometry=config.geometry, scanner=config.scanner)
