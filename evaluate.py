@@ -3,8 +3,10 @@ r"""The paper's test metrics (lesion ensemble bias, liver CoV) for several netwo
   python evaluate.py --test=runs/demo/data/test.h5 --out=runs/demo/evaluation \
       --net=v1-net=runs/demo/v1net --net=TGD-net=runs/demo/tgdnet
 
-Writes evaluation.json, evaluation.md (a table), examples.npz (one realisation's slice
-through each study's lesion, per network) and examples.png into --out.
+Writes evaluation.json, evaluation.md (the headline and the original lesion with each
+network's gain over the Gaussian post-filter at the same liver CoV, then every lesion),
+examples.npz (one realisation's slice through each study's lesion, per network),
+examples.png and gain.png (the Gaussian curve and the gain per lesion size) into --out.
 """
 
 from pathlib import Path
@@ -52,12 +54,15 @@ def _evaluate(networks: dict[str, str], folder: str | Path) -> str:
     # folder holding only the files written after that
     workdir_lib.write_json(out / "evaluation.json", result, make_parent=False)
     text = evaluate_lib.table(result["rows"])
-    workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n").encode(),
+    every = evaluate_lib.lesion_table(result["rows"])
+    workdir_lib.atomic_write_bytes(out / "evaluation.md", (text + "\n\nEvery lesion:\n\n"
+                                                          + every + "\n").encode(),
                                    make_parent=False)
     with workdir_lib.atomic_path(out / "examples.npz", suffix=".npz",
                                  make_parent=False) as tmp:
         np.savez_compressed(tmp, **examples)
     evaluate_lib.figure(examples, out / "examples.png", make_parent=False)
+    evaluate_lib.gain_figure(result, out / "gain.png", make_parent=False)
     return text
 
 
