@@ -49,10 +49,34 @@ def test_evaluate_command_on_toy_data(toy_data, pretrained, tmp_path):
         expected = 100 * float(sd.sum() / sd.size) / float(voxels.sum() / voxels.size)
     import json
 
-    rows = json.loads((tmp_path / "evaluation.json").read_text())["rows"]
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    rows = result["rows"]
     assert rows[0]["network"] == "input"
     assert rows[0]["liver_cov_pct"] == pytest.approx(expected)
     assert (tmp_path / "examples.png").stat().st_size > 0
+    assert (tmp_path / "gain.png").stat().st_size > 0
+    # the input is the curve's sigma-0 point: no gain over itself
+    for row in rows:
+        gauss = result["gaussian"][row["study"]]
+        assert gauss["sigma_px"][0] == 0 and gauss["liver_cov_pct"][0] == pytest.approx(
+            rows[0]["liver_cov_pct"] if row["study"] == "study_000" else
+            gauss["liver_cov_pct"][0])
+        old = row["lesions"]["lesion_0"]
+        assert row["gain_pct"] == old["gain_bias_pct"]
+        if row["network"] == "input":
+            assert old["gain_bias_pct"] == pytest.approx(0.0, abs=1e-9)
+            assert old["gain_crc_pct"] == pytest.approx(0.0, abs=1e-9)
+        elif old["gain_bias_pct"] is None:  # off the curve (JSON null)
+            covs = gauss["liver_cov_pct"]
+            assert not min(covs) <= row["liver_cov_pct"] <= max(covs)
+        else:
+            from tgd_jax.pet import baseline
+
+            assert old["gain_bias_pct"] == pytest.approx(
+                old["bias_pct"] - baseline.at_cov(gauss, "lesion_0/bias_pct",
+                                                  row["liver_cov_pct"]))
+    assert "gain vs Gaussian" in proc.stdout
+    assert "Every lesion" in (tmp_path / "evaluation.md").read_text()
 
 
 # --- the simulator's extra metrics, against definitions and scikit-image -------------------

@@ -98,3 +98,24 @@ def test_truncate_and_initial_losses(tmp_path):
 
 def test_hms():
     assert [hms(s) for s in (0, 59.6, 3725)] == ["0:00:00", "0:01:00", "1:02:05"]
+
+
+def test_plateau_is_the_fall_over_the_last_quarter():
+    from tgd_jax.train.metrics import plateau
+
+    records = [{"step": s, "val_loss": v} for s, v in
+               ((0, 1.0), (500, 0.5), (1000, 0.30), (1500, 0.21), (2000, 0.20))]
+    records.insert(2, {"step": 600, "loss": 9.0})  # training records are ignored
+    p = plateau(records, 2000)
+    assert (p["from_step"], p["to_step"]) == (1500, 2000)
+    assert p["fall"] == pytest.approx(0.01 / 0.21) and p["plateau"]
+    p = plateau(records, 2000, fraction=0.5)  # from step 1000: 0.30 -> 0.20
+    assert p["from_step"] == 1000 and p["fall"] == pytest.approx(1 / 3) and not p["plateau"]
+    # between validations: the last one at or before 3/4 of the run
+    p = plateau(records[:-1] + [{"step": 1800, "val_loss": 0.25},
+                                {"step": 2000, "val_loss": 0.2}], 2000)
+    assert p["from_step"] == 1500
+    with pytest.raises(ValueError, match="last step 4000"):
+        plateau(records, 4000)
+    with pytest.raises(ValueError, match="every quarter"):
+        plateau([{"step": 1900, "val_loss": 1.0}, {"step": 2000, "val_loss": 0.9}], 2000)

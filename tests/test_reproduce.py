@@ -236,9 +236,25 @@ def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     line = next(ln for ln in (out / "report.md").read_text().splitlines()
                 if ln.startswith("| TGD-net | 1 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2:6] == [f"{low['lesion_bias_pct']:.2f}", f"{low['liver_cov_pct']:.2f}",
-                          f"{high['lesion_bias_pct']:.2f}", f"{high['liver_cov_pct']:.2f}"]
-    assert cells[6:8] == ["-3.77", "6.46"]  # the paper's, beside ours
+
+    def gain(row, key="gain_pct"):
+        return "-" if row[key] is None else f"{row[key]:.2f}"
+
+    assert cells[2:8] == [f"{low['lesion_bias_pct']:.2f}", gain(low),
+                          f"{low['liver_cov_pct']:.2f}", f"{high['lesion_bias_pct']:.2f}",
+                          gain(high), f"{high['liver_cov_pct']:.2f}"]
+    assert cells[8:10] == ["-3.77", "6.46"]  # the paper's, beside ours
+    # the headline lesion's table and the gain per lesion size, from the same rows
+    text = (out / "report.md").read_text()
+    assert f"**The headline lesion, `{low['headline_lesion']}`**" in text
+    assert low["headline_lesion"] == "lesion_liver_13mm"
+    head = text[text.index("**The headline lesion"):]
+    line = next(ln for ln in head.splitlines() if ln.startswith("| TGD-net |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:6] == [f"{low['headline_bias_pct']:.2f}", gain(low, "headline_gain_pct"),
+                          f"{high['headline_bias_pct']:.2f}",
+                          gain(high, "headline_gain_pct")]
+    assert "## Against the Gaussian post-filter, per lesion size" in text
 
 
 def test_tiny_rerun_skips_every_job(tiny_run):

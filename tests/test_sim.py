@@ -324,3 +324,53 @@ def test_oncology_studies_hold_several_lesions_and_small_hot_structures():
         assert again.activity.tobytes() == sparse.activity.tobytes()
     with pytest.raises(ValueError, match="recipe must be one of"):
         make_phantom(key, grid, recipe="dense")
+
+
+def test_graded_test_lesions_are_where_and_what_they_claim():
+    from tgd_jax.sim.phantom import GRADED_CONTRAST, GRADED_LESIONS, HEADLINE_LESION, make_phantom
+
+    grid = SimConfig(n_slices=16).fine_grid
+    zc = (np.arange(grid.n_slices) + 0.5) * grid.slice_mm
+    ax = grid.axis()
+    for i, bmi in ((0, "low"), (1, "high")):
+        key = jax.random.fold_in(simulation_key(2), i)
+        single = make_phantom(key, grid, bmi=bmi, liver_lesion=True)
+        graded = make_phantom(key, grid, bmi=bmi, liver_lesion=True, lesion_set="graded")
+        # the original lesion and the anatomy are those of the single-lesion study
+        assert (graded.rois["lesion_0"] == single.rois["lesion_0"]).all()
+        assert (graded.rois["liver"] == single.rois["liver"]).all()
+        entries = [e for e in graded.attrs["lesions"] if "roi" in e]
+        assert graded.attrs["graded_missing"] == []
+        assert sorted(e["roi"] for e in entries) == sorted(
+            f"lesion_{o}_{d:g}mm" for o, sizes in GRADED_LESIONS.items() for d in sizes)
+        assert HEADLINE_LESION in graded.rois
+        others = [graded.rois[k] for k in graded.rois if k.startswith("lesion")]
+        for e in entries:
+            mask, shell = graded.rois[e["roi"]], graded.rois["bg" + e["roi"][6:]]
+            organ = graded.rois["liver"] if e["organ"] == "liver" else ~single.rois["liver"]
+            assert (mask <= graded.rois["body"]).all() and (mask <= organ).all()
+            assert not (mask & graded.rois["liver_voi"]).any()
+            assert shell.any() and (shell <= organ).all()
+            assert not any((shell & m).any() for m in others)
+            # the ROI is the sphere of its diameter around its centre (grid-sampled)
+            x0, y0, z0 = e["centre_mm"]
+            zz, yy, xx = np.meshgrid(zc + graded.attrs["z_start_mm"], ax, ax, indexing="ij")
+            sphere = (xx - x0) ** 2 + (yy - y0) ** 2 + (zz - z0) ** 2 <= (e["diameter_mm"] / 2) ** 2
+            assert (sphere == mask).all()
+            # 4:1 over the organ's uptake, uniform in the truth
+            assert np.allclose(graded.activity[mask], e["suv"])
+            assert e["suv"] == pytest.approx(GRADED_CONTRAST * e["background_suv"])
+            assert np.median(single.activity[shell]) == pytest.approx(e["background_suv"])
+        # 10 mm between any two lesions' surfaces
+        spots = [(tuple(e["centre_mm"]), e["diameter_mm"] / 2) for e in graded.attrs["lesions"]]
+        for a in range(len(spots)):
+            for b in range(a):
+                gap = np.linalg.norm(np.subtract(spots[a][0], spots[b][0]))
+                assert gap >= spots[a][1] + spots[b][1] + 10 - 1e-6
+    # a slab thinner than a sphere leaves it out and says so
+    thin = make_phantom(key, SimConfig(n_slices=4).fine_grid, liver_lesion=True,
+                        lesion_set="graded")
+    assert "lesion_liver_22mm" in thin.attrs["graded_missing"]
+    assert "lesion_liver_22mm" not in thin.rois and "lesion_liver_10mm" in thin.rois
+    with pytest.raises(ValueError, match="lesion_set must be one of"):
+        make_phantom(key, grid, lesion_set="nema")

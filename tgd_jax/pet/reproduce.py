@@ -122,7 +122,7 @@ PRESETS: dict[str, Preset] = {
         sim="demo", roles={
             "train": ("--studies=3", "--slices=4"),
             "finetune": ("--studies=1", "--slices=4"),
-            "test": ("--studies=2", "--slices=4", "--realisations=2"),
+            "test": ("--studies=2", "--slices=5", "--realisations=2"),  # 5: room for 13 mm
             "online": ("--slices=4",)},
         config="tiny", seeds=(0,), train_steps=8, finetune_steps=4, online_steps=4,
         eval_every=(4, 2, 2), note="The test suite's: checks that every stage runs."),

@@ -26,7 +26,12 @@ from tgd_jax.train.errors import RunError
 from tgd_jax.train.tensorboard import EventWriter
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
-           "truncate_metrics", "initial_losses", "hms", "TENSORBOARD_TAGS"]
+           "truncate_metrics", "initial_losses", "hms", "TENSORBOARD_TAGS", "plateau",
+           "PLATEAU_FALL"]
+
+#: A schedule has reached its plateau when the held-out loss fell by less than this fraction
+#: over its last quarter (:func:`plateau`).
+PLATEAU_FALL = 0.05
 
 #: The file of a workdir that holds one JSON record per log or validation step.
 METRICS_FILE = "metrics.jsonl"
@@ -163,3 +168,30 @@ def hms(seconds: float) -> str:
     """``3725 -> '1:02:05'``."""
     seconds = int(round(seconds))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plateau(records: Sequence[Mapping[str, Any]], num_steps: int, *,
+            fraction: float = 0.25) -> dict[str, Any]:
+    """How much the held-out loss fell over the last ``fraction`` of a run's steps.
+
+    ``records``: ``metrics.jsonl`` records; those with ``val_loss`` are used. The fall is
+    ``(L(a) - L(b)) / L(a)``, with ``b`` the last validated step and ``a`` the last
+    validated step at or before ``b - fraction * num_steps``. Returns ``{"from_step": a,
+    "to_step": b, "fall": ..., "plateau": fall < PLATEAU_FALL}``.
+
+    Raises:
+      ValueError: no validation that far back (validate more often than ``fraction`` of
+        the run), or the run has not reached ``num_steps``.
+    """
+    vals = sorted((int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r)
+    if not vals or vals[-1][0] < num_steps:
+        raise ValueError(f"the run has no validation at its last step {num_steps} (last: "
+                         f"{vals[-1][0] if vals else None}); the plateau is judged at the end")
+    b, loss_b = vals[-1]
+    earlier = [(s, v) for s, v in vals if s <= b - fraction * num_steps]
+    if not earlier:
+        raise ValueError(f"no validation at or before step {b - fraction * num_steps:g}: "
+                         "validate at least every quarter of the run")
+    a, loss_a = earlier[-1]
+    fall = (loss_a - loss_b) / loss_a
+    return {"from_step": a, "to_step": b, "fall": fall, "plateau": bool(fall < PLATEAU_FALL)}
