@@ -25,6 +25,10 @@ _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evalu
 _VERSION = flags.DEFINE_string("version", "v2", "Reconstruction version of the test images.")
 _WHICH = flags.DEFINE_string("which", "best", "Checkpoint of each workdir: best | latest.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier evaluation in --out.")
+
+#: What an evaluation writes into --out.
+OUTPUTS = ("evaluation.json", "evaluation.md", "examples.npz", "examples.png", "gain.png")
 flags.adopt_module_key_flags(cli)  # --verbose, --cpu_devices, the launch flags
 
 
@@ -46,6 +50,10 @@ def main(argv: list[str]) -> None:
 def _evaluate(networks: dict[str, str], folder: str | Path) -> str:
     """Evaluates ``networks`` and writes the files into ``folder``; returns the table."""
     with workdir_lib.output_folder(folder) as out:  # before any work
+        earlier = [name for name in OUTPUTS if (out / name).exists()]
+        if earlier and not _OVERWRITE.value:
+            raise errors.UsageError(f"{out}: holds an earlier evaluation ({', '.join(earlier)}); "
+                                    "choose another --out, or pass --overwrite to replace it")
         cli.quiet_libraries()
         result = evaluate_lib.evaluate(_TEST.value, networks, version=_VERSION.value,
                                        which=_WHICH.value)

@@ -116,7 +116,7 @@ def evaluate(out: Path, seeds: list[int]) -> None:
                         == 2 * (len(nets) + 1)):
             continue
         _run(["evaluate.py", f"--test={out / 'data' / 'test.h5'}", f"--out={target}",
-              "--version=v2", *nets], out / "logs" / f"eval-{lever}.log")
+              "--overwrite", "--version=v2", *nets], out / "logs" / f"eval-{lever}.log")
         print(f"evaluated {lever} ({len(nets)} seeds)", flush=True)
 
 

@@ -86,7 +86,8 @@ def test_chain_train_finetune_online_denoise(toy_data, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--phi=1.5"], "finetune.py: error: bad config: config.tgd.phi must be in [0, 1]"),
-    (["--config.batch_size=3", "--config.data.patch_size=64"], "patch_size 64 exceeds"),
+    (["--config.batch_size=3", "--config.data.patch_size=64"],
+     "32 x 32 slices are smaller than data.patch_size 64"),
 ])
 def test_errors_end_with_one_clear_line(toy_data, pretrained, tmp_path, args, message):
     proc = _run("finetune.py", f"--workdir={tmp_path}", f"--checkpoint={pretrained}",

@@ -76,6 +76,15 @@ def test_evaluate_command_on_toy_data(toy_data, pretrained, tmp_path):
                 old["bias_pct"] - baseline.at_cov(gauss, "lesion_0/bias_pct",
                                                   row["liver_cov_pct"]))
     assert "gain vs Gaussian" in proc.stdout
+    # an earlier evaluation is not replaced without --overwrite
+    before = (tmp_path / "evaluation.json").read_bytes()
+    again = subprocess.run([sys.executable, str(root / "evaluate.py"),
+                            f"--test={toy_data['test']}", f"--out={tmp_path}",
+                            f"--net=tiny={pretrained}"], capture_output=True, text=True,
+                           cwd=root, timeout=300)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "holds an earlier evaluation" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "evaluation.json").read_bytes() == before
     assert "Every lesion" in (tmp_path / "evaluation.md").read_text()
 
 

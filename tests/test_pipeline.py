@@ -347,7 +347,8 @@ def test_a_resume_on_another_device_count_says_so(tmp_path, written, now, warned
     from tgd_jax.train import trainer
     state = SimpleNamespace(step=7)
     meta = {} if written is None else {"devices": written}
-    ckpt = SimpleNamespace(workdir=tmp_path, restore_latest=lambda template, log: (state, meta))
+    ckpt = SimpleNamespace(workdir=tmp_path, restore_latest=lambda template, log: (state, meta),
+                           reconcile_best=lambda *args: None)
     lines = []
     assert trainer.resume(ckpt, state, None, lines.append, devices=now) is state
     assert any(f"written on {written} devices and this run has {now}" in line

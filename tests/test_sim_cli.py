@@ -43,6 +43,35 @@ def test_generate_and_report(tmp_path):
     assert report["checks"]["7_projector_adjoint_and_chords"]
     assert (tmp_path / "data" / "examples.png").stat().st_size > 10_000
 
+    # The same command again keeps both files (no simulation); another spec is refused
+    # before any work, naming the file, and leaves it as it was.
+    files = {role: (tmp_path / "data" / f"{role}.h5").read_bytes() for role in ("train", "test")}
+    again = _run("--preset=demo", "--role=train,test", f"--out={out}", "--studies=2",
+                 "--slices=3", "--levels=30", "--realisations=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("it holds this very dataset") == 2 and "study 1/" not in again.stdout
+    other = _run("--preset=demo", "--role=test,train", f"--out={out}", "--studies=2",
+                 "--slices=4", "--levels=30", "--realisations=3")
+    assert other.returncode == 2 and "study 1/" not in other.stdout
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "test.h5: exists and holds another dataset" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert files == {role: (tmp_path / "data" / f"{role}.h5").read_bytes()
+                     for role in ("train", "test")}
+
+
+def test_a_users_dataset_is_never_replaced_without_overwrite(tmp_path):
+    user = tmp_path / "train.h5"
+    user.write_bytes(b"a user's own data")
+    args = ("--preset=demo", "--role=train", f"--out={tmp_path}", "--studies=1", "--slices=2",
+            "--levels=30", "--versions=v2")
+    refused = _run(*args)
+    assert refused.returncode == 2 and user.read_bytes() == b"a user's own data"
+    assert str(user) in refused.stderr and "--overwrite" in refused.stderr
+    replaced = _run(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert open_dataset(user).role == "train"
+
 
 def test_the_backend_probe_line_exists_when_not_silenced():
     # Control for the assertion above: under absl's default INFO verbosity, a bare JAX

@@ -122,6 +122,8 @@ def run(name: str, fn: Callable[..., dict[str, Any]], config: ml_collections.Con
     Multi-process (:func:`join_processes`): every process runs ``fn``; process 0 alone
     prints progress."""
     with reported(name):
+        if not workdir.strip():  # '' would write the run into the current folder
+            raise errors.UsageError("--workdir is empty; name the folder the run writes into")
         auto = bool(config.get("distributed"))
         # Every core for a single process; one device per process in a multi-process run
         # (each would otherwise size its split from the global batch and its own cores).

@@ -67,6 +67,9 @@ def _supervised_data(config: ml_collections.ConfigDict
     if held is not None and held.path:
         ids, val_pairs = _held_out(held, held.version or version, scale)
         val_ids = [f"{held.path}:{s}" for s in ids]
+    for pairs in (train_pairs, val_pairs):  # studies may differ in size: each must fit
+        if pairs is not None:
+            pairs.check_patch(config.data.patch_size)
     return train_ids, val_ids, train_pairs, val_pairs
 
 
@@ -140,12 +143,12 @@ def _adopt(config: ml_collections.ConfigDict, adopted: dict[str, Any]
     return config_lib.override(ml_collections.ConfigDict(config.to_dict()), **adopted)
 
 
-def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
-             variables: dict[str, Any], source_meta: dict[str, Any],
-             train_pairs: data_lib.PairSet, val_pairs: data_lib.PairSet | None, log: Log,
-             mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
-    """Shared by fine-tuning and online learning: plan the mask, then train."""
+def _plan(config: ml_collections.ConfigDict, variables: dict[str, Any],
+          train_pairs: data_lib.PairSet) -> dict[str, Any]:
+    """Shared by fine-tuning and online learning, before the workdir exists (a refusal
+    leaves nothing): the mask plan, the starting variables, the old-task held-out set."""
     t = config.tgd
+    train_pairs.check_patch(config.data.patch_size)
     model = model_from_config(config.model)
     graph = model_graph(model, variables, config.data.patch_size)
     plan = methods_lib.plan_finetune(
@@ -170,6 +173,21 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                 stream=data_lib.STREAM_VAL)["inputs"] for i in range(8)]
             variables["batch_stats"] = step_lib.estimate_statistics(
                 model, variables, batches, plan.stats_mask)
+    old = config.get("old_task")
+    extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
+                 if old is not None and old.path else None)
+    return {"model": model, "graph": graph, "plan": plan, "variables": variables,
+            "extra_val": extra_val}
+
+
+def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
+             planned: dict[str, Any], source_meta: dict[str, Any],
+             train_pairs: data_lib.PairSet, val_pairs: data_lib.PairSet | None, log: Log,
+             mesh: jax.sharding.Mesh | None) -> tuple[dict[str, Any], Any]:
+    """Shared by fine-tuning and online learning: train the :func:`_plan` in ``workdir``."""
+    t = config.tgd
+    model, graph, plan, variables, extra_val = (
+        planned[k] for k in ("model", "graph", "plan", "variables", "extra_val"))
     # Written BEFORE training, so the choice of weights is on disk even if training fails.
     if _main():
         workdir_lib.write_json(workdir / "mask.json", {
@@ -183,9 +201,6 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     steps = num_steps_for(config, train_pairs)
     tx = plan.optimizer(num_steps=steps, **config.optimizer)
     state = step_lib.create_train_state(variables, tx, plan)
-    old = config.get("old_task")
-    extra_val = ({"old": _held_out(old, old.version, config.data.intensity_scale)[1]}
-                 if old is not None and old.path else None)
     state, summary = trainer.fit(
         config=config, workdir=workdir, model=model, tx=tx, state=state,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
@@ -210,8 +225,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
     variables, source_meta, adopted = _pretrained(config, log)
     config = _adopt(config, adopted)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
+    planned = _plan(config, variables, train_pairs)
     workdir = workdir_lib.prepare_workdir(workdir, config, "finetune")
-    summary, _ = _tgd_run(config, workdir, "finetune", variables, source_meta, train_pairs,
+    summary, _ = _tgd_run(config, workdir, "finetune", planned, source_meta, train_pairs,
                           val_pairs, log, mesh)
     summary.update(train_studies=train_ids, val_studies=val_ids)
     if _main():
@@ -233,8 +249,9 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     study = config.data.study or info.studies[0]
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
                                scale=config.data.intensity_scale, info=info)
+    planned = _plan(config, start_vars, pairs)
     workdir = workdir_lib.prepare_workdir(workdir, config, "online")
-    summary, state = _tgd_run(config, workdir, "online", start_vars, source_meta, pairs, None,
+    summary, state = _tgd_run(config, workdir, "online", planned, source_meta, pairs, None,
                               log, mesh)
     full, _ = read_volume(config.data.path, study=study, key=f"{config.data.version}/halves/full")
     model = model_from_config(config.model)

@@ -275,8 +275,9 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
             else ("v2", "v1")
         for version in versions:
             name = f"eval-{job.name}-{version}"
+            # --overwrite: the folder is this job's own (a killed run's is redone)
             jobs.append(Job(name, (python, "evaluate.py", f"--test={data}/test.h5",
-                                   f"--out={out}/eval/{job.name}-{version}",
+                                   f"--out={out}/eval/{job.name}-{version}", "--overwrite",
                                    f"--version={version}", f"--net={job.name}={out / job.name}"),
                             deps=("sim-test", job.name), weight=5 + eval_size / 20))
     return jobs

@@ -38,6 +38,9 @@ flags.DEFINE_enum("recipe", None, ["sparse", "oncology"], "Override what each st
 flags.DEFINE_enum("lesions", None, ["single", "graded"], "Override the test lesions: single "
                   "(one 8-10 mm liver lesion) or graded (plus 6-22 mm liver and soft-tissue "
                   "spheres at 4:1, docs/simulator.md).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing <out>/<role>.h5 that holds another "
+                  "dataset (one holding this very dataset, same spec and seed, is kept and "
+                  "not simulated again).")
 flags.DEFINE_bool("verbose", False, "On an error, show the traceback instead of one line.")
 flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of <out> instead.")
 
@@ -88,9 +91,24 @@ def _main(out: Path) -> None:
         for role in FLAGS.role
     ]
     workdir_lib.check_writable(out)  # before hours of simulation
-    print(f"preset {FLAGS.preset}: {generate.describe(specs)} -> {out}/", flush=True)
+    todo = []
+    for spec in specs:  # every existing file judged before any simulation
+        path = out / f"{spec.role}.h5"
+        if path.is_dir():
+            raise errors.UsageError(f"{path}: is a folder; the dataset would be written there")
+        if not path.exists() or FLAGS.overwrite:
+            todo.append(spec)
+        elif generate.stored_recipe(path) == generate.recipe_of(spec, FLAGS.seed):
+            print(f"kept {path}: it holds this very dataset (same spec and seed)", flush=True)
+        else:
+            raise errors.UsageError(
+                f"{path}: exists and holds another dataset (or one made before datasets "
+                "recorded their recipe); choose another --out, or pass --overwrite to "
+                "replace it")
+    print(f"preset {FLAGS.preset}: {generate.describe(todo) or 'nothing to simulate'} -> "
+          f"{out}/", flush=True)
     t0 = time.perf_counter()
-    for spec in specs:
+    for spec in todo:
         path = generate.generate_role(spec, out / f"{spec.role}.h5", seed=FLAGS.seed,
                                       progress=lambda m: print(m, flush=True))
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)

@@ -17,11 +17,13 @@ role's patients.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import jax
 
 from tgd_jax.sim.recon import VERSIONS
@@ -117,6 +119,24 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
     return study
 
 
+def recipe_of(spec: RoleSpec, seed: int, config: SimConfig | None = None) -> dict[str, Any]:
+    """Everything that determines a role's dataset: its spec, seed and simulator config."""
+    config = config or SimConfig(n_slices=spec.n_slices)
+    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "seed": seed,
+                                  "sim_config": config.to_dict()}, sort_keys=True,
+                                 default=str))
+
+
+def stored_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The ``recipe`` attribute of an existing dataset (None if it has none or is not one)."""
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get("recipe")
+        return json.loads(text) if text is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def generate_role(
     spec: RoleSpec,
     out: str | Path,
@@ -141,6 +161,7 @@ def generate_role(
         sim_config=config.to_dict(), recon_settings=recon, seed=seed,
         realisations=spec.realisations,
         voxel_size_mm=(config.slice_mm, config.recon_pixel_mm, config.recon_pixel_mm),
+        recipe=recipe_of(spec, seed, config),
     )
 
 

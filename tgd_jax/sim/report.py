@@ -160,13 +160,15 @@ def measure(folder: Path) -> dict[str, Any]:
             v2["lesion_recovery"] > v1["lesion_recovery"])
     if v2:
         checks["4_quantitation_within_5pct"] = abs(v2["liver_quantitation_ratio"] - 1) < 0.05
-    if graded:  # within an organ, a larger sphere keeps more of its activity
-        checks["8_recovery_grows_with_lesion_size"] = all(
+    if graded:  # in the liver's uniform background, a larger sphere keeps more activity
+        # (soft-tissue spheres sit beside fat, organs and bone: their recovery also depends
+        # on what surrounds each one, so it is reported, not judged)
+        checks["8_liver_recovery_grows_with_lesion_size"] = all(
             all(b >= a - 0.02 for a, b in zip(seq, seq[1:], strict=False))
-            for by_roi in recovery.values() for organ in ("liver", "soft")
+            for by_roi in recovery.values()
             for seq in [[r for _, r in sorted(
                 (e["diameter_mm"], by_roi[e["roi"]]) for e in graded
-                if e["organ"] == organ)]])
+                if e["organ"] == "liver")]])
 
     train = open_dataset(folder / "train.h5")
     cov: dict[str, dict[str, dict[str, float]]] = {}

@@ -3,7 +3,8 @@
 Layout inside a workdir::
 
     checkpoints/<step>/{state,meta}   the last ``keep`` checkpoints (resume from the newest)
-    best/<step>/{state,meta}          the one with the lowest validation loss so far
+    best/<step>/{state,meta}          the one with the lowest validation loss so far (a new
+                                      best is complete before the old one is removed)
     kept/<step>/{state,meta}          checkpoints kept for good (``config.keep_steps``)
 
 ``state`` is the whole :class:`~tgd_jax.train.step.TrainState` as a state dict (params, BatchNorm
@@ -169,11 +170,68 @@ class Checkpointer:
         if improved:
             self.best_loss = float(val_loss)
             self._one_at_a_time()
-            self._best.wait_until_finished()
-            for old in self._best.all_steps():
-                self._best.delete(old)
+            # max_to_keep=1: orbax finalises the new best, THEN removes the old one, so a
+            # kill at any moment leaves one complete best. Waiting here reports a failed
+            # write (a full disk) at this step, not at the next save.
             self._best.save(step, args=args, force=True)
+            self._best.wait_until_finished()
         return improved
+
+    def reconcile_best(self, metrics_file: Path, resumed_step: int,
+                       log: Callable[[str], None] | None = None) -> None:
+        """Makes ``best/`` hold the best validation recorded up to ``resumed_step``.
+
+        ``metrics_file``: the run's ``metrics.jsonl``, already cut back to the resumed step
+        (by the first process; every process reads it after a barrier). A ``best/``
+        that is missing, incomplete or holds another step (a run killed or a disk full
+        while writing it) is rebuilt from the kept checkpoint of that step (a copy, made
+        complete before it replaces anything); a best at a step after ``resumed_step``
+        (written before the kill, which the rerun recomputes identically) is kept. When
+        no kept checkpoint has that step, ``best/`` stays as it is and one line says so.
+        """
+        from tgd_jax.train.metrics import read_metrics
+
+        log = log or self.log
+        _sync("tgd_reconcile_best")  # the first process has cut metrics.jsonl back
+        records = read_metrics(metrics_file, log=lambda _: None)  # truncation said it
+        vals = [(float(r["val_loss"]), int(r["step"])) for r in records
+                if "val_loss" in r and 0 < int(r["step"]) <= resumed_step]
+        if not vals:
+            return
+        loss, step = min(vals)  # ties: the earliest, as the strict `<` of save() chose
+        have = self._best.latest_step()
+        if have == step or (have is not None and have > resumed_step):
+            return
+        source = next((self.workdir / kind / str(step) for kind, m in
+                       ((LATEST_DIR, self._latest), (KEPT_DIR, self._kept_manager()))
+                       if m is not None and step in m.all_steps()), None)
+        if source is None:
+            log(f"warning: {self.workdir / BEST_DIR} should hold step {step} (the best "
+                f"validation recorded, loss {loss:.6g}) but "
+                + (f"holds step {have}" if have is not None else "is empty")
+                + " and no kept checkpoint has that step: it cannot be rebuilt; "
+                "the best from here on is saved as usual")
+            return
+        target = self.workdir / BEST_DIR / str(step)
+        if jax.process_index() == 0:
+            partial = target.with_name(f"{step}.rebuilding")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)  # complete before the old best goes
+            for old in (self.workdir / BEST_DIR).iterdir():
+                if old.name != str(step):
+                    shutil.rmtree(old, ignore_errors=True)
+        _sync(f"tgd_rebuild_best_{step}")
+        self._best.reload()
+        self.best_loss = loss
+        log(f"rebuilt {target} from {source} (the best validation recorded, loss {loss:.6g}; "
+            + (f"best/ held step {have})" if have is not None else "best/ was empty)"))
+
+    def _kept_manager(self) -> ocp.CheckpointManager | None:
+        if self._kept is None and (self.workdir / KEPT_DIR).is_dir():
+            self._kept = _manager(self.workdir / KEPT_DIR, None)
+        return self._kept
 
     def _one_at_a_time(self) -> None:
         """With several processes, lets every save in flight finish before the next starts.
@@ -251,6 +309,8 @@ class Checkpointer:
         if jax.process_index() == 0:
             for kind in (LATEST_DIR, BEST_DIR, KEPT_DIR):
                 for path in (self.workdir / kind).glob(f"*{_UNFINISHED}*"):
+                    shutil.rmtree(path, ignore_errors=True)
+                for path in (self.workdir / kind).glob("*.rebuilding"):  # reconcile_best's
                     shutil.rmtree(path, ignore_errors=True)
         _sync("tgd_discard_unfinished")
 

@@ -246,6 +246,28 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         positive(field, node)
     need(c.num_steps > 0 or c.num_epochs > 0, "num_steps",
          "must be > 0, or num_epochs > 0")
+    need(isinstance(c.num_epochs, int | float) and 0 <= c.num_epochs < float("inf"),
+         "num_epochs", "must be finite and >= 0")
+    need(isinstance(c.num_steps, int) and c.num_steps >= 0, "num_steps",
+         "must be a whole number >= 0")
+    need(isinstance(c.seed, int) and not isinstance(c.seed, bool) and c.seed >= 0, "seed",
+         "must be a whole number >= 0 (it seeds the PRNG keys and the data)")
+    need(c.num_steps <= 0 or all(isinstance(s, int) and s <= c.num_steps
+                                 for s in c.keep_steps),
+         "keep_steps", "must lie within 1..num_steps (a step never reached is never kept)")
+    m = c.model
+    for field in ("features", "unet_features"):
+        need(len(m[field]) > 0 and all(isinstance(f, int) and not isinstance(f, bool)
+                                      and f > 0 for f in m[field]),
+             f"model.{field}", "must be positive channel counts")
+    for field in ("resnet_width", "resnet_blocks"):
+        need(isinstance(m[field], int) and m[field] > 0, f"model.{field}",
+             "must be a whole number > 0")
+    positive("model.width_multiplier", m.width_multiplier)
+    need(isinstance(m.bn_momentum, int | float) and 0 <= m.bn_momentum < 1,
+         "model.bn_momentum", "must be in [0, 1)")  # NaN fails too
+    need(isinstance(c.optimizer.momentum, int | float) and 0 <= c.optimizer.momentum < 1,
+         "optimizer.momentum", "must be in [0, 1)")
     need(bool(c.data.path), "data.path", "must name an HDF5 dataset")
     need(bool(c.data.version), "data.version", "must name a reconstruction version")
     need(all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in c.keep_steps),

@@ -62,6 +62,15 @@ class PairSet:
                 raise ValueError(f"{self.names[i]}: 2.5D training needs (Z >= 3, H, W) "
                                  f"volumes, got shape {a.shape}")
 
+    def check_patch(self, patch_size: int) -> None:
+        """Raises :class:`DatasetError`, naming the volume, if a ``patch_size`` square does
+        not fit in every pair (studies may differ in size: each is sampled within its own)."""
+        for i, _ in self.pairs:
+            z, h, w = self.volumes[i].shape
+            if patch_size > min(h, w):
+                raise DatasetError(f"{self.names[i]}: its {h} x {w} slices are smaller than "
+                                   f"data.patch_size {patch_size}")
+
 
 def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], list[str]]:
     """The last ``val_studies`` studies validate, the others train."""
@@ -150,8 +159,10 @@ def _read(f: h5py.File, study: str, key: str, scale: float) -> np.ndarray:
 
 def steps_per_epoch(pairs: PairSet, patch_size: int, batch_size: int) -> int:
     """Steps for one epoch: as many patches as tile every pair's 2.5D slices once."""
-    z, h, w = pairs.volumes[pairs.pairs[0, 0]].shape
-    patches = len(pairs.pairs) * (z - 2) * max(1, h // patch_size) * max(1, w // patch_size)
+    patches = 0
+    for i, _ in pairs.pairs:
+        z, h, w = pairs.volumes[i].shape
+        patches += (z - 2) * max(1, h // patch_size) * max(1, w // patch_size)
     return max(1, math.ceil(patches / batch_size))
 
 
@@ -162,7 +173,9 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
 
     Each example: a pair, a centre slice ``z`` (1..Z-2, so its 3 slices exist), a
     ``patch_size`` square at a random position, and (``augment``) one of the 8 flips /
-    90-degree rotations, applied to input and target alike.
+    90-degree rotations, applied to input and target alike. Pairs of different sizes are
+    each sampled within their own extent (volumes of one size draw the positions as they
+    always did).
 
     Args:
       batch_size: the GLOBAL batch: the random choices are drawn for all its rows.
@@ -176,14 +189,19 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
     """
     # The 4th entry keeps the stream of the batches single-process runs always drew.
     rng = np.random.default_rng([seed, step, stream, 0])
-    shape = pairs.volumes[pairs.pairs[0, 0]].shape
-    z_max, h, w = shape[0] - 2, shape[1], shape[2]
-    if patch_size > min(h, w):
-        raise ValueError(f"patch_size {patch_size} exceeds the image size {h} x {w}")
+    pairs.check_patch(patch_size)
+    dims = np.array([pairs.volumes[i].shape for i, _ in pairs.pairs])  # (P, 3)
     pick = rng.integers(len(pairs.pairs), size=batch_size)
-    zs = rng.integers(1, z_max + 1, size=batch_size)
-    ys = rng.integers(0, h - patch_size + 1, size=batch_size)
-    xs = rng.integers(0, w - patch_size + 1, size=batch_size)
+    if (dims == dims[0]).all():  # one size: the draws every earlier run made
+        z_max, h, w = dims[0, 0] - 2, dims[0, 1], dims[0, 2]
+        zs = rng.integers(1, z_max + 1, size=batch_size)
+        ys = rng.integers(0, h - patch_size + 1, size=batch_size)
+        xs = rng.integers(0, w - patch_size + 1, size=batch_size)
+    else:  # each row within its own pair's extent
+        own = dims[pick]
+        zs = 1 + (rng.random(batch_size) * (own[:, 0] - 2)).astype(int)
+        ys = (rng.random(batch_size) * (own[:, 1] - patch_size + 1)).astype(int)
+        xs = (rng.random(batch_size) * (own[:, 2] - patch_size + 1)).astype(int)
     rots = rng.integers(4, size=batch_size) if augment else np.zeros(batch_size, int)
     flips = rng.integers(2, size=batch_size) if augment else np.zeros(batch_size, int)
     made = range(batch_size)[rows if rows is not None else slice(None)]

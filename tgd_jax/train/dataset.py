@@ -97,11 +97,14 @@ def write_dataset(
     seed: int,
     realisations: int = 0,
     voxel_size_mm: Sequence[float] = (4.0, 4.0, 4.0),
+    recipe: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes studies (:class:`tgd_jax.sim.study.Study`) atomically, then validates the file.
 
     The file is written under a temporary name in the same folder and renamed into place
     only once complete and valid: an interrupted run leaves no file under ``path``.
+    ``recipe``: everything that determined the studies (stored as the root attribute
+    ``recipe``, JSON), so that a later run can tell whether a file holds its dataset.
     """
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -120,6 +123,8 @@ def write_dataset(
                 "voxel_size_mm": json.dumps([float(v) for v in voxel_size_mm]),
                 "created": datetime.datetime.now(datetime.UTC).isoformat(),
                 "tgd_jax": _package_version(),
+                **({"recipe": json.dumps(recipe, sort_keys=True, default=str)}
+                   if recipe is not None else {}),
             })
             for i, study in enumerate(studies):
                 g = f.create_group(f"study_{i:03d}")

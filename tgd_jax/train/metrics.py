@@ -26,8 +26,8 @@ from tgd_jax.train.errors import RunError
 from tgd_jax.train.tensorboard import EventWriter
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",
-           "truncate_metrics", "initial_losses", "hms", "TENSORBOARD_TAGS", "plateau",
-           "PLATEAU_FALL"]
+           "truncate_metrics", "initial_losses", "read_metrics", "hms", "TENSORBOARD_TAGS",
+           "plateau", "PLATEAU_FALL"]
 
 #: A schedule has reached its plateau when the held-out loss fell by less than this fraction
 #: over its last quarter (:func:`plateau`).
@@ -143,21 +143,55 @@ class MetricsLogger:
         self.events.scalars(step, {tags[k]: v for k, v in values.items() if k in tags})
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops records past ``last_step`` (written after the checkpoint a resume starts from)."""
+def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` ([] if there is none).
+
+    A torn tail (a line cut by a power loss or a full disk, or NUL bytes a file system left
+    after a crash) is dropped with one line in ``log``: the records after the last intact
+    one are lost, not the run (its checkpoints are intact and the resume rewrites them).
+    A damaged line followed by intact ones is not a torn tail.
+
+    Raises:
+      RunError: a damaged line before the last one, naming the file and the line.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict[str, Any]] = []
+    for number, raw in enumerate(lines, 1):
+        text = raw.strip(b" \t\r")
+        if not text:
+            continue
+        try:
+            if b"\x00" in text:  # what a file system leaves of a write cut by a crash
+                raise ValueError("NUL bytes")
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as error:
+            if any(rest.strip(b"\x00 \t\r") for rest in lines[number:]):  # intact after
+                raise RunError(f"{path}: line {number} is not a metrics record ({error}); "
+                               "the file was edited or damaged, and the lines after it are "
+                               "intact: repair or delete that line") from None
+            log(f"warning: {path}: dropped a torn last line ({len(raw)} bytes, line {number}): "
+                "a write was cut short; the run resumes from its checkpoint")
+            break
+        records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int, log: Callable[[str], None] = print) -> None:
+    """Drops records past ``last_step`` (written after the checkpoint a resume starts from),
+    and a torn tail (:func:`read_metrics`)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    workdir_lib.atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
+    keep = [r for r in read_metrics(path, log) if r.get("step", 0) <= last_step]
+    workdir_lib.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def initial_losses(path: Path) -> tuple[float | None, dict[str, float]]:
     """The step-0 validation losses recorded in ``metrics.jsonl`` (None, {} if absent)."""
-    if not path.exists():
-        return None, {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_metrics(path, log=lambda _: None):
         if record.get("step") == 0 and "val_loss" in record:
             return record["val_loss"], {k: v for k, v in record.items()
                                         if k.startswith("val_loss_")}

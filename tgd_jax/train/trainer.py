@@ -86,7 +86,9 @@ def resume(ckpt: Checkpointer, state: step_lib.TrainState, metrics_path: Path | 
                 f"{devices}: the result will differ from an uninterrupted run by float32 "
                 f"reduction order (--cpu_devices={before} on a CPU keeps it)")
     if metrics_path is not None:
-        truncate_metrics(metrics_path, int(state.step) if restored is not None else -1)
+        truncate_metrics(metrics_path, int(state.step) if restored is not None else -1, log)
+    if restored is not None:  # every process: the rebuild is collective
+        ckpt.reconcile_best(ckpt.workdir / METRICS_FILE, int(state.step), log)
     return state
 
 
