@@ -55,6 +55,9 @@ def main(argv: list[str]) -> None:
         out = Path(_OUT.value or f"runs/{_PRESET.value}{suffix}")
         # One reproduction per folder: a second one would start the same jobs on the
         # same workdirs. The jobs' commands lock their own workdirs too.
+        if _REPORT_ONLY.value and not (out / "jobs").is_dir():
+            raise errors.UsageError(f"{out}: holds no reproduction (no {out / 'jobs'}/); "
+                                    "--report_only rewrites the report of one that ran")
         with workdir_lib.lock_folder(out, "reproduce.py"):
             jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value, tiny=_TINY.value)
             if not _REPORT_ONLY.value:

@@ -46,6 +46,13 @@ def main(argv: list[str]) -> None:
             phis = tuple(float(p) for p in _PHIS.value)
         except ValueError as e:
             raise errors.UsageError(f"--phis must be numbers: {e}") from None
+        if not phis:
+            raise errors.UsageError("--phis is empty; give the thresholds to study, e.g. "
+                                    "--phis=0.1,0.3,0.5")
+        for name, flag, low in (("examples", _EXAMPLES, 1), ("random_draws", _DRAWS, 1),
+                                ("studies", _STUDIES, 1)):
+            if flag.value < low:
+                raise errors.UsageError(f"--{name} must be >= {low}, got {flag.value}")
         checkpoints.resolve(_CHECKPOINT.value, _WHICH.value)  # exists, before making <out>
         with cli.every_process_works() as scratch:  # several processes: 0 writes
             _threshold(phis, (_OUT.value or f"{_CHECKPOINT.value}/threshold")

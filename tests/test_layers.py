@@ -48,7 +48,7 @@ def test_every_module_belongs_to_a_layer():
     layers = {_layer(p) for p in _modules()}
     assert layers == {"core", "runtime", "application"}
     core = {p.stem for p in _modules() if _layer(p) == "core"}
-    assert core == {"__init__", "autogate", "batchnorm", "gate", "graph", "kse", "masks",
+    assert core == {"__init__", "autogate", "batchnorm", "errors", "gate", "graph", "kse", "masks",
                     "methods", "optim", "threshold", "topology", "trace"}
 
 

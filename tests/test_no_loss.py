@@ -319,3 +319,81 @@ def test_an_empty_workdir_flag_is_refused(tmp_path):
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "--workdir is empty" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Only tgd-jax's errors are one-liners ---------------------------------------------------
+
+def test_an_internal_valueerror_from_jax_keeps_its_traceback(capsys):
+    import jax.numpy as jnp
+
+    from tgd_jax.train import errors
+
+    with pytest.raises(SystemExit) as caught, errors.reported("train.py"):
+        jnp.concatenate([])  # JAX's own ValueError: a bug, not the user's input
+    err = capsys.readouterr().err
+    assert caught.value.code == 1
+    assert "Traceback (most recent call last)" in err and "concatenate" in err
+    assert err.strip().splitlines()[-1].startswith("train.py: internal error (ValueError)")
+    assert "please report it" in err
+
+
+@pytest.mark.parametrize("error, code", [
+    ("usage", 2), ("config", 2), ("data", 2), ("run", 1), ("missing", 2), ("disk", 1)])
+def test_the_errors_of_tgd_jax_and_of_the_users_files_are_one_line(capsys, error, code):
+    from tgd_jax import errors as core
+    from tgd_jax.train import errors
+
+    raised = {"usage": core.UsageError("bad --phi"), "config": core.ConfigError("bad field"),
+              "data": core.DataError("bad study"), "run": core.RunError("loss is NaN"),
+              "missing": FileNotFoundError(2, "No such file", "x.h5"),
+              "disk": OSError(28, "No space left on device", "y.h5")}[error]
+    with pytest.raises(SystemExit) as caught, errors.reported("train.py"):
+        raise raised
+    err = capsys.readouterr().err
+    assert caught.value.code == code and len(err.strip().splitlines()) == 1
+    assert err.startswith("train.py: error: ") and "Traceback" not in err
+
+
+def test_the_core_raises_tgd_errors():
+    import jax.numpy as jnp
+
+    import tgd_jax
+    from tgd_jax import errors as core
+
+    with pytest.raises(core.UsageError, match="alpha must be finite"):
+        tgd_jax.kse_scores(jnp.ones((3, 3, 4, 8)), alpha=-1.0)
+    with pytest.raises(ValueError):  # still a ValueError, for callers that catch that
+        tgd_jax.kse_scores(jnp.ones((3, 3, 4, 8)), alpha=-1.0)
+    assert issubclass(core.ConfigError, core.UsageError)
+    assert issubclass(core.DataError, core.UsageError)
+
+
+@pytest.mark.parametrize("flag, said", [("--examples=0", "--examples must be >= 1"),
+                                        ("--phis=", "--phis is empty")])
+def test_threshold_refuses_nothing_to_measure(pretrained, toy_data, tmp_path, flag, said):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "threshold"
+    proc = subprocess.run([sys.executable, str(root / "threshold.py"),
+                           f"--checkpoint={pretrained}", f"--data={toy_data['train']}",
+                           f"--out={out}", flag], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 2 and said in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_report_only_on_a_folder_without_a_reproduction_names_it(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.h5").write_text("not a reproduction")
+    proc = subprocess.run([sys.executable, str(root / "reproduce.py"), "--preset=tiny",
+                           f"--out={tmp_path}", "--report_only"], capture_output=True,
+                          text=True, cwd=root, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path}: holds no reproduction" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgd_jax import masks as masks_lib
+from tgd_jax.errors import UsageError
 from tgd_jax.gate import tgd_gate
 from tgd_jax.graph import ChannelGraph, flat_paths, unflatten_paths
 from tgd_jax.trace import TraceError, _Interpreter, _plain, _Value, leaf_paths
@@ -85,7 +86,7 @@ def gated(apply_fn: Callable[..., Any], plan: Any) -> Callable[..., Any]:
       True
     """
     if plan.graph is None:
-        raise ValueError("the plan has no channel graph")
+        raise UsageError("the plan has no channel graph")
     values = unflatten_paths({k: jnp.asarray(v) for k, v in gate_values(plan).items()})
     inner = gated_by(apply_fn, plan.graph)
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["GATE_COLLECTION", "tgd_gate", "apply_mask", "TGDGate"]
 
 #: Flax variable collection holding the gate masks (not trainable, not in ``params``).
@@ -100,7 +102,7 @@ class TGDGate(nn.Module):
             GATE_COLLECTION, "mask", lambda: jnp.ones((x.shape[-1],), bool)
         ).value
         if mask.shape != (x.shape[-1],):
-            raise ValueError(
+            raise UsageError(
                 f"gate '{self.name}': mask shape {mask.shape} does not match "
                 f"{x.shape[-1]} channels"
             )

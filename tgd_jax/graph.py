@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 
+from tgd_jax.errors import UsageError
 from tgd_jax.topology import Topology, get_path, has_path, validate_topology
 
 __all__ = ["Layer", "ChannelGraph", "from_topology", "as_graph", "PARAMS", "key_name",
@@ -112,7 +113,7 @@ class ChannelGraph:
     def __post_init__(self) -> None:
         paths = [layer.path for layer in self.layers]
         if len(set(paths)) != len(paths):
-            raise ValueError(f"layer paths must be unique, got {paths}")
+            raise UsageError(f"layer paths must be unique, got {paths}")
 
     @property
     def layer(self) -> dict[str, Layer]:

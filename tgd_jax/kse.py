@@ -35,6 +35,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tgd_jax.errors import UsageError
+
 __all__ = [
     "effective_k",
     "kernel_groups",
@@ -63,7 +65,7 @@ def effective_k(k: int, num_kernels: int) -> int:
       (2, 0)
     """
     if k < 1:
-        raise ValueError(f"KSE needs k >= 1 nearest neighbours, got k={k}")
+        raise UsageError(f"KSE needs k >= 1 nearest neighbours, got k={k}")
     return max(0, min(k, num_kernels - 1))
 
 
@@ -82,7 +84,7 @@ def kernel_groups(kernel: Array) -> Array:
       (4, 8, 9)
     """
     if kernel.ndim < 3:
-        raise ValueError(
+        raise UsageError(
             f"a conv kernel must have shape (*spatial, C_in, C_out), got shape {kernel.shape}"
         )
     c_in, c_out = kernel.shape[-2:]
@@ -224,7 +226,7 @@ def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
     Jit-compiled (``k`` static); ``alpha`` may be traced, and is then not checked.
 
     Raises:
-      ValueError: a concrete ``alpha`` that is negative or not finite (``1 + alpha * e``
+      UsageError: a concrete ``alpha`` that is negative or not finite (``1 + alpha * e``
         could reach 0 and give NaN scores, which no threshold would retrain).
 
     Returns:
@@ -239,7 +241,7 @@ def kse_scores(kernel: Array, *, alpha: float = 1.0, k: int = 5) -> Array:
       ((4,), 0.0, 1.0)
     """
     if not isinstance(alpha, jax.core.Tracer) and not 0.0 <= float(alpha) < float("inf"):
-        raise ValueError(f"KSE alpha must be finite and >= 0, got {alpha}")
+        raise UsageError(f"KSE alpha must be finite and >= 0, got {alpha}")
     return _kse_scores(kernel, alpha=alpha, k=k)
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tgd_jax import kse as kse_lib
+from tgd_jax.errors import UsageError
 from tgd_jax.graph import (
     PARAMS,
     ChannelGraph,
@@ -95,7 +96,7 @@ def check_phi(phi: float) -> float:
     """
     phi = float(phi)
     if not 0.0 <= phi <= 1.0:  # also rejects NaN
-        raise ValueError(f"KSE threshold phi must be in [0, 1] (KSE is normalised), got {phi}")
+        raise UsageError(f"KSE threshold phi must be in [0, 1] (KSE is normalised), got {phi}")
     return phi
 
 
@@ -105,11 +106,11 @@ def _layer_kernel(params: Params, graph: ChannelGraph, path: str) -> jax.Array:
     layer = graph.layer[path]
     flat = flat_paths(params)
     if layer.kernel not in flat:
-        raise ValueError(f"the graph names kernel '{layer.kernel}', which params do not have")
+        raise UsageError(f"the graph names kernel '{layer.kernel}', which params do not have")
     kernel = jnp.asarray(flat[layer.kernel])
     kernel = jnp.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
     if kernel.shape[-2:] != (layer.c_in, layer.c_out):
-        raise ValueError(f"'{layer.kernel}' has shape {tuple(flat[layer.kernel].shape)}, which "
+        raise UsageError(f"'{layer.kernel}' has shape {tuple(flat[layer.kernel].shape)}, which "
                          f"does not fit the graph's {layer.c_in} -> {layer.c_out} channels")
     return kernel if kernel.ndim >= 3 else kernel.reshape((1, *kernel.shape))
 
@@ -132,7 +133,7 @@ def map_scores(params: Params, topology: Graphish, *, alpha: float = 1.0, k: int
       (6,)
     """
     if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
+        raise UsageError(f"combine must be one of {COMBINE}, got {combine!r}")
     graph = as_graph(topology, params, batch_stats)
     reads = graph.reads()
     per_layer = {}
@@ -180,7 +181,7 @@ def map_decisions(graph: ChannelGraph, channels: Mapping[str, Any]) -> np.ndarra
     """Channel masks -> ``(num_maps,)`` bool, one decision per map.
 
     Raises:
-      ValueError: a channel mask of the wrong shape, a layer without one, or channels of
+      UsageError: a channel mask of the wrong shape, a layer without one, or channels of
         one map (a residual group) with different decisions.
 
     Example:
@@ -195,14 +196,14 @@ def map_decisions(graph: ChannelGraph, channels: Mapping[str, Any]) -> np.ndarra
     seen = np.zeros(graph.num_maps, bool)
     for layer in graph.layers:
         if layer.path not in channels:
-            raise ValueError(f"no channel mask for layer '{layer.path}'")
+            raise UsageError(f"no channel mask for layer '{layer.path}'")
         mask = np.asarray(channels[layer.path], bool)
         if mask.shape != (layer.c_out,):
-            raise ValueError(f"channel mask for '{layer.path}' has shape {mask.shape}, "
+            raise UsageError(f"channel mask for '{layer.path}' has shape {mask.shape}, "
                              f"expected ({layer.c_out},)")
         for c, m in enumerate(layer.out_maps):
             if seen[m] and decision[m] != mask[c]:
-                raise ValueError(f"channel {c} of '{layer.path}' is tied to channels of "
+                raise UsageError(f"channel {c} of '{layer.path}' is tied to channels of "
                                  f"{graph.producers()[m]} (one map): they need one decision")
             decision[m], seen[m] = mask[c], True
     return decision
@@ -249,7 +250,7 @@ def channel_masks_from_scores(
         if layer.path in scores:
             score = np.asarray(scores[layer.path], np.float32)
             if score.shape != (layer.c_out,):
-                raise ValueError(f"scores for '{layer.path}' have shape {score.shape}, "
+                raise UsageError(f"scores for '{layer.path}' have shape {score.shape}, "
                                  f"expected ({layer.c_out},)")
             per_map[list(layer.out_maps)] = score
     decision = np.zeros(graph.num_maps, bool)
@@ -263,7 +264,7 @@ def channel_masks_from_scores(
         if policy == "kse":
             if np.isnan(per_map[m]):
                 layer = producers[m][0]
-                raise ValueError(f"no KSE scores for layer '{layer}'")
+                raise UsageError(f"no KSE scores for layer '{layer}'")
             decision[m] = per_map[m] < phi
         else:
             decision[m] = policy == "train"
@@ -353,7 +354,7 @@ def check_mode(mode: str) -> str:
       'projected'
     """
     if mode not in MODES:
-        raise ValueError(f"TGD mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"TGD mode must be one of {MODES}, got {mode!r}")
     return mode
 
 
@@ -452,7 +453,7 @@ def running_channels(channels: Any, *, frozen_bn: str = "running",
     """
     for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
         if value not in BN_MODES:
-            raise ValueError(f"{name} must be one of {BN_MODES}, got {value!r}")
+            raise UsageError(f"{name} must be one of {BN_MODES}, got {value!r}")
     channels = np.asarray(channels, bool)
     return (~channels & (frozen_bn == "running")) | (channels & (retrained_bn == "running"))
 
@@ -515,7 +516,7 @@ def statistics_mask(batch_stats: Params, topology: Graphish, channels: Mapping[s
     """
     if not isinstance(topology, ChannelGraph):
         if params is None:
-            raise ValueError("statistics_mask of a hand-written topology needs params")
+            raise UsageError("statistics_mask of a hand-written topology needs params")
         topology = as_graph(topology, params, batch_stats)
     decision = map_decisions(topology, channels)
     keep = {}
@@ -651,14 +652,14 @@ def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:
     missing = sorted(set(flat_params) - set(flat_mask))
     extra = sorted(set(flat_mask) - set(flat_params))
     if missing or extra:
-        raise ValueError(f"mask does not mirror params: missing {missing}, extra {extra}")
+        raise UsageError(f"mask does not mirror params: missing {missing}, extra {extra}")
     for path, m in flat_mask.items():
         if m is None:
             continue
         try:
             np.broadcast_shapes(np.shape(m), np.shape(flat_params[path]))
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"mask leaf '{path}' has shape {np.shape(m)}, which does not broadcast "
                 f"to the parameter's shape {np.shape(flat_params[path])}"
             ) from None
@@ -667,4 +668,4 @@ def _flat_mask(mask: Any, flat_params: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_policy(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}-layer policy must be one of {allowed}, got {value!r}")
+        raise UsageError(f"{name}-layer policy must be one of {allowed}, got {value!r}")

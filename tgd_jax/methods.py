@@ -35,6 +35,7 @@ import optax
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import optim
+from tgd_jax.errors import UsageError
 from tgd_jax.graph import (
     PARAMS,
     ChannelGraph,
@@ -124,7 +125,7 @@ class TGDPlan:
         if inner is None:
             return optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs)
         if make_optimizer_kwargs:
-            raise TypeError("pass either an optimizer or make_optimizer's keywords, not both")
+            raise UsageError("pass either an optimizer or make_optimizer's keywords, not both")
         return inner if self.mask is None else optim.tgd(inner, self.mask)
 
     def to_json(self) -> dict[str, Any]:
@@ -209,7 +210,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         k and combine), to try several thresholds without recomputing KSE.
 
     Raises:
-      ValueError: an unknown method, mode, policy or BatchNorm mode; ``phi`` outside
+      UsageError: an unknown method, mode, policy or BatchNorm mode; ``phi`` outside
         [0, 1]; a topology that does not match the params; ``mode="paper"`` with a hand
         topology that names no gates (it would silently train in projected mode).
 
@@ -225,18 +226,18 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
       True
     """
     if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
+        raise UsageError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
     masks_lib.check_mode(mode)
     for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
         if value not in FROZEN_BN:
-            raise ValueError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
+            raise UsageError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
     for name, value, allowed in (("combine", combine, masks_lib.COMBINE),
                                  ("other", other, masks_lib.OTHER),
                                  ("readers", readers, masks_lib.READERS)):
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            raise UsageError(f"{name} must be one of {allowed}, got {value!r}")
     if readers != "none" and mode == "paper" and method in ("tgd", "random", "l1"):
-        raise ValueError("readers needs mode='projected': in paper mode the gates stop the "
+        raise UsageError("readers needs mode='projected': in paper mode the gates stop the "
                          "gradient of the frozen maps those input slices feed")
     hand = not isinstance(topology, ChannelGraph)
     graph = as_graph(topology, params, batch_stats)
@@ -248,7 +249,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
     if method in ("tgd", "random", "l1"):
         masks_lib.check_phi(phi)
         if mode == "paper" and hand and not any(node.gates for node in topology):
-            raise ValueError("mode='paper' gates the backward pass, but the topology names no "
+            raise UsageError("mode='paper' gates the backward pass, but the topology names no "
                              "TGD gates: build the model with TGDGate modules and list them "
                              "in ConvNode.gates, trace it, or use mode='projected'")
         used_scores = dict(scores if scores is not None else masks_lib.layer_scores(
@@ -257,7 +258,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
                                                        first=first, last=last)
         if method == "random":
             if key is None:
-                raise ValueError("method 'random' needs a PRNG key")
+                raise UsageError("method 'random' needs a PRNG key")
             channels = _same_counts(graph, channels, lambda i, maps, n: jax.random.permutation(
                 jax.random.fold_in(key, i), n))
         elif method == "l1":
@@ -275,7 +276,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
             settings.update(combine=combine)
     elif method == "last_k":
         if not 1 <= last_k <= len(graph.layers):
-            raise ValueError(f"last_k={last_k} must be in [1, {len(graph.layers)}] for this "
+            raise UsageError(f"last_k={last_k} must be in [1, {len(graph.layers)}] for this "
                              "network")
         trainable = {layer.path for layer in graph.layers[-last_k:]}
         maps = {m for layer in graph.layers if layer.path in trainable for m in layer.out_maps}
@@ -284,7 +285,7 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         settings.update(last_k=last_k)
     elif method == "packnet":
         if not 0.0 < packnet_fraction < 1.0:
-            raise ValueError(f"packnet_fraction must be in (0, 1), got {packnet_fraction}")
+            raise UsageError(f"packnet_fraction must be in (0, 1), got {packnet_fraction}")
         channels = {layer.path: jnp.zeros((layer.c_out,), bool) for layer in graph.layers}
         settings.update(packnet_fraction=packnet_fraction)
     else:  # full
@@ -357,7 +358,7 @@ def reinitialize(params: Any, batch_stats: Any, plan: TGDPlan, key: jax.Array, *
       (True, True)
     """
     if plan.mask is None:
-        raise ValueError("a 'full' plan retrains everything: re-initialising it would be "
+        raise UsageError("a 'full' plan retrains everything: re-initialising it would be "
                          "training from scratch")
     graph = plan.graph
     kernels = {layer.kernel: layer for layer in graph.layers}
@@ -408,7 +409,7 @@ def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -
     """Every variable the graph names must exist with the channel count it expects.
 
     Raises:
-      ValueError: naming the first kernel, per-channel parameter or statistic that is
+      UsageError: naming the first kernel, per-channel parameter or statistic that is
         missing or has another size (a graph traced from another network, a misspelled
         gate).
 
@@ -421,7 +422,7 @@ def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -
       >>> check_variables(graph, {"a": {"kernel": jnp.zeros((1, 1, 1, 2))}})
       Traceback (most recent call last):
       ...
-      ValueError: the graph names 'params/a/bias', which the variables do not have
+      tgd_jax.errors.UsageError: the graph names 'params/a/bias', which the variables do not have
     """
     trees = {PARAMS: flat_paths(params)}
     if batch_stats is not None:
@@ -429,21 +430,21 @@ def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -
     for layer in graph.layers:
         kernel = trees[PARAMS].get(layer.kernel)
         if kernel is None:
-            raise ValueError(f"the graph's layer '{layer.path}' has kernel '{layer.kernel}', "
+            raise UsageError(f"the graph's layer '{layer.path}' has kernel '{layer.kernel}', "
                              f"which params do not have")
         shape = np.shape(kernel)
         if (shape[layer.in_axis], shape[layer.out_axis]) != (layer.c_in, layer.c_out):
-            raise ValueError(f"'{layer.kernel}' has shape {shape}, but the graph expects "
+            raise UsageError(f"'{layer.kernel}' has shape {shape}, but the graph expects "
                              f"{layer.c_in} -> {layer.c_out} channels")
     for name, (axis, maps) in graph.leaves.items():
         collection, _, path = name.partition("/")
         if collection not in trees:
             continue
         if path not in trees[collection]:
-            raise ValueError(f"the graph names '{name}', which the variables do not have")
+            raise UsageError(f"the graph names '{name}', which the variables do not have")
         shape = np.shape(trees[collection][path])
         if len(shape) <= axis or shape[axis] != len(maps):
-            raise ValueError(f"'{name}' has shape {shape}, but the graph expects {len(maps)} "
+            raise UsageError(f"'{name}' has shape {shape}, but the graph expects {len(maps)} "
                              f"channels on axis {axis}")
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["RetrainOnlyState", "retrain_only", "tgd", "replace_mask", "find_mask",
            "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer",
            "learning_rate_schedule"]
@@ -166,7 +168,7 @@ def kernel_l2(l2: float) -> optax.GradientTransformation:
       ([0.2..., 0.2...], [0.0, 0.0])
     """
     if not l2 >= 0:  # also rejects NaN
-        raise ValueError(f"l2 must be >= 0, got {l2}")
+        raise UsageError(f"l2 must be >= 0, got {l2}")
     if l2 == 0:
         return optax.identity()
     return optax.masked(optax.add_decayed_weights(l2), kernel_leaves)
@@ -185,7 +187,7 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
     does).
 
     Raises:
-      ValueError: if the state holds no :class:`RetrainOnlyState`, or the new mask's
+      UsageError: if the state holds no :class:`RetrainOnlyState`, or the new mask's
         layout differs from the old one (:func:`check_same_layout`: that would recompile
         the step and break checkpoint restore).
 
@@ -208,7 +210,7 @@ def replace_mask(opt_state: Any, mask: Any) -> Any:
 
     out = jax.tree.map(swap, opt_state, is_leaf=_is_freeze_state)
     if not found:
-        raise ValueError("optimizer state holds no RetrainOnlyState (was it built by tgd()?)")
+        raise UsageError("optimizer state holds no RetrainOnlyState (was it built by tgd()?)")
     return out
 
 
@@ -223,19 +225,19 @@ def check_same_layout(old: Any, new: Any, what: str = "mask") -> None:
       >>> check_same_layout({"w": jnp.ones(2, bool)}, {"w": jnp.ones((1, 2), bool)})
       Traceback (most recent call last):
       ...
-      ValueError: new mask differs at 'w': bool(1, 2) instead of bool(2,)
+      tgd_jax.errors.UsageError: new mask differs at 'w': bool(1, 2) instead of bool(2,)
     """
     old_leaves, old_def = jax.tree_util.tree_flatten_with_path(old, is_leaf=_is_none)
     new_leaves, new_def = jax.tree_util.tree_flatten_with_path(new, is_leaf=_is_none)
     if old_def != new_def:
-        raise ValueError(f"new {what} has a different tree structure:\nold {old_def}\n"
+        raise UsageError(f"new {what} has a different tree structure:\nold {old_def}\n"
                          f"new {new_def}")
     describe = lambda x: "None" if x is None else (  # noqa: E731
         f"{jnp.asarray(x).dtype}{tuple(jnp.shape(x))}")
     for (path, a), (_, b) in zip(old_leaves, new_leaves, strict=True):
         if describe(a) != describe(b):
             where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            raise ValueError(f"new {what} differs at '{where}': {describe(b)} instead of "
+            raise UsageError(f"new {what} differs at '{where}': {describe(b)} instead of "
                              f"{describe(a)}")
 
 
@@ -267,7 +269,7 @@ def learning_rate_schedule(learning_rate: float, schedule: str,
         return optax.constant_schedule(learning_rate)
     if schedule == "cosine":
         return optax.cosine_decay_schedule(learning_rate, max(1, num_steps))
-    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
+    raise UsageError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
 def make_optimizer(
@@ -309,7 +311,7 @@ def make_optimizer(
       mask: TGD params mask (:func:`retrain_only`), or None for plain training.
 
     Raises:
-      ValueError: an unknown name or schedule, a non-positive learning rate, a negative
+      UsageError: an unknown name or schedule, a non-positive learning rate, a negative
         coefficient, or ``weight_decay`` with an optimizer other than ``"adamw"``.
 
     Example:
@@ -321,12 +323,12 @@ def make_optimizer(
       [-0.1..., -0.1...]
     """
     if not learning_rate > 0:
-        raise ValueError(f"optimizer.learning_rate must be > 0, got {learning_rate}")
+        raise UsageError(f"optimizer.learning_rate must be > 0, got {learning_rate}")
     for field, value in (("l2", l2), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
         if not value >= 0:  # also rejects NaN
-            raise ValueError(f"optimizer.{field} must be >= 0, got {value}")
+            raise UsageError(f"optimizer.{field} must be >= 0, got {value}")
     if weight_decay and name != "adamw":
-        raise ValueError(f"optimizer.weight_decay={weight_decay} is decoupled weight decay, "
+        raise UsageError(f"optimizer.weight_decay={weight_decay} is decoupled weight decay, "
                          f"which only 'adamw' applies (optimizer.name={name!r}); use "
                          "optimizer.l2 for coupled L2")
     lr = learning_rate_schedule(learning_rate, schedule, num_steps)
@@ -337,7 +339,7 @@ def make_optimizer(
     elif name == "sgd":
         inner = optax.sgd(lr, momentum=momentum or None)
     else:
-        raise ValueError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
+        raise UsageError(f"optimizer.name must be adam, adamw or sgd, got {name!r}")
     if grad_clip > 0:
         inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
     if mask is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
+from tgd_jax.errors import UsageError
 from tgd_jax.graph import ChannelGraph, as_graph, flat_paths
 from tgd_jax.topology import Topology
 
@@ -155,7 +156,7 @@ def threshold_study(
       (['loss', 'output_change'], True)
     """
     if random_draws < 1:
-        raise ValueError(f"random_draws must be >= 1, got {random_draws}")
+        raise UsageError(f"random_draws must be >= 1, got {random_draws}")
     intact_loss, intact = evaluate(params)
     scores = masks_lib.layer_scores(params, topology, alpha=alpha, k=k, combine=combine)
     rows = []

@@ -16,6 +16,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tgd_jax.errors import UsageError
+
 __all__ = [
     "ConvNode",
     "Topology",
@@ -84,15 +86,15 @@ def sequential_topology(
     """
     convs = list(convs)
     if not convs:
-        raise ValueError("a topology needs at least one conv layer")
+        raise UsageError("a topology needs at least one conv layer")
     if len(set(convs)) != len(convs):
-        raise ValueError(f"conv names must be unique, got {convs}")
+        raise UsageError(f"conv names must be unique, got {convs}")
     norms = dict(norms or {})
     gates = {key: tuple(value) for key, value in (gates or {}).items()}
     for name, mapping in (("norms", norms), ("gates", gates)):
         unknown = sorted(set(mapping) - set(convs))
         if unknown:
-            raise ValueError(f"{name} names convs that are not in the stack: {unknown}")
+            raise UsageError(f"{name} names convs that are not in the stack: {unknown}")
     return tuple(
         ConvNode(
             conv=name,
@@ -119,7 +121,7 @@ def dncnn_topology(num_layers: int = 8, gates: bool = True) -> Topology:
       ()
     """
     if num_layers < 2:
-        raise ValueError(f"a DnCNN has at least 2 conv layers, got {num_layers}")
+        raise UsageError(f"a DnCNN has at least 2 conv layers, got {num_layers}")
     convs = [f"conv{i}" for i in range(1, num_layers + 1)]
     norms = {f"conv{i}": f"bn{i}" for i in range(2, num_layers)}
     named = {
@@ -182,7 +184,7 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
       conv path -> its number of output channels ``C_out``.
 
     Raises:
-      ValueError: naming the missing or unlisted layer or leaf, or the mismatching shapes.
+      UsageError: naming the missing or unlisted layer or leaf, or the mismatching shapes.
 
     Example:
       >>> import jax.numpy as jnp
@@ -193,13 +195,13 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
       >>> validate_topology(params, sequential_topology(["a"]))
       Traceback (most recent call last):
       ...
-      ValueError: params have conv kernels the topology does not name: ['b']; ...
+      tgd_jax.errors.UsageError: params have conv kernels the topology does not name: ['b']; ...
     """
     if not topology:
-        raise ValueError("empty topology")
+        raise UsageError("empty topology")
     names = [node.conv for node in topology]
     if len(set(names)) != len(names):
-        raise ValueError(f"conv names must be unique, got {names}")
+        raise UsageError(f"conv names must be unique, got {names}")
     counts: dict[str, int] = {}
     for node in topology:
         c_out = counts[node.conv] = int(_kernel(params, node.conv).shape[-1])
@@ -208,14 +210,14 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
         if node.consumer is not None:
             c_in = _kernel(params, node.consumer).shape[-2]
             if c_in != c_out:
-                raise ValueError(
+                raise UsageError(
                     f"'{node.conv}' has {c_out} output channels but its consumer "
                     f"'{node.consumer}' reads {c_in} input channels"
                 )
         if node.norm is not None:
             in_stats = batch_stats is not None and has_path(batch_stats, node.norm)
             if not (has_path(params, node.norm) or in_stats):
-                raise ValueError(
+                raise UsageError(
                     f"topology names BatchNorm '{node.norm}', not found in params" + (
                         " or batch_stats" if batch_stats is not None else
                         " (a BatchNorm without scale and offset has only statistics: pass "
@@ -228,7 +230,7 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
                     _expect_channels(batch_stats, f"{node.norm}/{leaf}", c_out)
     unlisted = sorted(set(conv_paths(params)) - set(names))
     if unlisted:
-        raise ValueError(
+        raise UsageError(
             f"params have conv kernels the topology does not name: {unlisted}; a conv left "
             "out of the list would make its neighbours look connected. Name every conv "
             "(one no other conv reads gets consumer=None)")
@@ -258,10 +260,10 @@ def conv_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 def _kernel(params: Mapping[str, Any], conv: str) -> Any:
     if not has_path(params, f"{conv}/kernel"):
-        raise ValueError(f"topology names conv '{conv}', but params have no '{conv}/kernel'")
+        raise UsageError(f"topology names conv '{conv}', but params have no '{conv}/kernel'")
     kernel = get_path(params, f"{conv}/kernel")
     if kernel.ndim < 3:
-        raise ValueError(
+        raise UsageError(
             f"'{conv}/kernel' has shape {tuple(kernel.shape)}; a conv kernel is "
             "(*spatial, C_in, C_out)"
         )
@@ -271,4 +273,4 @@ def _kernel(params: Mapping[str, Any], conv: str) -> Any:
 def _expect_channels(params: Mapping[str, Any], path: str, channels: int) -> None:
     shape = tuple(get_path(params, path).shape)
     if shape != (channels,):
-        raise ValueError(f"'{path}' has shape {shape}, expected ({channels},)")
+        raise UsageError(f"'{path}' has shape {shape}, expected ({channels},)")

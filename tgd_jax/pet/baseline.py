@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["SIGMAS_PX", "gaussian_kernel", "gaussian_filter", "curve", "at_cov", "gain",
            "matched_sigma"]
 
@@ -37,7 +39,7 @@ SIGMAS_PX: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0,
 def gaussian_kernel(sigma: float) -> np.ndarray:
     """The normalised 1D Gaussian of ``sigma`` pixels, truncated at 4 sigma; ``[1]`` for 0."""
     if not (np.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be finite and >= 0 pixels, got {sigma}")
+        raise UsageError(f"sigma must be finite and >= 0 pixels, got {sigma}")
     if sigma == 0:
         return np.ones(1, np.float64)
     half = max(1, int(np.ceil(4 * sigma)))
@@ -61,7 +63,7 @@ def gaussian_filter(images: np.ndarray, sigma: float) -> np.ndarray:
         return out.copy()
     for axis in (-1, -2):
         if out.shape[axis] <= k.size // 2:
-            raise ValueError(f"an image of {out.shape[axis]} pixels along axis {axis} is too "
+            raise UsageError(f"an image of {out.shape[axis]} pixels along axis {axis} is too "
                              f"small for sigma {sigma} (the kernel needs {k.size // 2 + 1})")
         out = ndimage.correlate1d(out, k.astype(np.float32), axis=axis, mode="reflect")
     return out
@@ -82,7 +84,7 @@ def curve(realisations: np.ndarray, metrics: Metrics,
         for name, value in metrics(gaussian_filter(realisations, sigma)).items():
             out.setdefault(name, []).append(float(value))
     if "liver_cov_pct" not in out:
-        raise ValueError("the metrics must include 'liver_cov_pct' (the curve's abscissa)")
+        raise UsageError("the metrics must include 'liver_cov_pct' (the curve's abscissa)")
     return out
 
 

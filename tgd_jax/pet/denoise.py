@@ -31,7 +31,7 @@ def slice_stacks(volume: np.ndarray) -> np.ndarray:
     """``(Z, H, W) -> (Z, H, W, 3)``: each slice with its neighbours, mirrored at the ends."""
     volume = np.asarray(volume, np.float32)
     if volume.ndim != 3 or volume.shape[0] < 2:
-        raise ValueError(f"expected a (Z >= 2, H, W) volume, got shape {volume.shape}")
+        raise UsageError(f"expected a (Z >= 2, H, W) volume, got shape {volume.shape}")
     padded = np.pad(volume, ((1, 1), (0, 0), (0, 0)), mode="reflect")
     return np.stack([padded[:-2], padded[1:-1], padded[2:]], axis=-1)
 
@@ -271,6 +271,6 @@ def _nibabel() -> Any:
     try:
         import nibabel
     except ImportError:
-        raise ImportError("NIfTI input/output needs nibabel: pip install 'tgd-jax[nifti]'"
-                          ) from None
+        raise UsageError("NIfTI input/output needs nibabel, which is not installed: "
+                         "pip install 'tgd-jax[nifti]'") from None
     return nibabel

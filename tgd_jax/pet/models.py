@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tgd_jax.errors import UsageError
 from tgd_jax.gate import TGDGate
 from tgd_jax.graph import ChannelGraph
 from tgd_jax.topology import Topology, dncnn_topology
@@ -38,7 +39,7 @@ PAPER_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 128, 256, 256, 3)
 def scaled_features(features: Sequence[int], multiplier: float) -> tuple[int, ...]:
     """Scales every width but the last (which must equal the input channels), min 1."""
     if multiplier <= 0:
-        raise ValueError(f"width multiplier must be > 0, got {multiplier}")
+        raise UsageError(f"width multiplier must be > 0, got {multiplier}")
     *hidden, last = features
     return tuple(max(1, round(f * multiplier)) for f in hidden) + (last,)
 
@@ -76,9 +77,9 @@ class DnCNN(nn.Module):
         """``(B, H, W, C) -> (B, H, W, C)`` denoised slices; ``train`` selects BN batch stats."""
         widths = self.widths
         if len(widths) < 2:
-            raise ValueError(f"DnCNN needs at least 2 layers, got features={widths}")
+            raise UsageError(f"DnCNN needs at least 2 layers, got features={widths}")
         if x.ndim != 4 or x.shape[-1] != widths[-1]:
-            raise ValueError(
+            raise UsageError(
                 f"DnCNN expects (batch, height, width, {widths[-1]}) inputs, got {x.shape}"
             )
         depth = len(widths)
@@ -107,7 +108,7 @@ class DnCNN(nn.Module):
 
 def _scaled(width: int, multiplier: float) -> int:
     if multiplier <= 0:
-        raise ValueError(f"width multiplier must be > 0, got {multiplier}")
+        raise UsageError(f"width multiplier must be > 0, got {multiplier}")
     return max(1, round(width * multiplier))
 
 
@@ -148,7 +149,7 @@ class UNet(nn.Module):
         widths = [_scaled(f, self.width_multiplier) for f in self.features]
         down = 2 ** (len(widths) - 1)
         if x.ndim != 4 or x.shape[1] % down or x.shape[2] % down:
-            raise ValueError(f"UNet with {len(widths)} levels expects (batch, H, W, C) inputs "
+            raise UsageError(f"UNet with {len(widths)} levels expects (batch, H, W, C) inputs "
                              f"with H and W divisible by {down}, got {x.shape}")
         block = functools.partial(_conv_bn_relu, train=train, momentum=self.bn_momentum,
                                   dtype=self.dtype)
@@ -190,7 +191,7 @@ class ResNetDenoiser(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """``(B, H, W, C) -> (B, H, W, C)`` denoised slices; ``train`` selects BN batch stats."""
         if x.ndim != 4:
-            raise ValueError(f"ResNetDenoiser expects (batch, H, W, C) inputs, got {x.shape}")
+            raise UsageError(f"ResNetDenoiser expects (batch, H, W, C) inputs, got {x.shape}")
         width = _scaled(self.width, self.width_multiplier)
         norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum, dtype=self.dtype)
         h = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype, name="stem")(x.astype(self.dtype)))
@@ -224,7 +225,7 @@ def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
     if name == "resnet":
         return ResNetDenoiser(width=int(model_config["resnet_width"]),
                               blocks=int(model_config["resnet_blocks"]), **common)
-    raise ValueError(f"config.model.name must be one of {MODELS}, got {name!r}")
+    raise UsageError(f"config.model.name must be one of {MODELS}, got {name!r}")
 
 
 def network_of(config: Mapping[str, Any], where: str) -> tuple[nn.Module, float]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from tgd_jax import methods as methods_lib
 from tgd_jax import optim
+from tgd_jax.errors import UsageError
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
 from tgd_jax.pet.models import model_from_config, model_graph
@@ -40,7 +41,7 @@ def num_steps_for(config: ml_collections.ConfigDict, pairs: data_lib.PairSet) ->
     if config.num_steps > 0:
         return int(config.num_steps)
     if config.num_epochs <= 0:
-        raise ValueError("set config.num_steps or config.num_epochs to a positive value")
+        raise UsageError("set config.num_steps or config.num_epochs to a positive value")
     per_epoch = data_lib.steps_per_epoch(pairs, config.data.patch_size, config.batch_size)
     return max(1, math.ceil(config.num_epochs * per_epoch))
 
@@ -78,7 +79,7 @@ def _held_out(held: ml_collections.ConfigDict, version: str,
     """The last ``held.studies`` studies of ``held.path`` and their ``version`` pairs."""
     info = data_lib.open_dataset(held.path)  # validated once
     if not 1 <= held.studies <= len(info.studies):
-        raise ValueError(f"held-out studies={held.studies} must be in [1, "
+        raise UsageError(f"held-out studies={held.studies} must be in [1, "
                          f"{len(info.studies)}] for {held.path}")
     ids = list(info.studies[-held.studies:])
     return ids, data_lib.supervised_pairs(held.path, version, ids, scale=scale, info=info)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.pet import reproduce as rp
 from tgd_jax.train import workdir as workdir_lib
 
@@ -676,7 +677,7 @@ def with_before(c: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """``c`` with the claims of an earlier ``report.json`` to compare against."""
     record = json.loads(Path(path).read_text())
     if "claims" not in record:
-        raise ValueError(f"{path}: not a report.json (no 'claims')")
+        raise UsageError(f"{path}: not a report.json (no 'claims')")
     return {**c, "before": {"path": str(path), "claims": record["claims"]}}
 
 

@@ -339,12 +339,12 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
     out = Path(out)
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
-        raise ValueError("job names must be unique")
+        raise UsageError("job names must be unique")
     by_name = {j.name: j for j in jobs}
     for job in jobs:
         unknown = [d for d in job.deps if d not in by_name]
         if unknown:
-            raise ValueError(f"job {job.name!r} depends on unknown job(s) {unknown}")
+            raise UsageError(f"job {job.name!r} depends on unknown job(s) {unknown}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     records = {j.name: json.loads(_record_path(out, j).read_text())

@@ -26,6 +26,7 @@ from typing import Any
 import h5py
 import jax
 
+from tgd_jax.errors import UsageError
 from tgd_jax.sim.recon import VERSIONS
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
 from tgd_jax.train.dataset import write_dataset
@@ -101,7 +102,7 @@ def study_key(role: str, index: int, seed: int) -> jax.Array:
 def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Study:
     """Study ``index`` of a dataset: fully determined by (spec, index, seed, config)."""
     if spec.role not in ROLE_STREAMS:
-        raise ValueError(f"unknown role {spec.role!r}")
+        raise UsageError(f"unknown role {spec.role!r}")
     key = study_key(spec.role, index, seed)
     common = dict(bmi=_bmi(index, spec.n_studies, spec.high_bmi_fraction),
                   versions=spec.versions, ood=spec.ood, recipe=spec.recipe,
@@ -114,7 +115,7 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
     elif spec.role == "online":
         study = simulate_study(key, config, halves_seconds=120.0, noiseless=True, **common)
     else:
-        raise ValueError(f"unknown role {spec.role!r}")
+        raise UsageError(f"unknown role {spec.role!r}")
     study.attrs.update(study_seed=seed, study_index=index)
     return study
 
@@ -168,7 +169,7 @@ def generate_role(
 def spec_from_args(preset: str, role: str, **overrides: Any) -> RoleSpec:
     """The preset's spec for a role, with any non-None field overridden."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; have {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; have {sorted(PRESETS)}")
     spec = PRESETS[preset][role]
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(spec, **changes)

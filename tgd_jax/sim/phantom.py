@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["Grid", "Phantom", "make_phantom", "MU_WATER", "SUV_RANGES", "RECIPES",
            "LESION_SETS", "GRADED_LESIONS", "GRADED_CONTRAST", "HEADLINE_LESION"]
 
@@ -143,11 +145,11 @@ def make_phantom(
         everything else in the study is as with ``"single"``.
     """
     if bmi not in ("low", "high"):
-        raise ValueError(f"bmi must be 'low' or 'high', got {bmi!r}")
+        raise UsageError(f"bmi must be 'low' or 'high', got {bmi!r}")
     if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+        raise UsageError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     if lesion_set not in LESION_SETS:
-        raise ValueError(f"lesion_set must be one of {LESION_SETS}, got {lesion_set!r}")
+        raise UsageError(f"lesion_set must be one of {LESION_SETS}, got {lesion_set!r}")
     graded_key = jax.random.fold_in(key, 0x6AD)  # its own stream: other draws unchanged
     keys = iter(jax.random.split(key, 64))
     u = lambda lo, hi: _uniform(next(keys), lo, hi)  # noqa: E731

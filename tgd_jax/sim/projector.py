@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["SinogramGeometry", "SystemMatrix", "system_matrix", "line_integrals"]
 
 
@@ -149,7 +151,7 @@ def system_matrix(
 ) -> SystemMatrix:
     """Builds (and caches) the sparse projector. ``n_views`` must divide into subsets."""
     if geometry.n_views % n_subsets:
-        raise ValueError(
+        raise UsageError(
             f"{geometry.n_views} views do not split into {n_subsets} equal subsets"
         )
     per = geometry.n_views // n_subsets

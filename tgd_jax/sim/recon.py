@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.sim.acquisition import gaussian_blur, gaussian_matrix
 from tgd_jax.sim.projector import SystemMatrix
 
@@ -136,13 +137,13 @@ def osem(
       chunk: slices per compiled call (bounds memory).
     """
     if system.n_subsets != settings.subsets:
-        raise ValueError(
+        raise UsageError(
             f"system matrix has {system.n_subsets} subsets, settings ask for {settings.subsets}"
         )
     counts, multiplicative, additive = (
         jnp.asarray(a, jnp.float32) for a in (counts, multiplicative, additive))
     if not counts.shape == multiplicative.shape == additive.shape:
-        raise ValueError(
+        raise UsageError(
             f"sinogram shapes differ: {counts.shape}, {multiplicative.shape}, {additive.shape}")
     psf = (float(settings.psf_fwhm_x_mm), float(settings.psf_fwhm_y_mm))
     out = []

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.sim import acquisition
 from tgd_jax.sim.phantom import Grid, Phantom, make_phantom
 from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matrix
@@ -144,9 +145,9 @@ def simulate_study(
     """
     for version in versions:
         if version not in VERSIONS:
-            raise ValueError(f"unknown reconstruction version {version!r}; have {list(VERSIONS)}")
+            raise UsageError(f"unknown reconstruction version {version!r}; have {list(VERSIONS)}")
     if realisations * realisation_seconds > TARGET_SECONDS + 1e-9:
-        raise ValueError(f"{realisations} x {realisation_seconds} s exceed the 600 s acquisition")
+        raise UsageError(f"{realisations} x {realisation_seconds} s exceed the 600 s acquisition")
     k_phantom, k_counts, k_levels, k_halves, k_real = jax.random.split(key, 5)
     phantom = make_phantom(k_phantom, config.fine_grid, bmi=bmi, ood=ood,
                            liver_lesion=liver_lesion, n_lesions=n_lesions, recipe=recipe,

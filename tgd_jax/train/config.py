@@ -121,7 +121,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str, command: str = ""
     """Applies size preset ``preset`` ("" = ``paper``) and then ``command``'s own changes."""
     preset = preset or "paper"
     if preset not in SIZE_PRESETS:
-        raise ValueError(f"unknown config preset {preset!r}; have {PRESETS}")
+        raise UsageError(f"unknown config preset {preset!r}; have {PRESETS}")
     override(c, **SIZE_PRESETS[preset])
     return override(c, **COMMAND_PRESETS.get(command, {}).get(preset, {}))
 
@@ -219,7 +219,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     has them. Returns ``c`` unchanged.
 
     Raises:
-      ValueError: listing every bad field as ``config.<field>: <problem>, got <value>``.
+      UsageError: listing every bad field as ``config.<field>: <problem>, got <value>``.
     """
 
     problems: list[str] = []

@@ -25,6 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.train import readers
 from tgd_jax.train.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
@@ -52,14 +53,14 @@ class PairSet:
 
     def __post_init__(self) -> None:
         if len(self.pairs) == 0:
-            raise ValueError("a PairSet needs at least one (input, target) pair")
+            raise UsageError("a PairSet needs at least one (input, target) pair")
         for i, j in self.pairs:
             a, b = self.volumes[i], self.volumes[j]
             if a.shape != b.shape:
-                raise ValueError(f"pair {self.names[i]} -> {self.names[j]}: shapes "
+                raise UsageError(f"pair {self.names[i]} -> {self.names[j]}: shapes "
                                  f"{a.shape} and {b.shape} differ")
             if a.ndim != 3 or a.shape[0] < 3:
-                raise ValueError(f"{self.names[i]}: 2.5D training needs (Z >= 3, H, W) "
+                raise UsageError(f"{self.names[i]}: 2.5D training needs (Z >= 3, H, W) "
                                  f"volumes, got shape {a.shape}")
 
     def check_patch(self, patch_size: int) -> None:
@@ -76,7 +77,7 @@ def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], 
     """The last ``val_studies`` studies validate, the others train."""
     studies = list(studies)
     if not 0 <= val_studies < max(1, len(studies)):
-        raise ValueError(f"val_studies={val_studies} must be in [0, {len(studies) - 1}] for "
+        raise UsageError(f"val_studies={val_studies} must be in [0, {len(studies) - 1}] for "
                          f"a dataset of {len(studies)} studies")
     if val_studies == 0:
         return studies, []

@@ -33,6 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.errors import DataError
 from tgd_jax.train import readers
 from tgd_jax.train.errors import UsageError
 from tgd_jax.train.workdir import atomic_path
@@ -64,7 +65,7 @@ _ROOT_ATTRS = ("schema_version", "role", "versions", "levels_s", "sim_config", "
 _REQUIRED_ROIS = ("body", "liver_voi")
 
 
-class DatasetError(UsageError):
+class DatasetError(DataError):
     """A dataset file is missing, malformed or inconsistent (the message says where)."""
 
 
@@ -107,7 +108,7 @@ def write_dataset(
     ``recipe``, JSON), so that a later run can tell whether a file holds its dataset.
     """
     if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        raise UsageError(f"role must be one of {ROLES}, got {role!r}")
     path = Path(path)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:

@@ -7,10 +7,13 @@
 * :class:`Interrupted` - SIGINT (Ctrl-C) or SIGTERM arrived. Exit code 128 + the signal
   (130, 143), the shell's convention.
 
-The first two derive from :class:`TGDError`. :func:`reported` turns them (and the standard
-exceptions that mean the same: ValueError, KeyError, FileNotFoundError, OSError ...) into one
-line on stderr naming the problem; ``TGD_VERBOSE=1`` (or a command's ``--verbose``) shows the
-traceback instead. Anything else is a bug and keeps its traceback.
+The first two derive from :class:`TGDError` (all defined in :mod:`tgd_jax.errors`, which
+the core, the simulator and the runtime raise). :func:`reported` turns them, a missing or
+mistyped path (``FileNotFoundError``, ``NotADirectoryError``, ``IsADirectoryError``: exit 2)
+and other OS errors (a full disk: exit 1) into one line on stderr naming the problem;
+``TGD_VERBOSE=1`` (or a command's ``--verbose``) shows the traceback instead. Anything else
+(a ``ValueError`` or ``KeyError`` raised inside JAX, Flax or our own code) is a bug: its
+traceback is printed, then one line asking to report it, and the exit code is 1.
 
 In a multi-process run (:func:`leave_at_once_on_error`) a process that stops on an error
 leaves at once after its report, without the interpreter's teardown: that teardown shuts
@@ -29,24 +32,14 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["TGDError", "UsageError", "RunError", "Interrupted", "exit_code", "one_line",
-           "reported", "interrupts_deferred", "parse_flags", "VERBOSE_ENV",
-           "leave_at_once_on_error"]
+# The error classes live in the core (tgd_jax.errors); importable from here too.
+from tgd_jax.errors import ConfigError, DataError, RunError, TGDError, UsageError  # noqa: F401
+
+__all__ = ["Interrupted", "exit_code", "one_line", "reported", "interrupts_deferred",
+           "parse_flags", "VERBOSE_ENV", "leave_at_once_on_error"]
 
 #: Environment variable that makes commands show tracebacks.
 VERBOSE_ENV = "TGD_VERBOSE"
-
-
-class TGDError(Exception):
-    """Base of every error tgd-jax reports to a user as one line."""
-
-
-class UsageError(TGDError, ValueError):
-    """The input is wrong: the message names the flag, field, file, key or value."""
-
-
-class RunError(TGDError):
-    """Something failed while running; the message says what, and what was kept."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -114,10 +107,10 @@ def exit_code(error: BaseException) -> int | None:
         return 128 + error.signum
     if isinstance(error, RunError):
         return 1
-    if isinstance(error, UsageError | ValueError | KeyError | FileNotFoundError
-                  | NotADirectoryError | IsADirectoryError | ImportError):
+    if isinstance(error, UsageError | FileNotFoundError | NotADirectoryError
+                  | IsADirectoryError):
         return 2
-    if isinstance(error, TGDError | OSError | FloatingPointError):
+    if isinstance(error, TGDError | OSError):
         return 1
     return None
 
@@ -164,11 +157,19 @@ def reported(name: str, verbose: bool = False) -> Iterator[None]:
             yield
     except (Exception, Interrupted) as error:  # noqa: BLE001 - sorted by exit_code
         code = exit_code(error)
-        if code is None or verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
+        if code is None:  # a bug: the traceback, then what to do with it
+            traceback.print_exc()
+            print(f"{name}: internal error ({type(error).__name__}): this is a bug in "
+                  "tgd-jax or a library it uses, not a problem with your input; please "
+                  "report it with the traceback above", file=sys.stderr, flush=True)
+            if _LEAVE_AT_ONCE:
+                _leave(1)
+            sys.exit(1)
+        if verbose or os.environ.get(VERBOSE_ENV, "") not in ("", "0"):
             if not _LEAVE_AT_ONCE:
                 raise
             traceback.print_exc()
-            _leave(code or 1)
+            _leave(code)
         print(f"{name}: error: {one_line(error)}", file=sys.stderr, flush=True)
         if _LEAVE_AT_ONCE or getattr(error, "skip_teardown", False):
             # After a failed read, orbax/tensorstore callbacks still pending in background

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.errors import RunError
 from tgd_jax.train.tensorboard import EventWriter
@@ -164,10 +165,10 @@ def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[st
             continue
         try:
             if b"\x00" in text:  # what a file system leaves of a write cut by a crash
-                raise ValueError("NUL bytes")
+                raise UsageError("NUL bytes")
             record = json.loads(text)
             if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
+                raise UsageError("not a JSON object")
         except (ValueError, UnicodeDecodeError) as error:
             if any(rest.strip(b"\x00 \t\r") for rest in lines[number:]):  # intact after
                 raise RunError(f"{path}: line {number} is not a metrics record ({error}); "
@@ -214,17 +215,17 @@ def plateau(records: Sequence[Mapping[str, Any]], num_steps: int, *,
     "to_step": b, "fall": ..., "plateau": fall < PLATEAU_FALL}``.
 
     Raises:
-      ValueError: no validation that far back (validate more often than ``fraction`` of
+      UsageError: no validation that far back (validate more often than ``fraction`` of
         the run), or the run has not reached ``num_steps``.
     """
     vals = sorted((int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r)
     if not vals or vals[-1][0] < num_steps:
-        raise ValueError(f"the run has no validation at its last step {num_steps} (last: "
+        raise UsageError(f"the run has no validation at its last step {num_steps} (last: "
                          f"{vals[-1][0] if vals else None}); the plateau is judged at the end")
     b, loss_b = vals[-1]
     earlier = [(s, v) for s, v in vals if s <= b - fraction * num_steps]
     if not earlier:
-        raise ValueError(f"no validation at or before step {b - fraction * num_steps:g}: "
+        raise UsageError(f"no validation at or before step {b - fraction * num_steps:g}: "
                          "validate at least every quarter of the run")
     a, loss_a = earlier[-1]
     fall = (loss_a - loss_b) / loss_a

@@ -41,7 +41,7 @@ CPU_DEVICES_ENV = "TGD_CPU_DEVICES"
 def cpu_device_count(batch_size: int, cores: int) -> int:
     """The largest device count <= ``cores`` that divides ``batch_size`` (at least 1)."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     return max(d for d in range(1, max(1, cores) + 1) if batch_size % d == 0)
 
 
@@ -91,9 +91,9 @@ def use_cpu_cores(batch_size: int, requested: int | None = None, *, default: int
         try:
             requested = int(value)
         except ValueError:
-            raise ValueError(f"${CPU_DEVICES_ENV}={value!r} is not an integer") from None
+            raise UsageError(f"${CPU_DEVICES_ENV}={value!r} is not an integer") from None
     if requested < 0:
-        raise ValueError(f"cpu_devices must be >= 0 (0 = one per core), got {requested}")
+        raise UsageError(f"cpu_devices must be >= 0 (0 = one per core), got {requested}")
     if requested:
         n = requested
     else:
@@ -110,7 +110,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first ``num_devices`` devices (0: all of them, every host)."""
     devices = jax.devices()
     if num_devices < 0 or num_devices > len(devices):
-        raise ValueError(f"num_devices={num_devices}, but {len(devices)} devices exist")
+        raise UsageError(f"num_devices={num_devices}, but {len(devices)} devices exist")
     return Mesh(np.asarray(devices[: num_devices or len(devices)]), (DATA_AXIS,))
 
 
@@ -126,7 +126,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> int:
     """Raises unless the global batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if batch_size <= 0 or batch_size % n:
-        raise ValueError(
+        raise UsageError(
             f"batch_size={batch_size} is not divisible by the {n} devices of the mesh; "
             f"use a multiple of {n} (e.g. {max(n, batch_size // n * n)})")
     return batch_size
@@ -146,7 +146,7 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
     example of the global batch is made by exactly one process.
 
     Raises:
-      ValueError: the batch does not split evenly over the mesh, or this process's devices
+      UsageError: the batch does not split evenly over the mesh, or this process's devices
         do not hold one contiguous block of rows (a mesh whose device order interleaves
         the processes).
     """
@@ -155,9 +155,9 @@ def process_rows(batch_size: int, mesh: Mesh) -> slice:
                     batch_sharding(mesh).addressable_devices_indices_map(
                         (batch_size,)).values())
     if not starts:
-        raise ValueError(f"process {jax.process_index()} has no device in the mesh")
+        raise UsageError(f"process {jax.process_index()} has no device in the mesh")
     if any(a[1] != b[0] for a, b in zip(starts[:-1], starts[1:], strict=True)):
-        raise ValueError(f"process {jax.process_index()}'s devices hold rows {starts} of the "
+        raise UsageError(f"process {jax.process_index()}'s devices hold rows {starts} of the "
                          "batch, not one block: order the mesh's devices by process")
     return slice(starts[0][0], starts[-1][1])
 

@@ -28,6 +28,7 @@ from flax import linen as nn
 from tgd_jax import masks as masks_lib
 from tgd_jax.autogate import gated_by
 from tgd_jax.batchnorm import running_statistics
+from tgd_jax.errors import UsageError
 from tgd_jax.gate import GATE_COLLECTION
 from tgd_jax.graph import ChannelGraph, flat_paths
 from tgd_jax.methods import TGDPlan
@@ -77,10 +78,10 @@ def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any, model_gates: An
     carried = find_mask(opt_state)
     if plan.mask is None:
         if carried is not None:
-            raise ValueError(f"the {plan.method!r} plan has no mask, but the optimizer "
+            raise UsageError(f"the {plan.method!r} plan has no mask, but the optimizer "
                              "carries one: build it with plan.optimizer(...)")
     elif carried is None:
-        raise ValueError("the optimizer does not carry the plan's mask, so frozen weights "
+        raise UsageError("the optimizer does not carry the plan's mask, so frozen weights "
                          "would move: build it with plan.optimizer(inner) or "
                          "plan.optimizer(num_steps=..., ...)")
     else:
@@ -91,22 +92,22 @@ def _check_plan(plan: TGDPlan, opt_state: Any, batch_stats: Any, model_gates: An
         except ValueError:
             same = False
         if not same:
-            raise ValueError("the optimizer carries another mask than the plan's: build it "
+            raise UsageError("the optimizer carries another mask than the plan's: build it "
                              "with this plan's plan.optimizer(...)")
     if plan.gates and not plan.auto_gates:
         if jax.tree.structure(model_gates) != jax.tree.structure(plan.gates):
-            raise ValueError(
+            raise UsageError(
                 "the plan's gates do not match the model's gate modules: plan "
                 f"{sorted(flat_paths(plan.gates))}, model {sorted(flat_paths(model_gates))} "
                 f"(variables['{GATE_COLLECTION}'], from model.init); misspelled or "
                 "missing gate names would leave gates open")
     if batch_stats and plan.stats_mask is None:
-        raise ValueError("the model has batch_stats but the plan was made without them, so "
+        raise UsageError("the model has batch_stats but the plan was made without them, so "
                          "it cannot say which running statistics stay frozen: pass "
                          "batch_stats=variables['batch_stats'] to the plan")
     if plan.stats_mask is not None and (jax.tree.structure(plan.stats_mask, is_leaf=_none)
                                         != jax.tree.structure(batch_stats, is_leaf=_none)):
-        raise ValueError("the plan's stats_mask does not mirror the model's batch_stats; "
+        raise UsageError("the plan's stats_mask does not mirror the model's batch_stats; "
                          "was it made from another network?")
 
 
@@ -128,7 +129,7 @@ def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformati
     Every leaf of the state has a buffer of its own, so a jitted step may donate it.
 
     Raises:
-      ValueError: ``tx`` does not carry the plan's mask (or carries one for a plan without
+      UsageError: ``tx`` does not carry the plan's mask (or carries one for a plan without
         a mask); the model has ``batch_stats`` but the plan was made without them; the
         plan's gates are not the model's gate modules (``variables["tgd"]``).
     """
@@ -167,14 +168,14 @@ def replace_plan(state: TrainState, plan: TGDPlan, tx: optax.GradientTransformat
       tx: the run's optimizer (the one the state was created with).
     """
     if plan.mask is None:
-        raise ValueError(f"a {plan.method!r} plan has no mask to swap in; TGD rounds need "
+        raise UsageError(f"a {plan.method!r} plan has no mask to swap in; TGD rounds need "
                          "a masked method")
     stats_mask = {} if plan.stats_mask is None else plan.stats_mask
     for name, old, new in (("gates", state.gates, plan.gates),
                            ("frozen_bn", state.frozen_bn, plan.frozen_bn),
                            ("stats_mask", state.stats_mask, stats_mask)):
         if jax.tree.structure(new) != jax.tree.structure(old):
-            raise ValueError(f"the new plan's {name} have a different tree structure:\n"
+            raise UsageError(f"the new plan's {name} have a different tree structure:\n"
                              f"old {jax.tree.structure(old)}\nnew {jax.tree.structure(new)}")
     opt_state = replace_mask(tx.init(state.params), plan.mask)
     _check_plan(plan, opt_state, state.batch_stats, state.gates)
@@ -268,7 +269,7 @@ def estimate_statistics(model: nn.Module, variables: dict[str, Any], batches: An
 
     estimates = [batch_stats(x) for x in batches]
     if not estimates:
-        raise ValueError("estimate_statistics needs at least one batch")
+        raise UsageError("estimate_statistics needs at least one batch")
     momentum = _bn_momentum(model)
     mean = jax.tree.map(lambda *xs: sum(xs) / len(xs), *estimates)
     batch = jax.tree.map(lambda new, old: (new - momentum * old) / (1 - momentum), mean, stats)
@@ -278,7 +279,7 @@ def estimate_statistics(model: nn.Module, variables: dict[str, Any], batches: An
 def _bn_momentum(model: nn.Module) -> float:
     momentum = getattr(model, "bn_momentum", None)
     if momentum is None:
-        raise ValueError(f"{type(model).__name__} has no bn_momentum attribute: the batch "
+        raise UsageError(f"{type(model).__name__} has no bn_momentum attribute: the batch "
                          "statistics cannot be recovered from its running averages")
     return float(momentum)
 

@@ -45,6 +45,7 @@ import optax
 from flax import linen as nn
 
 from tgd_jax import optim
+from tgd_jax.errors import UsageError
 from tgd_jax.train import data as data_lib
 from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
@@ -214,7 +215,7 @@ def fit(
         checkpoint (another process stopped, most likely), naming this process.
     """
     if config.loss not in step_lib.LOSSES:
-        raise ValueError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
+        raise UsageError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
     workdir = Path(workdir)
     main = jax.process_index() == 0  # on several hosts only the first one writes files
     log = log if main else _silent
