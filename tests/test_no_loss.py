@@ -397,3 +397,40 @@ def test_report_only_on_a_folder_without_a_reproduction_names_it(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert f"{tmp_path}: holds no reproduction" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+# Write failures ------------------------------------------------------------------------
+
+def test_a_file_size_limit_is_one_line_naming_the_file_and_the_run_resumes(toy_data,
+                                                                            tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tgd_jax.train.tensorboard import read_events
+
+    root = Path(__file__).resolve().parent.parent
+    # the compilation cache off: JAX writes its entries in place, a limit would cut them
+    env = {**os.environ, "TGD_CPU_DEVICES": "1", "TGD_COMPILATION_CACHE": "off"}
+
+    def train(workdir: Path, limit: str = "unlimited") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "-c", f'ulimit -f {limit}; exec "$0" "$@"', sys.executable,
+             str(root / "train.py"), f"--workdir={workdir}", "--config=configs/train.py:tiny",
+             f"--config.data.path={toy_data['train']}"], capture_output=True, text=True,
+            cwd=root, env=env, timeout=300)
+
+    run = tmp_path / "run"
+    limited = train(run, "20")  # 20 KiB: the TensorBoard image events pass it first
+    assert limited.returncode == 1, limited.stderr[-2000:]
+    lines = limited.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in limited.stderr, limited.stderr[-2000:]
+    assert "File too large" in lines[0] and str(run) in lines[0]
+    resumed = train(run)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = train(tmp_path / "reference")
+    assert reference.returncode == 0
+    assert _bytes(checkpoints.restore(run, "latest").params) == _bytes(
+        checkpoints.restore(tmp_path / "reference", "latest").params)
+    assert {e["step"] for e in read_events(run) if e["tag"] == "loss"} == {
+        e["step"] for e in read_events(tmp_path / "reference") if e["tag"] == "loss"}

@@ -87,12 +87,22 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, make_parent: bool = Tr
 
 
 def append_jsonl(path: str | os.PathLike[str], record: Mapping[str, Any]) -> None:
-    """Appends one JSON line (a metrics record), flushed so progress survives a kill."""
+    """Appends one JSON line (a metrics record), flushed so progress survives a kill.
+
+    Raises:
+      RunError: the write failed (a full disk, a file-size limit), naming the file; a line
+        cut short is dropped by the next resume (:func:`tgd_jax.train.metrics.read_metrics`).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(_plain(dict(record))) + "\n")
-        f.flush()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(_plain(dict(record))) + "\n")
+            f.flush()
+    except OSError as error:
+        raise RunError(f"{path}: appending a record failed ({error.strerror or error}); the "
+                       "checkpoints hold the run, rerun the same command to resume"
+                       ) from error
 
 
 def versions() -> dict[str, Any]:
