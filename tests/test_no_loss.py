@@ -434,3 +434,28 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_the_run_resumes(toy_d
         checkpoints.restore(tmp_path / "reference", "latest").params)
     assert {e["step"] for e in read_events(run) if e["tag"] == "loss"} == {
         e["step"] for e in read_events(tmp_path / "reference") if e["tag"] == "loss"}
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_the_workdir(
+        toy_data, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(root / "train.py"), f"--workdir={workdir}",
+                           "--config=configs/train.py:tiny", "--cpu_devices=3",
+                           f"--config.data.path={toy_data['train']}"], capture_output=True,
+                          text=True, cwd=root, timeout=300)
+    assert proc.returncode == 2 and "not divisible by the 3 devices" in proc.stderr
+    assert not workdir.exists()
+
+
+def test_denoise_leaves_no_output_folder_when_it_refuses(pretrained, tmp_path):
+    from tgd_jax.errors import UsageError
+    from tgd_jax.pet.denoise import denoise_file
+
+    out = tmp_path / "new" / "deeper" / "out.h5"
+    with pytest.raises(UsageError, match="missing.h5: no such file"):
+        denoise_file(pretrained, tmp_path / "missing.h5", out)
+    assert not (tmp_path / "new").exists()

@@ -21,7 +21,7 @@ from flax import linen as nn
 from tgd_jax.pet.models import network_of
 from tgd_jax.train import readers
 from tgd_jax.train.errors import UsageError
-from tgd_jax.train.workdir import atomic_path, check_output_file
+from tgd_jax.train.workdir import atomic_path, check_output_file, output_folder
 
 __all__ = ["slice_stacks", "denoise_volume", "denoise_file",
            "read_volume", "write_volume"]
@@ -217,19 +217,21 @@ def denoise_file(checkpoint: str | Path, input_path: str | Path, output_path: st
 
     if batch_slices < 1:
         raise UsageError(f"--batch_slices must be >= 1, got {batch_slices}")
-    check_output_file(output_path, inputs=[input_path], overwrite=overwrite)
-    params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
-    model, scale = network_of(config, meta["checkpoint"])
-    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    checkpoints.check_tree_match(template["params"], params, meta["checkpoint"])
-    volume, affine = read_volume(input_path, study=study, key=key, index=index)
-    t0 = time.perf_counter()
-    out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
-                         scale=scale, batch_slices=batch_slices, name=str(input_path))
-    seconds = time.perf_counter() - t0
-    write_volume(output_path, out, affine=affine, attrs={
-        "checkpoint": meta["checkpoint"], "input": str(input_path), "study": study,
-        "key": key, "index": index})
+    # folders made for the output go again, still empty, if a later check refuses
+    with output_folder(Path(output_path).parent):
+        check_output_file(output_path, inputs=[input_path], overwrite=overwrite)
+        params, batch_stats, config, meta = checkpoints.restore(checkpoint, which)
+        model, scale = network_of(config, meta["checkpoint"])
+        template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        checkpoints.check_tree_match(template["params"], params, meta["checkpoint"])
+        volume, affine = read_volume(input_path, study=study, key=key, index=index)
+        t0 = time.perf_counter()
+        out = denoise_volume(model, {"params": params, "batch_stats": batch_stats}, volume,
+                             scale=scale, batch_slices=batch_slices, name=str(input_path))
+        seconds = time.perf_counter() - t0
+        write_volume(output_path, out, affine=affine, attrs={
+            "checkpoint": meta["checkpoint"], "input": str(input_path), "study": study,
+            "key": key, "index": index})
     return {"output": str(output_path), "slices": int(out.shape[0]), "seconds": seconds,
             "checkpoint": meta["checkpoint"]}
 

@@ -90,6 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     """Trains the config's denoiser from scratch on ``config.data.version`` (v1-net / v2-net)."""
     config_lib.validate(config)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
+    parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
     workdir = workdir_lib.prepare_workdir(workdir, config, "train")
     steps = num_steps_for(config, train_pairs)
     model = model_from_config(config.model)
@@ -227,6 +228,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
     config = _adopt(config, adopted)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     planned = _plan(config, variables, train_pairs)
+    parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
     workdir = workdir_lib.prepare_workdir(workdir, config, "finetune")
     summary, _ = _tgd_run(config, workdir, "finetune", planned, source_meta, train_pairs,
                           val_pairs, log, mesh)
@@ -251,6 +253,7 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
     pairs = data_lib.n2n_pairs(config.data.path, config.data.version, study,
                                scale=config.data.intensity_scale, info=info)
     planned = _plan(config, start_vars, pairs)
+    parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
     workdir = workdir_lib.prepare_workdir(workdir, config, "online")
     summary, state = _tgd_run(config, workdir, "online", planned, source_meta, pairs, None,
                               log, mesh)
