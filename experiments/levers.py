@@ -50,6 +50,7 @@ LEVERS: dict[str, dict[str, object]] = {
     "half": {"model.width_multiplier": 0.5},  # twice the width (4x the parameters)
     "lr3e-4": {"optimizer.learning_rate": 3e-4},
     "patch64": {"data.patch_size": 64, "batch_size": 4},  # same pixels per step, wider context
+    "v1": {"data.version": "v1"},  # not a lever: today's recipe as v1-net, on v1 test images
 }
 
 #: Datasets: role -> simulator flags (the study preset's training set; graded test lesions).
@@ -94,9 +95,10 @@ def train(out: Path, seeds: list[int]) -> None:
         if (workdir / "summary.json").exists():
             continue
         fields = {**BASE, **LEVERS[lever]}
+        fields = {"data.version": "v2", **fields}
         argv = ["train.py", f"--workdir={workdir}", "--config=configs/train.py:demo",
-                f"--config.data.path={out / 'data' / 'train.h5'}", "--config.data.version=v2",
-                f"--config.seed={seed}", *(f"--config.{k}={v}" for k, v in fields.items())]
+                f"--config.data.path={out / 'data' / 'train.h5'}", f"--config.seed={seed}",
+                *(f"--config.{k}={v}" for k, v in fields.items())]
         start = time.perf_counter()
         _run(argv, out / "logs" / f"{lever}-s{seed}.log")
         (workdir / "cpu_seconds.json").write_text(json.dumps(
@@ -115,8 +117,9 @@ def evaluate(out: Path, seeds: list[int]) -> None:
         if not nets or (done.exists() and len(json.loads(done.read_text())["rows"])
                         == 2 * (len(nets) + 1)):
             continue
+        version = {**BASE, **LEVERS[lever]}.get("data.version", "v2")
         _run(["evaluate.py", f"--test={out / 'data' / 'test.h5'}", f"--out={target}",
-              "--overwrite", "--version=v2", *nets], out / "logs" / f"eval-{lever}.log")
+              "--overwrite", f"--version={version}", *nets], out / "logs" / f"eval-{lever}.log")
         print(f"evaluated {lever} ({len(nets)} seeds)", flush=True)
 
 

@@ -353,7 +353,8 @@ def gain_figure(result: Mapping[str, Any], path: str | Path, *,
                title=f"{study} ({rows[0].get('bmi_class', '')} BMI): higher is better")
         ax.legend(fontsize=7)
         bx.axhline(0, color="k", lw=0.8)
-        bx.set(xlabel="lesion diameter (mm)", ylabel="bias gain over the Gaussian at the "
-               "same CoV (points)", title="above 0: keeps more lesion than a blur")
+        bx.set(xlabel="lesion diameter (mm)", ylabel="bias gain (points)",
+               title="gain over the Gaussian at the same liver CoV: above 0 beats a blur")
         bx.legend(fontsize=7)
+    fig.tight_layout()
     save_figure(fig, path, make_parent=make_parent)
