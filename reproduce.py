@@ -55,10 +55,11 @@ def main(argv: list[str]) -> None:
         out = Path(_OUT.value or f"runs/{_PRESET.value}{suffix}")
         # One reproduction per folder: a second one would start the same jobs on the
         # same workdirs. The jobs' commands lock their own workdirs too.
-        if _REPORT_ONLY.value and not (out / "jobs").is_dir():
-            raise errors.UsageError(f"{out}: holds no reproduction (no {out / 'jobs'}/); "
-                                    "--report_only rewrites the report of one that ran")
+        if _REPORT_ONLY.value and not out.is_dir():
+            _no_reproduction(out)
         with workdir_lib.lock_folder(out, "reproduce.py"):
+            if _REPORT_ONLY.value and not (out / "jobs").is_dir():  # in use is said first
+                _no_reproduction(out)
             jobs = rp.plan(_PRESET.value, out.resolve(), model=_MODEL.value, tiny=_TINY.value)
             if not _REPORT_ONLY.value:
                 gpus = _gpu_names()
@@ -87,6 +88,11 @@ def main(argv: list[str]) -> None:
     print(f"wrote {path}")
     for i, (claim, verdict, evidence) in enumerate(report_lib.claims(collected), 1):
         print(f"{i}. [{verdict}] {claim}\n   {evidence}")
+
+
+def _no_reproduction(out: Path) -> None:
+    raise errors.UsageError(f"{out}: holds no reproduction (no {out / 'jobs'}/); "
+                            "--report_only rewrites the report of one that ran")
 
 
 def default_workers(gpus: list[str]) -> int:

@@ -123,13 +123,14 @@ def evaluate(out: Path, seeds: list[int]) -> None:
         print(f"evaluated {lever} ({len(nets)} seeds)", flush=True)
 
 
-def _ms(values: list[float], digits: int = 1) -> str:
+def _ms(values: list[float], digits: int = 1, sign: str = "+") -> str:
+    """Mean ± sample sd (``sign="+"``: signed, as for gains; ``""``: plain)."""
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:+.{digits}f}"
-    return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def collect(out: Path, seeds: list[int]) -> dict:
@@ -188,24 +189,27 @@ def report(out: Path, seeds: list[int]) -> str:
     lines = ["# Why our denoisers blur: one lever at a time", "",
              "`python experiments/levers.py` (v2-nets, demo config, the `study` preset's "
              "training set; one field changed per lever from `base`, the study preset's "
-             f"recipe {BASE}). Mean ± sd over seeds {', '.join(map(str, seeds))}. Gain: the "
+             f"recipe {BASE}; the `v1` row: the same recipe as v1-nets, held-out loss and "
+             "test images of v1). Mean ± sd over seeds "
+             f"{', '.join(map(str, seeds))}. Wall minutes of a run's last invocation, with "
+             "two runs and other work sharing 2 cores: relative only. Gain: the "
              "network's lesion bias minus a Gaussian post-filter's of the same input at the "
              "same liver CoV, in points (> 0: keeps more lesion than a blur of the same "
              "noise); \"-\": off the Gaussian's range. Test set: 2 studies of 16 slices "
              "with the graded lesions, 10 realisations of 60 s.", "",
              "| lever | changes | seeds | held-out loss | last-quarter fall % | plateau | "
-             "minutes | liver CoV % " + " | ".join(f"({bmi.get(s, '?')} BMI)" for s in studies)
+             "minutes | " + " | ".join(f"liver CoV % ({bmi.get(s, '?')} BMI)" for s in studies)
              + " | " + " | ".join(f"{HEADLINE_LESION[7:]} gain ({bmi.get(s, '?')} BMI)"
                                   for s in studies) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * (2 * len(studies))]
     for lever, e in table.items():
-        covs = [_ms([r["liver_cov_pct"] for r in e["rows"] if r["study"] == s], 2)
+        covs = [_ms([r["liver_cov_pct"] for r in e["rows"] if r["study"] == s], 2, "")
                 for s in studies]
         heads = [_ms(_gains(e, s, HEADLINE_LESION)) for s in studies]
         lines.append(f"| {lever} | {LEVERS[lever] or '-'} | {len(e['loss'])} | "
-                     f"{_ms(e['loss'], 5).lstrip('+')} | {_ms(e['fall'])} | "
+                     f"{_ms(e['loss'], 5, '')} | {_ms(e['fall'], 1, '')} | "
                      f"{sum(e['plateau'])}/{len(e['plateau'])} | "
-                     f"{_ms(e['wall_min'], 0).lstrip('+')} | " + " | ".join(covs) + " | "
+                     f"{_ms(e['wall_min'], 0, '')} | " + " | ".join(covs) + " | "
                      + " | ".join(heads) + " |")
     for study in studies:
         lines += ["", f"## Gain per lesion, {study} ({bmi.get(study, '?')} BMI)", "",
