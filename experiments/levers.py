@@ -246,7 +246,8 @@ def _figure(table: dict, studies: list[str], bmi: dict, path: Path) -> None:
                             yerr=[np.std(gains[i], ddof=1) if len(gains[i]) > 1 else 0
                                   for i in ok], fmt="-o", ms=4, capsize=2, label=lever)
             rows = [r for r in e["rows"] if r["study"] == study]
-            if rows:
+            if rows and {**BASE, **LEVERS[lever]}.get("data.version", "v2") == "v2":
+                # (another version's networks sit on their own images' curve, not this one)
                 bx.plot([r["liver_cov_pct"] for r in rows],
                         [r["headline_bias_pct"] for r in rows], "o", ms=5, label=lever)
             if e["gaussian"].get(study) and k == 0:
@@ -257,7 +258,7 @@ def _figure(table: dict, studies: list[str], bmi: dict, path: Path) -> None:
         ax.set(xlabel="liver lesion diameter (mm)", ylabel="bias gain over the Gaussian "
                "(points)", title=f"{study} ({bmi.get(study, '?')} BMI): above 0 beats a blur")
         bx.set(xlabel="liver CoV %", ylabel=f"{HEADLINE_LESION} bias %",
-               title="every seed, with the Gaussian curve of the input")
+               title="every seed on v2 images, with the Gaussian curve of the input")
         ax.legend(fontsize=7)
         bx.legend(fontsize=7)
     fig.tight_layout()
