@@ -459,3 +459,48 @@ def test_denoise_leaves_no_output_folder_when_it_refuses(pretrained, tmp_path):
     with pytest.raises(UsageError, match="missing.h5: no such file"):
         denoise_file(pretrained, tmp_path / "missing.h5", out)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_torn_metrics_tail_never_demotes_a_better_best(tmp_path):
+    """The newest records lost, the checkpoints intact: best/ keeps the true best."""
+    from test_checkpoints import _state
+
+    state, _ = _state()
+    ckpt = checkpoints.Checkpointer(tmp_path, keep=5)
+    records = []
+    for step, loss in enumerate((5.0, 4.0, 3.0, 2.0, 1.0), 1):
+        ckpt.save(step, state, {}, val_loss=loss)
+        records.append({"step": step, "val_loss": loss})
+    ckpt.close()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[:4]) + "\x00" * 40)
+    again = checkpoints.Checkpointer(tmp_path, keep=5, log=quiet)
+    again.reconcile_best(metrics, 5, log=quiet)
+    assert again.best_step == 5 and again.best_loss == 1.0
+    again.close()
+    # killed between best/5 and checkpoints/5: the resume from 4 keeps best/5, and the
+    # rerun's step 5, a little better in its last bits, is not written over it
+    shutil.rmtree(tmp_path / "checkpoints" / "5")
+    again = checkpoints.Checkpointer(tmp_path, keep=5, log=quiet)
+    again.reconcile_best(metrics, 4, log=quiet)
+    assert again.best_step == 5
+    assert again.save(5, state, {}, val_loss=0.999) is True
+    again.wait()
+    assert again.best_step == 5 and again.best_loss == 0.999
+    again.close()
+
+
+def test_a_damaged_job_record_or_before_file_is_named(tmp_path):
+    from tgd_jax.errors import UsageError
+    from tgd_jax.pet import report as report_lib
+    from tgd_jax.pet import reproduce as rp
+
+    bad = tmp_path / "report.json"
+    for text in ("{garbled", "3"):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match="report.json"):
+            report_lib.with_before({}, bad)
+    record = tmp_path / "job.json"
+    record.write_text('{"wall_s": 1}')
+    with pytest.raises(UsageError, match="not a job record"):
+        rp._read_record(record)

@@ -675,8 +675,11 @@ def _claims(c) -> list[str]:
 
 def with_before(c: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """``c`` with the claims of an earlier ``report.json`` to compare against."""
-    record = json.loads(Path(path).read_text())
-    if "claims" not in record:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: cannot read it as a report.json ({error})") from None
+    if not isinstance(record, dict) or "claims" not in record:
         raise UsageError(f"{path}: not a report.json (no 'claims')")
     return {**c, "before": {"path": str(path), "claims": record["claims"]}}
 

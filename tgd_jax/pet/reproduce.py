@@ -298,6 +298,18 @@ def _flag(flags: Sequence[str], name: str) -> int | None:
     return None
 
 
+def _read_record(path: Path) -> dict[str, Any]:
+    """A job record (``jobs/<name>.json``); a damaged one is named, with what to do."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        record = error
+    if not isinstance(record, dict) or not isinstance(record.get("argv"), list):
+        raise UsageError(f"{path}: not a job record (damaged or edited); delete it and the "
+                         "job runs again")
+    return record
+
+
 def _record_path(out: Path, job: Job) -> Path:
     return out / "jobs" / f"{job.name}.json"
 
@@ -312,8 +324,8 @@ def done(out: Path, job: Job) -> bool:
     path = _record_path(out, job)
     if not path.exists():
         return False
-    record = json.loads(path.read_text())
-    if record.get("argv")[1:] != list(job.argv[1:]):  # the interpreter's path may change
+    record = _read_record(path)
+    if record["argv"][1:] != list(job.argv[1:]):  # the interpreter's path may change
         raise UsageError(
             f"job {job.name!r} in {out} was made by another command:\n  "
             f"{shlex.join(record.get('argv')[1:])}\nnow:\n  {shlex.join(job.argv[1:])}\n"
@@ -347,8 +359,7 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
             raise UsageError(f"job {job.name!r} depends on unknown job(s) {unknown}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
-    records = {j.name: json.loads(_record_path(out, j).read_text())
-               for j in jobs if done(out, j)}
+    records = {j.name: _read_record(_record_path(out, j)) for j in jobs if done(out, j)}
     _refuse_stale(jobs, records, out)
     todo = [j for j in jobs if j.name not in records]
     total_weight = sum(j.weight for j in todo) or 1.0

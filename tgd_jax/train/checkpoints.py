@@ -167,6 +167,11 @@ class Checkpointer:
                 self._one_at_a_time()
                 self._kept.save(step, args=args, force=True)
         improved = val_loss is not None and val_loss < self.best_loss
+        if improved and step in self._best.all_steps():
+            # best/ holds this very step from before a resume (kept by reconcile_best); the
+            # recomputation can differ in the last bits (another device count): keep it
+            self.best_loss = float(val_loss)
+            return improved
         if improved:
             self.best_loss = float(val_loss)
             self._one_at_a_time()
@@ -200,7 +205,10 @@ class Checkpointer:
             return
         loss, step = min(vals)  # ties: the earliest, as the strict `<` of save() chose
         have = self._best.latest_step()
-        if have == step or (have is not None and have > resumed_step):
+        if have == step or (have is not None and (have > resumed_step
+                                                  or self.best_loss <= loss)):
+            # best/ holds the recorded best, one the rerun recomputes, or one at least as
+            # good as any record left (a torn metrics.jsonl may have lost the newest)
             return
         source = next((self.workdir / kind / str(step) for kind, m in
                        ((LATEST_DIR, self._latest), (KEPT_DIR, self._kept_manager()))

@@ -148,8 +148,8 @@ def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[st
     """The records of a ``metrics.jsonl`` ([] if there is none).
 
     A torn tail (a line cut by a power loss or a full disk, or NUL bytes a file system left
-    after a crash) is dropped with one line in ``log``: the records after the last intact
-    one are lost, not the run (its checkpoints are intact and the resume rewrites them).
+    after a crash) is dropped with one line in ``log``: those records are lost (the resume
+    rewrites only the ones after its checkpoint), not the run.
     A damaged line followed by intact ones is not a torn tail.
 
     Raises:
