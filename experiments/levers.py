@@ -136,7 +136,7 @@ def _ms(values: list[float], digits: int = 1, sign: str = "+") -> str:
 def collect(out: Path, seeds: list[int]) -> dict:
     """lever -> {loss, fall, plateau, wall_min, rows (evaluation rows of its networks),
     gaussian (study -> curve)}."""
-    from tgd_jax.train.metrics import plateau
+    from tgd_jax.train.metrics import plateau, read_metrics
 
     table: dict = {}
     for lever in _levers():
@@ -146,8 +146,7 @@ def collect(out: Path, seeds: list[int]) -> dict:
             workdir = out / lever / f"s{seed}"
             if not (workdir / "summary.json").exists():
                 continue
-            records = [json.loads(line) for line in
-                       (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            records = read_metrics(workdir / "metrics.jsonl")
             steps = int({**BASE, **LEVERS[lever]}["num_steps"])
             p = plateau(records, steps)
             entry["loss"].append([r["val_loss"] for r in records if "val_loss" in r][-1])

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tgd_jax.errors import UsageError
+from tgd_jax.errors import TGDError, UsageError
 from tgd_jax.pet import reproduce as rp
 from tgd_jax.train import workdir as workdir_lib
 
@@ -411,10 +411,12 @@ def _convergence(c) -> str:
 
 
 def _metrics(workdir: Path) -> list[dict[str, Any]]:
+    """A run's records (a torn last line dropped); [] if unreadable."""
+    from tgd_jax.train.metrics import read_metrics
+
     try:
-        return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
-    except (OSError, ValueError):
+        return read_metrics(workdir / "metrics.jsonl", log=lambda _: None)
+    except (OSError, ValueError, TGDError):  # a damaged inner line: no curve, no crash
         return []
 
 
