@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +30,7 @@ from tgd_jax.pet import pipeline
 from tgd_jax.train import checkpoints, parallel
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
+from tgd_jax.train.errors import RunError, UsageError
 from tgd_jax.train.tensorboard import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,20 +53,45 @@ def _train_args(toy_data) -> list[str]:
 
 
 class Launch:
-    """``n`` processes of one command (n=1: a plain run, no launch flags)."""
+    """``n`` processes of one command (n=1: a plain run, no launch flags).
+
+    ``port``: the coordinator's (default: a free one). When another program holds it by the
+    time process 0 starts (:func:`parallel.free_port` can race), process 0 says so at once
+    and every process is started again on a new port.
+    """
+
+    #: What process 0 says when its coordinator port is taken.
+    PORT_TAKEN = "is in use on this machine, where process 0 serves the coordinator"
 
     def __init__(self, argv: list[str], n: int, logs: Path, name: str,
-                 env: dict[str, str] | None = None, cores: set[int] | None = None):
+                 env: dict[str, str] | None = None, cores: set[int] | None = None,
+                 port: int | None = None):
+        self.argv, self.n, self.env, self.cores = argv, n, env, cores
         self.logs = [logs / f"{name}.{i}.log" for i in range(n)]
-        port = parallel.free_port()
-        launch = (lambda i: [f"--coordinator_address=localhost:{port}", f"--num_processes={n}",
-                             f"--process_id={i}"]) if n > 1 else (lambda i: [])
+        self.ports: list[int] = []  # every port tried, in order
+        self._start(port or parallel.free_port())
+
+    def _start(self, port: int) -> None:
+        self.ports.append(port)
+        launch = (lambda i: [f"--coordinator_address=localhost:{port}",
+                             f"--num_processes={self.n}", f"--process_id={i}"]
+                  ) if self.n > 1 else (lambda i: [])
         self.procs = []
         for i, log in enumerate(self.logs):
-            with open(log, "w") as out, pinned(cores):
+            with open(log, "w") as out, pinned(self.cores):
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, *argv, *launch(i)], stdout=out, stderr=subprocess.STDOUT,
-                    env=ENV if env is None else env, cwd=ROOT))
+                    [sys.executable, *self.argv, *launch(i)], stdout=out,
+                    stderr=subprocess.STDOUT, env=ENV if self.env is None else self.env,
+                    cwd=ROOT))
+
+    def _restarted(self) -> bool:
+        """Starts every process again on a new port if process 0 found its port taken."""
+        if self.n == 1 or self.procs[0].poll() is None or len(self.ports) > 3 or (
+                self.PORT_TAKEN not in self.logs[0].read_text()):
+            return False
+        self._kill()
+        self._start(parallel.free_port())
+        return True
 
     def __enter__(self) -> Launch:
         return self
@@ -82,8 +110,9 @@ class Launch:
     def wait(self, timeout: float = 300, check: bool = True) -> list[str]:
         deadline = time.time() + timeout
         try:
-            for proc in self.procs:
-                proc.wait(timeout=max(1.0, deadline - time.time()))
+            while time.time() < deadline and (self._restarted() or any(
+                    p.poll() is None for p in self.procs)):
+                time.sleep(0.05)
         finally:
             self._kill()
         outs = [log.read_text() for log in self.logs]
@@ -97,7 +126,8 @@ class Launch:
         """SIGKILLs process ``which`` once checkpoint ``step`` is complete, mid-run."""
         done = workdir / "checkpoints" / str(step)  # orbax renames it when complete
         deadline = time.time() + 240
-        while not done.exists() and time.time() < deadline and self.procs[which].poll() is None:
+        while not done.exists() and time.time() < deadline and (
+                self._restarted() or self.procs[which].poll() is None):
             time.sleep(0.02)
         assert done.exists(), self.logs[which].read_text()[-2000:]
         self.procs[which].send_signal(signal.SIGKILL)
@@ -225,6 +255,7 @@ def runs(toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     args = _train_args(toy_data)
     two = Launch([*args, f"--workdir={root / 'two'}"], 2, root, "two", env=DEFAULT_ENV).wait()
+    (root / "two_args.json").write_text(json.dumps([*args, f"--workdir={root / 'two'}"]))
     few = [] if len(TWO_CORES) == 2 else ["--cpu_devices=2"]  # a 1-core machine
     one = Launch([*args, f"--workdir={root / 'one'}", *few], 1, root, "one", env=DEFAULT_ENV,
                  cores=TWO_CORES).wait()
@@ -296,6 +327,109 @@ def test_a_one_process_run_resumes_on_two_processes(runs, toy_data, tmp_path):
     assert 10 <= resumed_at < STEPS  # it was killed mid-run, and the rest ran on 2 processes
     _assert_close_params(workdir, runs["one"])
     _assert_same_losses(workdir, runs["one"])
+
+
+#: ``python -c INJECT <fault> <script> <args>``: runs the script with a fault in process 1
+#: only (what one process of a real run may meet alone).
+INJECT = textwrap.dedent("""
+    import runpy, sys
+    import jax
+    from tgd_jax.train import checkpoints, metrics
+    fault, script = sys.argv[1], sys.argv[2]
+    sys.argv = [script, *sys.argv[3:]]
+    one = lambda: jax.process_index() == 1
+
+    if fault == "bug":  # a genuine bug of this process, mid-run
+        train = metrics.MetricsLogger.train
+        def buggy(self, step, *args, **kwargs):
+            if one() and step >= 20:
+                raise TypeError("injected bug in process 1")
+            return train(self, step, *args, **kwargs)
+        metrics.MetricsLogger.train = buggy
+
+    if fault == "stale":  # process 1 reads the newest checkpoint as damaged, no metrics
+        peek, read_metrics = checkpoints.peek_metadata, metrics.read_metrics
+        def damaged(manager, step, folder):
+            if one() and step == 30 and folder.parent.name == "checkpoints":
+                raise checkpoints.CorruptCheckpointError(f"{folder}: injected, unreadable")
+            return peek(manager, step, folder)
+        def stale(path, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if one() and caller in ("reconcile_best", "_best_to_rebuild"):
+                return []
+            return read_metrics(path, *args, **kwargs)
+        checkpoints.peek_metadata, metrics.read_metrics = damaged, stale
+
+    runpy.run_path(script, run_name="__main__")
+""")
+
+
+def test_a_bug_in_one_process_keeps_its_traceback(toy_data, tmp_path):
+    """A TypeError in process 1 is its own fault (traceback, 'internal error'), not
+    'another process stopped'; process 0, whose peer is gone, says that one. The first
+    port tried is taken: process 0 says so at once and the launch moves on."""
+    workdir = tmp_path / "bug"
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        run = Launch(["-c", INJECT, "bug", *_train_args(toy_data), f"--workdir={workdir}"],
+                     2, tmp_path, "bug", port=taken.getsockname()[1])
+        first, second = run.wait(timeout=240, check=False)
+    assert len(run.ports) >= 2 and run.ports[0] != run.ports[-1]
+    assert [p.returncode for p in run.procs] == [1, 1], (first[-2000:], second[-2000:])
+    assert "Traceback" in second and "TypeError: injected bug in process 1" in second
+    assert "internal error" in second and "another process" not in second
+    assert "if another process of this run stopped, that is the cause" in first
+    assert "Traceback" not in first  # the peer's stop is one line
+    assert (workdir / "checkpoints" / "10").is_dir()  # what was written stays
+
+
+def test_processes_act_on_what_process_0_sees(runs, tmp_path):
+    """Process 1 reads the newest checkpoint as damaged and sees no metrics (a stale
+    network-file-system cache, say), while process 0 reads both fine: every process sets
+    the checkpoint aside and resumes from the same step, and best/ (removed) is rebuilt as
+    process 0 decides. Before: process 0 resumed from 30 and process 1 from 20."""
+    workdir = tmp_path / "stale"
+    shutil.copytree(runs["two"], workdir)
+    shutil.rmtree(workdir / "best")
+    args = [a.replace(str(runs["two"]), str(workdir)) for a in json.loads(
+        (runs["root"] / "two_args.json").read_text())]
+    first, _ = Launch(["-c", INJECT, "stale", *args], 2, tmp_path, "stale",
+                      env=DEFAULT_ENV).wait(timeout=240)
+    assert "unreadable by process 1 of 2" in first
+    assert (workdir / "damaged" / "checkpoints-30").is_dir()
+    assert f"resuming from {workdir / 'checkpoints'} at step 20" in first
+    assert f"rebuilt {workdir / 'best'}" in first
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [p.name for p in (workdir / "best").iterdir()] == [str(summary["best_step"])]
+    _assert_close_params(workdir, runs["one"])  # the same run as the uninterrupted one
+    _assert_same_losses(workdir, runs["one"])
+
+
+def test_a_taken_coordinator_port_is_one_line_at_once():
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"port {port} is in use on this machine"):
+            parallel.init_distributed(f"localhost:{port}", 2, 0)
+    assert not parallel.multi_process()  # refused before joining anything
+    # the other processes do not serve the coordinator: nothing to check for them
+    parallel.check_coordinator_port(f"localhost:{parallel.free_port()}")
+
+
+def test_only_a_failing_collective_points_at_another_process(tmp_path):
+    from tgd_jax.train.trainer import _process_failure
+
+    bug = TypeError("unsupported operand")
+    assert _process_failure(bug, 7, tmp_path) is bug  # kept as it is: its traceback shows
+    ours = UsageError("bad")
+    assert _process_failure(ours, 7, tmp_path) is ours
+    for failure in (jax.errors.JaxRuntimeError("UNAVAILABLE: connection reset"),
+                    ConnectionResetError("peer"), TimeoutError("barrier")):
+        got = _process_failure(failure, 7, tmp_path)
+        assert isinstance(got, RunError)
+        assert "stopped at step 7" in str(got) and "if another process" in str(got)
 
 
 # --- finetune.py (both modes), online.py, evaluate.py ------------------------------------

@@ -42,6 +42,8 @@ __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restore
            "load", "resolve", "check_tree_match"]
 
 LATEST_DIR, BEST_DIR, KEPT_DIR, DAMAGED_DIR = "checkpoints", "best", "kept", "damaged"
+#: Where ``best/`` can be rebuilt from (:meth:`Checkpointer.reconcile_best`), by index.
+_KINDS = (LATEST_DIR, KEPT_DIR)
 #: In the name of orbax's temporary folder of a checkpoint being written.
 _UNFINISHED = ".orbax-checkpoint-tmp"
 
@@ -97,15 +99,13 @@ class Checkpointer:
         self._latest = _manager(self.workdir / LATEST_DIR, keep)
         self._best = _manager(self.workdir / BEST_DIR, 1)
         self._kept: ocp.CheckpointManager | None = None  # made by the first save(kept=True)
-        best_step = self._best.latest_step()
+        best_step = self._first_says(self._best.latest_step())
         self.best_loss = float("inf")
         if best_step is not None:
-            where = self.workdir / BEST_DIR / str(best_step)
-            try:
-                self.best_loss = float(_guarded(where, lambda: self._restore_meta(
-                    self._best, best_step))["val_loss"])
-            except CorruptCheckpointError as error:
-                self._set_aside(self._best, BEST_DIR, best_step, error)
+            read = self._agreed_read(BEST_DIR, best_step,
+                                     lambda: self._restore_meta(self._best, best_step))
+            if read is not None:
+                self.best_loss = float(read["val_loss"])
 
     @property
     def latest_step(self) -> int | None:
@@ -187,54 +187,79 @@ class Checkpointer:
         """Makes ``best/`` hold the best validation recorded up to ``resumed_step``.
 
         ``metrics_file``: the run's ``metrics.jsonl``, already cut back to the resumed step
-        (by the first process; every process reads it after a barrier). A ``best/``
-        that is missing, incomplete or holds another step (a run killed or a disk full
-        while writing it) is rebuilt from the kept checkpoint of that step (a copy, made
-        complete before it replaces anything); a best at a step after ``resumed_step``
-        (written before the kill, which the rerun recomputes identically) is kept. When
-        no kept checkpoint has that step, ``best/`` stays as it is and one line says so.
+        (by the first process). A ``best/`` that is missing, incomplete or holds another
+        step (a run killed or a disk full while writing it) is rebuilt from the kept
+        checkpoint of that step (a copy, made complete before it replaces anything); a best
+        at a step after ``resumed_step`` (written before the kill, which the rerun
+        recomputes identically) is kept. When no kept checkpoint has that step, or the
+        copy fails (a full disk), ``best/`` stays as it is and one line says so. With
+        several processes, process 0 decides and copies; every process then reads the
+        rebuilt best's loss from its files.
         """
-        from tgd_jax.train.metrics import read_metrics
-
         log = log or self.log
         _sync("tgd_reconcile_best")  # the first process has cut metrics.jsonl back
+        # Process 0 decides from its reading of the folder and tells the others.
+        decision = self._best_to_rebuild(metrics_file, resumed_step, log) if (
+            jax.process_index() == 0) else [-1, -1]
+        step, kind = parallel.broadcast_from_first(decision)
+        if step < 0:
+            return
+        source = self.workdir / _KINDS[kind] / str(step)
+        target = self.workdir / BEST_DIR / str(step)
+        have = self._best.latest_step()
+        done = 1
+        if jax.process_index() == 0:
+            partial = target.with_name(f"{step}.rebuilding")
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(source, partial)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)  # complete before the old best goes
+            except OSError as error:  # a full disk: best/ stays as it was
+                shutil.rmtree(partial, ignore_errors=True)
+                done = 0
+                log(f"warning: could not rebuild {target} from {source} ({error}); best/ "
+                    "stays as it was and the best from here on is saved as usual")
+            else:
+                for old in (self.workdir / BEST_DIR).iterdir():
+                    if old.name != str(step):
+                        shutil.rmtree(old, ignore_errors=True)
+        if not parallel.broadcast_from_first([done])[0]:
+            return
+        self._best.reload()
+        self.best_loss = float(self._restore_meta(self._best, step)["val_loss"])
+        log(f"rebuilt {target} from {source} (the best validation recorded, loss "
+            f"{self.best_loss:.6g}; " + (f"best/ held step {have})" if have is not None
+                                         else "best/ was empty)"))
+
+    def _best_to_rebuild(self, metrics_file: Path, resumed_step: int,
+                         log: Callable[[str], None]) -> list[int]:
+        """``[step, kind]``: the kept checkpoint (``_KINDS[kind]/step``) that ``best/``
+        must be rebuilt from, or ``[-1, -1]``: nothing to do (or nothing it can be rebuilt
+        from, said in one line)."""
+        from tgd_jax.train.metrics import read_metrics
+
         records = read_metrics(metrics_file, log=lambda _: None)  # truncation said it
         vals = [(float(r["val_loss"]), int(r["step"])) for r in records
                 if "val_loss" in r and 0 < int(r["step"]) <= resumed_step]
         if not vals:
-            return
+            return [-1, -1]
         loss, step = min(vals)  # ties: the earliest, as the strict `<` of save() chose
         have = self._best.latest_step()
         if have == step or (have is not None and (have > resumed_step
                                                   or self.best_loss <= loss)):
             # best/ holds the recorded best, one the rerun recomputes, or one at least as
             # good as any record left (a torn metrics.jsonl may have lost the newest)
-            return
-        source = next((self.workdir / kind / str(step) for kind, m in
-                       ((LATEST_DIR, self._latest), (KEPT_DIR, self._kept_manager()))
-                       if m is not None and step in m.all_steps()), None)
-        if source is None:
-            log(f"warning: {self.workdir / BEST_DIR} should hold step {step} (the best "
-                f"validation recorded, loss {loss:.6g}) but "
-                + (f"holds step {have}" if have is not None else "is empty")
-                + " and no kept checkpoint has that step: it cannot be rebuilt; "
-                "the best from here on is saved as usual")
-            return
-        target = self.workdir / BEST_DIR / str(step)
-        if jax.process_index() == 0:
-            partial = target.with_name(f"{step}.rebuilding")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(source, partial)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)  # complete before the old best goes
-            for old in (self.workdir / BEST_DIR).iterdir():
-                if old.name != str(step):
-                    shutil.rmtree(old, ignore_errors=True)
-        _sync(f"tgd_rebuild_best_{step}")
-        self._best.reload()
-        self.best_loss = loss
-        log(f"rebuilt {target} from {source} (the best validation recorded, loss {loss:.6g}; "
-            + (f"best/ held step {have})" if have is not None else "best/ was empty)"))
+            return [-1, -1]
+        for kind, manager in enumerate((self._latest, self._kept_manager())):
+            if manager is not None and step in manager.all_steps():
+                return [step, kind]
+        log(f"warning: {self.workdir / BEST_DIR} should hold step {step} (the best "
+            f"validation recorded, loss {loss:.6g}) but "
+            + (f"holds step {have}" if have is not None else "is empty")
+            + " and no kept checkpoint has that step: it cannot be rebuilt; "
+            "the best from here on is saved as usual")
+        return [-1, -1]
 
     def _kept_manager(self) -> ocp.CheckpointManager | None:
         if self._kept is None and (self.workdir / KEPT_DIR).is_dir():
@@ -267,19 +292,84 @@ class Checkpointer:
           CorruptCheckpointError: if every checkpoint is damaged.
           CheckpointError: if one does not fit ``template``.
         """
-        steps = sorted(self._latest.all_steps(), reverse=True)
-        skipped = []
-        for step in steps:
-            try:
-                return restore_into(self._latest, step, template, self.workdir / LATEST_DIR)
-            except CorruptCheckpointError as error:
-                skipped.append(step)
-                self._set_aside(self._latest, LATEST_DIR, step, error, log)
+        skipped: list[int] = []
+        while (step := self._first_says(max(set(self._latest.all_steps()) - set(skipped),
+                                            default=None))) is not None:
+            restored = self._agreed_read(LATEST_DIR, step, lambda: restore_into(
+                self._latest, step, template, self.workdir / LATEST_DIR), log)
+            if restored is not None:
+                return restored
+            skipped.append(step)
         if skipped:
             raise CorruptCheckpointError(f"{self.workdir / LATEST_DIR}: every checkpoint is "
                                          f"damaged (steps {sorted(skipped)}); delete the folder "
                                          "to start over")
         return None
+
+    @staticmethod
+    def _first_says(step: int | None) -> int | None:
+        """Process 0's ``step`` on every process (None: none): the processes act on one
+        listing of the shared folder, never each on its own."""
+        said = parallel.broadcast_from_first([-1 if step is None else int(step)])[0]
+        return None if said < 0 else said
+
+    def _agreed_read(self, kind: str, step: int, read: Callable[[], Any],
+                     log: Callable[[str], None] | None = None) -> Any:
+        """``read()`` of checkpoint ``kind/step`` on every process, and what they agree on.
+
+        Returns what this process read, or None when the checkpoint is damaged as read by
+        ANY process: then every process has set it aside together (no process still
+        reading it when it moves, none resuming from a step another skipped).
+
+        The processes first agree on the checkpoint's metadata, which each reads alone;
+        orbax's restore (``read``) then runs collectives of its own, so a process must not
+        skip it while the others go in. Data that only one process fails to read DURING
+        the restore is agreed on after it, as long as that process reaches the end of it.
+
+        Raises:
+          RunError: a process does not see a checkpoint process 0 sees (a folder not
+            shared alike by every process).
+        """
+        folder = self.workdir / kind / str(step)
+        manager = self._best if kind == BEST_DIR else self._latest
+        status, error = _READ_OK, None
+        if not folder.is_dir():
+            status = _READ_MISSING
+        else:
+            try:
+                peek_metadata(manager, step, folder)
+            except CorruptCheckpointError as e:
+                status, error = _READ_DAMAGED, e
+        if self._agree(folder, status, error, manager, kind, step, log):
+            out, status = None, _READ_OK
+            try:
+                out = read()
+            except CorruptCheckpointError as e:
+                status, error = _READ_DAMAGED, e
+            if self._agree(folder, status, error, manager, kind, step, log):
+                return out
+        return None
+
+    def _agree(self, folder: Path, status: int, error: Exception | None,
+               manager: ocp.CheckpointManager, kind: str, step: int,
+               log: Callable[[str], None] | None) -> bool:
+        """Whether every process read ``folder`` fine; if not, it is set aside by all."""
+        statuses = parallel.gather_from_processes(status)
+        if _READ_MISSING in statuses:
+            raise RunError(
+                f"{folder}: process {statuses.index(_READ_MISSING)} of {len(statuses)} does "
+                "not see this checkpoint, which process 0 does: every process must see the "
+                "workdir alike (one shared file system, no stale network cache)")
+        if _READ_DAMAGED not in statuses:
+            return True
+        if error is not None and jax.process_index() > 0:  # only process 0 logs
+            print(f"process {jax.process_index()}: {error}", file=sys.stderr, flush=True)
+        if error is None:  # this process read it fine: another did not
+            error = CorruptCheckpointError(
+                f"{folder}: unreadable by process {statuses.index(_READ_DAMAGED)} of "
+                f"{len(statuses)} (see its output)")
+        self._set_aside(manager, kind, step, error, log)
+        return False
 
     def _set_aside(self, manager: ocp.CheckpointManager, kind: str, step: int,
                    error: Exception, log: Callable[[str], None] | None = None) -> None:
@@ -287,6 +377,7 @@ class Checkpointer:
         the way of the step that will be written again) and says so."""
         source = self.workdir / kind / str(step)
         target = self.workdir / DAMAGED_DIR / f"{kind}-{step}"
+        _sync(f"tgd_stop_reading_{kind}_{step}")  # no process still reads it when it moves
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
@@ -328,12 +419,23 @@ class Checkpointer:
 
 
 _BARRIERS = itertools.count()
+#: What a process saw of a checkpoint (:meth:`Checkpointer._agreed_read`).
+_READ_OK, _READ_DAMAGED, _READ_MISSING = 0, 1, 2
 
 
 def _sync(name: str) -> None:
     """A barrier of every process of a multi-process run (nothing with one process). Every
     process makes the same calls in the same order, so the numbered names agree."""
     parallel.barrier(f"{name}_{next(_BARRIERS)}", timeout_s=600)
+
+
+def peek_metadata(manager: ocp.CheckpointManager, step: int, folder: Path) -> Any:
+    """Checkpoint ``step``'s metadata, read by this process alone (no collective).
+
+    Raises:
+      CorruptCheckpointError: it is unreadable.
+    """
+    return _guarded(folder, lambda: manager.item_metadata(step))
 
 
 def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,

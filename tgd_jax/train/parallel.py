@@ -30,7 +30,8 @@ __all__ = ["DATA_AXIS", "use_cpu_cores", "usable_cores", "cpu_device_count", "ma
            "batch_sharding",
            "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
            "replicate", "host_copy", "jit_step", "quiet_start", "init_distributed",
-           "free_port", "multi_process", "barrier"]
+           "free_port", "multi_process", "barrier", "gather_from_processes",
+           "broadcast_from_first", "COLLECTIVE_FAILURES"]
 
 #: The name of the mesh axis the batch is sharded along.
 DATA_AXIS = "data"
@@ -238,8 +239,73 @@ def barrier(name: str, timeout_s: float = 3600) -> None:
     ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
+def gather_from_processes(value: int) -> list[int]:
+    """Every process's ``value``, in process order (``[value]`` with one process).
+
+    A collective: every process calls it at the same point. Used where the processes must
+    agree on what they saw of a shared folder (a checkpoint one of them finds damaged).
+    """
+    if not multi_process():
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(
+        multihost_utils.process_allgather(np.asarray(value, np.int32)))]
+
+
+def broadcast_from_first(values: list[int]) -> list[int]:
+    """Process 0's ``values`` on every process (``values`` itself with one process).
+
+    A collective; every process passes a list of the same length (its own values are
+    ignored). What process 0 decided about a shared folder, so that no process acts on a
+    listing of its own (a stale network-file-system cache may differ).
+    """
+    if not multi_process():
+        return [int(v) for v in values]
+    from jax.experimental import multihost_utils
+
+    return [int(v) for v in np.asarray(
+        multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32)))]
+
+
+#: What a process meets when ANOTHER process of its run stops: a collective or a barrier
+#: of the coordination service failing (JAX raises its runtime error for both; sockets
+#: closed under gloo, timeouts). Anything else raised in a process is its own.
+COLLECTIVE_FAILURES: tuple[type[BaseException], ...] = (
+    jax.errors.JaxRuntimeError, ConnectionError, TimeoutError)
+
+
+def check_coordinator_port(coordinator_address: str) -> None:
+    """For process 0, which serves ``coordinator_address``: its port must be free here.
+
+    JAX's coordination service otherwise fails to bind while the other processes wait for
+    it until their initialisation timeout; this says so at once.
+
+    Raises:
+      UsageError: naming the port in use.
+    """
+    port = int(coordinator_address.rsplit(":", 1)[1])
+    try:  # every address, IPv6 and IPv4 alike, as the service binds
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # IPv6 off in this kernel
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise UsageError(
+                f"--coordinator_address={coordinator_address}: port {port} is in use on "
+                f"this machine, where process 0 serves the coordinator ({e.strerror}); "
+                "choose a free port for every process") from None
+
+
 def free_port() -> int:
-    """A TCP port that was free on this machine a moment ago (for a local coordinator)."""
+    """A TCP port that was free on this machine a moment ago (for a local coordinator).
+
+    Another program may take it before the coordinator binds it; process 0 then stops at
+    once with a :class:`UsageError` naming the port (:func:`check_coordinator_port`), and a
+    launcher retries with a new one (``tests/test_multiprocess.py``'s ``Launch``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("localhost", 0))
         return int(s.getsockname()[1])
@@ -299,6 +365,8 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = int(os.environ.get(HEARTBEAT_TIMEOUT_ENV, "")
                                   or HEARTBEAT_TIMEOUT_S)
+    if coordinator_address is not None and process_id == 0:
+        check_coordinator_port(coordinator_address)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}

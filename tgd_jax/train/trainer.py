@@ -51,7 +51,7 @@ from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.checkpoints import Checkpointer
-from tgd_jax.train.errors import Interrupted, RunError, TGDError, one_line
+from tgd_jax.train.errors import Interrupted, RunError, one_line
 from tgd_jax.train.metrics import (
     METRICS_FILE,
     MetricsLogger,
@@ -211,8 +211,9 @@ def fit(
       FolderInUseError: if another live run holds ``workdir``.
       RunError: if ``workdir`` is removed or replaced during the run.
       Interrupted: on SIGINT/SIGTERM (naming the last complete checkpoint).
-      RunError: with several processes, any other failure of a step, a collective or a
-        checkpoint (another process stopped, most likely), naming this process.
+      RunError: with several processes, a collective, a barrier or a checkpoint write
+        failing (another process stopped, most likely), naming this process; this
+        process's own faults keep their type and traceback.
     """
     if config.loss not in step_lib.LOSSES:
         raise UsageError(f"loss must be one of {sorted(step_lib.LOSSES)}, got {config.loss!r}")
@@ -358,7 +359,10 @@ def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.T
     except BaseException as error:
         if parallel.multi_process():
             # Closing the checkpointer would wait for processes that may be gone.
-            raise _process_failure(error, done, workdir) from error
+            failure = _process_failure(error, done, workdir)
+            if failure is error:
+                raise
+            raise failure from error
         with contextlib.suppress(Exception):  # the first error is the one to report
             ckpt.close()  # no orbax write left running behind the error
         raise
@@ -385,10 +389,12 @@ def _loop(*, config: ml_collections.ConfigDict, workdir: Path, state: step_lib.T
 
 
 def _process_failure(error: BaseException, step: int, workdir: Path) -> BaseException:
-    """What a process of a multi-process run reports when its loop fails: our own errors
-    as they are (every process meets them alike), anything else (a collective or a
-    checkpoint barrier failing, as when another process stopped) as a :class:`RunError`."""
-    if isinstance(error, TGDError):
+    """What a process of a multi-process run reports when its loop fails: a collective or
+    a barrier failing (:data:`~tgd_jax.train.parallel.COLLECTIVE_FAILURES`, as when another
+    process stopped) as a :class:`RunError` pointing at the others; anything else as it
+    is: our own errors (every process meets them alike) and this process's own faults,
+    which keep their traceback (a bug here is not another process's stop)."""
+    if not isinstance(error, parallel.COLLECTIVE_FAILURES):
         return error
     return RunError(
         f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: "
