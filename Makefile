@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint docs demo reproduce premise bench bench-gpu clean
+.PHONY: venv test test-fast lint docs demo reproduce premise bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ lint: $(STAMP)
 # the multi-process runs) are module-scoped and must be built once, not once per worker.
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q
+
+# The edit-test loop: everything but the tests marked slow (whole pipelines run as
+# commands: the tiny reproduction, several processes, the simulator's CLI); see docs/suite.md.
+test-fast: lint
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
 
 # The documentation site, docs/_build/html: warnings are errors, then every internal link
 # of the built pages is checked (external ones are not: CI has no internet), and every

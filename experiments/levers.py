@@ -34,6 +34,11 @@ _OUT = flags.DEFINE_string("out", "runs/levers", "Output folder (data/ holds the
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _LEVERS = flags.DEFINE_list("levers", None, "Levers to run (default: all of LEVERS).")
 _STAGES = flags.DEFINE_list("stages", ["data", "train", "eval", "report"], "Stages to run.")
+_PREVIOUS = flags.DEFINE_string(
+    "previous", None, "A levers.json of an earlier sweep on the same data (e.g. "
+    "docs/denoiser/levers.json): its seeds that --out does not hold are kept in the report, "
+    "so a sweep can be continued on a new machine. Its networks' test rows must have been "
+    "measured on the same test set (checked on the input's rows).")
 _REPO = flags.DEFINE_string("repo", str(Path(__file__).resolve().parent.parent),
                             "Checkout whose commands run (e.g. a git worktree of one commit, "
                             "so that editing this one leaves hours of runs alone); a relative "
@@ -133,19 +138,51 @@ def _ms(values: list[float], digits: int = 1, sign: str = "+") -> str:
     return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def collect(out: Path, seeds: list[int]) -> dict:
-    """lever -> {loss, fall, plateau, wall_min, rows (evaluation rows of its networks),
-    gaussian (study -> curve)}."""
+def _seeds_of(entry: dict) -> list[int]:
+    """The seeds of a levers.json entry, in the order of its per-seed lists."""
+    if "seeds" in entry:
+        return [int(s) for s in entry["seeds"]]
+    # (entries written before "seeds" existed: one network "s<seed>" per seed, in order)
+    return sorted({int(r["network"][1:]) for r in entry["rows"]})
+
+
+def _merge(entry: dict, earlier: dict, lever: str) -> dict:
+    """``entry`` with the seeds of ``earlier`` (a previous sweep's entry) it lacks."""
+    mine, theirs = entry["seeds"], _seeds_of(earlier)
+    if entry.get("input") and earlier.get("input"):
+        key = lambda r: (r["study"], round(r["liver_cov_pct"], 6))  # noqa: E731
+        if sorted(map(key, entry["input"])) != sorted(map(key, earlier["input"])):
+            raise app.UsageError(f"--previous: lever {lever!r} was evaluated on another test "
+                                 "set (its input rows differ from this sweep's)")
+    merged = {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+    for i, seed in enumerate(theirs):
+        if seed in mine or i >= len(earlier["loss"]):
+            continue
+        for key in ("loss", "fall", "plateau", "wall_min"):
+            if i < len(earlier.get(key, [])):
+                merged[key].append(earlier[key][i])
+        merged["seeds"].append(seed)
+        merged["rows"] += [r for r in earlier["rows"] if r["network"] == f"s{seed}"]
+    merged["gaussian"] = entry["gaussian"] or earlier.get("gaussian", {})
+    merged["input"] = entry.get("input") or earlier.get("input", [])
+    return merged
+
+
+def collect(out: Path, seeds: list[int], previous: dict | None = None) -> dict:
+    """lever -> {seeds, loss, fall, plateau, wall_min (one per seed), rows (evaluation
+    rows of its networks), gaussian (study -> curve), input (the input's rows)}; seeds
+    that ``out`` lacks are taken from ``previous`` (an earlier levers.json)."""
     from tgd_jax.train.metrics import plateau, read_metrics
 
     table: dict = {}
     for lever in _levers():
-        entry = {"loss": [], "fall": [], "plateau": [], "wall_min": [], "rows": [],
-                 "gaussian": {}}
+        entry = {"seeds": [], "loss": [], "fall": [], "plateau": [], "wall_min": [],
+                 "rows": [], "gaussian": {}}
         for seed in seeds:
             workdir = out / lever / f"s{seed}"
             if not (workdir / "summary.json").exists():
                 continue
+            entry["seeds"].append(seed)
             records = read_metrics(workdir / "metrics.jsonl")
             steps = int({**BASE, **LEVERS[lever]}["num_steps"])
             p = plateau(records, steps)
@@ -161,7 +198,10 @@ def collect(out: Path, seeds: list[int]) -> dict:
             entry["rows"] = [r for r in result["rows"] if r["network"] != "input"]
             entry["gaussian"] = result["gaussian"]
             entry["input"] = [r for r in result["rows"] if r["network"] == "input"]
-        table[lever] = entry
+        if previous and lever in previous:
+            entry = _merge(entry, previous[lever], lever)
+        if entry["seeds"]:
+            table[lever] = entry
     return table
 
 
@@ -173,7 +213,8 @@ def _gains(entry: dict, study: str, lesion: str) -> list[float]:
 def report(out: Path, seeds: list[int]) -> str:
     from tgd_jax.sim.phantom import HEADLINE_LESION
 
-    table = collect(out, seeds)
+    previous = json.loads(Path(_PREVIOUS.value).read_text()) if _PREVIOUS.value else None
+    table = collect(out, seeds, previous)
     studies, lesions = [], []
     for entry in table.values():
         for r in entry["rows"]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import pinned, quiet
+from conftest import FAST_COMPILE, pinned, quiet
 
 from tgd_jax.pet import evaluate as evaluate_lib
 from tgd_jax.pet import pipeline
@@ -33,9 +33,11 @@ from tgd_jax.train import data as data_lib
 from tgd_jax.train.errors import RunError, UsageError
 from tgd_jax.train.tensorboard import read_events
 
+pytestmark = pytest.mark.slow  # most tests here start processes that join as one run
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-ENV.pop("XLA_FLAGS", None)  # each process has the devices its flags say
+ENV["XLA_FLAGS"] = FAST_COMPILE  # no device count: each process has the devices its flags say
 # A killed process is noticed at once in a collective, and after this in a barrier.
 ENV["TGD_HEARTBEAT_TIMEOUT_S"] = "10"
 #: One training config for every run of this file: checkpoints every 10 steps, so a kill

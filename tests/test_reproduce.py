@@ -212,6 +212,7 @@ def tiny_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
     out, stdout = tiny_run
     text = (out / "report.md").read_text()
@@ -228,6 +229,7 @@ def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
     assert "35 jobs, 0 already done" in stdout
 
 
+@pytest.mark.slow
 def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     out, _ = tiny_run
     rows = json.loads((out / "eval" / "tgdnet-s0-v2" / "evaluation.json").read_text())["rows"]
@@ -257,6 +259,7 @@ def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     assert "## Against the Gaussian post-filter, per lesion size" in text
 
 
+@pytest.mark.slow
 def test_tiny_rerun_skips_every_job(tiny_run):
     out, _ = tiny_run
     proc = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "--preset=tiny",

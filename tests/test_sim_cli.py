@@ -16,6 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_generate_and_report(tmp_path):
     out = str(tmp_path / "data")
     done = _run("--preset=demo", "--role=train,test", f"--out={out}", "--studies=2",

@@ -120,8 +120,9 @@ PRESETS: dict[str, Preset] = {
              "fine-tuning steps, 2 seeds, 4 jobs at a time on the one GPU, float32."),
     "tiny": Preset(
         sim="demo", roles={
-            "train": ("--studies=3", "--slices=4"),
-            "finetune": ("--studies=1", "--slices=4"),
+            # two input levels of the six: the simulation is most of the tiny run's time
+            "train": ("--studies=3", "--slices=4", "--levels=30,120"),
+            "finetune": ("--studies=1", "--slices=4", "--levels=30,120"),
             "test": ("--studies=2", "--slices=5", "--realisations=2"),  # 5: room for 13 mm
             "online": ("--slices=4",)},
         config="tiny", seeds=(0,), train_steps=8, finetune_steps=4, online_steps=4,
@@ -133,8 +134,8 @@ def at_tiny_scale(preset: Preset) -> Preset:
     """``preset``'s jobs and seeds at the test suite's sizes: to try a preset's whole graph
     on a CPU in minutes (``reproduce.py --preset=gpu --tiny``)."""
     tiny = PRESETS["tiny"]
-    roles = {role: tuple(f for f in flags if not f.startswith(("--studies", "--slices",
-                                                                "--realisations")))
+    sizes = ("--studies", "--slices", "--levels", "--realisations")
+    roles = {role: tuple(f for f in flags if not f.startswith(sizes))
              + tiny.roles.get(role, ()) for role, flags in preset.roles.items()}
     return dataclasses.replace(
         preset, sim=tiny.sim, roles=roles, config=tiny.config, train_steps=tiny.train_steps,
