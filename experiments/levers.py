@@ -52,6 +52,10 @@ LEVERS: dict[str, dict[str, object]] = {
     "base": {},
     "mae": {"loss": "mae"},  # L1 loss: less pull toward the conditional mean
     "long": {"num_steps": 12000},  # 4x the steps, the cosine schedule run to its end
+    # base's schedule, then 1,000 steps held at 1 % of the peak rate: does the network
+    # still improve once its schedule has ended? (the plateau, without the annealing drop)
+    "hold": {"num_steps": 4000, "optimizer.decay_fraction": 0.75,
+             "optimizer.final_lr_fraction": 0.01},
     "half": {"model.width_multiplier": 0.5},  # twice the width (4x the parameters)
     "lr3e-4": {"optimizer.learning_rate": 3e-4},
     "patch64": {"data.patch_size": 64, "batch_size": 4},  # same pixels per step, wider context

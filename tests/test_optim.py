@@ -13,6 +13,7 @@ from tgd_jax.methods import tgd_plan
 from tgd_jax.optim import (
     RetrainOnlyState,
     find_mask,
+    learning_rate_schedule,
     make_optimizer,
     replace_mask,
     retrain_only,
@@ -171,3 +172,25 @@ def test_replace_mask_refuses_a_different_layout(new):
     state = tgd(optax.sgd(1.0), {"w": jnp.array([True, False])}).init({"w": jnp.zeros(2)})
     with pytest.raises(ValueError, match="new mask differs at 'w'"):
         replace_mask(state, new)
+
+
+@pytest.mark.parametrize("decay_fraction, final", [(1.0, 0.0), (0.75, 0.01), (0.5, 0.1)])
+def test_the_cosine_decays_over_its_share_of_the_steps_then_holds(decay_fraction, final):
+    peak, steps = 2e-3, 200
+    schedule = learning_rate_schedule(peak, "cosine", steps, decay_fraction=decay_fraction,
+                                      final_lr_fraction=final)
+    decay = round(decay_fraction * steps)
+    for count in range(steps + 1):  # the formula, written out
+        t = min(count, decay) / decay
+        want = peak * (final + (1 - final) * 0.5 * (1 + np.cos(np.pi * t)))
+        assert float(schedule(count)) == pytest.approx(want, abs=1e-6 * peak)  # float32
+    held = [float(schedule(c)) for c in range(decay, steps + 1)]
+    assert max(held) == min(held) == pytest.approx(final * peak, abs=1e-6 * peak)
+
+
+@pytest.mark.parametrize("field, value", [("decay_fraction", 0.0), ("decay_fraction", 1.5),
+                                          ("final_lr_fraction", 1.0),
+                                          ("final_lr_fraction", float("nan"))])
+def test_a_senseless_schedule_shape_is_refused(field, value):
+    with pytest.raises(ValueError, match=f"optimizer.{field}"):
+        make_optimizer(num_steps=10, schedule="cosine", **{field: value})

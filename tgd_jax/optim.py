@@ -256,19 +256,34 @@ def find_mask(opt_state: Any) -> Any | None:
     return None
 
 
-def learning_rate_schedule(learning_rate: float, schedule: str,
-                           num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, *,
+                           decay_fraction: float = 1.0,
+                           final_lr_fraction: float = 0.0) -> optax.Schedule:
     """The learning rate of :func:`make_optimizer`'s update of count ``c`` (0-based):
-    ``constant`` or ``cosine`` (decaying to 0 over ``num_steps``).
+    ``constant``, or ``cosine``: decaying from ``learning_rate`` to ``final_lr_fraction *
+    learning_rate`` over the first ``decay_fraction`` of ``num_steps``, then held there
+    (the defaults: to 0 over the whole run). A held tail shows whether the network still
+    improves once its schedule has ended (:func:`tgd_jax.train.metrics.plateau`).
 
     Example:
       >>> float(learning_rate_schedule(0.1, "cosine", 10)(10))
       0.0
+      >>> hold = learning_rate_schedule(0.1, "cosine", 100, decay_fraction=0.75,
+      ...                               final_lr_fraction=0.01)
+      >>> [round(float(hold(c)), 6) for c in (0, 75, 99)]
+      [0.1, 0.001, 0.001]
     """
+    if not 0 < decay_fraction <= 1:
+        raise UsageError(f"optimizer.decay_fraction must be in (0, 1], got {decay_fraction}")
+    if not 0 <= final_lr_fraction < 1:
+        raise UsageError(f"optimizer.final_lr_fraction must be in [0, 1), got "
+                         f"{final_lr_fraction}")
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
     if schedule == "cosine":
-        return optax.cosine_decay_schedule(learning_rate, max(1, num_steps))
+        return optax.cosine_decay_schedule(learning_rate,
+                                           max(1, round(decay_fraction * num_steps)),
+                                           alpha=final_lr_fraction)
     raise UsageError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
@@ -278,6 +293,8 @@ def make_optimizer(
     name: str = "adam",
     learning_rate: float = 1e-3,
     schedule: str = "constant",
+    decay_fraction: float = 1.0,
+    final_lr_fraction: float = 0.0,
     l2: float = 0.0,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
@@ -302,6 +319,8 @@ def make_optimizer(
         ``momentum``; 0 = plain SGD).
       learning_rate: peak learning rate (> 0).
       schedule: ``"constant"`` or ``"cosine"``.
+      decay_fraction, final_lr_fraction: the cosine's shape
+        (:func:`learning_rate_schedule`); the defaults decay to 0 over the whole run.
       l2: coupled L2 on the kernels (:func:`kernel_l2`); 0 disables.
       weight_decay: decoupled weight decay of ``"adamw"`` on the kernels; must be 0 for the
         other optimizers (it would be ignored).
@@ -331,7 +350,9 @@ def make_optimizer(
         raise UsageError(f"optimizer.weight_decay={weight_decay} is decoupled weight decay, "
                          f"which only 'adamw' applies (optimizer.name={name!r}); use "
                          "optimizer.l2 for coupled L2")
-    lr = learning_rate_schedule(learning_rate, schedule, num_steps)
+    lr = learning_rate_schedule(learning_rate, schedule, num_steps,
+                                decay_fraction=decay_fraction,
+                                final_lr_fraction=final_lr_fraction)
     if name == "adam":
         inner = optax.adam(lr)
     elif name == "adamw":

@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.decay_fraction = 1.0  # cosine: decays over this share of the steps, then
+    c.optimizer.final_lr_fraction = 0.0  # holds at this fraction of the peak rate
     c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 disables
 
     c.loss = "mse"  # mse (the paper) | mae; also the validation loss
@@ -278,6 +280,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     one_of("loss", c.loss, tuple(LOSSES))
     one_of("optimizer.name", c.optimizer.name, ("adam", "adamw", "sgd"))
     one_of("optimizer.schedule", c.optimizer.schedule, ("constant", "cosine"))
+    need(0 < c.optimizer.decay_fraction <= 1, "optimizer.decay_fraction",
+         "must be in (0, 1]")  # NaN fails too
+    need(0 <= c.optimizer.final_lr_fraction < 1, "optimizer.final_lr_fraction",
+         "must be in [0, 1)")
     for field in ("l2", "weight_decay", "grad_clip"):
         need(c.optimizer[field] >= 0, f"optimizer.{field}", "must be >= 0")  # NaN fails
     need(not c.optimizer.weight_decay or c.optimizer.name == "adamw", "optimizer.weight_decay",

@@ -108,8 +108,10 @@ def learning_rate_at(config: ml_collections.ConfigDict, num_steps: int
                      ) -> Callable[[int], float]:
     """``step -> the learning rate of the update that made step``: the schedule of
     :func:`tgd_jax.optim.make_optimizer` (``config.optimizer``) at count ``step - 1``."""
-    schedule = optim.learning_rate_schedule(config.optimizer.learning_rate,
-                                            config.optimizer.schedule, num_steps)
+    o = config.optimizer
+    schedule = optim.learning_rate_schedule(
+        o.learning_rate, o.schedule, num_steps, decay_fraction=o.get("decay_fraction", 1.0),
+        final_lr_fraction=o.get("final_lr_fraction", 0.0))
     return lambda step: float(schedule(max(0, step - 1)))
 
 
