@@ -17,16 +17,6 @@ os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-
 # which have one device. tests/test_multiprocess.py runs a command with the default.
 os.environ["TGD_CPU_DEVICES"] = "1"  # also over a user's export
 
-# The suite's programs are tiny: compiling them, not running them, is most of its time.
-# LLVM at optimisation level 1 (XLA defaults to a higher one) compiles a tiny DnCNN's train step ~3x
-# faster and runs it about as fast; the simulator's heavier programs take as long in all
-# (docs/suite.md). It changes no float semantics (no fast math), and every process of the
-# suite, the commands it starts included, inherits it, so runs it compares were compiled
-# alike. Tests that set XLA_FLAGS themselves add it.
-FAST_COMPILE = "--xla_backend_optimization_level=1"
-if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
-
 # Threefry's XLA:CPU compile takes ~1.5 s per distinct shape on the CI machine, which would
 # dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the
 # suite uses the fast-compiling "rbg" generator; tests that need threefry set it themselves.

@@ -16,7 +16,6 @@ import h5py
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 
 from tgd_jax.train import checkpoints
 
@@ -188,7 +187,7 @@ FOUR_DEVICES = textwrap.dedent("""
 
 
 def test_one_and_four_devices_give_the_same_parameters(toy_data, tmp_path):
-    env = {**ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"}
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(toy_data["train"]),
                            str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, pinned, quiet
+from conftest import pinned, quiet
 
 from tgd_jax.pet import evaluate as evaluate_lib
 from tgd_jax.pet import pipeline
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow  # most tests here start processes that join as on
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-ENV["XLA_FLAGS"] = FAST_COMPILE  # no device count: each process has the devices its flags say
+ENV.pop("XLA_FLAGS", None)  # each process has the devices its flags say
 # A killed process is noticed at once in a collective, and after this in a barrier.
 ENV["TGD_HEARTBEAT_TIMEOUT_S"] = "10"
 #: One training config for every run of this file: checkpoints every 10 steps, so a kill

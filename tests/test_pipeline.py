@@ -312,8 +312,7 @@ def test_training_touches_the_devices_from_the_main_thread_only(toy_data, tmp_pa
 
 WAITS_SCRIPT = """
 import os, sys
-os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={sys.argv[1]} "
-                           + os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
 import jax
 from conftest import quiet, tiny_train_config
 from tgd_jax.pet import pipeline
