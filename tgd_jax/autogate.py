@@ -207,7 +207,7 @@ def _inline(eqn: Any, invals: list[Any], node: dict[str, Any],
             mask_of: Callable[[np.ndarray], jax.Array]) -> list[Any]:
     """Evaluates a call primitive's body (pjit, remat, closed_call) with gates inside."""
     name = eqn.primitive.name
-    if name in ("pjit", "jit", "remat", "checkpoint", "closed_call", "core_call"):
+    if name in ("pjit", "jit", "remat", "remat2", "checkpoint", "closed_call", "core_call"):
         closed = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
         jaxpr = getattr(closed, "jaxpr", closed)
         consts = list(getattr(closed, "consts", ()))

@@ -772,6 +772,7 @@ RULES: dict[str, Rule] = {
     "closed_call": _sub_jaxpr("call_jaxpr"),
     "core_call": _sub_jaxpr("call_jaxpr"),
     "remat": _sub_jaxpr("jaxpr"),
+    "remat2": _sub_jaxpr("jaxpr"),  # jax.checkpoint / nn.remat in jax 0.10 and 0.12
     "checkpoint": _sub_jaxpr("jaxpr"),
     "custom_jvp_call": _sub_jaxpr("call_jaxpr"),
     "custom_vjp_call": _custom_vjp,
