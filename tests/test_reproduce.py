@@ -199,6 +199,15 @@ def test_claim_on_par_follows_the_rule_both_ways():
     assert noisier[1] == "not supported"
 
 
+def test_a_gain_off_the_gaussian_curve_is_counted_not_averaged_away():
+    c = _collection(tgd_bias=-4.0, v2_bias=-4.1)
+    for r in c["evals"]:  # TGD-net seed 2 off the curve (no gain), the others on it
+        r["gain_pct"] = None if r["network"] == "tgdnet-s2" else 1.0 + r["lesion_bias_pct"]
+    assert report.gain_cell(c, "TGD-net", "gain_pct") == "-2.95 ± 0.07 (2 of 3 on the curve)"
+    assert report.gain_cell(c, "v2-net", "gain_pct") == "-3.00 ± 0.10"  # every seed: as before
+    assert "(2 of 3 on the curve)" in "\n".join(report._table1(c, {}))
+
+
 # --- the tiny preset end to end ---------------------------------------------------------------
 
 
