@@ -129,7 +129,21 @@ def test_remat_is_followed():
     assert any(name.startswith("params/block/") for name in graph.leaves)
 
 
+class Tiled(nn.Module):
+    """Upsampling by ``jnp.tile`` (scico's UNet does), and a map tiled along its channels."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        a = nn.relu(nn.Conv(4, (3, 3), name="a")(x))
+        low = nn.Conv(3, (3, 3), name="low")(nn.avg_pool(a, (2, 2), strides=(2, 2)))
+        low = nn.BatchNorm(use_running_average=not train, name="bn")(low)
+        up = jnp.tile(low, (1, 2, 2, 1))  # the spatial axes tiled: channels unchanged
+        twice = jnp.tile(nn.Conv(2, (1, 1), name="b")(a), (1, 1, 1, 2))  # b's 2 maps twice
+        return nn.Conv(3, (3, 3), name="head")(jnp.concatenate([up, twice, a], -1))
+
+
 LINEN = {
+    "tile": lambda: Tiled(),
     "setup-nested": lambda: Nested(),
     "sequential": lambda: DnCNN(features=(6, 5, 4, 3)),
     "residual": lambda: ResNetDenoiser(width=5, blocks=2),

@@ -598,6 +598,15 @@ def _sliced(v: _Value, shape: tuple[int, ...], take: Callable[[int, np.ndarray],
     return out
 
 
+def _tile(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
+    """``jnp.tile``: the channel axis repeated lists each channel once per repeat, as
+    ``concatenate([x, x])`` does; repeating other axes (upsampling by tiling) leaves the
+    channels as they are."""
+    (shape,) = _out_shapes(eqn)
+    reps = tuple(int(r) for r in eqn.params["reps"])
+    return [_sliced(ins[0], shape, lambda a, ids: np.tile(ids, reps[a]))]
+
+
 def _dynamic_slice(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     v = ins[0]
     (shape,) = _out_shapes(eqn)
@@ -763,6 +772,7 @@ RULES: dict[str, Rule] = {
     "split": _split,
     "pad": _pad,
     "rev": _rev,
+    "tile": _tile,
     **dict.fromkeys(["sharding_constraint", "device_put", "optimization_barrier",
                      "mesh_cast", "reshard"], _passthrough),
     **dict.fromkeys(["random_bits", "random_seed", "random_wrap", "random_unwrap",
