@@ -39,7 +39,7 @@ from tgd_jax.train import parallel
 from tgd_jax.train.errors import RunError, UsageError, interrupts_deferred
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
-           "load", "resolve", "check_tree_match"]
+           "load", "resolve", "check_tree_match", "peek_metadata"]
 
 LATEST_DIR, BEST_DIR, KEPT_DIR, DAMAGED_DIR = "checkpoints", "best", "kept", "damaged"
 #: Where ``best/`` can be rebuilt from (:meth:`Checkpointer.reconcile_best`), by index.

@@ -31,7 +31,7 @@ __all__ = ["DATA_AXIS", "use_cpu_cores", "usable_cores", "cpu_device_count", "ma
            "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
            "replicate", "host_copy", "jit_step", "quiet_start", "init_distributed",
            "free_port", "multi_process", "barrier", "gather_from_processes",
-           "broadcast_from_first", "COLLECTIVE_FAILURES"]
+           "broadcast_from_first", "COLLECTIVE_FAILURES", "check_coordinator_port"]
 
 #: The name of the mesh axis the batch is sharded along.
 DATA_AXIS = "data"
