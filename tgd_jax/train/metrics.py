@@ -144,7 +144,8 @@ class MetricsLogger:
         self.events.scalars(step, {tags[k]: v for k, v in values.items() if k in tags})
 
 
-def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path, log: Callable[[str], None] = print
+                 ) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` ([] if there is none).
 
     A torn tail (a line cut by a power loss or a full disk, or NUL bytes a file system left
@@ -155,6 +156,7 @@ def read_metrics(path: Path, log: Callable[[str], None] = print) -> list[dict[st
     Raises:
       RunError: a damaged line before the last one, naming the file and the line.
     """
+    path = Path(path)
     if not path.exists():
         return []
     lines = path.read_bytes().split(b"\n")
