@@ -206,6 +206,9 @@ def test_a_gain_off_the_gaussian_curve_is_counted_not_averaged_away():
     assert report.gain_cell(c, "TGD-net", "gain_pct") == "-2.95 ± 0.07 (2 of 3 on the curve)"
     assert report.gain_cell(c, "v2-net", "gain_pct") == "-3.00 ± 0.10"  # every seed: as before
     assert "(2 of 3 on the curve)" in "\n".join(report._table1(c, {}))
+    for r in c["evals"]:  # none on the curve: "-", as for one seed off it
+        r["gain_pct"] = None
+    assert report.gain_cell(c, "TGD-net", "gain_pct") == "-"
 
 
 # --- the tiny preset end to end ---------------------------------------------------------------

@@ -186,8 +186,8 @@ def gain_cell(c: Mapping[str, Any], label: str, key: str, *, bmi: str | None = "
     gain = metric(c, label, key, bmi=bmi)
     networks = {r["network"] for r in _rows(c, label, bmi=bmi,
                                              network_is_input=label == "input")}
-    text = fmt(gain, digits)
-    if gain.n < len(networks):
+    text = fmt(gain, digits)  # "-" when none is on the curve
+    if 0 < gain.n < len(networks):
         text += f" ({gain.n} of {len(networks)} on the curve)"
     return text
 
