@@ -133,3 +133,20 @@ def test_keep_steps_are_kept_for_good_and_validated(toy_data, tmp_path):
              (tmp_path / "metrics.jsonl").read_text().splitlines()
              if "val_loss" in json.loads(line)]
     assert {3, 4, 5, 8} <= set(steps)
+
+
+def test_a_best_whose_meta_is_unreadable_is_set_aside_not_a_crash(tmp_path):
+    state, _ = _state()
+    ckpt = checkpoints.Checkpointer(tmp_path)
+    ckpt.save(2, state, {}, val_loss=0.3)
+    ckpt.close()
+    metas = [p for p in (tmp_path / "best" / "2" / "meta").rglob("*") if p.is_file()]
+    assert metas
+    for path in metas:  # the JSON itself damaged; orbax's own metadata stays readable
+        path.write_text("{not json")
+    lines = []
+    again = checkpoints.Checkpointer(tmp_path, log=lines.append)
+    assert again.best_loss == float("inf") and again.best_step is None
+    again.close()
+    assert (tmp_path / "damaged" / "best-2").is_dir()
+    assert len(lines) == 1 and "skipped damaged checkpoint" in lines[0], lines

@@ -343,7 +343,7 @@ class Checkpointer:
         if self._agree(folder, status, error, manager, kind, step, log):
             out, status = None, _READ_OK
             try:
-                out = read()
+                out = _guarded(folder, read)  # whatever orbax or JSON raises: damage
             except CorruptCheckpointError as e:
                 status, error = _READ_DAMAGED, e
             if self._agree(folder, status, error, manager, kind, step, log):
@@ -443,7 +443,7 @@ def restore_into(manager: ocp.CheckpointManager, step: int, template: Any,
     """Restores step ``step`` with ``template``'s structure, shapes, dtypes and shardings."""
     target = serialization.to_state_dict(template)
     folder = Path(where) / str(step)
-    metadata = _guarded(folder, lambda: manager.item_metadata(step)["state"])
+    metadata = peek_metadata(manager, step, folder)["state"]
     saved = metadata.tree if hasattr(metadata, "tree") else metadata
     check_tree_match(target, saved, str(folder))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
