@@ -73,6 +73,18 @@ def test_validate_names_every_bad_field_at_once():
     assert message.count("config.") == 6
 
 
+@pytest.mark.parametrize("change", [{"tgd.reinit_scale": 1.0}, {"method": "packnet"}],
+                         ids=["reinit", "packnet"])
+def test_l2_sp_with_re_drawn_weights_is_refused(change):
+    c = config_lib.finetune_config("tiny")
+    c.checkpoint = "x"
+    config_lib.override(c, **{"optimizer.l2_sp": 0.1, **change})
+    with pytest.raises(ValueError, match="optimizer.l2_sp pulls toward the starting weights"):
+        config_lib.validate(c)
+    config_lib.override(c, **{"optimizer.l2_sp": 0.0})
+    config_lib.validate(c)  # either alone is fine
+
+
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown config preset 'huge'"):
         config_lib.train_config("huge")

@@ -194,3 +194,54 @@ def test_the_cosine_decays_over_its_share_of_the_steps_then_holds(decay_fraction
 def test_a_senseless_schedule_shape_is_refused(field, value):
     with pytest.raises(ValueError, match=f"optimizer.{field}"):
         make_optimizer(num_steps=10, schedule="cosine", **{field: value})
+
+
+def test_l2_sp_is_the_gradient_of_a_penalty_toward_the_start():
+    # Independent truth: jax.grad of loss + (s / 2) * ||kernel - kernel0||^2, kernels only.
+    k = jax.random.split(jax.random.key(3), 4)
+    start = {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)),
+                      "bias": jax.random.normal(k[1], (4,))},
+             "bn": {"scale": jnp.ones(4)}}
+    now = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(k[2], p.shape), start)
+    target = jax.random.normal(k[3], (3, 3, 2, 4))
+
+    def loss(p):
+        return jnp.sum((p["conv"]["kernel"] - target) ** 2) + jnp.sum(p["conv"]["bias"] ** 2)
+
+    strength = 0.7
+
+    def penalised(p):
+        return loss(p) + strength / 2 * jnp.sum((p["conv"]["kernel"]
+                                                 - start["conv"]["kernel"]) ** 2)
+
+    tx = make_optimizer(num_steps=1, name="sgd", momentum=0.0, learning_rate=1.0,
+                        l2_sp=strength)
+    state = tx.init(start)  # the anchor is what init sees
+    u, state = tx.update(jax.grad(loss)(now), state, now)
+    want = jax.tree.map(jnp.negative, jax.grad(penalised)(now))
+    for got, ref in zip(jax.tree.leaves(u), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    # the anchor does not follow the weights: a second update still pulls toward the start
+    u2, _ = tx.update(jax.grad(loss)(now), state, now)
+    for got, ref in zip(jax.tree.leaves(u2), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_l2_sp_under_a_mask_leaves_frozen_elements_bit_identical(problem):
+    params, mask, targets = problem
+    start = jax.tree.map(lambda p: p + 1.0, params)  # the anchor: 1 away from every weight
+    tx = make_optimizer(num_steps=50, learning_rate=1e-2, l2_sp=5.0, mask=mask)
+    state = tx.init(start)
+    u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    after = optax.apply_updates(params, u)
+    moved = 0
+    for fb, fa, rb, ra in frozen_and_retrained(mask, params, after):
+        np.testing.assert_array_equal(fb, fa)
+        moved += int(np.sum(ra != rb))
+    assert moved > 0  # the retrained kernels were pulled toward the anchor
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_a_negative_l2_sp_is_refused(value):
+    with pytest.raises(ValueError, match="l2_sp must be >= 0"):
+        make_optimizer(num_steps=1, l2_sp=value)

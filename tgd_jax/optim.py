@@ -33,7 +33,7 @@ from tgd_jax.errors import UsageError
 
 __all__ = ["RetrainOnlyState", "retrain_only", "tgd", "replace_mask", "find_mask",
            "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer",
-           "learning_rate_schedule"]
+           "learning_rate_schedule", "AnchorState", "kernel_l2_sp"]
 
 
 class RetrainOnlyState(NamedTuple):
@@ -174,6 +174,65 @@ def kernel_l2(l2: float) -> optax.GradientTransformation:
     return optax.masked(optax.add_decayed_weights(l2), kernel_leaves)
 
 
+class AnchorState(NamedTuple):
+    """State of :func:`kernel_l2_sp`.
+
+    Attributes:
+      anchor: the kernels given to ``init`` (pytree mirroring params; None at every other
+        leaf): the starting point the penalty pulls back to.
+    """
+
+    anchor: Any
+
+
+def kernel_l2_sp(strength: float) -> optax.GradientTransformation:
+    """L2-SP (Li et al., ICML 2018): coupled L2 of the kernels toward their STARTING values,
+    ``g -> g + strength * (w - w0)`` on every ``kernel`` leaf.
+
+    ``w0`` is what ``init(params)`` receives (the pretrained network, when the optimizer is
+    initialised on it), kept in the state: a checkpointed optimizer state resumes with the
+    same anchor. This is the gradient of ``(strength / 2) * sum((w - w0) ** 2)`` added to
+    the loss, so chain it BEFORE the optimizer (as :func:`kernel_l2`). Like TGD it needs no
+    old data: it keeps every weight near its pretrained value instead of freezing some.
+
+    Args:
+      strength: coefficient (>= 0); 0 returns the identity.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> start = {"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}}
+      >>> tx = kernel_l2_sp(0.5)
+      >>> state = tx.init(start)
+      >>> moved = {"conv": {"kernel": jnp.array([3.0, 1.0]), "bias": jnp.full(2, 3.0)}}
+      >>> zero = {"conv": {"kernel": jnp.zeros(2), "bias": jnp.zeros(2)}}
+      >>> updates, _ = tx.update(zero, state, moved)
+      >>> updates["conv"]["kernel"].tolist(), updates["conv"]["bias"].tolist()
+      ([1.0, 0.0], [0.0, 0.0])
+    """
+    if not strength >= 0:  # also rejects NaN
+        raise UsageError(f"l2_sp must be >= 0, got {strength}")
+    if strength == 0:
+        return optax.identity()
+
+    def kernels(params: Any) -> Any:
+        return jax.tree.map(lambda p, k: p if k else None, params, kernel_leaves(params))
+
+    def init_fn(params: Any) -> AnchorState:
+        # a copy: the caller may donate or update its params buffers
+        return AnchorState(anchor=jax.tree.map(jnp.array, kernels(params)))
+
+    def update_fn(updates: Any, state: AnchorState, params: Any = None
+                  ) -> tuple[Any, AnchorState]:
+        if params is None:
+            raise ValueError("kernel_l2_sp needs the params in update(updates, state, params)")
+        pulled = jax.tree.map(
+            lambda g, w, w0: g if w0 is None else g + strength * (w - w0).astype(g.dtype),
+            updates, params, state.anchor, is_leaf=_is_none)
+        return pulled, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _is_freeze_state(x: Any) -> bool:
     return isinstance(x, RetrainOnlyState)
 
@@ -296,6 +355,7 @@ def make_optimizer(
     decay_fraction: float = 1.0,
     final_lr_fraction: float = 0.0,
     l2: float = 0.0,
+    l2_sp: float = 0.0,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     grad_clip: float = 0.0,
@@ -305,10 +365,11 @@ def make_optimizer(
 
     The keywords are the fields of a config's ``optimizer`` section, so
     ``make_optimizer(num_steps=n, **config.optimizer)`` builds the optimizer a run uses:
-    ``kernel_l2(l2)`` -> [``retrain_only(mask)``] -> ``clip_by_global_norm(grad_clip)`` ->
-    Adam / AdamW / SGD with a constant or cosine-decayed learning rate ->
-    [``retrain_only(mask)``]. With a mask, the regulariser's term on frozen elements is
-    dropped before clipping, and the final update of every frozen element is 0.
+    ``kernel_l2(l2)`` -> ``kernel_l2_sp(l2_sp)`` -> [``retrain_only(mask)``] ->
+    ``clip_by_global_norm(grad_clip)`` -> Adam / AdamW / SGD with a constant or
+    cosine-decayed learning rate -> [``retrain_only(mask)``]. With a mask, the regularisers'
+    terms on frozen elements are dropped before clipping, and the final update of every
+    frozen element is 0.
 
     Both regularisers touch the conv/dense ``kernel`` leaves only (not biases, not
     normalisation scales), as Keras' ``kernel_regularizer`` does.
@@ -322,6 +383,8 @@ def make_optimizer(
       decay_fraction, final_lr_fraction: the cosine's shape
         (:func:`learning_rate_schedule`); the defaults decay to 0 over the whole run.
       l2: coupled L2 on the kernels (:func:`kernel_l2`); 0 disables.
+      l2_sp: coupled L2 of the kernels toward the params the optimizer is initialised on
+        (:func:`kernel_l2_sp`, the L2-SP baseline of fine-tuning); 0 disables.
       weight_decay: decoupled weight decay of ``"adamw"`` on the kernels; must be 0 for the
         other optimizers (it would be ignored).
       momentum: SGD momentum.
@@ -343,7 +406,8 @@ def make_optimizer(
     """
     if not learning_rate > 0:
         raise UsageError(f"optimizer.learning_rate must be > 0, got {learning_rate}")
-    for field, value in (("l2", l2), ("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+    for field, value in (("l2", l2), ("l2_sp", l2_sp), ("weight_decay", weight_decay),
+                         ("grad_clip", grad_clip)):
         if not value >= 0:  # also rejects NaN
             raise UsageError(f"optimizer.{field} must be >= 0, got {value}")
     if weight_decay and name != "adamw":
@@ -365,6 +429,8 @@ def make_optimizer(
         inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
     if mask is not None:
         inner = tgd(inner, mask)
+    if l2_sp != 0:  # coupled too, like l2
+        inner = optax.chain(kernel_l2_sp(l2_sp), inner)
     if l2 != 0:  # coupled: a loss term, so its gradient is masked, clipped, normalised too
         inner = optax.chain(kernel_l2(l2), inner)
     return inner

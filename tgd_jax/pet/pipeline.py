@@ -214,6 +214,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
                    retrained_fraction=plan.summary["retrained_fraction"],
                    params_retrained=plan.summary["params_retrained"],
                    optimizer=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
+                   l2_sp=config.optimizer.l2_sp,
                    mode=t.mode, frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn,
                    readers=t.readers, reinit_scale=t.reinit_scale,
                    source_checkpoint=source_meta["checkpoint"])

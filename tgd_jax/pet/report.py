@@ -394,6 +394,11 @@ def _losses(c, figures) -> list[str]:
     conv = _convergence(c)
     if conv:
         lines += ["", conv]
+    if "pretraining" in figures:
+        lines += ["", f"![pretraining]({figures['pretraining']})"]
+    l2sp = _l2sp_choice(c)
+    if l2sp:
+        lines += ["", l2sp]
     if "curves" in figures:
         lines += ["", f"![curves]({figures['curves']})"]
     return lines + [""]
@@ -422,6 +427,48 @@ def _convergence(c) -> str:
     return (f"Convergence of pretraining: from the last validation at or before 75 % of the "
             f"steps to the end, the held-out loss fell by {fmt(g, 1)} % ({g.n} networks; "
             f"{settled} of them below {100 * PLATEAU_FALL:g} %, the plateau criterion).")
+
+
+def _l2sp_choice(c) -> str:
+    """How L2-SP's strength was chosen (``l2sp-select/strength.json``), if it was."""
+    record = _json(Path(c["out"]) / "l2sp-select" / "strength.json")
+    if not isinstance(record, dict) or "strength" not in record:
+        return ""
+    losses = ", ".join(f"{k}: {v:.5f}" for k, v in record.get("losses", {}).items())
+    return (f"{rp.L2SP_LABEL}'s strength, chosen on the fine-tuning studies alone (full "
+            f"fine-tuning of the first seed's v1-net with the last fine-tuning study held "
+            f"out; the lowest held-out loss wins): **{record['strength']:g}** (held-out MSE "
+            f"per strength: {losses}).")
+
+
+def _pretraining(c, out: Path, path: Path) -> Path | None:
+    """Held-out loss of every pretraining run against its step, the window the plateau
+    criterion reads (its last quarter) shaded."""
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for name, s in c["systems"].items():
+        if s.kind == "train":
+            recs = [r for r in _metrics(out / name) if "val_loss" in r]
+            if recs:
+                runs[(s.label, s.seed)] = recs
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    last = max(r["step"] for recs in runs.values() for r in recs)
+    ax.axvspan(0.75 * last, last, color="0.9", label="last quarter (plateau criterion)")
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(k[0] for k in runs))}
+    seeds = sorted({k[1] for k in runs})
+    for (label, seed), recs in runs.items():
+        ax.plot([r["step"] for r in recs], [r["val_loss"] for r in recs], marker=".",
+                color=colours[label], linestyle=("-", "--", ":", "-.")[seeds.index(seed) % 4],
+                label=f"{label}, seed {seed}")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("held-out MSE")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    workdir_lib.save_figure(fig, path)
+    return path
 
 
 def _metrics(workdir: Path) -> list[dict[str, Any]]:
@@ -715,6 +762,9 @@ def _figures(c: Mapping[str, Any], out: Path, fig_dir: Path) -> dict[str, str]:
         figures["panel"] = rel(panel)
     if c["evals"]:
         figures["scatter"] = rel(_scatter(c, fig_dir / "bias_vs_cov.png"))
+    pretraining = _pretraining(c, out, fig_dir / "pretraining.png")
+    if pretraining:
+        figures["pretraining"] = rel(pretraining)
     curves = _curves(c, out, fig_dir / "curves.png", seed0)
     if curves:
         figures["curves"] = rel(curves)

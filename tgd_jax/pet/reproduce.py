@@ -52,6 +52,8 @@ class Preset:
       eval_every: validation intervals of pretraining, fine-tuning and online learning (the
         best checkpoint is chosen from these; pretraining's plateau is read from them).
       train_flags: further config flags of pretraining (e.g. its learning-rate schedule).
+      l2sp_strengths: candidate strengths of the L2-SP baseline, chosen on the fine-tuning
+        studies (:mod:`tgd_jax.pet.l2sp`); () runs no L2-SP.
       threshold_studies: held-out studies of the threshold study.
       note: what was shrunk and why (goes into the report).
     """
@@ -67,6 +69,7 @@ class Preset:
     note: str
     threshold_studies: int = 1
     train_flags: tuple[str, ...] = ()
+    l2sp_strengths: tuple[float, ...] = ()
     workers: int = 0  # jobs at a time (0: reproduce.py's default for the machine)
 
 
@@ -96,6 +99,7 @@ PRESETS: dict[str, Preset] = {
         # the last quarter, over which the plateau criterion reads convergence (docs/denoiser.md).
         train_flags=("--config.optimizer.decay_fraction=0.75",
                      "--config.optimizer.final_lr_fraction=0.01"),
+        l2sp_strengths=(0.001, 0.01, 0.1, 1.0, 10.0),
         note="The scale at which the comparison can be read on a 2-core CPU in about two "
              "hours: the paper's study ratio (12 training studies + 1 held out, 4 fine-tuning "
              "studies: a third, as 7 of 20), 16 slices per study instead of the whole body, "
@@ -188,6 +192,9 @@ FINETUNES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "l1": ("L1 mask", "l1", ()),
 }
 KEY_FINETUNES = ("ftnet", "tgdnet", "random")
+#: The L2-SP baseline (every seed; in the presets with ``l2sp_strengths``): full fine-tuning
+#: pulled toward the pretrained kernels, its strength chosen on the fine-tuning studies.
+L2SP_LABEL = "L2-SP"
 
 #: Online systems: job name -> (label, starting network job, method, phi).
 ONLINES: dict[str, tuple[str, str, str]] = {
@@ -252,8 +259,28 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
                                   f"--out={out}/threshold"),
                     deps=(f"v1net-s{p.seeds[0]}",), weight=35))
     ft_weight = 10 + (p.finetune_steps or 3000) / 5
-    for prefix, (label, method, extra) in FINETUNES.items():
-        for seed in p.seeds if prefix in KEY_FINETUNES else p.seeds[:1]:
+    finetunes = dict(FINETUNES)
+    after: dict[str, tuple[str, ...]] = {}
+    if p.l2sp_strengths:
+        # L2-SP: its strength chosen on the fine-tuning studies alone (the last one held
+        # out), from the first seed's v1-net; then every seed with the chosen strength
+        select = out / "l2sp-select"
+        first = f"v1net-s{p.seeds[0]}"
+        for strength in p.l2sp_strengths:
+            jobs.append(Job(f"l2sp-select-{strength:g}", (
+                python, "finetune.py", f"--workdir={select / f'{strength:g}'}",
+                cfg("finetune"), f"--config.data.path={data}/finetune.h5",
+                f"--checkpoint={out / first}", "--method=full",
+                f"--config.seed={p.seeds[0]}", f"--config.eval_every={p.eval_every[1]}",
+                "--config.data.val_studies=1", f"--config.optimizer.l2_sp={strength:g}",
+                *steps(p.finetune_steps)), deps=("sim-finetune", first), weight=ft_weight))
+        jobs.append(Job("l2sp-strength", (python, "-m", "tgd_jax.pet.l2sp",
+                                          f"--folder={select}"),
+                        deps=tuple(f"l2sp-select-{s:g}" for s in p.l2sp_strengths), weight=2))
+        finetunes["l2sp"] = (L2SP_LABEL, "full", (f"--flagfile={select}/strength.flags",))
+        after["l2sp"] = ("l2sp-strength",)
+    for prefix, (label, method, extra) in finetunes.items():
+        for seed in p.seeds if prefix in KEY_FINETUNES + ("l2sp",) else p.seeds[:1]:
             name = f"{prefix}-s{seed}"
             start = f"v1net-s{seed}"
             jobs.append(Job(name, (python, "finetune.py", f"--workdir={out / name}",
@@ -262,7 +289,8 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
                                    f"--config.seed={seed}",
                                    f"--config.eval_every={p.eval_every[1]}",
                                    *held_out, *steps(p.finetune_steps), *extra),
-                            deps=("sim-finetune", "sim-train", start), weight=ft_weight,
+                            deps=("sim-finetune", "sim-train", start, *after.get(prefix, ())),
+                            weight=ft_weight,
                             system=System(label, seed, start, method, "finetune")))
     seed = p.seeds[0]
     for name, (label, start_prefix, method) in ONLINES.items():

@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.l2 = 0.0  # coupled L2 on conv kernels (the paper's regulariser R): l2 * w is
     # added to the gradient BEFORE the optimizer, as a Keras kernel_regularizer would;
     # train_config sets the pretraining default (docs/premise/premise.md)
+    c.optimizer.l2_sp = 0.0  # coupled L2 of the kernels toward the STARTING weights (L2-SP;
+    # fine-tuning: the pretrained network), added to the gradient like l2
     c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.schedule = "constant"  # constant | cosine
@@ -284,7 +286,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be in (0, 1]")  # NaN fails too
     need(0 <= c.optimizer.final_lr_fraction < 1, "optimizer.final_lr_fraction",
          "must be in [0, 1)")
-    for field in ("l2", "weight_decay", "grad_clip"):
+    for field in ("l2", "l2_sp", "weight_decay", "grad_clip"):
         need(c.optimizer[field] >= 0, f"optimizer.{field}", "must be >= 0")  # NaN fails
     need(not c.optimizer.weight_decay or c.optimizer.name == "adamw", "optimizer.weight_decay",
          "is decoupled weight decay, which only optimizer.name='adamw' applies")
@@ -302,6 +304,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         one_of("tgd.readers", t.readers, masks.READERS)
         need(t.reinit_scale >= 0, "tgd.reinit_scale", "must be >= 0")
         need(0 < t.packnet_fraction < 1, "tgd.packnet_fraction", "must be in (0, 1)")
+        # L2-SP's anchor is the network the optimizer starts from: re-drawn weights would
+        # pull toward noise, not toward the pretrained network
+        need(not (c.optimizer.l2_sp and (t.reinit_scale > 0 or c.method == "packnet")),
+             "optimizer.l2_sp", "pulls toward the starting weights, which re-initialisation "
+             "(tgd.reinit_scale > 0, method packnet) replaces; use one or the other")
         positive("tgd.alpha", t.alpha)
         positive("tgd.k", t.k)
         positive("last_k", c.last_k)
