@@ -78,3 +78,13 @@ def test_the_plan_chooses_on_the_fine_tuning_studies_then_runs_every_seed(tmp_pa
         assert job.argv[-1] == f"--flagfile={tmp_path}/l2sp-select/strength.flags"
         assert job.system.label == rp.L2SP_LABEL
     assert not any("l2sp" in j.name for j in rp.plan("demo", tmp_path))
+
+
+def test_the_report_says_how_the_strength_was_chosen(tmp_path):
+    from tgd_jax.pet import report
+
+    assert report._l2sp_choice({"out": str(tmp_path)}) == ""  # no L2-SP in this run
+    _candidates(tmp_path / "l2sp-select", {"0.01": 0.0052, "1": 0.0049})
+    l2sp.write_choice(tmp_path / "l2sp-select")
+    line = report._l2sp_choice({"out": str(tmp_path)})
+    assert "**1**" in line and "0.01: 0.00520, 1: 0.00490" in line

@@ -235,7 +235,7 @@ def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
     for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (out / figure).stat().st_size > 0, figure
     assert {"panel.png", "bias_vs_cov.png", "curves.png", "threshold.png", "kse_hist.png",
-            "online_tgdn2n.png"} <= {p.name for p in (out / "figures").iterdir()}
+            "online_tgdn2n.png", "pretraining.png"} <= {p.name for p in (out / "figures").iterdir()}
     claims = json.loads((out / "report.json").read_text())["claims"]
     assert len(claims) == 9 and all(c["verdict"] for c in claims)
     assert "35 jobs, 0 already done" in stdout
