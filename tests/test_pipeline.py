@@ -7,6 +7,7 @@ retrainable ones must move, and the choice of weights must follow each method's 
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import jax
@@ -172,6 +173,26 @@ def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained):
 def test_a_different_config_on_the_same_workdir_is_refused(toy_data, pretrained):
     with pytest.raises(ValueError, match=r"different config \(config.batch_size: 4 -> 8\)"):
         pipeline.train(tiny_train_config(toy_data["train"], batch_size=8), pretrained, log=quiet)
+
+
+def test_a_run_written_before_a_config_field_existed_still_resumes(toy_data, pretrained,
+                                                                   tmp_path):
+    # config.json as an older release wrote it: without the fields added since
+    workdir = tmp_path / "old"
+    shutil.copytree(pretrained, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    for name in config_lib.ADDED_FIELDS:
+        section, leaf = name.split(".")
+        del saved["config"][section][leaf]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    summary = pipeline.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
+    assert summary["resumed_from"] == 12  # every added field at its old behaviour
+    (workdir / "config.json").write_text(json.dumps(saved))
+    changed = tiny_train_config(toy_data["train"])
+    changed.optimizer.decay_fraction = 0.5  # not what the old run did
+    with pytest.raises(ValueError, match=r"config.optimizer.decay_fraction: '<absent>' -> 0.5"
+                       r"|config.optimizer.decay_fraction: 1.0 -> 0.5"):
+        pipeline.train(changed, workdir, log=quiet)
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(

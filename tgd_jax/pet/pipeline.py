@@ -91,7 +91,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     config_lib.validate(config)
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
-    workdir = workdir_lib.prepare_workdir(workdir, config, "train")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "train",
+                                          added_fields=config_lib.ADDED_FIELDS)
     steps = num_steps_for(config, train_pairs)
     model = model_from_config(config.model)
     variables = initial_variables(model, config)
@@ -230,7 +231,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log
     train_ids, val_ids, train_pairs, val_pairs = _supervised_data(config)
     planned = _plan(config, variables, train_pairs)
     parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
-    workdir = workdir_lib.prepare_workdir(workdir, config, "finetune")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "finetune",
+                                          added_fields=config_lib.ADDED_FIELDS)
     summary, _ = _tgd_run(config, workdir, "finetune", planned, source_meta, train_pairs,
                           val_pairs, log, mesh)
     summary.update(train_studies=train_ids, val_studies=val_ids)
@@ -255,7 +257,8 @@ def online(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log =
                                scale=config.data.intensity_scale, info=info)
     planned = _plan(config, start_vars, pairs)
     parallel.process_rows(config.batch_size, mesh or parallel.make_mesh())  # splits evenly?
-    workdir = workdir_lib.prepare_workdir(workdir, config, "online")
+    workdir = workdir_lib.prepare_workdir(workdir, config, "online",
+                                          added_fields=config_lib.ADDED_FIELDS)
     summary, state = _tgd_run(config, workdir, "online", planned, source_meta, pairs, None,
                               log, mesh)
     full, _ = read_volume(config.data.path, study=study, key=f"{config.data.version}/halves/full")

@@ -20,7 +20,8 @@ from tgd_jax.train.errors import UsageError
 from tgd_jax.train.step import LOSSES
 
 __all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
-           "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS"]
+           "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS",
+           "ADDED_FIELDS"]
 
 PRESETS = ("paper", "demo", "tiny")
 #: ``config.model.name`` values (the registry is :data:`tgd_jax.pet.models.MODELS`).
@@ -77,6 +78,16 @@ def base_config() -> ml_collections.ConfigDict:
     # (e.g. log-spaced, to study the network along training); any subset of 1..num_steps
     c.distributed = False  # call jax.distributed.initialize() (multi-host)
     return c
+
+
+#: Fields added after workdirs were first written, with the value that behaves as the code
+#: did before them: a workdir whose config.json lacks one resumes when it is left at that
+#: value (:func:`tgd_jax.train.workdir.prepare_workdir`). A new field goes here.
+ADDED_FIELDS: dict[str, Any] = {
+    "optimizer.decay_fraction": 1.0,
+    "optimizer.final_lr_fraction": 0.0,
+    "optimizer.l2_sp": 0.0,
+}
 
 
 def override(c: ml_collections.ConfigDict, **values: object) -> ml_collections.ConfigDict:

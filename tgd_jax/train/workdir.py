@@ -153,7 +153,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
-                    command: str, log: Callable[[str], None] = print) -> Path:
+                    command: str, log: Callable[[str], None] = print, *,
+                    added_fields: Mapping[str, Any] | None = None) -> Path:
     """Creates and locks ``workdir``, and writes ``config.json`` and ``versions.json``.
 
     The lock (:func:`lock_folder`) refuses a workdir another live run holds, before anything
@@ -163,17 +164,22 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
     refused: they would be resumed into, or reported as the best of, the wrong experiment.
     The same config resumes. A workdir without checkpoints (a run that failed before its
     first one) is reused.
+
+    ``added_fields`` (dotted name -> value): config fields added after a workdir may have
+    been written, with the value that behaves as the code did before them. A saved config
+    that lacks such a field is read as holding that value, so a run written before the
+    field existed still resumes when the field is left at it.
     """
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"{workdir}: exists and is not a folder; choose another --workdir")
     new = {"command": command, "config": config.to_dict()}
     if jax.process_index() != 0:  # the same refusal everywhere; only the first one writes
-        _check_config(workdir, new)
+        _check_config(workdir, new, added_fields or {})
         return workdir
     lock = lock_folder(workdir, command, log=log)
     try:
-        _check_config(workdir, new)
+        _check_config(workdir, new, added_fields or {})
         write_json(workdir / "config.json", new)
         write_json(workdir / "versions.json", versions())
     except BaseException:
@@ -182,7 +188,8 @@ def prepare_workdir(workdir: str | Path, config: ml_collections.ConfigDict,
     return workdir
 
 
-def _check_config(workdir: Path, new: Mapping[str, Any]) -> None:
+def _check_config(workdir: Path, new: Mapping[str, Any],
+                  added_fields: Mapping[str, Any]) -> None:
     """Refuses a workdir whose checkpoints come from another config than ``new``."""
     saved = workdir / "config.json"
     has_checkpoints = any(p.name.isdigit() for kind in ("checkpoints", "best")
@@ -194,7 +201,15 @@ def _check_config(workdir: Path, new: Mapping[str, Any]) -> None:
             raise UsageError(f"{workdir} holds checkpoints but no readable config.json, so "
                              "their run is unknown; use a new --workdir, or delete it to "
                              "start over") from None
-        diff = config_diff(_jsonable(old), _jsonable(new))
+        old = _jsonable(old)
+        for name, value in added_fields.items():  # written before the field existed
+            *parents, leaf = name.split(".")
+            node = old.get("config") if isinstance(old, dict) else None
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf not in node:
+                node[leaf] = _jsonable(value)
+        diff = config_diff(old, _jsonable(new))
         if diff:
             raise UsageError(f"{workdir} holds a run with a different config ({diff}); "
                              "use a new --workdir, or delete it to start over")
