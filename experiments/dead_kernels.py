@@ -22,6 +22,11 @@ the v2 images of the fine-tuning set, with:
   one (the old task, the data v1-net was trained on): how much a mid-schedule start
   improves under any low-rate training.
 
+``--study=runs/study`` starts instead from the v1-nets of ``reproduce.py --preset=study``
+at the END of their schedule (the last checkpoint, where the held-out loss has settled), on
+that study's datasets, and adds ``l2sp`` (every weight, pulled toward the pretrained
+kernels with the strength the study chose on its fine-tuning studies).
+
 New task: the v2 images of the training set's held-out study; old task: its v1 images. The
 report gives, per start and option, the change of each held-out loss from the starting
 network's (mean ± sd over seeds) and the retrained share.
@@ -49,6 +54,10 @@ _ALIVE = flags.DEFINE_integer("alive", 6000, "Step of the start whose kernels ar
 _STEPS = flags.DEFINE_integer("steps", 300, "Fine-tuning steps.")
 _STAGES = flags.DEFINE_list("stages", ["finetune", "report"], "Stages to run.")
 _OPTIONS = flags.DEFINE_list("options", None, "Options to run (default: all of OPTIONS).")
+_STUDY = flags.DEFINE_string("study", "", "Instead of --runs: the output folder of "
+                             "`reproduce.py --preset=study`; the starts are its v1-nets at the "
+                             "END of their schedule (the last checkpoint), on its datasets, and "
+                             "the L2-SP baseline runs with the strength it chose.")
 
 #: option -> finetune.py overrides (on top of the demo config, projected TGD at phi 0.3)
 OPTIONS: dict[str, dict[str, object]] = {
@@ -62,6 +71,9 @@ OPTIONS: dict[str, dict[str, object]] = {
     "packnet": {"method": "packnet", "tgd.packnet_fraction": 0.3},
     "random": {"method": "random"},
     "full": {"method": "full"},
+    # L2-SP: every weight, pulled toward the pretrained kernels (--study only: the strength
+    # the study chose on the fine-tuning studies, <study>/l2sp-select/strength.json)
+    "l2sp": {"method": "full", "optimizer.l2_sp": "<chosen>"},
     # Control: the same steps on the OLD task's images, every
     # weight trained. A start taken mid-schedule improves under any low-rate training; this
     # shows how much of a change is that, not the new task.
@@ -72,14 +84,33 @@ OPTIONS: dict[str, dict[str, object]] = {
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _argv(runs: Path, out: Path, seed: int, step: int, option: str) -> list[str]:
+#: The start of --study: the last checkpoint of the study's v1-net (its schedule's end).
+END = "end"
+
+
+def _checkpoint(runs: Path, seed: int, step: int | str) -> Path:
+    if step == END:
+        return runs / f"v1net-s{seed}"
+    return runs / f"seed{seed}" / "kept" / str(step)
+
+
+def _chosen_l2sp(runs: Path) -> float | None:
+    path = runs / "l2sp-select" / "strength.json"
+    return json.loads(path.read_text())["strength"] if path.exists() else None
+
+
+def _argv(runs: Path, out: Path, seed: int, step: int | str, option: str) -> list[str]:
     data = runs / "data"
     overrides = {"tgd.mode": "projected", "tgd.phi": 0.3, "method": "tgd",
                  **OPTIONS[option]}
+    if overrides.get("optimizer.l2_sp") == "<chosen>":
+        overrides["optimizer.l2_sp"] = _chosen_l2sp(runs)
+    if step == END:
+        overrides["checkpoint_which"] = "latest"
     train_set = data / str(overrides.pop("data.path", "finetune.h5"))
     return ["finetune.py", f"--workdir={out / f'start{step}' / f's{seed}' / option}",
             "--config=configs/finetune.py:demo",
-            f"--config.checkpoint={runs / f'seed{seed}' / 'kept' / str(step)}",
+            f"--config.checkpoint={_checkpoint(runs, seed, step)}",
             f"--config.data.path={train_set}", f"--config.seed={seed}",
             f"--config.num_steps={_STEPS.value}", "--config.eval_every=100",
             f"--config.validation.path={data / 'train.h5'}", "--config.validation.version=v2",
@@ -95,8 +126,13 @@ def finetune(runs: Path, out: Path, seeds: list[int], starts: list[int]) -> None
         workdir = out / f"start{step}" / f"s{seed}" / option
         if (workdir / "summary.json").exists():
             continue
-        if not (runs / f"seed{seed}" / "kept" / str(step)).exists():
+        # a study's v1-net counts once it has finished (summary.json), not mid-schedule
+        ready = _checkpoint(runs, seed, step) / ("summary.json" if step == END else "")
+        if not ready.exists():
             print(f"[{i + 1}/{len(todo)}] seed {seed} has no checkpoint at {step} yet", flush=True)
+            continue
+        if option == "l2sp" and _chosen_l2sp(runs) is None:
+            print(f"[{i + 1}/{len(todo)}] no L2-SP strength chosen in {runs} yet", flush=True)
             continue
         argv = [sys.executable, *_argv(runs, out, seed, step, option)]
         log = out / "logs" / f"start{step}-s{seed}-{option}.log"
@@ -115,7 +151,7 @@ def finetune(runs: Path, out: Path, seeds: list[int], starts: list[int]) -> None
 
 
 def _options() -> list[str]:
-    chosen = _OPTIONS.value or list(OPTIONS)
+    chosen = _OPTIONS.value or [o for o in OPTIONS if o != "l2sp" or _STUDY.value]
     unknown = sorted(set(chosen) - set(OPTIONS))
     if unknown:
         raise app.UsageError(f"unknown options {unknown}; choose from {list(OPTIONS)}")
@@ -155,14 +191,18 @@ def collect(out: Path, seeds: list[int], starts: list[int]) -> dict:
 def report(out: Path, seeds: list[int], starts: list[int]) -> str:
     table = collect(out, seeds, starts)
     lines = ["# Where TGD can learn: dead and alive low-KSE kernels", "",
-             "`python experiments/dead_kernels.py` (the long pretrainings of "
-             "experiments/premise_training.py; demo config, projected TGD at phi 0.3, Adam "
+             "`python experiments/dead_kernels.py` ("
+             + (f"--study={_STUDY.value}: the study's v1-nets at the end of their schedule; "
+                if _STUDY.value else "the long pretrainings of experiments/premise_training.py; ")
+             + "demo config, projected TGD at phi 0.3, Adam "
              f"1e-4 unless stated, {_STEPS.value} steps). Change of the held-out losses from "
              "the pretrained network's, in %, at the end of fine-tuning (new task: v2 images; old "
              "task: v1 images), mean ± sd over seeds "
              f"{', '.join(map(str, seeds))}.", ""]
     for step in starts:
-        lines += [f"## Start: pretraining step {step}", "",
+        title = ("the END of the study's pretraining schedule (its v1-nets' last checkpoint)"
+                 if step == END else f"pretraining step {step}")
+        lines += [f"## Start: {title}", "",
                   "| option | seeds | retrained % | new task (v2) % | old task (v1) % |",
                   "|---|---|---|---|---|"]
         for option, e in table[step].items():
@@ -195,7 +235,8 @@ def _figure(table: dict, path: Path) -> None:
         ax.axhline(0, color="k", lw=0.6)
         ax.set(xlabel="new task (v2) held-out loss change %",
                ylabel="old task (v1) held-out loss change %",
-               title=f"start: pretraining step {step}")
+               title="start: end of the schedule" if step == END
+               else f"start: pretraining step {step}")
         ax.legend(fontsize=7)
     fig.suptitle("Better: left (learns the new task) and low (keeps the old one)", fontsize=9)
     fig.tight_layout()
@@ -204,9 +245,9 @@ def _figure(table: dict, path: Path) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    runs, out = Path(_RUNS.value).resolve(), Path(_OUT.value).resolve()
+    runs, out = Path(_STUDY.value or _RUNS.value).resolve(), Path(_OUT.value).resolve()
     seeds = [int(s) for s in _SEEDS.value]
-    starts = [_CONVERGED.value, _ALIVE.value]
+    starts = [END] if _STUDY.value else [_CONVERGED.value, _ALIVE.value]
     out.mkdir(parents=True, exist_ok=True)
     for stage in _STAGES.value:
         if stage == "finetune":
