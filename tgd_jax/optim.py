@@ -180,6 +180,12 @@ class AnchorState(NamedTuple):
     Attributes:
       anchor: the kernels given to ``init`` (pytree mirroring params; None at every other
         leaf): the starting point the penalty pulls back to.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> state = kernel_l2_sp(0.1).init({"conv": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}})
+      >>> state.anchor["conv"]["kernel"].tolist(), state.anchor["conv"]["bias"]
+      ([1.0, 1.0], None)
     """
 
     anchor: Any
