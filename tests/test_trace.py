@@ -344,3 +344,29 @@ def test_json_form_lists_readers_and_groups():
     assert {layer["path"] for layer in record["layers"]} == {
         "stem", "block0_0_conv", "block0_1_conv", "out"}
     assert np.all([isinstance(m, int) for layer in record["layers"] for m in layer["out_maps"]])
+
+
+class _OneChannelOut(nn.Module):
+    """Two 8-channel convs, a scalar (1,) scale shared by all 8 channels, a 1-channel conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = x * self.param("shared", nn.initializers.ones, (1,))  # one value, 8 channels
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return nn.Conv(1, (3, 3))(x)
+
+
+def test_a_one_channel_layers_bias_follows_its_channel_and_a_shared_scalar_does_not():
+    import tgd_jax
+
+    model, x = _OneChannelOut(), jnp.zeros((1, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    graph = trace_topology(model.apply, variables, x)
+    # the (1,) bias of the 1-channel conv is that channel's; the (1,) scale is everyone's
+    assert graph.leaves["params/Conv_2/bias"][0] == 0
+    assert "params/shared" in graph.other and "params/Conv_2/bias" not in graph.other
+    trained = tgd_jax.tgd_plan(variables["params"], graph, 0.5, last="train")
+    assert trained.mask["Conv_2"]["bias"].tolist() == [True]  # was frozen as "other"
+    frozen = tgd_jax.tgd_plan(variables["params"], graph, 0.5, last="frozen")
+    assert frozen.mask["Conv_2"]["bias"] is None or not frozen.mask["Conv_2"]["bias"].any()

@@ -258,7 +258,7 @@ def _attach(interp: _Interpreter, v: _Value, axis: int | None, ids: np.ndarray,
                          "cannot follow")
     for leaf, leaf_axes, exact in v.leaves:
         leaf_axis = leaf_axes[axis] if len(leaf_axes) == len(shape) else None
-        if leaf_axis is None:
+        if leaf_axis is None or (interp.shapes[leaf][leaf_axis] == 1 and len(ids) > 1):
             continue  # broadcast along the channel axis: one value for every channel
         if not exact[axis]:
             raise TraceError(f"variable '{interp.leaf_names[leaf]}' is sliced or reordered "
@@ -458,6 +458,11 @@ def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     if eqn.params.get("dimensions") is not None:
         raise TraceError("reshape with a transposition")
     mapping = _reshape_map(v.shape, shape)
+    # Size-1 axes prepended (as Linen reshapes a bias to (1, ..., 1, C) before adding it):
+    # each old axis stays aligned with the end, as broadcasting aligns them. Without this a
+    # one-channel layer's bias of shape (1,) lost its channel axis here.
+    padded = (len(shape) >= len(v.shape)
+              and tuple(shape[len(shape) - len(v.shape):]) == tuple(v.shape))
     leaves, opaque = [], set(v.opaque)
     for leaf, leaf_axes, exact in v.leaves:
         axes: list[int | None] = [None] * len(shape)
@@ -465,6 +470,9 @@ def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
         ok = True
         for i, la in enumerate(leaf_axes):
             if v.shape[i] == 1:
+                if padded:
+                    k = len(shape) - len(v.shape) + i
+                    axes[k], ex[k] = la, exact[i]
                 continue
             if i not in mapping:
                 ok = False
