@@ -265,3 +265,54 @@ def test_train_step_gives_dropout_its_keys():
         _, metrics = fn(state, batch)  # it raised "needs PRNG for 'dropout'" before
         losses.setdefault(seed, []).append(float(metrics["loss"]))
     assert losses[0][0] == losses[0][1] != losses[1][0]  # a function of (seed, step)
+
+
+# --- silent mistakes: each one line, refused or warned -------------------------------------
+
+
+class _BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        return nn.Conv(1, (3, 3))(x)
+
+
+def _bn_net():
+    model, x = _BNNet(), jnp.zeros((2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    return model, variables, x, tgd_jax.trace_topology(model.apply, variables, x)
+
+
+def test_a_batchnorm_plan_without_its_statistics_is_warned_about():
+    from tgd_jax.errors import TGDWarning
+
+    _, variables, _, graph = _bn_net()
+    with pytest.warns(TGDWarning, match=r"1 BatchNorm layer\(s\) .* pass batch_stats="):
+        plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5)
+    assert plan.stats_mask is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TGDWarning)  # given: no warning
+        plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5,
+                                batch_stats=variables["batch_stats"])
+    assert plan.stats_mask is not None
+
+
+def test_a_threshold_that_retrains_nothing_is_warned_about():
+    from tgd_jax.errors import TGDWarning
+
+    _, variables, _, graph = _bn_net()
+    with pytest.warns(TGDWarning, match=r"phi=0.0 retrains nothing"):
+        plan = tgd_jax.tgd_plan(variables["params"], graph, 0.0,
+                                batch_stats=variables["batch_stats"])
+    assert plan.summary["params_retrained"] == 0
+
+
+def test_tracing_a_training_mode_call_is_refused():
+    model, variables, x, inference = _bn_net()
+    with pytest.raises(tgd_jax.TraceError,
+                       match=r"mutable=\['batch_stats'\] makes the call return"):
+        tgd_jax.trace_topology(model.apply, variables, x, train=True, mutable=["batch_stats"])
+    assert inference.layers  # the inference call traces

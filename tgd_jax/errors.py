@@ -6,6 +6,9 @@
   catches ``ValueError`` around a call keeps working.
 * :class:`RunError` - something failed while running (a non-finite loss, a damaged
   checkpoint, a write that failed); the message says what was kept.
+* :class:`TGDWarning` - a call that is valid but most likely not what was meant (a plan
+  that retrains nothing, BatchNorm statistics left out of a plan); one line saying what to
+  pass instead.
 
 Commands report these (and a user's missing file) as one line
 (:func:`tgd_jax.train.errors.reported`); any other exception, a ``ValueError`` from JAX or
@@ -14,7 +17,7 @@ Flax included, keeps its traceback and is reported as a bug.
 
 from __future__ import annotations
 
-__all__ = ["TGDError", "UsageError", "ConfigError", "DataError", "RunError"]
+__all__ = ["TGDError", "UsageError", "ConfigError", "DataError", "RunError", "TGDWarning"]
 
 
 class TGDError(Exception):
@@ -36,3 +39,17 @@ class DataError(UsageError):
 
 class RunError(TGDError):
     """Something failed while running; the message says what, and what was kept."""
+
+
+class TGDWarning(UserWarning):
+    """A valid call whose outcome is most likely not what was meant; the message says what
+    happens and what to pass instead.
+
+    Example:
+      >>> import warnings
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     warnings.warn("phi=0 retrains nothing", TGDWarning)
+      >>> caught[0].category.__name__
+      'TGDWarning'
+    """

@@ -25,6 +25,7 @@ whole between TGD rounds (``tgd_jax.train.step.replace_plan``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ import optax
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import optim
-from tgd_jax.errors import UsageError
+from tgd_jax.errors import TGDWarning, UsageError
 from tgd_jax.graph import (
     PARAMS,
     ChannelGraph,
@@ -309,10 +310,28 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
              if any(flag.any() for flag in running.values()) else {})
     stats_mask = (None if batch_stats is None else
                   masks_lib.statistics_mask(batch_stats, graph, channels, running))
+    _warn_silent_mistakes(method, summary, running, batch_stats, phi)
     return TGDPlan(
         method=method, channels=channels, mask=None if full else mask,
         gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
         summary=summary, graph=graph, auto_gates=auto_gates)
+
+
+def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
+                          running: Mapping[str, Any], batch_stats: Any, phi: float) -> None:
+    """One :class:`~tgd_jax.errors.TGDWarning` line per plan that is valid but most likely
+    not what was meant."""
+    if running and batch_stats is None:
+        warnings.warn(
+            f"the network has {len(running)} BatchNorm layer(s) but the plan was made "
+            "without batch_stats=: its stats_mask is None, so keep_frozen cannot keep the "
+            "frozen channels' running statistics; pass batch_stats=variables['batch_stats']",
+            TGDWarning, stacklevel=3)
+    if method in ("tgd", "random", "l1") and summary.get("params_retrained", 1) == 0:
+        warnings.warn(
+            f"phi={phi} retrains nothing: no map scores below it (KSE lies in [0, 1]; "
+            "maps read by no layer follow last=, those written from the input first=)",
+            TGDWarning, stacklevel=3)
 
 
 def _packnet_mask(params: Any, graph: ChannelGraph, fraction: float) -> Any:

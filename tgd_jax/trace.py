@@ -886,7 +886,8 @@ def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
 
     Raises:
       TraceError: a construct without an exact rule (module docstring), naming the
-        primitive, the layers involved and the name stack.
+        primitive, the layers involved and the name stack; or a training-mode call
+        (``mutable=``), whose updated statistics would count as outputs.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -903,6 +904,12 @@ def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
       >>> graph.readers["a"], graph.groups
       ((('b', 0), ('c', 0), ('c', 4)), (('a', 'b'),))
     """
+    if kwargs.get("mutable"):
+        # a training-mode call returns the updated collections too, and every output counts
+        # as the network's: the maps feeding the statistics would all look like outputs
+        raise TraceError(f"trace_topology: mutable={kwargs['mutable']!r} makes the call "
+                         "return its updated collections, which would count as network "
+                         "outputs; trace the inference call (train=False, no mutable=)")
     names, collections, leaves = leaf_paths(variables)
     structs = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32))
                for x in leaves]
