@@ -316,3 +316,81 @@ def test_tracing_a_training_mode_call_is_refused():
                        match=r"mutable=\['batch_stats'\] makes the call return"):
         tgd_jax.trace_topology(model.apply, variables, x, train=True, mutable=["batch_stats"])
     assert inference.layers  # the inference call traces
+
+
+class _Skip(nn.Module):
+    """a -> b -> c, and a skip from a into d, then a one-channel output (tanh: a gradient
+    is exactly zero only where a gate stops it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = jnp.tanh(nn.Conv(4, (3, 3), name="a")(x))
+        b = jnp.tanh(nn.Conv(4, (3, 3), name="b")(a))
+        c = jnp.tanh(nn.Conv(4, (3, 3), name="c")(b))
+        d = jnp.tanh(nn.Conv(4, (3, 3), name="d")(jnp.concatenate([a, c], -1)))
+        return nn.Conv(1, (3, 3), name="out")(d)
+
+
+@pytest.mark.parametrize("decisions", [
+    {"a": [1, 0, 1, 0], "b": [0, 1, 1, 0], "c": [0, 0, 0, 0], "d": [1, 0, 0, 0]},  # b cut
+    {"a": [1, 1, 0, 0], "b": [1, 0, 0, 0], "c": [0, 1, 0, 0], "d": [0, 0, 0, 0]},  # all cut
+    {"a": [0, 1, 0, 1], "b": [1, 0, 0, 1], "c": [1, 0, 1, 0], "d": [0, 1, 1, 0]},  # none
+], ids=["b-cut", "d-frozen", "all-reached"])
+def test_paper_mode_gradient_reach_is_what_the_gated_backward_pass_reaches(decisions):
+    import dataclasses
+
+    from tgd_jax import masks as masks_lib
+
+    model, x = _Skip(), jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    graph = tgd_jax.trace_topology(model.apply, variables, x)
+    channels = {k: jnp.asarray(v, bool) for k, v in decisions.items()} | {
+        "out": jnp.zeros(1, bool)}
+    mask = masks_lib.expand_channel_masks(params, graph, channels)
+    predicted = masks_lib.reached_count(params, mask, graph,
+                                        masks_lib.gradient_reach(graph, channels))
+    # Independent truth: the gated backward pass itself; a retrained element is reached
+    # when its gradient is not zero for some input.
+    plan = dataclasses.replace(tgd_jax.tgd_plan(params, graph, 0.5, mode="paper"),
+                               channels=channels, mask=mask)
+    apply = tgd_jax.gated(model.apply, plan)
+    seen = jax.tree.map(lambda p: jnp.zeros(p.shape, bool), params)
+    for key in (1, 2):
+        batch = jax.random.normal(jax.random.key(key), (4, 8, 8, 1))
+        grads = jax.grad(lambda p, b=batch: jnp.sum(apply({"params": p}, b) ** 2))(params)
+        seen = jax.tree.map(lambda s, g: s | (g != 0), seen, grads)
+    measured = sum(int(np.sum(np.broadcast_to(m, s.shape) & s))
+                   for m, s in zip(jax.tree.leaves(mask, is_leaf=lambda v: v is None),
+                                   jax.tree.leaves(seen), strict=True) if m is not None)
+    retrained = sum(int(np.sum(np.broadcast_to(m, p.shape)))
+                    for m, p in zip(jax.tree.leaves(mask, is_leaf=lambda v: v is None),
+                                    jax.tree.leaves(params), strict=True) if m is not None)
+    assert predicted == measured
+    assert (predicted < retrained) == (decisions["c"] != [1, 0, 1, 0])  # the cut cases
+
+
+def test_paper_mode_plans_report_their_reach_and_warn_when_most_is_cut():
+    import warnings
+
+    from tgd_jax.errors import TGDWarning
+
+    model, x = _Skip(), jnp.zeros((2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    graph = tgd_jax.trace_topology(model.apply, variables, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TGDWarning)
+        plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5, mode="paper")
+    reach = plan.summary["paper_reach"]
+    assert reach["params_retrained"] == plan.summary["params_retrained"]
+    assert reach["params_reached"] == masks_reached(variables["params"], plan, graph)
+    cut_warning = [w for w in caught if "can receive a gradient" in str(w.message)]
+    assert bool(cut_warning) == (2 * reach["params_reached"] < reach["params_retrained"])
+    assert "paper_reach" not in tgd_jax.tgd_plan(variables["params"], graph, 0.5).summary
+
+
+def masks_reached(params, plan, graph):
+    from tgd_jax import masks as masks_lib
+
+    return masks_lib.reached_count(params, plan.mask, graph,
+                                   masks_lib.gradient_reach(graph, plan.channels))

@@ -53,6 +53,8 @@ __all__ = [
     "map_scores",
     "channel_masks_from_scores",
     "map_decisions",
+    "gradient_reach",
+    "reached_count",
     "expand_channel_masks",
     "gate_variables",
     "layer_gate_values",
@@ -429,6 +431,72 @@ def layer_gate_values(topology: Graphish, channels: Mapping[str, Any],
     reads = graph.reads()
     return {layer.path: np.array([bool(decision[m]) or m not in reads or m in graph.outputs
                                   for m in layer.out_maps]) for layer in graph.layers}
+
+
+def gradient_reach(graph: ChannelGraph, channels: Mapping[str, Any]) -> dict[int, bool]:
+    """Map id -> whether the loss's gradient reaches that map's output in paper mode.
+
+    A paper-mode gate lets a map's cotangent through when it is open
+    (:func:`layer_gate_values`: retrained, read by no layer, or an output). The cotangent
+    at a map is non-zero when its gate is open and it is an output, or a layer reading it
+    has an output map that the gradient reaches (the gradient flows back through that
+    layer's kernel whether or not the kernel is trained). A retrained map none of whose
+    readers' outputs is reached receives no gradient: its retrained elements stay as they
+    are.
+
+    Example:
+      >>> from tgd_jax.graph import ChannelGraph, Layer
+      >>> g = ChannelGraph(layers=(Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0, 1)),
+      ...                          Layer("b", "b/kernel", 2, 3, "conv", (0, 1), (2, 3)),
+      ...                          Layer("c", "c/kernel", 2, 3, "conv", (2, 3), (4,))),
+      ...                  leaves={}, outputs=frozenset({4}))
+      >>> reach = gradient_reach(g, {"a": [True, True], "b": [False, True], "c": [False]})
+      >>> [reach[m] for m in range(5)]   # map 2 is frozen: its gate is closed
+      [True, True, False, True, True]
+    """
+    decision = map_decisions(graph, channels)
+    reads = graph.reads()
+    readers: dict[int, list[Any]] = {}
+    for layer in graph.layers:
+        for m in set(layer.in_maps):
+            if m >= 0:
+                readers.setdefault(m, []).append(layer)
+    reached: dict[int, bool] = {}
+    for layer in reversed(graph.layers):  # readers come later in forward order
+        for m in layer.out_maps:
+            if m < 0 or m in reached:
+                continue
+            gate_open = bool(decision[m]) or m not in reads or m in graph.outputs
+            downstream = m in graph.outputs or any(
+                reached.get(c, False) for r in readers.get(m, ()) for c in r.out_maps)
+            reached[m] = gate_open and downstream
+    return reached
+
+
+def reached_count(params: Params, mask: Any, graph: ChannelGraph,
+                  reached: Mapping[int, bool]) -> int:
+    """How many retrained elements (``mask``) belong to maps the gradient reaches
+    (:func:`gradient_reach`); elements of no channel count as reached."""
+    flat_params = flat_paths(params)
+    flat_mask = _flat_mask(mask, flat_params)
+    axes = {layer.kernel: (layer.out_axis, layer.out_maps) for layer in graph.layers}
+    for name, (axis, maps) in graph.leaves.items():
+        collection, _, path = name.partition("/")
+        if collection == PARAMS:
+            axes.setdefault(path, (axis, maps))
+    total = 0
+    for path, m in flat_mask.items():
+        if m is None:
+            continue
+        full = np.broadcast_to(np.asarray(m, bool), np.shape(flat_params[path]))
+        if path in axes:
+            axis, maps = axes[path]
+            ok = np.array([reached.get(k, True) if k >= 0 else True for k in maps])
+            shape = [1] * full.ndim
+            shape[axis] = len(ok)
+            full = full & ok.reshape(shape)
+        total += int(full.sum())
+    return total
 
 
 #: How a BatchNorm channel normalises in training passes: with the batch's statistics

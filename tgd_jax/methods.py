@@ -301,6 +301,11 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         settings.update(readers=readers)
     summary = masks_lib.mask_summary(params, mask, graph, scores=used_scores or None,
                                      phi=settings.get("phi"))
+    if gates:  # paper mode: the gates cut the gradient of some retrained maps
+        reached = masks_lib.reached_count(params, mask, graph,
+                                          masks_lib.gradient_reach(graph, channels))
+        summary["paper_reach"] = {"params_retrained": summary["params_retrained"],
+                                  "params_reached": reached}
     summary.update(settings, frozen_bn=frozen_bn, retrained_bn=retrained_bn)
     if not full and "other" in summary:
         summary["other"]["policy"] = other
@@ -327,6 +332,14 @@ def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
             "without batch_stats=: its stats_mask is None, so keep_frozen cannot keep the "
             "frozen channels' running statistics; pass batch_stats=variables['batch_stats']",
             TGDWarning, stacklevel=3)
+    reach = summary.get("paper_reach")
+    if reach and 2 * reach["params_reached"] < reach["params_retrained"]:
+        warnings.warn(
+            f"mode='paper': only {reach['params_reached']:,} of the "
+            f"{reach['params_retrained']:,} retrained parameters can receive a gradient (the "
+            "gates stop it at frozen maps, so a retrained map whose readers' outputs are all "
+            "frozen stays as it is); mode='projected' trains them all", TGDWarning,
+            stacklevel=3)
     if method in ("tgd", "random", "l1") and summary.get("params_retrained", 1) == 0:
         warnings.warn(
             f"phi={phi} retrains nothing: no map scores below it (KSE lies in [0, 1]; "

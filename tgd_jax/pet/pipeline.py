@@ -198,9 +198,12 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         workdir_lib.write_json(workdir / "graph.json", graph.to_json())
         if plan.scores:
             premise_lib.kse_figure(plan.scores, workdir / "kse_hist.png", phi=t.phi)
+    reach = plan.summary.get("paper_reach")
     log(f"{command}: method {config.method}, {plan.summary['params_retrained']:,} of "
         f"{plan.summary['params_total']:,} parameters retrained "
-        f"({100 * plan.summary['retrained_fraction']:.1f} %)")
+        f"({100 * plan.summary['retrained_fraction']:.1f} %)"
+        + (f", {reach['params_reached']:,} of them reached by the gradient through the "
+           "paper-mode gates" if reach else ""))
     steps = num_steps_for(config, train_pairs)
     tx = plan.optimizer(num_steps=steps, **config.optimizer)
     state = step_lib.create_train_state(variables, tx, plan)
