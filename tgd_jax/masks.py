@@ -476,7 +476,20 @@ def gradient_reach(graph: ChannelGraph, channels: Mapping[str, Any]) -> dict[int
 def reached_count(params: Params, mask: Any, graph: ChannelGraph,
                   reached: Mapping[int, bool]) -> int:
     """How many retrained elements (``mask``) belong to maps the gradient reaches
-    (:func:`gradient_reach`); elements of no channel count as reached."""
+    (:func:`gradient_reach`); elements of no channel count as reached.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.graph import ChannelGraph, Layer
+      >>> g = ChannelGraph(layers=(Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0, 1)),
+      ...                          Layer("b", "b/kernel", 2, 3, "conv", (0, 1), (2,))),
+      ...                  leaves={}, outputs=frozenset({2}))
+      >>> params = {"a": {"kernel": jnp.zeros((3, 3, 1, 2))},
+      ...           "b": {"kernel": jnp.zeros((3, 3, 2, 1))}}
+      >>> mask = {"a": {"kernel": jnp.array([[[[True, True]]]])}, "b": {"kernel": None}}
+      >>> reached_count(params, mask, g, {0: True, 1: False, 2: True})  # map 1's 9 are cut
+      9
+    """
     flat_params = flat_paths(params)
     flat_mask = _flat_mask(mask, flat_params)
     axes = {layer.kernel: (layer.out_axis, layer.out_maps) for layer in graph.layers}
