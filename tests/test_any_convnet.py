@@ -394,3 +394,36 @@ def masks_reached(params, plan, graph):
 
     return masks_lib.reached_count(params, plan.mask, graph,
                                    masks_lib.gradient_reach(graph, plan.channels))
+
+
+def test_training_apply_normalises_frozen_channels_with_running_statistics():
+    from tgd_jax.errors import TGDWarning
+
+    model, variables, x, graph = _bn_net()
+    x = jax.random.normal(jax.random.key(3), x.shape) + 2.0  # batch stats far from running
+    plan = tgd_jax.tgd_plan(variables["params"], graph, 0.5,
+                            batch_stats=variables["batch_stats"])
+    frozen = ~np.asarray(plan.channels["Conv_0"])
+    assert frozen.any() and not frozen.all()
+
+    def bn_out(apply, train):
+        _, state = apply(variables, x, train=train, capture_intermediates=True,
+                         mutable=["batch_stats", "intermediates"])
+        return np.asarray(state["intermediates"]["BatchNorm_0"]["__call__"][0])
+
+    trained = bn_out(tgd_jax.training_apply(model.apply, plan), True)
+    np.testing.assert_allclose(trained[..., frozen], bn_out(model.apply, False)[..., frozen],
+                               rtol=1e-5, atol=1e-5)  # running statistics, as evaluated
+    np.testing.assert_allclose(trained[..., ~frozen], bn_out(model.apply, True)[..., ~frozen],
+                               rtol=1e-5, atol=1e-5)  # retrained: the batch's
+    assert not np.allclose(bn_out(model.apply, True)[..., frozen],
+                           bn_out(model.apply, False)[..., frozen])  # the check can fail
+    # a plan with batch statistics everywhere has nothing to apply
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TGDWarning)
+        batch = tgd_jax.tgd_plan(variables["params"], graph, 0.5, frozen_bn="batch",
+                                 batch_stats=variables["batch_stats"])
+    apply = model.apply  # (a bound method: a new object at each attribute access)
+    assert tgd_jax.training_apply(apply, batch) is apply

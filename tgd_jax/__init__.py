@@ -22,7 +22,7 @@ The package has three layers, and imports only point downwards:
 ``docs/method.md`` explains the method and what the paper leaves open.
 """
 
-from tgd_jax.autogate import gated
+from tgd_jax.autogate import gated, training_apply
 from tgd_jax.gate import GATE_COLLECTION, TGDGate, tgd_gate
 from tgd_jax.graph import ChannelGraph, Layer
 from tgd_jax.kse import kse_scores
@@ -66,5 +66,6 @@ __all__ = [
     "tgd_gate",
     "tgd_plan",
     "trace_topology",
+    "training_apply",
     "validate_topology",
 ]

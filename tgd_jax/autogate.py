@@ -26,7 +26,7 @@ from tgd_jax.gate import tgd_gate
 from tgd_jax.graph import ChannelGraph, flat_paths, unflatten_paths
 from tgd_jax.trace import TraceError, _Interpreter, _plain, _Value, leaf_paths
 
-__all__ = ["gated", "gated_by", "gate_values"]
+__all__ = ["gated", "gated_by", "gate_values", "training_apply"]
 
 
 def gate_values(plan: Any) -> dict[str, np.ndarray]:
@@ -216,3 +216,50 @@ def _inline(eqn: Any, invals: list[Any], node: dict[str, Any],
     raise TraceError(f"gated: a layer inside '{name}' (for example a custom_jvp or "
                      "custom_vjp function, or a cond) cannot be gated without losing its "
                      "semantics")
+
+
+def training_apply(apply_fn: Callable[..., Any], plan: Any) -> Callable[..., Any]:
+    """``apply_fn`` for the training passes of ``plan``, in a loop of one's own: with the
+    plan's BatchNorm policy applied and, in paper mode without gate modules, its gates.
+
+    A plan with ``frozen_bn="running"`` (the default) says that frozen BatchNorm channels
+    normalise with their running statistics in training passes; a plain
+    ``model.apply(..., train=True)`` normalises every channel with the batch's, so the
+    network trained is not the one evaluated. This wrapper runs the call inside
+    :func:`tgd_jax.batchnorm.running_statistics` with the plan's flags (Linen BatchNorm)
+    and through :func:`gated` when the plan's paper-mode gates are applied from the graph.
+    A plan with nothing to apply returns ``apply_fn`` itself.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> from tgd_jax import tgd_plan, trace_topology
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train=False):
+      ...         x = nn.Conv(4, (3, 3), use_bias=False, name="a")(x)
+      ...         x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
+      ...         return nn.Conv(1, (3, 3), name="b")(x)
+      >>> x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+      >>> variables = Net().init(jax.random.key(0), x)
+      >>> graph = trace_topology(Net().apply, variables, x)
+      >>> plan = tgd_plan(variables["params"], graph, 0.5,
+      ...                 batch_stats=variables["batch_stats"])   # frozen_bn="running"
+      >>> apply = training_apply(Net().apply, plan)
+      >>> out, _ = apply(variables, x, train=True, mutable=["batch_stats"])
+      >>> plain, _ = Net().apply(variables, x, train=True, mutable=["batch_stats"])
+      >>> bool(jnp.allclose(out, plain))   # frozen channels: running, not batch statistics
+      False
+    """
+    from tgd_jax.batchnorm import running_statistics
+
+    inner = gated(apply_fn, plan) if getattr(plan, "auto_gates", False) else apply_fn
+    flags = flat_paths(plan.frozen_bn) if plan.frozen_bn else {}
+    if not flags:
+        return inner
+
+    def wrapped(variables: Any, *args: Any, **kwargs: Any) -> Any:
+        with running_statistics(flags):
+            return inner(variables, *args, **kwargs)
+
+    return wrapped
