@@ -308,3 +308,41 @@ def test_a_report_compares_each_claim_with_an_earlier_one(tmp_path, monkeypatch)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a report.json"):
         report_lib.with_before({}, tmp_path / "bad.json")
+
+
+VERSION_OF = {"v1-net": "v1", "v2-net": "v2"}  # each pretrained network on its own images
+
+
+def _gains(c, headline, liver10, version_of=VERSION_OF):
+    """Rows with a headline gain and a 10 mm liver lesion's gain per seed (and a 6 mm one
+    and a muscle one, which the verdict must ignore)."""
+    for r in c["evals"]:
+        label = c["systems"][r["network"]].label
+        if label in version_of:
+            r["version"] = version_of[label]
+        seed = c["systems"][r["network"]].seed
+        r["headline_gain_pct"] = headline[seed]
+        r["lesions"] = {
+            "lesion_liver_10mm": {"organ": "liver", "diameter_mm": 10.0,
+                                  "gain_bias_pct": liver10[seed]},
+            "lesion_liver_6mm": {"organ": "liver", "diameter_mm": 6.0, "gain_bias_pct": -9.0},
+            "lesion_soft_13mm": {"organ": "soft", "diameter_mm": 13.0, "gain_bias_pct": -9.0}}
+    return c
+
+
+def test_the_denoiser_verdict_asks_for_gains_beyond_the_seed_spread():
+    c = _gains(_collection(-4.0, -4.0), headline=[30.0, 32.0, 31.0], liver10=[20.0, 21.0, 22.0])
+    line = report.denoiser_verdict(c)
+    assert "8 gains" in line and line.endswith("all beyond the seed spread.")
+    # the 10 mm liver lesion within its spread (mean 1.0, sd 1.0): named, with its value
+    c = _gains(_collection(-4.0, -4.0), headline=[30.0, 32.0, 31.0], liver10=[0.0, 1.0, 2.0])
+    line = report.denoiser_verdict(c)
+    assert "4 not beyond the seed spread" in line
+    assert "v2-net low BMI lesion_liver_10mm 1.0 ± 1.0" in line
+    assert "6mm" not in line and "soft" not in line  # small and non-liver lesions: beside it
+    one = _collection(-4.0, -4.0)
+    one["systems"] = {k: v for k, v in one["systems"].items() if v.seed == 0}
+    one["evals"] = [r for r in one["evals"] if r["network"] in one["systems"]]
+    line = report.denoiser_verdict(_gains(one, headline=[30.0], liver10=[20.0]))
+    assert line.endswith("all positive, with one seed (no spread to judge them against).")
+    assert report.denoiser_verdict({"evals": [], "systems": {}}) == ""
