@@ -14,6 +14,7 @@ while random choices of the same size do not.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
-from tgd_jax.errors import UsageError
+from tgd_jax.errors import TGDWarning, UsageError
 from tgd_jax.graph import ChannelGraph, as_graph, flat_paths
 from tgd_jax.topology import Topology
 
@@ -165,10 +166,12 @@ def threshold_study(
         for method in ("tgd", "random", "l1"):
             losses, changes = [], []
             for draw in range(random_draws if method == "random" else 1):
-                plan = methods_lib.plan_finetune(
-                    method, params, topology, phi=phi, alpha=alpha, k=k, first=first,
-                    mode="projected", key=jax.random.fold_in(key, draw), scores=scores,
-                    combine=combine)
+                with warnings.catch_warnings():  # zeroing, not training: statistics and
+                    warnings.simplefilter("ignore", TGDWarning)  # empty choices are fine
+                    plan = methods_lib.plan_finetune(
+                        method, params, topology, phi=phi, alpha=alpha, k=k, first=first,
+                        mode="projected", key=jax.random.fold_in(key, draw), scores=scores,
+                        combine=combine)
                 loss, out = evaluate(masks_lib.drop_kernels(params, plan.mask))
                 losses.append(float(loss))
                 changes.append(output_change(out, intact, inputs))

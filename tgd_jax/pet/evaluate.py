@@ -355,6 +355,7 @@ def gain_figure(result: Mapping[str, Any], path: str | Path, *,
         bx.axhline(0, color="k", lw=0.8)
         bx.set(xlabel="lesion diameter (mm)", ylabel="bias gain (points)",
                title="gain over the Gaussian at the same liver CoV: above 0 beats a blur")
-        bx.legend(fontsize=7)
+        if bx.get_legend_handles_labels()[0]:  # the input alone: no network to label
+            bx.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, make_parent=make_parent)
