@@ -461,15 +461,20 @@ def gradient_reach(graph: ChannelGraph, channels: Mapping[str, Any]) -> dict[int
         for m in set(layer.in_maps):
             if m >= 0:
                 readers.setdefault(m, []).append(layer)
-    reached: dict[int, bool] = {}
-    for layer in reversed(graph.layers):  # readers come later in forward order
-        for m in layer.out_maps:
-            if m < 0 or m in reached:
+    maps = {m for layer in graph.layers for m in layer.out_maps if m >= 0}
+    reached = {m: False for m in maps}
+    # A fixed point: a map tied across a residual stream is written before some of its
+    # readers and after others, so one reverse pass over the layers is not enough.
+    changed = True
+    while changed:
+        changed = False
+        for m in maps:
+            if reached[m]:
                 continue
             gate_open = bool(decision[m]) or m not in reads or m in graph.outputs
-            downstream = m in graph.outputs or any(
-                reached.get(c, False) for r in readers.get(m, ()) for c in r.out_maps)
-            reached[m] = gate_open and downstream
+            if gate_open and (m in graph.outputs or any(
+                    reached.get(c, False) for r in readers.get(m, ()) for c in r.out_maps)):
+                reached[m] = changed = True
     return reached
 
 

@@ -25,6 +25,7 @@ whole between TGD rounds (``tgd_jax.train.step.replace_plan``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -325,13 +326,16 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
 def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
                           running: Mapping[str, Any], batch_stats: Any, phi: float) -> None:
     """One :class:`~tgd_jax.errors.TGDWarning` line per plan that is valid but most likely
-    not what was meant."""
+    not what was meant, pointing at the caller's line (outside this module)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
     if running and batch_stats is None:
         warnings.warn(
             f"the network has {len(running)} BatchNorm layer(s) but the plan was made "
             "without batch_stats=: its stats_mask is None, so keep_frozen cannot keep the "
             "frozen channels' running statistics; pass batch_stats=variables['batch_stats']",
-            TGDWarning, stacklevel=3)
+            TGDWarning, stacklevel=level)
     reach = summary.get("paper_reach")
     if reach and 2 * reach["params_reached"] < reach["params_retrained"]:
         warnings.warn(
@@ -339,12 +343,12 @@ def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
             f"{reach['params_retrained']:,} retrained parameters can receive a gradient (the "
             "gates stop it at frozen maps, so a retrained map whose readers' outputs are all "
             "frozen stays as it is); mode='projected' trains them all", TGDWarning,
-            stacklevel=3)
+            stacklevel=level)
     if method in ("tgd", "random", "l1") and summary.get("params_retrained", 1) == 0:
         warnings.warn(
             f"phi={phi} retrains nothing: no map scores below it (KSE lies in [0, 1]; "
             "maps read by no layer follow last=, those written from the input first=)",
-            TGDWarning, stacklevel=3)
+            TGDWarning, stacklevel=level)
 
 
 def _packnet_mask(params: Any, graph: ChannelGraph, fraction: float) -> Any:
