@@ -23,7 +23,6 @@ __all__ = ["base_config", "train_config", "finetune_config", "online_config", "P
            "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS",
            "ADDED_FIELDS"]
 
-PRESETS = ("paper", "demo", "tiny")
 #: ``config.model.name`` values (the registry is :data:`tgd_jax.pet.models.MODELS`).
 MODEL_NAMES = ("dncnn", "unet", "resnet")
 
