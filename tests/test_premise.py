@@ -268,7 +268,14 @@ def test_finetune_logs_new_and_old_task_losses_and_the_cosine(toy_data, pretrain
         "validation.path": str(toy_data["train"]), "validation.version": "v2",
         "old_task.path": str(toy_data["train"]), "old_task.version": "v1",
         "tgd.gate_cosine": True, "tgd.frozen_bn": frozen_bn, "tgd.phi": 0.5, "tgd.mode": mode})
-    summary = pipeline.finetune(c, tmp_path, log=quiet)
+    lines: list[str] = []
+    summary = pipeline.finetune(c, tmp_path, log=lines.append)
+    reach = json.loads((tmp_path / "mask.json").read_text()).get("paper_reach")
+    said = [line for line in lines if "reached by the gradient" in line]
+    if mode == "paper":  # the log says how much of the retrained part the gates let move
+        assert said and all(f"{reach['params_reached']:,} of them" in line for line in said)
+    else:
+        assert reach is None and not said
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_loss" in r]
     assert all("val_loss_old" in r for r in val)

@@ -337,7 +337,7 @@ def denoiser_verdict(c: Mapping[str, Any]) -> str:
                         if e.get("organ") == "liver" and (e.get("diameter_mm") or 0) >= 10})
         keys = ["headline_gain_pct"] + [f"lesions/{n}/gain_bias_pct" for n in names]
         for bmi in ("low", "high"):
-            for key in dict.fromkeys(keys):
+            for key in keys:
                 g = metric(c, label, key, version=version, bmi=bmi)
                 if g.n == 0:
                     continue
