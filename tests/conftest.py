@@ -154,6 +154,40 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: order kept
 
 
+# --- the suite's cost in CPU seconds (docs/suite.md) ------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-report", metavar="PATH", default=None,
+                     help="append one JSON line per test to PATH: its CPU seconds (this process's "
+                          "threads plus the commands it started and waited for), setup and "
+                          "teardown included. Unlike wall time, it does not depend on the load.")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = item.config.getoption("--cpu-report")
+    if not path:
+        yield
+        return
+    import json
+    import time
+
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    row = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 2),
+           "wall_s": round(time.perf_counter() - wall, 2)}
+    with open(path, "a") as handle:  # one short line per write: workers may share the file
+        handle.write(json.dumps(row) + "\n")
+
+
 @contextlib.contextmanager
 def pinned(cores: set[int] | None):
     """Processes started in the block run on ``cores`` only (None: unchanged): the calling
