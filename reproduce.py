@@ -78,7 +78,8 @@ def main(argv: list[str]) -> None:
                     "preset": _PRESET.value, "started": started, "machine": where,
                     "workers": workers, "wall_s": time.monotonic() - t0,
                     "python": sys.version.split()[0], "command": " ".join(sys.argv),
-                    "jobs": {name: {"wall_s": r["wall_s"], "finished": r["finished"]}
+                    "jobs": {name: {"wall_s": r["wall_s"], "cpu_s": r.get("cpu_s"),
+                                    "finished": r["finished"]}
                              for name, r in records.items()}})
             collected = report_lib.collect(out, _PRESET.value)
             if _BEFORE.value:

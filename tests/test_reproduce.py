@@ -112,6 +112,21 @@ def test_run_respects_dependencies_and_runs_in_parallel(tmp_path):
         assert record["wall_s"] > 0.25 and (tmp_path / "logs" / f"{name}.log").exists()
 
 
+def test_a_job_record_holds_its_own_cpu_seconds_not_its_wall_time(tmp_path):
+    # A job that burns ~0.6 s of CPU in a grandchild it waits for, and one that sleeps
+    # 0.6 s: the records tell them apart (wall time cannot), and the busy one counts
+    # the process it waited for.
+    burn = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.6: pass'])")
+    jobs = [rp.Job("burn", (sys.executable, "-c", burn)),
+            rp.Job("sleep", (sys.executable, "-c", "import time; time.sleep(0.6)"))]
+    rp.run(jobs, tmp_path, workers=2, log=lambda m: None)
+    burn_r, sleep_r = (json.loads((tmp_path / "jobs" / f"{n}.json").read_text())
+                       for n in ("burn", "sleep"))
+    assert burn_r["cpu_s"] >= 0.6, burn_r
+    assert sleep_r["wall_s"] >= 0.6 and sleep_r["cpu_s"] < 0.4, sleep_r
+
+
 @pytest.mark.parametrize("user, expected", [(None, "1"), ("0", "0")])
 def test_jobs_get_one_cpu_device_unless_the_user_says(tmp_path, monkeypatch, user, expected):
     # One single-device job per core: the report's numbers do not depend on --jobs.

@@ -9,7 +9,8 @@ alone would make). Everything lands in ``runs/<preset>/``:
 
 * ``data/<role>.h5`` the simulated datasets, ``<network>/`` one workdir per network,
   ``eval/<network>-<version>/`` its test metrics, ``logs/<job>.log`` each job's output;
-* ``jobs/<job>.json`` written when a job succeeds: its command line and wall time. A job
+* ``jobs/<job>.json`` written when a job succeeds: its command line, wall time and CPU
+  seconds. A job
   whose record holds the same command line is skipped; a job that was killed is rerun and
   its command resumes from its last checkpoint; a finished job whose input job is missing
   or newer is refused as out of date (its outputs would otherwise be reused);
@@ -435,7 +436,8 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
                 break
             time.sleep(0.2)
             for name, (proc, started, handle) in list(running.items()):
-                if proc.poll() is None:
+                cpu = _reap(proc)
+                if cpu is None:
                     continue
                 handle.close()
                 del running[name]
@@ -446,7 +448,7 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
                     log(f"  FAILED {name} (exit {proc.returncode}) after {wall:.0f} s: see "
                         f"{out / 'logs' / (name + '.log')}")
                     continue
-                record = {"argv": list(job.argv), "wall_s": wall,
+                record = {"argv": list(job.argv), "wall_s": wall, "cpu_s": cpu,
                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "weight": job.weight}
                 workdir_lib.write_json(_record_path(out, job), record)
                 records[name] = record
@@ -471,6 +473,19 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
                        f"{out / 'logs' / (failed[0] + '.log')}. Rerun the same command to "
                        "resume: finished jobs are skipped")
     return records
+
+
+def _reap(proc: subprocess.Popen) -> float | None:
+    """None while ``proc`` runs; once it ended, sets its return code and returns the CPU
+    seconds (user + system) it and the processes it waited for used: the job's cost
+    whatever else shares the machine, unlike its wall time."""
+    if proc.returncode is not None:
+        return 0.0
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _stop(running: Mapping[str, tuple[subprocess.Popen, float, Any]],
