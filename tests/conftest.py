@@ -144,14 +144,23 @@ def pretrained(toy_data, tmp_path_factory):
     return workdir
 
 
-#: Files whose module fixtures take minutes; run first, so that under ``--dist loadfile``
-#: (make test) the other worker fills the time beside them instead of waiting at the end.
-SLOWEST_FILES = ("test_reproduce.py", "test_multiprocess.py")
+#: Files from the heaviest down, by their measured CPU (docs/suite.md): under ``make test``
+#: (``--dist loadfile --no-loadscope-reorder``) xdist hands out whole files in collection
+#: order, so the heavy module fixtures start first and the other worker fills the time
+#: beside them with light files instead of one worker finishing a heavy file alone at the end.
+SLOWEST_FILES = (
+    "test_reproduce.py", "test_multiprocess.py", "test_any_convnet.py", "test_no_loss.py",
+    "test_sim.py", "test_models_pipeline.py", "test_cli.py", "test_sim_cli.py",
+    "test_pipeline.py", "test_premise.py", "test_hostile2.py", "test_readme.py",
+    "test_hostile.py", "test_step.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     del config
-    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: order kept
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    # Stable sort: the order within a file, and among the unranked files, is kept.
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))
 
 
 # --- the suite's cost in CPU seconds (docs/suite.md) ------------------------------------------
@@ -182,7 +191,8 @@ def pytest_runtest_protocol(item, nextitem):
 
     cpu, wall = _cpu_seconds(), time.perf_counter()
     yield
-    row = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 2),
+    row = {"test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+           "cpu_s": round(_cpu_seconds() - cpu, 2),
            "wall_s": round(time.perf_counter() - wall, 2)}
     with open(path, "a") as handle:  # one short line per write: workers may share the file
         handle.write(json.dumps(row) + "\n")
