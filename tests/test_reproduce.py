@@ -38,12 +38,23 @@ def test_plan_is_a_valid_graph_with_every_system(preset, tmp_path):
     for label in ("full fine-tuning", "TGD-net, paper mode", "L1 mask", "TGD_N2N-net",
                   "TGD^2_N2N-net", "N2N, all weights"):
         assert (label, seeds[0]) in labels
-    # every network is evaluated on v2, and v1-net's descendants on v1 (forgetting)
-    evals = {n for n in names if n.startswith("eval-")}
+    # every network is evaluated on v2, and v1-net's descendants on v1 (forgetting), in
+    # its seed's evaluation job, which waits for it
+    evaluated = {}
+    for job in jobs:
+        if job.name.startswith("eval-"):
+            nets = [a.split("=")[1] for a in job.argv if a.startswith("--net=")]
+            assert set(nets) <= set(job.deps), job.name
+            version = job.name.rsplit("-", 1)[1]
+            for net in nets:
+                evaluated.setdefault(net, []).append((job.name, version))
     for job in jobs:
         if job.system:
-            assert f"eval-{job.name}-v2" in evals
-    assert f"eval-tgdnet-s{seeds[0]}-v1" in evals
+            seed = job.system.seed
+            v1 = job.system.label != "v2-net" and job.system.kind != "online"
+            assert sorted(evaluated[job.name]) == sorted(
+                [(f"eval-s{seed}-v2", "v2")] + ([(f"eval-s{seed}-v1", "v1")] if v1 else [])), \
+                job.name
     # TGD^2 starts from TGD-net, TGD_N2N from v2-net
     by_name = {j.name: j for j in jobs}
     assert by_name["tgd2n2n"].system.start == f"tgdnet-s{seeds[0]}"
@@ -253,13 +264,13 @@ def test_tiny_reproduction_writes_the_report_and_its_figures(tiny_run):
             "online_tgdn2n.png", "pretraining.png"} <= {p.name for p in (out / "figures").iterdir()}
     claims = json.loads((out / "report.json").read_text())["claims"]
     assert len(claims) == 9 and all(c["verdict"] for c in claims)
-    assert "35 jobs, 0 already done" in stdout
+    assert "19 jobs, 0 already done" in stdout
 
 
 @pytest.mark.slow
 def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
     out, _ = tiny_run
-    rows = json.loads((out / "eval" / "tgdnet-s0-v2" / "evaluation.json").read_text())["rows"]
+    rows = json.loads((out / "eval" / "s0-v2" / "evaluation.json").read_text())["rows"]
     low = next(r for r in rows if r["network"] == "tgdnet-s0" and r["bmi_class"] == "low")
     high = next(r for r in rows if r["network"] == "tgdnet-s0" and r["bmi_class"] == "high")
     line = next(ln for ln in (out / "report.md").read_text().splitlines()
@@ -293,7 +304,7 @@ def test_tiny_rerun_skips_every_job(tiny_run):
                            f"--out={out}"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "35 already done, 0 to run" in proc.stdout
+    assert "19 already done, 0 to run" in proc.stdout
 
 
 def test_bad_output_folder_is_one_line_before_any_work(tmp_path):

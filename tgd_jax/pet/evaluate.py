@@ -304,7 +304,8 @@ def _signed(value: float) -> str:
 
 def figure(examples: Mapping[str, np.ndarray], path: str | Path, *,
            make_parent: bool = True) -> None:
-    """One realisation's slice through the lesion, per network (and study)."""
+    """One realisation's slice through the lesion: a row per study, a column per network
+    (``examples`` keys ``"<network>/<study>"``), one grey scale per study."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,13 +313,18 @@ def figure(examples: Mapping[str, np.ndarray], path: str | Path, *,
 
     from tgd_jax.train.workdir import save_figure
 
-    names = list(examples)
-    vmax = float(np.percentile(examples[names[0]], 99.5))
-    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names), 3))
-    for ax, name in zip(np.atleast_1d(axes), names, strict=True):
-        ax.imshow(examples[name], cmap="gray_r", vmin=0, vmax=vmax)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
+    networks = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in examples))
+    studies = list(dict.fromkeys(key.rsplit("/", 1)[1] for key in examples))
+    fig, axes = plt.subplots(len(studies), len(networks), squeeze=False,
+                             figsize=(2.8 * len(networks), 3 * len(studies)))
+    for row, study in zip(axes, studies, strict=True):
+        first = next(examples[f"{n}/{study}"] for n in networks if f"{n}/{study}" in examples)
+        vmax = float(np.percentile(first, 99.5))
+        for ax, name in zip(row, networks, strict=True):
+            ax.axis("off")
+            if f"{name}/{study}" in examples:
+                ax.imshow(examples[f"{name}/{study}"], cmap="gray_r", vmin=0, vmax=vmax)
+                ax.set_title(f"{name}, {study}", fontsize=9)
     save_figure(fig, path, make_parent=make_parent)
 
 

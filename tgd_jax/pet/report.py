@@ -833,8 +833,8 @@ def _panel(c, out: Path, path: Path, seed: int) -> Path | None:
         return None
     for label, prefix in order:
         name = "input" if prefix is None else f"{prefix}-s{seed}"
-        # Every evaluation holds the input's slice too: take it from v1-net's.
-        npz = out / "eval" / (f"v1net-s{seed}-v2" if prefix is None else f"{name}-v2")
+        # The seed's v2 evaluation holds every network's slice, and the input's.
+        npz = out / "eval" / f"s{seed}-v2"
         try:
             with np.load(npz / "examples.npz") as f:
                 images.append(f[f"{name}/{study}"])

@@ -8,12 +8,13 @@ a CPU-only machine that keeps every core busy, and every network is the one its 
 alone would make). Everything lands in ``runs/<preset>/``:
 
 * ``data/<role>.h5`` the simulated datasets, ``<network>/`` one workdir per network,
-  ``eval/<network>-<version>/`` its test metrics, ``logs/<job>.log`` each job's output;
+  ``eval/s<seed>-<version>/`` the test metrics of every network of that seed (one
+  evaluation process each), ``logs/<job>.log`` each job's output;
 * ``jobs/<job>.json`` written when a job succeeds: its command line, wall time and CPU
-  seconds. A job
-  whose record holds the same command line is skipped; a job that was killed is rerun and
-  its command resumes from its last checkpoint; a finished job whose input job is missing
-  or newer is refused as out of date (its outputs would otherwise be reused);
+  seconds. A job whose record holds the same command line is skipped; a job that was
+  killed is rerun and its command resumes from its last checkpoint; a finished job whose
+  input job is missing or newer is refused as out of date (its outputs would otherwise
+  be reused);
 * ``reproduce.json`` (preset, versions, every job's wall time) and ``report.md`` with its
   figures (:mod:`tgd_jax.pet.report`), written from those files only.
 """
@@ -307,17 +308,22 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
     networks = [j for j in jobs if j.system is not None]
     eval_size = ((_flag(p.roles["test"], "studies") or 2) * (slices["test"] or 32)
                  * (_flag(p.roles["test"], "realisations") or 10))
-    for job in networks:
-        # New task (v2) for every network; the old task (v1) for v1-net and its fine-tunings.
-        versions = ("v2",) if job.system.label == "v2-net" or job.system.kind == "online" \
-            else ("v2", "v1")
-        for version in versions:
-            name = f"eval-{job.name}-{version}"
+    # One evaluation process per seed and version, of every network of that seed: the
+    # test set is read and the Gaussian curves are computed once, not once per network.
+    # New task (v2) for every network; the old task (v1) for v1-net and its fine-tunings.
+    for seed in p.seeds:
+        for version in ("v2", "v1"):
+            nets = [j for j in networks if j.system.seed == seed and (
+                version == "v2" or (j.system.label != "v2-net" and j.system.kind != "online"))]
+            if not nets:
+                continue
             # --overwrite: the folder is this job's own (a killed run's is redone)
-            jobs.append(Job(name, (python, "evaluate.py", f"--test={data}/test.h5",
-                                   f"--out={out}/eval/{job.name}-{version}", "--overwrite",
-                                   f"--version={version}", f"--net={job.name}={out / job.name}"),
-                            deps=("sim-test", job.name), weight=5 + eval_size / 20))
+            jobs.append(Job(f"eval-s{seed}-{version}", (
+                python, "evaluate.py", f"--test={data}/test.h5",
+                f"--out={out}/eval/s{seed}-{version}", "--overwrite", f"--version={version}",
+                *(f"--net={j.name}={out / j.name}" for j in nets)),
+                deps=("sim-test", *(j.name for j in nets)),
+                weight=5 + len(nets) * eval_size / 20))
     return jobs
 
 
