@@ -52,13 +52,25 @@ def test_there_is_always_a_complete_best_while_a_new_one_is_written(tmp_path):
     seen: list[list[str]] = []
     stop = threading.Event()
 
-    def watch() -> None:  # what a kill at this moment would leave
+    was_complete: set[str] = set()
+
+    def watch() -> None:  # what a kill at the moment of each listing would leave
         while not stop.is_set():
             try:
                 names = [p.name for p in (tmp_path / "best").iterdir()]
-                complete = [n for n in names if n.isdigit() and _complete(tmp_path / "best" / n)]
             except OSError:  # listed while renamed: look again
                 continue
+            complete = []
+            for n in filter(str.isdigit, names):
+                step_dir = tmp_path / "best" / n
+                if _complete(step_dir):
+                    was_complete.add(n)
+                    complete.append(n)
+                elif not step_dir.exists() and n in was_complete:
+                    # removed since the listing: it was complete then (a step folder is
+                    # complete from its commit file until it is removed), so the listing's
+                    # moment had a complete best; the removal is judged at the next listing
+                    complete.append(n)
             seen.append(complete)
 
     watcher = threading.Thread(target=watch)
