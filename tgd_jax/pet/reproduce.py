@@ -15,8 +15,9 @@ alone would make). Everything lands in ``runs/<preset>/``:
   killed is rerun and its command resumes from its last checkpoint; a finished job whose
   input job is missing or newer is refused as out of date (its outputs would otherwise
   be reused);
-* ``reproduce.json`` (preset, versions, every job's wall time) and ``report.md`` with its
-  figures (:mod:`tgd_jax.pet.report`), written from those files only.
+* ``reproduce.json`` (preset, versions, every job's wall time and CPU seconds) and
+  ``report.md`` with its figures (:mod:`tgd_jax.pet.report`), written from those files
+  only.
 """
 
 from __future__ import annotations
@@ -484,9 +485,8 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
 def _reap(proc: subprocess.Popen) -> float | None:
     """None while ``proc`` runs; once it ended, sets its return code and returns the CPU
     seconds (user + system) it and the processes it waited for used: the job's cost
-    whatever else shares the machine, unlike its wall time."""
-    if proc.returncode is not None:
-        return 0.0
+    whatever else shares the machine, unlike its wall time. Only this function may reap
+    the job's process (a ``proc.poll()`` first would lose its resource usage)."""
     pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
     if pid == 0:
         return None
