@@ -4,6 +4,7 @@ fine-tuning run adopts its checkpoint's architecture without editing the caller'
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -71,6 +72,19 @@ def test_validate_names_every_bad_field_at_once():
                      "got 'sometimes'"):
         assert expected in message
     assert message.count("config.") == 6
+
+
+@pytest.mark.parametrize("field, value, rule", [
+    ("optimizer.warmup_steps", 12, "must be a whole number >= 0 and below num_steps"),
+    ("optimizer.warmup_steps", -1, "must be a whole number >= 0 and below num_steps"),
+    ("data.target", "truth", "must be one of ('target', 'noiseless')"),
+    ("data.hot_fraction", 1.5, "must be in [0, 1]"),
+    ("data.hot_fraction", float("nan"), "must be in [0, 1]"),
+])
+def test_the_lever_fields_refuse_senseless_values(field, value, rule):
+    c = config_lib.override(config_lib.train_config("tiny"), **{field: value})  # 12 steps
+    with pytest.raises(ValueError, match=re.escape(f"config.{field} {rule}")):
+        config_lib.validate(c)
 
 
 @pytest.mark.parametrize("change", [{"tgd.reinit_scale": 1.0}, {"method": "packnet"}],

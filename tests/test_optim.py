@@ -245,3 +245,21 @@ def test_l2_sp_under_a_mask_leaves_frozen_elements_bit_identical(problem):
 def test_a_negative_l2_sp_is_refused(value):
     with pytest.raises(ValueError, match="l2_sp must be >= 0"):
         make_optimizer(num_steps=1, l2_sp=value)
+
+
+@pytest.mark.parametrize("warmup, decay_fraction", [(20, 1.0), (30, 0.75)])
+def test_warm_up_rises_linearly_then_the_cosine_ends_where_it_would(warmup, decay_fraction):
+    peak, steps = 2e-3, 200
+    schedule = learning_rate_schedule(peak, "cosine", steps, warmup_steps=warmup,
+                                      decay_fraction=decay_fraction, final_lr_fraction=0.01)
+    decay = round(decay_fraction * steps)
+    for count in range(steps + 1):  # the formula, written out
+        if count < warmup:
+            want = peak * count / warmup
+        else:
+            t = min(count - warmup, decay - warmup) / (decay - warmup)
+            want = peak * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t)))
+        assert float(schedule(count)) == pytest.approx(want, abs=1e-6 * peak), count
+    for bad in (-1, steps, 2.5):
+        with pytest.raises(ValueError, match="optimizer.warmup_steps"):
+            make_optimizer(num_steps=steps, schedule="cosine", warmup_steps=bad)

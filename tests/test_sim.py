@@ -374,3 +374,20 @@ def test_graded_test_lesions_are_where_and_what_they_claim():
     assert "lesion_liver_22mm" not in thin.rois and "lesion_liver_10mm" in thin.rois
     with pytest.raises(ValueError, match="lesion_set must be one of"):
         make_phantom(key, grid, lesion_set="nema")
+
+
+def test_a_noiseless_training_file_holds_the_same_noisy_images_and_recipe():
+    from tgd_jax.sim import generate
+
+    plain = generate.RoleSpec("train", 1, 2, versions=("v2",), levels=(60.0,))
+    clean = dataclasses.replace(plain, noiseless=True)
+    a = generate.make_study(plain, 0, 3, SimConfig(n_slices=2))
+    b = generate.make_study(clean, 0, 3, SimConfig(n_slices=2))
+    assert set(b.images) == set(a.images) | {"v2/noiseless"}
+    for key in a.images:  # the noise-free image draws no random numbers
+        assert a.images[key].tobytes() == b.images[key].tobytes(), key
+    # the noise-free reconstruction is another image than the 600 s one
+    assert not np.array_equal(b.images["v2/noiseless"], b.images["v2/target"])
+    # files written before the field existed describe the same dataset as before
+    assert "noiseless" not in generate.recipe_of(plain, 3)["spec"]
+    assert generate.recipe_of(clean, 3)["spec"]["noiseless"] is True

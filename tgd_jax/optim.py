@@ -322,13 +322,16 @@ def find_mask(opt_state: Any) -> Any | None:
 
 
 def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, *,
-                           decay_fraction: float = 1.0,
-                           final_lr_fraction: float = 0.0) -> optax.Schedule:
+                           decay_fraction: float = 1.0, final_lr_fraction: float = 0.0,
+                           warmup_steps: int = 0) -> optax.Schedule:
     """The learning rate of :func:`make_optimizer`'s update of count ``c`` (0-based):
     ``constant``, or ``cosine``: decaying from ``learning_rate`` to ``final_lr_fraction *
     learning_rate`` over the first ``decay_fraction`` of ``num_steps``, then held there
     (the defaults: to 0 over the whole run). A held tail shows whether the network still
     improves once its schedule has ended (:func:`tgd_jax.train.metrics.plateau`).
+    ``warmup_steps > 0`` first rises linearly from 0 to ``learning_rate`` over that many
+    updates; the cosine then decays over what is left of its share, so it ends where it
+    would without the warm-up.
 
     Example:
       >>> float(learning_rate_schedule(0.1, "cosine", 10)(10))
@@ -337,7 +340,24 @@ def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, 
       ...                               final_lr_fraction=0.01)
       >>> [round(float(hold(c)), 6) for c in (0, 75, 99)]
       [0.1, 0.001, 0.001]
+      >>> warm = learning_rate_schedule(0.1, "cosine", 100, warmup_steps=10)
+      >>> [round(float(warm(c)), 6) for c in (0, 5, 10, 100)]
+      [0.0, 0.05, 0.1, 0.0]
     """
+    if not (isinstance(warmup_steps, int) and 0 <= warmup_steps < max(num_steps, 1)):
+        raise UsageError(f"optimizer.warmup_steps must be a whole number in [0, num_steps="
+                         f"{num_steps}), got {warmup_steps!r}")
+    main = _decay_schedule(learning_rate, schedule, num_steps - warmup_steps,
+                           round(decay_fraction * num_steps) - warmup_steps, decay_fraction,
+                           final_lr_fraction)
+    if not warmup_steps:
+        return main
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), main], [warmup_steps])
+
+
+def _decay_schedule(learning_rate: float, schedule: str, num_steps: int, decay_steps: int,
+                    decay_fraction: float, final_lr_fraction: float) -> optax.Schedule:
     if not 0 < decay_fraction <= 1:
         raise UsageError(f"optimizer.decay_fraction must be in (0, 1], got {decay_fraction}")
     if not 0 <= final_lr_fraction < 1:
@@ -346,8 +366,7 @@ def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, 
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
     if schedule == "cosine":
-        return optax.cosine_decay_schedule(learning_rate,
-                                           max(1, round(decay_fraction * num_steps)),
+        return optax.cosine_decay_schedule(learning_rate, max(1, decay_steps),
                                            alpha=final_lr_fraction)
     raise UsageError(f"optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}")
 
@@ -360,6 +379,7 @@ def make_optimizer(
     schedule: str = "constant",
     decay_fraction: float = 1.0,
     final_lr_fraction: float = 0.0,
+    warmup_steps: int = 0,
     l2: float = 0.0,
     l2_sp: float = 0.0,
     weight_decay: float = 0.0,
@@ -386,7 +406,7 @@ def make_optimizer(
         ``momentum``; 0 = plain SGD).
       learning_rate: peak learning rate (> 0).
       schedule: ``"constant"`` or ``"cosine"``.
-      decay_fraction, final_lr_fraction: the cosine's shape
+      decay_fraction, final_lr_fraction, warmup_steps: the schedule's shape
         (:func:`learning_rate_schedule`); the defaults decay to 0 over the whole run.
       l2: coupled L2 on the kernels (:func:`kernel_l2`); 0 disables.
       l2_sp: coupled L2 of the kernels toward the params the optimizer is initialised on
@@ -422,7 +442,7 @@ def make_optimizer(
                          "optimizer.l2 for coupled L2")
     lr = learning_rate_schedule(learning_rate, schedule, num_steps,
                                 decay_fraction=decay_fraction,
-                                final_lr_fraction=final_lr_fraction)
+                                final_lr_fraction=final_lr_fraction, warmup_steps=warmup_steps)
     if name == "adam":
         inner = optax.adam(lr)
     elif name == "adamw":

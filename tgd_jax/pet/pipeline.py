@@ -61,7 +61,8 @@ def _supervised_data(config: ml_collections.ConfigDict
     # process makes its own rows (tgd_jax.train.trainer.fit).
     train_ids, val_ids = data_lib.split_studies(info.studies, config.data.val_studies)
     path, version, scale = config.data.path, config.data.version, config.data.intensity_scale
-    train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale, info=info)
+    train_pairs = data_lib.supervised_pairs(path, version, train_ids, scale=scale, info=info,
+                                            target=config.data.get("target", "target"))
     val_pairs = (data_lib.supervised_pairs(path, version, val_ids, scale=scale, info=info)
                  if val_ids else None)
     held = config.get("validation")

@@ -38,6 +38,9 @@ flags.DEFINE_enum("recipe", None, ["sparse", "oncology"], "Override what each st
 flags.DEFINE_enum("lesions", None, ["single", "graded"], "Override the test lesions: single "
                   "(one 8-10 mm liver lesion) or graded (plus 6-22 mm liver and soft-tissue "
                   "spheres at 4:1, docs/simulator.md).")
+flags.DEFINE_bool("noiseless", None, "Override (train, finetune): also store each version's "
+                  "noiseless reconstruction, <v>/noiseless (test and online files always "
+                  "hold it); the other images are the same with it or without it.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing <out>/<role>.h5 that holds another "
                   "dataset (one holding this very dataset, same spec and seed, is kept and "
                   "not simulated again).")
@@ -87,7 +90,8 @@ def _main(out: Path) -> None:
             high_bmi_fraction=FLAGS.high_bmi_fraction,
             versions=tuple(FLAGS.versions) if FLAGS.versions else None,
             levels=levels, realisations=FLAGS.realisations, ood=FLAGS.ood,
-            recipe=FLAGS.recipe, lesions=FLAGS.lesions)
+            recipe=FLAGS.recipe, lesions=FLAGS.lesions,
+            noiseless=FLAGS.noiseless if role in ("train", "finetune") else None)
         for role in FLAGS.role
     ]
     workdir_lib.check_writable(out)  # before hours of simulation

@@ -53,6 +53,11 @@ class RoleSpec:
     ood: bool = False
     recipe: str = "sparse"  # what each study holds (tgd_jax.sim.phantom.RECIPES)
     lesions: str = "single"  # test lesions (tgd_jax.sim.phantom.LESION_SETS)
+    # train / finetune: also store the reconstruction of the expected (noise-free) 600 s
+    # data, a target no scanner gives (the ceiling of experiments/levers.py); test and
+    # online datasets always hold it. It draws no random numbers: every other image of
+    # the file is the same with it or without it.
+    noiseless: bool = False
 
 
 #: Dataset sizes per role (``python -m tgd_jax.sim --preset``).
@@ -108,7 +113,8 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
                   versions=spec.versions, ood=spec.ood, recipe=spec.recipe,
                   lesion_set=spec.lesions)
     if spec.role in ("train", "finetune"):
-        study = simulate_study(key, config, levels=spec.levels, **common)
+        study = simulate_study(key, config, levels=spec.levels, noiseless=spec.noiseless,
+                               **common)
     elif spec.role == "test":
         study = simulate_study(key, config, realisations=spec.realisations, noiseless=True,
                                liver_lesion=True, levels=spec.levels, **common)
@@ -123,7 +129,10 @@ def make_study(spec: RoleSpec, index: int, seed: int, config: SimConfig) -> Stud
 def recipe_of(spec: RoleSpec, seed: int, config: SimConfig | None = None) -> dict[str, Any]:
     """Everything that determines a role's dataset: its spec, seed and simulator config."""
     config = config or SimConfig(n_slices=spec.n_slices)
-    return json.loads(json.dumps({"spec": dataclasses.asdict(spec), "seed": seed,
+    fields = dataclasses.asdict(spec)
+    if not fields["noiseless"]:  # (files written before the field existed stay "the same")
+        del fields["noiseless"]
+    return json.loads(json.dumps({"spec": fields, "seed": seed,
                                   "sim_config": config.to_dict()}, sort_keys=True,
                                  default=str))
 

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from tgd_jax import masks, methods
+from tgd_jax.train import data as data_lib
 from tgd_jax.train.errors import UsageError
 from tgd_jax.train.step import LOSSES
 
@@ -48,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.patch_size = 32  # the paper trains on 32 x 32 x 3 patches
     c.data.augment = True  # random flips and 90-degree rotations (the 8 dihedral transforms)
     c.data.intensity_scale = 1.0  # images are multiplied by this before the network (SUV units)
+    c.data.target = "target"  # training target: target (the 600 s image) | noiseless (the
+    # simulator's noise-free reconstruction, a ceiling no scanner gives; a file simulated
+    # with --noiseless); the held-out loss stays against the 600 s image
+    c.data.hot_fraction = 0.0  # share of patches drawn to hold a hot voxel (the top 1 % of
+    # its target volume: organs, lesions, nodes); 0: uniform positions
     c.data.prefetch = 2  # batches prepared ahead on a background thread
 
     c.optimizer = ml_collections.ConfigDict()
@@ -61,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0  # adamw only (decoupled; masked too under TGD)
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.warmup_steps = 0  # linear warm-up from 0 to learning_rate over these steps
     c.optimizer.decay_fraction = 1.0  # cosine: decays over this share of the steps, then
     c.optimizer.final_lr_fraction = 0.0  # holds at this fraction of the peak rate
     c.optimizer.grad_clip = 0.0  # global-norm clipping; 0 disables
@@ -86,6 +93,9 @@ ADDED_FIELDS: dict[str, Any] = {
     "optimizer.decay_fraction": 1.0,
     "optimizer.final_lr_fraction": 0.0,
     "optimizer.l2_sp": 0.0,
+    "optimizer.warmup_steps": 0,
+    "data.target": "target",
+    "data.hot_fraction": 0.0,
 }
 
 
@@ -296,6 +306,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "must be in (0, 1]")  # NaN fails too
     need(0 <= c.optimizer.final_lr_fraction < 1, "optimizer.final_lr_fraction",
          "must be in [0, 1)")
+    need(isinstance(c.optimizer.warmup_steps, int) and c.optimizer.warmup_steps >= 0
+         and (c.num_steps <= 0 or c.optimizer.warmup_steps < c.num_steps),
+         "optimizer.warmup_steps", "must be a whole number >= 0 and below num_steps")
+    one_of("data.target", c.data.target, data_lib.TARGETS)
+    need(isinstance(c.data.hot_fraction, int | float) and 0 <= c.data.hot_fraction <= 1,
+         "data.hot_fraction", "must be in [0, 1]")
     for field in ("l2", "l2_sp", "weight_decay", "grad_clip"):
         need(c.optimizer[field] >= 0, f"optimizer.{field}", "must be >= 0")  # NaN fails
     need(not c.optimizer.weight_decay or c.optimizer.name == "adamw", "optimizer.weight_decay",

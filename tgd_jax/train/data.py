@@ -30,7 +30,8 @@ from tgd_jax.train import readers
 from tgd_jax.train.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
 __all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
-           "split_studies", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL"]
+           "split_studies", "hot_voxels", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL",
+           "TARGETS"]
 
 #: Random streams of the patch sampler: training batches, and fixed validation batches.
 STREAM_TRAIN, STREAM_VAL = 0, 1
@@ -84,16 +85,25 @@ def split_studies(studies: Sequence[str], val_studies: int) -> tuple[list[str], 
     return studies[:-val_studies], studies[-val_studies:]
 
 
+#: What a supervised pair's target can be: the 600 s/bed image (what a scanner gives), or
+#: the simulator's reconstruction of the expected data (``<v>/noiseless``: a ceiling).
+TARGETS = ("target", "noiseless")
+
+
 def supervised_pairs(path: str | Path, version: str, studies: Sequence[str] | None = None,
-                     *, scale: float = 1.0, info: DatasetInfo | None = None) -> PairSet:
-    """Every count level's input -> the 600 s target, same ``version``, of each study.
+                     *, scale: float = 1.0, info: DatasetInfo | None = None,
+                     target: str = "target") -> PairSet:
+    """Every count level's input -> the study's ``target`` image, same ``version``.
 
     ``info``: the file's :func:`open_dataset` result, if already validated (skips reading
-    the whole file again).
+    the whole file again). ``target``: one of :data:`TARGETS`; ``"noiseless"`` needs a
+    file simulated with it (``python -m tgd_jax.sim --noiseless``).
 
     Raises:
-      DatasetError: the file is invalid, has no inputs, or lacks ``version``.
+      DatasetError: the file is invalid, has no inputs, or lacks ``version`` or the target.
     """
+    if target not in TARGETS:
+        raise UsageError(f"data.target must be one of {TARGETS}, got {target!r}")
     info = info or open_dataset(path)
     if version not in info.versions:
         raise DatasetError(f"{path}: no reconstruction version '{version}' "
@@ -106,12 +116,16 @@ def supervised_pairs(path: str | Path, version: str, studies: Sequence[str] | No
     pairs: list[tuple[int, int]] = []
     with h5py.File(path, "r") as f:
         for study in _select(path, info.studies, studies):
-            target = len(volumes)
-            volumes.append(_read(f, study, f"{version}/target", scale))
-            names.append(f"{study}/{version}/target")
+            if f"{version}/{target}" not in f[study]:
+                raise DatasetError(f"{path}: study '{study}': no key '{version}/{target}'"
+                                   + (" (simulate the file with --noiseless)"
+                                      if target == "noiseless" else ""))
+            goal = len(volumes)
+            volumes.append(_read(f, study, f"{version}/{target}", scale))
+            names.append(f"{study}/{version}/{target}")
             for level in info.levels_s:
                 key = f"{version}/{level_key(level)}"
-                pairs.append((len(volumes), target))
+                pairs.append((len(volumes), goal))
                 volumes.append(_read(f, study, key, scale))
                 names.append(f"{study}/{key}")
     return PairSet(tuple(volumes), np.asarray(pairs, np.int64), tuple(names))
@@ -167,9 +181,23 @@ def steps_per_epoch(pairs: PairSet, patch_size: int, batch_size: int) -> int:
     return max(1, math.ceil(patches / batch_size))
 
 
+def hot_voxels(pairs: PairSet, quantile: float = 0.99) -> tuple[np.ndarray, ...]:
+    """Per pair, the ``(N, 3)`` int ``(z, y, x)`` of its target's hot voxels: those at or
+    above the target volume's ``quantile``, on the centre slices ``1..Z-2`` a 2.5D patch
+    can be centred on (the bladder, heart, kidneys, lesions and nodes of a PET image)."""
+    per_volume: dict[int, np.ndarray] = {}
+    for _, goal in pairs.pairs:
+        if int(goal) not in per_volume:
+            inner = pairs.volumes[goal][1:-1]
+            zyx = np.argwhere(inner >= np.quantile(inner, quantile))
+            per_volume[int(goal)] = zyx + np.array([1, 0, 0])
+    return tuple(per_volume[int(goal)] for _, goal in pairs.pairs)
+
+
 def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch_size: int,
                  augment: bool = True, stream: int = STREAM_TRAIN,
-                 rows: slice | None = None) -> Batch:
+                 rows: slice | None = None, hot: Sequence[np.ndarray] | None = None,
+                 hot_fraction: float = 0.0) -> Batch:
     """A batch of random 2.5D patches, a pure function of ``(seed, step, stream)``.
 
     Each example: a pair, a centre slice ``z`` (1..Z-2, so its 3 slices exist), a
@@ -183,6 +211,10 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
       rows: the rows to make (one process's share, :func:`tgd_jax.train.parallel.process_rows`);
         None: all. The rows of several processes concatenated are exactly the batch one
         process makes alone, so the run does not depend on how many processes share it.
+      hot, hot_fraction: oversampling of hot structures: each row is, with probability
+        ``hot_fraction``, a patch holding a voxel drawn uniformly from its pair's ``hot``
+        (:func:`hot_voxels`) at a uniform position within the patch. These draws come from
+        a stream of their own, so ``hot_fraction=0`` gives the batches it always gave.
 
     Returns:
       ``{"inputs": (R, p, p, 3), "targets": (R, p, p, 3)}`` float32, slices as channels,
@@ -203,6 +235,11 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
         zs = 1 + (rng.random(batch_size) * (own[:, 0] - 2)).astype(int)
         ys = (rng.random(batch_size) * (own[:, 1] - patch_size + 1)).astype(int)
         xs = (rng.random(batch_size) * (own[:, 2] - patch_size + 1)).astype(int)
+    if hot_fraction > 0:
+        if hot is None:
+            raise UsageError("sample_batch: hot_fraction > 0 needs hot (hot_voxels(pairs))")
+        zs, ys, xs = _hot_rows(np.random.default_rng([seed, step, stream, 1]), pairs, hot,
+                               hot_fraction, pick, dims, patch_size, (zs, ys, xs))
     rots = rng.integers(4, size=batch_size) if augment else np.zeros(batch_size, int)
     flips = rng.integers(2, size=batch_size) if augment else np.zeros(batch_size, int)
     made = range(batch_size)[rows if rows is not None else slice(None)]
@@ -217,6 +254,28 @@ def sample_batch(pairs: PairSet, *, seed: int, step: int, batch_size: int, patch
                 patch = patch[:, :, ::-1]
             out[name][i] = np.moveaxis(patch, 0, -1)
     return out
+
+
+def _hot_rows(rng: np.random.Generator, pairs: PairSet, hot: Sequence[np.ndarray],
+              fraction: float, pick: np.ndarray, dims: np.ndarray, p: int,
+              zyx: tuple[np.ndarray, np.ndarray, np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``zyx`` with the rows drawn as hot (probability ``fraction``) moved onto a hot voxel."""
+    zs, ys, xs = (np.array(a) for a in zyx)
+    n = len(pick)
+    chosen = rng.random(n) < fraction
+    u, offset = rng.random(n), rng.integers(0, p, size=(n, 2))  # every row draws: rows of
+    # several processes see the same numbers
+    for b in np.flatnonzero(chosen):
+        voxels = hot[pick[b]]
+        if not len(voxels):
+            continue
+        z, y, x = voxels[int(u[b] * len(voxels))]
+        _, h, w = dims[pick[b]]
+        zs[b] = z
+        ys[b] = np.clip(y - offset[b, 0], 0, h - p)
+        xs[b] = np.clip(x - offset[b, 1], 0, w - p)
+    return zs, ys, xs
 
 
 class Prefetcher:

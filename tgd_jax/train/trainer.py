@@ -111,7 +111,8 @@ def learning_rate_at(config: ml_collections.ConfigDict, num_steps: int
     o = config.optimizer
     schedule = optim.learning_rate_schedule(
         o.learning_rate, o.schedule, num_steps, decay_fraction=o.get("decay_fraction", 1.0),
-        final_lr_fraction=o.get("final_lr_fraction", 0.0))
+        final_lr_fraction=o.get("final_lr_fraction", 0.0),
+        warmup_steps=o.get("warmup_steps", 0))
     return lambda step: float(schedule(max(0, step - 1)))
 
 
@@ -265,11 +266,14 @@ def _fit(*, config: ml_collections.ConfigDict, workdir: Path, model: nn.Module,
     validate = Validator(eval_fn, held_out(val_pairs if val_pairs is not None else train_pairs),
                          {name: held_out(p) for name, p in (extra_val or {}).items()})
     rows = parallel.process_rows(config.batch_size, mesh)
+    hot_fraction = float(config.data.get("hot_fraction", 0.0))
+    hot = data_lib.hot_voxels(train_pairs) if hot_fraction > 0 else None
 
     def make_batch(step: int) -> dict[str, np.ndarray]:  # host only: see data.Prefetcher
         return data_lib.sample_batch(
             train_pairs, seed=config.seed, step=step, batch_size=config.batch_size,
-            patch_size=config.data.patch_size, augment=config.data.augment, rows=rows)
+            patch_size=config.data.patch_size, augment=config.data.augment, rows=rows,
+            hot=hot, hot_fraction=hot_fraction)
 
     # A resumed run hides in TensorBoard what a killed invocation wrote after its checkpoint
     # (as metrics.jsonl is cut back); a fresh start hides a failed first attempt's.
