@@ -197,7 +197,10 @@ def collect(out: Path, seeds: list[int], previous: dict | None = None) -> dict:
             records = read_metrics(workdir / "metrics.jsonl")
             steps = int({**BASE, **LEVERS[lever]}["num_steps"])
             p = plateau(records, steps)
-            entry["loss"].append([r["val_loss"] for r in records if "val_loss" in r][-1])
+            # in SUV^2 whatever the lever's intensity scale (the loss is of scaled images)
+            scale = float({**BASE, **LEVERS[lever]}.get("data.intensity_scale", 1.0))
+            entry["loss"].append([r["val_loss"] for r in records if "val_loss" in r][-1]
+                                 / scale ** 2)
             entry["fall"].append(100 * p["fall"])
             entry["plateau"].append(p["plateau"])
             wall = workdir / "cpu_seconds.json"
