@@ -374,3 +374,27 @@ def test_a_resume_on_another_device_count_says_so(tmp_path, written, now, warned
     assert trainer.resume(ckpt, state, None, lines.append, devices=now) is state
     assert any(f"written on {written} devices and this run has {now}" in line
                for line in lines) == warned
+
+
+def test_warm_up_and_hot_patches_reach_the_training_run(toy_data, tmp_path):
+    # Warm-up: the first update runs at learning rate 0, so the weights after step 1 are
+    # the initial ones (bit for bit); the second is not. Hot patches: another batch stream.
+    from tgd_jax.pet.models import model_from_config
+
+    def run(name, **fields):
+        config = tiny_train_config(toy_data["train"], num_steps=4, eval_every=4,
+                                   keep_steps=(1, 2), **fields)
+        pipeline.train(config, tmp_path / name, log=quiet)
+        return config, {s: checkpoints.load(tmp_path / name / "kept" / str(s))[0]
+                        for s in (1, 2)}
+
+    config, warm = run("warm", **{"optimizer.warmup_steps": 2})
+    start = pipeline.initial_variables(model_from_config(config.model), config)
+    for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(warm[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(
+        jax.tree.leaves(start["params"]), jax.tree.leaves(warm[2]), strict=True))
+    _, plain = run("plain")
+    _, hot = run("hot", **{"data.hot_fraction": 1.0})
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(plain[2]), jax.tree.leaves(hot[2]), strict=True))
