@@ -30,16 +30,22 @@ def reference_normalize(x: np.ndarray) -> np.ndarray:
     return np.ones_like(x) if hi > 0 else np.zeros_like(x)
 
 
-def reference_kse(kernel, alpha: float = 1.0, k: int = 5):
-    """Loops straight from the paper's formulas, float64. Returns (s, dm, e, kse)."""
+def reference_kse(kernel, alpha: float = 1.0, k: int = 5, groups: int = 1):
+    """Loops straight from the paper's formulas, float64. Returns (s, dm, e, kse).
+
+    ``groups > 1``: a grouped conv's kernel ``(*spatial, C_in / groups, C_out)``; input
+    channel ``c`` is read through slot ``c % (C_in / groups)`` by the outputs of group
+    ``c // (C_in / groups)`` only, and its kernels are those."""
     w = np.asarray(kernel, np.float64)
-    c_in, n_out = w.shape[-2:]
+    per_in, c_out = w.shape[-2:]
+    c_in, n_out = per_in * groups, c_out // groups
     kk = max(0, min(k, n_out - 1))
     s = np.zeros(c_in)
     dm = np.zeros((c_in, n_out))
     e = np.zeros(c_in)
     for c in range(c_in):
-        group = [w[..., c, n].ravel() for n in range(n_out)]
+        g, j = divmod(c, per_in)
+        group = [w[..., j, g * n_out + n].ravel() for n in range(n_out)]
         s[c] = sum(np.abs(g).sum() for g in group)
         for i in range(n_out):
             dists = sorted(

@@ -161,3 +161,21 @@ def test_rejects_non_conv_kernels(bad):
 def test_rejects_k_below_one():
     with pytest.raises(ValueError, match="k >= 1"):
         kse.kse_scores(jnp.ones((3, 3, 2, 2)), k=0)
+
+
+@pytest.mark.parametrize("groups, per_in, c_out", [(2, 3, 6), (4, 1, 4), (4, 1, 8), (3, 2, 9)],
+                         ids=["grouped", "depthwise", "depthwise-x2", "grouped-3"])
+def test_a_grouped_kernel_rates_each_input_channel_over_its_own_groups_kernels(
+        groups, per_in, c_out):
+    from tgd_jax.graph import Layer, kernel_by_input
+
+    w = jax.random.normal(jax.random.key(groups + c_out), (3, 3, per_in, c_out))
+    c_in = per_in * groups
+    layer = Layer("g", "g/kernel", 2, 3, "conv", tuple(range(c_in)),
+                  tuple(range(c_in, c_in + c_out)), groups=groups)
+    s, dm, e, score = reference_kse(w, alpha=1.0, k=5, groups=groups)
+    by_input = kernel_by_input(w, layer)
+    assert by_input.shape == (3, 3, c_in, c_out // groups)
+    np.testing.assert_allclose(kse.kernel_sparsity(by_input), s, rtol=1e-5)
+    np.testing.assert_allclose(kse.kernel_density(by_input, k=5), dm, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kse.kse_scores(by_input), score, atol=1e-5)

@@ -272,3 +272,37 @@ def test_paper_mode_needs_gates_in_the_topology(tiny_dncnn):
     assert not any(node.gates for node in plain.topology())
     with pytest.raises(ValueError, match="names no TGD gates"):
         tgd_plan(variables["params"], plain.topology(), 0.5, mode="paper")
+
+
+@pytest.mark.parametrize("groups, per_in, c_out", [(2, 3, 6), (4, 1, 8)], ids=["grouped", "dw"])
+def test_readers_retrain_exactly_the_grouped_kernel_elements_that_read_a_retrained_map(
+        groups, per_in, c_out):
+    # Truth from the conv itself: the kernel elements with a gradient when only input
+    # channel c is non-zero are those that read c.
+    from tgd_jax.graph import ChannelGraph, Layer
+
+    c_in = per_in * groups
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, per_in, c_out))
+
+    def reads_channel(c):
+        x = jnp.zeros((1, 5, 5, c_in)).at[..., c].set(1.0)
+        conv = lambda w: jax.lax.conv_general_dilated(  # noqa: E731
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups).sum()
+        return np.asarray(jax.grad(conv)(kernel) != 0)
+
+    source = Layer("a", "a/kernel", 2, 3, "conv", (-1,), tuple(range(c_in)))
+    grouped = Layer("g", "g/kernel", 2, 3, "conv", tuple(range(c_in)),
+                    tuple(range(c_in, c_in + c_out)), groups=groups)
+    graph = ChannelGraph((source, grouped), {}, frozenset(grouped.out_maps))
+    params = {"a": {"kernel": jnp.ones((3, 3, 1, c_in))}, "g": {"kernel": kernel}}
+    retrained = np.zeros(c_in, bool)
+    retrained[[0, c_in - 1]] = True
+    mask = masks.expand_channel_masks(
+        params, graph, {"a": retrained, "g": np.zeros(c_out, bool)}, readers="all")
+    want = np.zeros(kernel.shape, bool)
+    for c in np.flatnonzero(retrained):
+        want |= reads_channel(int(c))
+    got = np.broadcast_to(np.asarray(mask["g"]["kernel"]), kernel.shape)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < want.sum() < want.size

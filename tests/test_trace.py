@@ -12,7 +12,7 @@ from flax import linen as nn
 from flax import nnx
 
 from tgd_jax import TraceError, trace_topology
-from tgd_jax.graph import from_topology
+from tgd_jax.graph import ChannelGraph, from_topology
 from tgd_jax.pet.models import DnCNN, ResNetDenoiser, UNet
 
 # --- models of every family ------------------------------------------------------------
@@ -142,7 +142,24 @@ class Tiled(nn.Module):
         return nn.Conv(3, (3, 3), name="head")(jnp.concatenate([up, twice, a], -1))
 
 
+class Separable(nn.Module):
+    """MobileNet / ConvNeXt constructs: a depthwise conv (groups = C_in) with BatchNorm, a
+    depthwise conv with channel multiplier 2, a grouped conv (2 groups), a pointwise conv
+    and a residual add around the block."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        stem = nn.relu(nn.Conv(4, (3, 3), name="stem")(x))
+        h = nn.Conv(4, (3, 3), feature_group_count=4, use_bias=False, name="dw")(stem)
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, name="dw_bn")(h))
+        h = nn.relu(nn.Conv(8, (3, 3), feature_group_count=4, name="dw2")(h))  # 2 per input
+        h = nn.relu(nn.Conv(6, (3, 3), feature_group_count=2, name="grouped")(h))
+        h = nn.Conv(4, (1, 1), name="pw")(h) + stem
+        return nn.Conv(3, (1, 1), name="head")(h)
+
+
 LINEN = {
+    "separable": lambda: Separable(),
     "tile": lambda: Tiled(),
     "setup-nested": lambda: Nested(),
     "sequential": lambda: DnCNN(features=(6, 5, 4, 3)),
@@ -179,6 +196,10 @@ def test_the_families_have_what_they_are_named_for():
     graph = trace_topology(unet.apply, *_linen(unet), train=False)
     assert ("dec0a_conv", 4) in graph.readers["enc0b_conv"]  # the skip, after up0's 4
     assert graph.layer["up1"].kind == "conv_transpose"
+    separable = trace_topology(Separable().apply, *_linen(Separable()), train=False)
+    assert [(la.path, la.groups, la.c_in, la.c_out) for la in separable.layers
+            if la.groups > 1] == [("dw", 4, 4, 4), ("dw2", 4, 4, 8), ("grouped", 2, 8, 6)]
+    assert ChannelGraph.from_json(separable.to_json()) == separable
     dense = trace_topology(DenseNetish().apply, *_linen(DenseNetish()))
     assert dense.readers["c0"] == (("c1", 0), ("c2", 0), ("c3", 0))
     assert dense.layer["head"].kind == "dense" and dense.readers["c3"] == (("head", 0),)
@@ -222,19 +243,6 @@ def test_lax_graph_equals_the_measured_wiring():
 
 def _conv(features, **kw):
     return nn.Conv(features, (3, 3), **kw)
-
-
-class Grouped(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return _conv(4, name="g", feature_group_count=2)(_conv(4, name="a")(x))
-
-
-class Depthwise(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        h = _conv(4, name="a")(x)
-        return _conv(4, name="dw", feature_group_count=4)(h)
 
 
 class FlattenDense(nn.Module):
@@ -297,8 +305,6 @@ class Sorted(nn.Module):
 
 
 REFUSED = {
-    "grouped": (Grouped, "feature_group_count=2", "conv_general_dilated", "Grouped/g"),
-    "depthwise": (Depthwise, "feature_group_count=4", "conv_general_dilated", "Depthwise/dw"),
     "flatten-dense": (FlattenDense, "merges or splits the channel axis", "reshape",
                       "FlattenDense"),
     "attention": (Attention, "attention-style", "dot_general", "Attention"),

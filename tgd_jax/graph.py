@@ -30,12 +30,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from tgd_jax.errors import UsageError
 from tgd_jax.topology import Topology, get_path, has_path, validate_topology
 
 __all__ = ["Layer", "ChannelGraph", "from_topology", "as_graph", "PARAMS", "key_name",
-           "flat_paths", "map_with_paths", "unflatten_paths"]
+           "kernel_by_input", "flat_paths", "map_with_paths", "unflatten_paths"]
 
 #: The collection whose leaves an optimizer trains (Linen's ``"params"``; NNX ``Param``).
 PARAMS = "params"
@@ -55,6 +57,10 @@ class Layer:
       in_maps: ``(C_in,)`` id of the map each input channel reads, ``-1`` for none.
       out_maps: ``(C_out,)`` id of the map each output channel writes.
       name: where the model builds it (its name stack; for messages).
+      groups: a grouped conv's ``feature_group_count`` (depthwise: ``C_in``): output
+        channel ``o`` reads only the input channels of its group
+        ``o // (C_out / groups)``, so the kernel holds ``C_in / groups`` input channels
+        (:func:`kernel_by_input`).
 
     Example:
       >>> layer = Layer("b", "b/kernel", 2, 3, "conv", in_maps=(0, 1), out_maps=(2,))
@@ -70,6 +76,12 @@ class Layer:
     in_maps: tuple[int, ...]
     out_maps: tuple[int, ...]
     name: str = ""
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.c_in % self.groups or self.c_out % self.groups:
+            raise UsageError(f"layer '{self.path}': groups={self.groups} must divide its "
+                             f"{self.c_in} input and {self.c_out} output channels")
 
     @property
     def c_in(self) -> int:
@@ -179,7 +191,7 @@ class ChannelGraph:
                         "in_axis": layer.in_axis, "out_axis": layer.out_axis,
                         "c_in": layer.c_in, "c_out": layer.c_out,
                         "in_maps": list(layer.in_maps), "out_maps": list(layer.out_maps),
-                        "name": layer.name} for layer in self.layers],
+                        "name": layer.name, "groups": layer.groups} for layer in self.layers],
             "readers": {k: [list(r) for r in v] for k, v in self.readers.items()},
             "groups": [list(g) for g in self.groups],
             "leaves": {k: {"axis": a, "maps": list(m)} for k, (a, m) in self.leaves.items()},
@@ -200,13 +212,50 @@ class ChannelGraph:
         layers = tuple(Layer(path=e["path"], kernel=e["kernel"], in_axis=int(e["in_axis"]),
                              out_axis=int(e["out_axis"]), kind=e["kind"],
                              in_maps=tuple(e["in_maps"]), out_maps=tuple(e["out_maps"]),
-                             name=e.get("name", "")) for e in record["layers"])
+                             name=e.get("name", ""), groups=int(e.get("groups", 1)))
+                       for e in record["layers"])
         leaves = {k: (int(v["axis"]), tuple(v["maps"])) for k, v in record["leaves"].items()}
         return cls(layers=layers, leaves=leaves, outputs=frozenset(record["outputs"]),
                    other=tuple(record.get("other", ())))
 
     def __str__(self) -> str:
         return json.dumps(self.to_json()["readers"])
+
+
+def kernel_by_input(kernel: Any, layer: Layer) -> Any:
+    """A layer's kernel as ``(*spatial, C_in, C_out / groups)``: row ``c`` holds the
+    kernels that read input channel ``c``, one per output channel of its group.
+
+    A plain layer (``groups == 1``) is only moved to ``(..., C_in, C_out)``; a dense kernel
+    gets one spatial axis of size 1. For a grouped conv, input channel ``c = g * (C_in /
+    groups) + j`` is read through the kernel's slot ``j`` by the outputs of group ``g``
+    only; this layout puts exactly those kernels on its row, so anything computed per input
+    channel over its kernels (KSE, the L1 mass) is the same code for every layer.
+
+    Raises:
+      UsageError: the kernel's shape does not fit the layer.
+
+    Example:
+      >>> import numpy as np
+      >>> depthwise = Layer("dw", "dw/kernel", 2, 3, "conv", (0, 1, 2), (3, 4, 5), groups=3)
+      >>> kernel_by_input(np.arange(3.0).reshape(1, 1, 1, 3), depthwise)[0, 0].tolist()
+      [[0.0], [1.0], [2.0]]
+    """
+    xp = jnp if isinstance(kernel, jax.Array) else np
+    shape = tuple(kernel.shape)
+    moved = xp.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
+    if moved.shape[-2:] != (layer.c_in // layer.groups, layer.c_out):
+        raise UsageError(f"'{layer.kernel}' has shape {shape}, which does not fit the graph's "
+                         f"{layer.c_in} -> {layer.c_out} channels"
+                         + (f" in {layer.groups} groups" if layer.groups > 1 else ""))
+    if moved.ndim < 3:
+        moved = moved.reshape((1, *moved.shape))
+    if layer.groups == 1:
+        return moved
+    g, spatial = layer.groups, moved.shape[:-2]
+    per = moved.reshape(*spatial, layer.c_in // g, g, layer.c_out // g)  # (..., j, g, n)
+    per = xp.moveaxis(per, -2, -3)  # (..., g, j, n)
+    return per.reshape(*spatial, layer.c_in, layer.c_out // g)
 
 
 def from_topology(topology: Topology, params: Mapping[str, Any],

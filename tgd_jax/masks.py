@@ -38,8 +38,10 @@ from tgd_jax.errors import UsageError
 from tgd_jax.graph import (
     PARAMS,
     ChannelGraph,
+    Layer,
     as_graph,
     flat_paths,
+    kernel_by_input,
     map_with_paths,
     unflatten_paths,
 )
@@ -103,18 +105,13 @@ def check_phi(phi: float) -> float:
 
 
 def _layer_kernel(params: Params, graph: ChannelGraph, path: str) -> jax.Array:
-    """A layer's kernel as ``(*spatial, C_in, C_out)`` (a dense kernel gets one spatial
-    axis of size 1)."""
+    """A layer's kernel by input channel, ``(*spatial, C_in, C_out / groups)``
+    (:func:`tgd_jax.graph.kernel_by_input`)."""
     layer = graph.layer[path]
     flat = flat_paths(params)
     if layer.kernel not in flat:
         raise UsageError(f"the graph names kernel '{layer.kernel}', which params do not have")
-    kernel = jnp.asarray(flat[layer.kernel])
-    kernel = jnp.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
-    if kernel.shape[-2:] != (layer.c_in, layer.c_out):
-        raise UsageError(f"'{layer.kernel}' has shape {tuple(flat[layer.kernel].shape)}, which "
-                         f"does not fit the graph's {layer.c_in} -> {layer.c_out} channels")
-    return kernel if kernel.ndim >= 3 else kernel.reshape((1, *kernel.shape))
+    return kernel_by_input(jnp.asarray(flat[layer.kernel]), layer)
 
 
 def map_scores(params: Params, topology: Graphish, *, alpha: float = 1.0, k: int = 5,
@@ -330,9 +327,7 @@ def _mirror(tree: Params, graph: ChannelGraph, decision: np.ndarray, collection:
             shape[layer.out_axis] = layer.c_out
             out = np.asarray(decision[list(layer.out_maps)]).reshape(shape)
             if reading is not None and layer.path in reading and reading[layer.path].any():
-                in_shape = [1] * np.ndim(leaf)
-                in_shape[layer.in_axis] = layer.c_in
-                out = out | reading[layer.path].reshape(in_shape)
+                out = out | _reading_mask(reading[layer.path], layer, np.ndim(leaf))
             return jnp.asarray(out)
         attached = graph.leaves.get(f"{collection}/{path}")
         if attached is not None:
@@ -346,6 +341,23 @@ def _mirror(tree: Params, graph: ChannelGraph, decision: np.ndarray, collection:
         return jnp.ones((), bool) if other == "train" else None
 
     return map_with_paths(leaf_mask, tree)
+
+
+def _reading_mask(reading: np.ndarray, layer: Layer, ndim: int) -> np.ndarray:
+    """``(C_in,)`` retrained input channels -> the kernel elements that read them, shaped to
+    broadcast against the kernel: element ``[..., j, o]`` of a grouped kernel reads input
+    channel ``(o // (C_out / groups)) * (C_in / groups) + j``."""
+    shape = [1] * ndim
+    if layer.groups == 1:
+        shape[layer.in_axis] = layer.c_in
+        return reading.reshape(shape)
+    per_in, per_out = layer.c_in // layer.groups, layer.c_out // layer.groups
+    j, o = np.meshgrid(np.arange(per_in), np.arange(layer.c_out), indexing="ij")
+    table = reading[(o // per_out) * per_in + j]  # (C_in / groups, C_out)
+    shape[layer.in_axis], shape[layer.out_axis] = per_in, layer.c_out
+    if layer.in_axis > layer.out_axis:
+        table = table.T
+    return table.reshape(shape)
 
 
 def check_mode(mode: str) -> str:

@@ -469,9 +469,11 @@ def check_variables(graph: ChannelGraph, params: Any, batch_stats: Any = None) -
             raise UsageError(f"the graph's layer '{layer.path}' has kernel '{layer.kernel}', "
                              f"which params do not have")
         shape = np.shape(kernel)
-        if (shape[layer.in_axis], shape[layer.out_axis]) != (layer.c_in, layer.c_out):
+        if (shape[layer.in_axis] * layer.groups, shape[layer.out_axis]) != (layer.c_in,
+                                                                            layer.c_out):
             raise UsageError(f"'{layer.kernel}' has shape {shape}, but the graph expects "
-                             f"{layer.c_in} -> {layer.c_out} channels")
+                             f"{layer.c_in} -> {layer.c_out} channels"
+                             + (f" in {layer.groups} groups" if layer.groups > 1 else ""))
     for name, (axis, maps) in graph.leaves.items():
         collection, _, path = name.partition("/")
         if collection not in trees:

@@ -24,7 +24,7 @@ import numpy as np
 from tgd_jax import masks as masks_lib
 from tgd_jax import methods as methods_lib
 from tgd_jax.errors import TGDWarning, UsageError
-from tgd_jax.graph import ChannelGraph, as_graph, flat_paths
+from tgd_jax.graph import ChannelGraph, as_graph, flat_paths, kernel_by_input
 from tgd_jax.topology import Topology
 
 __all__ = ["PAPER_FRACTIONS", "DEFAULT_PHIS", "threshold_study", "output_change",
@@ -78,9 +78,8 @@ def consumer_share(params: Any, topology: Topology | ChannelGraph,
     flat = flat_paths(params)
     mass = {}  # reader -> L1 mass per input channel
     for layer in graph.layers:
-        kernel = np.abs(np.asarray(flat[layer.kernel]))
-        kernel = np.moveaxis(kernel, (layer.in_axis, layer.out_axis), (-2, -1))
-        mass[layer.path] = kernel.reshape(-1, layer.c_in, layer.c_out).sum(axis=(0, 2))
+        kernel = kernel_by_input(np.abs(np.asarray(flat[layer.kernel])), layer)
+        mass[layer.path] = kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=(0, 2))
     reads = graph.reads()
     out = {}
     for layer in graph.layers:

@@ -19,7 +19,9 @@ axis is refused, never guessed:
   the channels of every conv writing the stream one map (union-find);
 * **per-channel variables** (bias, scale, statistics, gate masks) are attached where they
   meet a tracked channel axis elementwise;
-* **refused**: grouped/depthwise convs, channel mixing other than a layer (a reshape that
+* **grouped and depthwise convs** (``feature_group_count > 1``) are layers whose output
+  channel ``o`` reads only its group's input channels (:attr:`tgd_jax.graph.Layer.groups`);
+* **refused**: channel mixing other than a layer (a reshape that
   merges the channel axis, a reduction over it, attention-style contractions of two
   activations), a broadcast of one channel to many, a kernel used twice, a layer stack
   under ``scan``/``while``, and any unknown primitive on a tracked channel axis. The
@@ -284,7 +286,8 @@ def _variable_of(interp: _Interpreter, v: _Value, what: str) -> tuple[int, tuple
 
 
 def _register_layer(interp: _Interpreter, eqn: Any, kernel: _Value, lhs: _Value,
-                    lhs_axis: int, k_in: int, k_out: int, kind: str) -> np.ndarray:
+                    lhs_axis: int, k_in: int, k_out: int, kind: str,
+                    groups: int = 1) -> np.ndarray:
     leaf, leaf_axes, exact = _variable_of(interp, kernel, "kernel")
     name = interp.leaf_names[leaf]
     if interp.collections[leaf] != PARAMS:
@@ -298,12 +301,12 @@ def _register_layer(interp: _Interpreter, eqn: Any, kernel: _Value, lhs: _Value,
                          "two decisions")
     path = name[:-len("/kernel")] if name.endswith("/kernel") else name
     interp.kernel_layer[leaf] = path
-    c_in = kernel.shape[k_in]
+    c_in = kernel.shape[k_in] * groups  # a grouped kernel holds C_in / groups inputs
     in_ids = _read_channels(lhs, lhs_axis, c_in)
     out_ids = interp.new_ids(kernel.shape[k_out], path)
     interp.layers.append(dict(path=path, kernel=name, in_axis=in_axis, out_axis=out_axis,
                               kind=kind, in_ids=in_ids, out_ids=out_ids,
-                              name=str(eqn.source_info.name_stack)))
+                              name=str(eqn.source_info.name_stack), groups=groups))
     return out_ids
 
 
@@ -338,12 +341,11 @@ def _conv(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
         if lhs.ids is not None and lhs.axis == lhs_f:
             out = _Value(shape, axis=out_f, ids=lhs.ids.copy())
         return [out]
-    if groups != 1:
-        raise TraceError(f"grouped/depthwise convolution (feature_group_count={groups}) "
-                         "has no TGD rule")
+    # A grouped conv (depthwise: groups = C_in) is a layer whose output channel o reads
+    # only its group's inputs: exact, recorded as Layer.groups.
     dilated = any(d != 1 for d in eqn.params["lhs_dilation"])
     ids = _register_layer(interp, eqn, rhs, lhs, lhs_f, rhs_i, rhs_o,
-                          "conv_transpose" if dilated else "conv")
+                          "conv_transpose" if dilated else "conv", groups=groups)
     interp.gate_point = (out_f, ids)
     return [_Value(shape, axis=out_f, ids=ids)]
 
@@ -952,7 +954,7 @@ def _build(interp: _Interpreter, outs: list[_Value], names: list[str],
     built = [Layer(path=e["path"], kernel=e["kernel"], in_axis=e["in_axis"],
                    out_axis=e["out_axis"], kind=e["kind"],
                    in_maps=tuple(canon(i) for i in e["in_ids"]), out_maps=e["out_maps"],
-                   name=e["name"]) for e in layers]
+                   name=e["name"], groups=e["groups"]) for e in layers]
     outputs = frozenset(canon(i) for v in outs if v.ids is not None for i in v.ids if i >= 0)
     leaves = {}
     for leaf, (axis, index) in interp.attached.items():
