@@ -376,3 +376,46 @@ def test_a_one_channel_layers_bias_follows_its_channel_and_a_shared_scalar_does_
     assert trained.mask["Conv_2"]["bias"].tolist() == [True]  # was frozen as "other"
     frozen = tgd_jax.tgd_plan(variables["params"], graph, 0.5, last="frozen")
     assert frozen.mask["Conv_2"]["bias"] is None or not frozen.mask["Conv_2"]["bias"].any()
+
+
+def _softsign_primitive():
+    from jax.extend.core import Primitive
+
+    prim = Primitive("test_softsign")
+    prim.def_impl(lambda x: x / (1 + jnp.abs(x)))
+    prim.def_abstract_eval(lambda x: x)  # same shape and dtype
+    return prim
+
+
+class CustomActivation(nn.Module):
+    """A residual block whose activation is a primitive of the user's own."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        act = _softsign_primitive().bind
+        a = act(nn.Conv(4, (3, 3), name="a")(x))
+        b = act(nn.Conv(4, (3, 3), name="b")(a)) + a
+        return nn.Conv(3, (1, 1), name="head")(jnp.concatenate([a, b], -1))
+
+
+def test_a_registered_rule_teaches_the_tracer_a_custom_primitive():
+    from tgd_jax.trace import RULES, register_rule
+
+    model = CustomActivation()
+    variables, x = _linen(model)
+    with pytest.raises(TraceError, match="primitive 'test_softsign'"):
+        trace_topology(model.apply, variables, x)
+    with pytest.raises(TraceError, match="'no_such_op' has no rule to reuse"):
+        register_rule("test_softsign", "no_such_op")
+    register_rule("test_softsign", "tanh")
+    try:
+        with pytest.raises(TraceError, match="already has a rule"):
+            register_rule("test_softsign", "exp")  # a typo must not silently re-wire it
+        with pytest.raises(TraceError, match="already has a rule"):
+            register_rule("conv_general_dilated", "tanh")
+        graph = trace_topology(model.apply, variables, x)
+        reads, outputs, _ = linen_truth(model, variables, x, [])
+        agree(graph, reads, outputs)
+        assert graph.groups == (("a", "b"),)
+    finally:
+        del RULES["test_softsign"]

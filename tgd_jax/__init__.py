@@ -36,7 +36,7 @@ from tgd_jax.masks import (
 from tgd_jax.methods import METHODS, TGDPlan, plan_finetune, tgd_plan
 from tgd_jax.optim import make_optimizer, replace_mask, retrain_only, tgd
 from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology, validate_topology
-from tgd_jax.trace import TraceError, trace_topology
+from tgd_jax.trace import TraceError, register_rule, trace_topology
 
 __version__ = "0.1.0"
 
@@ -66,6 +66,7 @@ __all__ = [
     "tgd_gate",
     "tgd_plan",
     "trace_topology",
+    "register_rule",
     "training_apply",
     "validate_topology",
 ]

@@ -43,7 +43,7 @@ import numpy as np
 
 from tgd_jax.graph import PARAMS, ChannelGraph, Layer, key_name
 
-__all__ = ["trace_topology", "TraceError", "RULES", "leaf_paths"]
+__all__ = ["trace_topology", "TraceError", "RULES", "register_rule", "leaf_paths"]
 
 
 class TraceError(ValueError):
@@ -801,6 +801,51 @@ RULES: dict[str, Rule] = {
     "while": _loop,
     "scan": _loop,
 }
+
+
+def register_rule(primitive: str, rule: str | Rule, *, replace: bool = False) -> None:
+    """Teaches the tracer (and the paper-mode gates of :mod:`tgd_jax.autogate`) a primitive.
+
+    Like Torch-Pruning's ``register_customized_layer``, it changes the process-wide
+    :data:`RULES`: call it once, at import time of the code that defines the primitive.
+
+    Args:
+      primitive: the primitive's name as it appears in the jaxpr (``eqn.primitive.name``;
+        ``jax.make_jaxpr(fn)(x)`` shows it).
+      rule: the NAME of a primitive whose rule applies as it is (the usual case: a custom
+        elementwise activation behaves like ``"tanh"``, a custom op that keeps every
+        channel where it is like ``"sharding_constraint"``, a sub-jaxpr call like
+        ``"closed_call"``), or a function with the built-in rules' signature
+        ``rule(interp, eqn, ins) -> outs``: ``eqn`` the jaxpr equation, ``ins`` what the
+        interpretation knows of each input (``shape``; ``axis``, the channel axis or None;
+        ``ids``, the map id per channel or None), ``outs`` the same for each output.
+        A rule that cannot state a case exactly raises :class:`TraceError`.
+      replace: allow replacing a primitive that already has a rule (built-in or
+        registered); without it that is refused, so that a typo cannot silently
+        change how convs or adds are read.
+
+    Raises:
+      TraceError: ``rule`` names a primitive without a rule, is neither a name nor a
+        callable, or ``primitive`` has a rule and ``replace`` is False.
+
+    Example:
+      >>> register_rule("my_softsign", "tanh")  # an elementwise activation, per channel
+      >>> RULES["my_softsign"] is RULES["tanh"]
+      True
+      >>> del RULES["my_softsign"]
+    """
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise TraceError(f"register_rule: '{rule}' has no rule to reuse (known: "
+                             f"{len(RULES)} primitives, e.g. 'tanh', 'sharding_constraint')")
+        rule = RULES[rule]
+    elif not callable(rule):
+        raise TraceError(f"register_rule: rule must be a primitive name or a function "
+                         f"(interp, eqn, ins) -> outs, got {type(rule).__name__}")
+    if primitive in RULES and not replace:
+        raise TraceError(f"register_rule: '{primitive}' already has a rule; pass "
+                         "replace=True to change it")
+    RULES[primitive] = rule
 
 
 # --- entry point -------------------------------------------------------------------------
