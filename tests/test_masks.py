@@ -306,3 +306,24 @@ def test_readers_retrain_exactly_the_grouped_kernel_elements_that_read_a_retrain
     got = np.broadcast_to(np.asarray(mask["g"]["kernel"]), kernel.shape)
     np.testing.assert_array_equal(got, want)
     assert 0 < want.sum() < want.size
+
+
+def test_equal_width_layers_listed_out_of_order_are_warned_about():
+    import warnings
+
+    from tgd_jax.errors import TGDWarning
+    from tgd_jax.topology import validate_topology
+
+    def conv(c_in):
+        return {"kernel": jnp.ones((3, 3, c_in, 4))}
+
+    params = {"a1": conv(1), "a2": conv(4), "a3": conv(4), "a10": conv(4)}
+    with pytest.warns(TGDWarning, match="'a3' feeding 'a2'"):  # shapes all agree
+        validate_topology(params, sequential_topology(["a1", "a3", "a2", "a10"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_topology(params, sequential_topology(["a1", "a2", "a3", "a10"]))
+        # a restored checkpoint may hold its keys sorted ('a10' before 'a2'): the names'
+        # natural order still says forward, so nothing is said
+        restored = {k: params[k] for k in sorted(params)}
+        validate_topology(restored, sequential_topology(["a1", "a2", "a3", "a10"]))

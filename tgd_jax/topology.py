@@ -13,10 +13,12 @@ Module paths are ``'/'``-joined names inside the Flax ``params`` dict, e.g. ``'c
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tgd_jax.errors import UsageError
+from tgd_jax.errors import TGDWarning, UsageError
 
 __all__ = [
     "ConvNode",
@@ -234,7 +236,30 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
             f"params have conv kernels the topology does not name: {unlisted}; a conv left "
             "out of the list would make its neighbours look connected. Name every conv "
             "(one no other conv reads gets consumer=None)")
+    _warn_out_of_order(params, topology)
     return counts
+
+
+def _natural(path: str) -> list[Any]:
+    """Sort key reading digit runs as numbers: ``conv2`` before ``conv10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def _warn_out_of_order(params: Mapping[str, Any], topology: Topology) -> None:
+    """A chain (``consumer`` links) listed against both orders the params suggest (the
+    order Flax created the kernels in, and the names' natural order) most likely swaps
+    layers: equal-width layers swapped pass every shape check and give a wrong graph."""
+    order = {path: i for i, path in enumerate(conv_paths(params))}
+    links = [(node.conv, node.consumer) for node in topology if node.consumer is not None]
+    against_params = [(a, b) for a, b in links if order[a] > order[b]]
+    against_names = [(a, b) for a, b in links if _natural(a) > _natural(b)]
+    if against_params and against_names:
+        a, b = against_params[0]
+        warnings.warn(
+            f"the topology has '{a}' feeding '{b}', but the params hold '{b}' before '{a}' "
+            "and the names sort the other way too: list a sequential stack in forward "
+            "order (or use trace_topology, which reads the wiring off the model)",
+            TGDWarning, stacklevel=3)
 
 
 def conv_paths(params: Mapping[str, Any], prefix: str = "") -> list[str]:
