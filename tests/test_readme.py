@@ -22,20 +22,29 @@ BLOCKS = {
     "readme": (_blocks(ROOT / "README.md", "## TGD on your own model"), 0),
     "own-model-linen-unet": (_blocks(ROOT / "docs" / "own_model.md"), 0),
     "own-model-nnx": (_blocks(ROOT / "docs" / "own_model.md"), 1),
+    "own-model-nnx-paper": (_blocks(ROOT / "docs" / "own_model.md"), 1, 2),
 }
 
 
 def test_the_pages_have_their_blocks():
     assert len(BLOCKS["readme"][0]) == 1
-    linen, nnx_block = _blocks(ROOT / "docs" / "own_model.md")
+    linen, nnx_block, nnx_paper = _blocks(ROOT / "docs" / "own_model.md")
     assert "UNet" in linen and "nnx.Optimizer" in nnx_block
+    assert 'mode="paper"' in nnx_paper and "tgd_jax.gated" in nnx_paper
+
+
+def _run(name: str) -> dict:
+    """Runs a page's block (after the blocks it continues, if any) in one namespace."""
+    blocks, *indices = BLOCKS[name]
+    namespace: dict = {}
+    for index in indices:
+        exec(compile(blocks[index], name, "exec"), namespace)
+    return namespace
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_block_runs(name):
-    blocks, index = BLOCKS[name]
-    namespace: dict = {}
-    exec(compile(blocks[index], name, "exec"), namespace)
+    namespace = _run(name)
     if "plan" in namespace and "value" in namespace:
         assert 0 < namespace["plan"].summary["retrained_fraction"] < 1
         assert np.isfinite(float(namespace["value"]))
@@ -45,9 +54,7 @@ def test_block_runs(name):
 def test_the_linen_blocks_leave_every_frozen_value_bit_identical(name):
     from tgd_jax.graph import flat_paths
 
-    blocks, index = BLOCKS[name]
-    namespace: dict = {}
-    exec(compile(blocks[index], name, "exec"), namespace)
+    namespace = _run(name)
     before, plan = namespace["variables"], namespace["plan"]
     for collection, after, mask in (("params", namespace["params"], plan.mask),
                                     ("batch_stats", namespace["stats"], plan.stats_mask)):
@@ -61,3 +68,40 @@ def test_the_linen_blocks_leave_every_frozen_value_bit_identical(name):
             assert np.array_equal(np.asarray(old[path])[~m], np.asarray(value)[~m]), path
             moved += int(np.sum(np.asarray(old[path])[m] != np.asarray(value)[m]))
         assert moved > 0, collection  # the retrained part did move
+
+
+def test_the_nnx_paper_block_gates_every_frozen_element_and_keeps_it():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tgd_jax.graph import flat_paths
+
+    ns = _run("own-model-nnx-paper")
+    plan, start, x = ns["plan"], ns["start"], ns["x"]
+    assert plan.summary["mode"] == "paper" and plan.auto_gates
+
+    @jax.jit
+    def grads(p, s):
+        return jax.grad(lambda q: jnp.mean((ns["forward"](nnx.merge_state(q, s), x)[0]
+                                            - 0.9 * x) ** 2))(p)
+
+    masks = flat_paths(plan.mask, none_leaves=True)
+    before, after = flat_paths(start), flat_paths(ns["params"])
+    gated = flat_paths(grads(start, nnx.state(ns["model"], nnx.BatchStat)))
+    # the output layer's gate stays open (closing it would stop every gradient); its
+    # frozen filters are held by the optimizer's mask alone
+    graph = plan.graph
+    open_gate = {la.path for la in graph.layers if set(la.out_maps) & graph.outputs}
+    frozen = moved = gated_frozen = 0
+    for path, value in before.items():
+        m = masks[path]
+        m = np.zeros(np.shape(value), bool) if m is None else np.broadcast_to(
+            np.asarray(m), np.shape(value))
+        assert np.array_equal(np.asarray(value)[~m], np.asarray(after[path])[~m]), path
+        if path.rpartition("/")[0] not in open_gate:  # the gates, not the mask
+            assert not np.any(np.asarray(gated[path])[~m]), path
+            gated_frozen += int((~m).sum())
+        frozen += int((~m).sum())
+        moved += int(np.sum(np.asarray(value)[m] != np.asarray(after[path])[m]))
+    assert open_gate == {"out"} and gated_frozen > 0 and frozen > gated_frozen and moved > 0
