@@ -186,6 +186,36 @@ def test_own_lax_loop_paper_mode():
     assert check_frozen_and_moved(plan.mask, params, p) > 0
 
 
+@pytest.mark.parametrize("through_gates", [True, False], ids=["gated", "plain-apply"])
+def test_paper_mode_says_when_the_training_pass_skipped_its_gates(through_gates):
+    import warnings
+
+    from tgd_jax.errors import TGDWarning
+
+    params, x = _lax_params(), jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+    graph = tgd_jax.trace_topology(lax_net, params, x)
+    plan = tgd_jax.tgd_plan(params, graph, 0.6, mode="paper")
+    apply = tgd_jax.gated(lax_net, plan) if through_gates else lax_net
+    tx = plan.optimizer(optax.adam(1e-2))
+    y = _targets(lax_net(params, x))
+
+    @jax.jit
+    def step(p, o):
+        grads = jax.grad(lambda q: jnp.mean((apply(q, x) - y) ** 2))(p)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        p, o = step(params, tx.init(params))
+        jax.block_until_ready(p)
+        jax.effects_barrier()
+    ungated = [w for w in said if issubclass(w.category, TGDWarning)
+               and "did not pass the gates" in str(w.message)]
+    assert len(ungated) == (0 if through_gates else 1), [str(w.message) for w in said]
+    assert check_frozen_and_moved(plan.mask, params, p) > 0  # the mask holds either way
+
+
 def test_names_the_plan_refers_to_are_checked():
     from tgd_jax.pet.models import DnCNN
     from tgd_jax.topology import dncnn_topology, sequential_topology

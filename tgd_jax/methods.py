@@ -125,10 +125,33 @@ class TGDPlan:
         ``full`` has no mask: the optimizer is unrestricted.
         """
         if inner is None:
-            return optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs)
+            return self._watched(optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs))
         if make_optimizer_kwargs:
             raise UsageError("pass either an optimizer or make_optimizer's keywords, not both")
-        return inner if self.mask is None else optim.tgd(inner, self.mask)
+        return self._watched(inner if self.mask is None else optim.tgd(inner, self.mask))
+
+    def _watched(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        """In paper mode: ``tx`` warning (once per call site) when its gradients did not
+        pass the gates (:func:`tgd_jax.optim.warn_if_ungated`)."""
+        if self.summary.get("mode") != "paper" or self.graph is None:
+            return tx
+        # a map's gate closes when it is frozen, unless no layer reads it or it is an
+        # output (masks.layer_gate_values); which maps are frozen is the optimizer's mask
+        reads, outputs = self.graph.reads(), self.graph.outputs
+        gated = {layer.kernel: (layer.out_axis, np.array([m in reads and m not in outputs
+                                                          for m in layer.out_maps]))
+                 for layer in self.graph.layers}
+        gated = {k: v for k, v in gated.items() if v[1].any()}
+
+        def warn() -> None:
+            warnings.warn(
+                "mode='paper', but the gradients reaching the plan's optimizer did not pass "
+                "the gates (a frozen map's filters got a gradient): the training pass runs "
+                "as projected TGD. Call the model through tgd_jax.training_apply(apply, "
+                "plan) (or tgd_jax.gated), or use mode='projected'", TGDWarning,
+                stacklevel=2)
+
+        return optim.warn_if_ungated(tx, gated, warn) if gated and self.mask is not None else tx
 
     def to_json(self) -> dict[str, Any]:
         """The summary plus the channel masks as 0/1 lists (what ``mask.json`` holds)."""

@@ -23,6 +23,7 @@ the optimizer or recompiling the training step (same tree structure, new values)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +34,7 @@ from tgd_jax.errors import UsageError
 
 __all__ = ["RetrainOnlyState", "retrain_only", "tgd", "replace_mask", "find_mask",
            "check_same_layout", "kernel_l2", "kernel_leaves", "make_optimizer",
-           "learning_rate_schedule", "AnchorState", "kernel_l2_sp"]
+           "learning_rate_schedule", "AnchorState", "kernel_l2_sp", "warn_if_ungated"]
 
 
 class RetrainOnlyState(NamedTuple):
@@ -108,6 +109,63 @@ def retrain_only(mask: Any) -> optax.GradientTransformation:
         return masked, state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def warn_if_ungated(inner: optax.GradientTransformation, gated: Mapping[str, Any],
+                    warn: Callable[[], None]) -> optax.GradientTransformation:
+    """``inner``, watching that the gradients it gets went through paper-mode gates.
+
+    Behind a closed gate (a frozen map of paper mode that some layer reads) the backward
+    pass stops, so the gradient of the filters writing that map is exactly 0. A non-zero
+    value there means the training pass ran without the gates (a plain ``apply`` instead
+    of :func:`tgd_jax.training_apply`): the run is projected TGD, not the paper's. Then
+    ``warn()`` is called on the host (a ``jax.debug.callback``, only on such a step).
+    Which filters are frozen is read from the TGD mask in ``inner``'s state
+    (:func:`find_mask`), so a plan swapped in with :func:`replace_mask` is watched as it
+    is. The state and the updates are ``inner``'s own, untouched.
+
+    Args:
+      inner: the optimizer to wrap, holding a :func:`tgd` mask (its state tree is
+        unchanged, so checkpoints are too).
+      gated: ``'/'``-joined kernel path (:func:`tgd_jax.graph.flat_paths`) -> ``(axis,
+        flags)``: along that (output-channel) axis, True where the map written has a gate
+        that closes when the map is frozen (read by a layer, not a network output).
+      warn: called with no argument when a gradient leaks through a closed gate.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> said = []
+      >>> mask = {"w": jnp.array([True, False])}                    # w[1] frozen
+      >>> tx = warn_if_ungated(tgd(optax.sgd(1.0), mask), {"w": (0, jnp.array([True, True]))},
+      ...                      lambda: said.append("ungated"))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> _ = tx.update({"w": jnp.array([2.0, 0.0])}, tx.init(params), params)
+      >>> _ = tx.update({"w": jnp.array([2.0, 1.0])}, tx.init(params), params)
+      >>> jax.effects_barrier(); said
+      ['ungated']
+    """
+    from tgd_jax.graph import flat_paths
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        mask = find_mask(state)
+        if mask is not None:
+            flat, masks = flat_paths(updates), flat_paths(mask, none_leaves=True)
+            leaks = []
+            for path, (axis, flags) in gated.items():
+                if path not in flat:
+                    continue
+                shape = [1] * jnp.ndim(flat[path])
+                shape[axis] = -1
+                closed = jnp.reshape(jnp.asarray(flags), shape)
+                if masks.get(path) is not None:
+                    closed = closed & ~jnp.asarray(masks[path], bool)
+                leaks.append(jnp.any(jnp.where(closed, flat[path] != 0, False)))
+            if leaks:
+                jax.lax.cond(jnp.any(jnp.stack(leaks)), lambda: jax.debug.callback(warn),
+                             lambda: None)
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
