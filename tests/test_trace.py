@@ -178,6 +178,7 @@ def test_linen_graph_equals_the_measured_wiring(family):
                  if "_bn" in name or name.startswith(("batch_stats/", "params/bn"))]
     reads, outputs, leaf_reads = linen_truth(model, variables, x, bn_leaves)
     agree(graph, reads, outputs)
+    exact_readers_agree(graph, reads)
     # every per-channel BatchNorm variable moves only readers of its map's channel
     maps = graph.reads()
     for (name, i), (moved, reached) in leaf_reads.items():
@@ -188,10 +189,30 @@ def test_linen_graph_equals_the_measured_wiring(family):
     assert bn_leaves or family == "densenet"
 
 
+def exact_readers_agree(graph, reads):
+    """Per writer channel, the layer inputs the graph says it flows into are the ones its
+    perturbation moves; and graph.readers is their union as (reader, offset)."""
+    flows: dict = {}
+    for reader in graph.layers:
+        for j, sources in enumerate(reader.in_sources):
+            for writer in sources:
+                flows.setdefault(writer, set()).add((reader.path, j))
+    for (layer, c), moved in reads.items():
+        assert {p for p in moved if p[0] != OUTPUT} == flows.get((layer, c), set()), (layer, c)
+    for layer in graph.layers:
+        want = {(r, j - c) for (w, c), ps in flows.items() if w == layer.path for r, j in ps}
+        assert set(graph.readers[layer.path]) == want, layer.path
+
+
 def test_the_families_have_what_they_are_named_for():
     residual = trace_topology(ResNetDenoiser(width=5, blocks=2).apply,
                               *_linen(ResNetDenoiser(width=5, blocks=2)), train=False)
     assert residual.groups == (("stem", "block0_1_conv", "block1_1_conv"),)
+    # one decision for the stream, but readers exact per writer: block 0's first conv
+    # reads the stream before block 0's second conv is added to it
+    assert ("block0_0_conv", 0) in residual.readers["stem"]
+    assert ("block0_0_conv", 0) not in residual.readers["block0_1_conv"]
+    assert ("block1_0_conv", 0) in residual.readers["block0_1_conv"]
     unet = UNet(features=(4, 6, 8))
     graph = trace_topology(unet.apply, *_linen(unet), train=False)
     assert ("dec0a_conv", 4) in graph.readers["enc0b_conv"]  # the skip, after up0's 4

@@ -57,6 +57,10 @@ class Layer:
       in_maps: ``(C_in,)`` id of the map each input channel reads, ``-1`` for none.
       out_maps: ``(C_out,)`` id of the map each output channel writes.
       name: where the model builds it (its name stack; for messages).
+      in_sources: per input channel, the ``(writer layer, output channel)`` pairs whose
+        values flow into it without passing through another layer: one pair in a chain,
+        the writers added so far in a residual stream (not the later ones, which tie the
+        same map). ``()``: not recorded (a hand-written topology; exact there anyway).
       groups: a grouped conv's ``feature_group_count`` (depthwise: ``C_in``): output
         channel ``o`` reads only the input channels of its group
         ``o // (C_out / groups)``, so the kernel holds ``C_in / groups`` input channels
@@ -77,6 +81,7 @@ class Layer:
     out_maps: tuple[int, ...]
     name: str = ""
     groups: int = 1
+    in_sources: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.groups < 1 or self.c_in % self.groups or self.c_out % self.groups:
@@ -157,18 +162,29 @@ class ChannelGraph:
 
     @property
     def readers(self) -> dict[str, tuple[tuple[str, int], ...]]:
-        """Layer -> ``((reader, offset), ...)``: every layer reading its output channels,
-        with the input-channel offset at which its channel ``c`` is read (``offset + c``).
-        A map read twice by one layer (``concat([x, x])``) gives two entries."""
-        out: dict[str, tuple[tuple[str, int], ...]] = {}
+        """Layer -> ``((reader, offset), ...)``: every layer whose input a change of this
+        layer's output moves, with the input-channel offset at which its channel ``c`` is
+        read (``offset + c``). A map read twice by one layer (``concat([x, x])``) gives two
+        entries. Exact per writer when the graph records :attr:`Layer.in_sources` (traced
+        graphs): in a residual stream, a block's conv is not a reader of a later block's
+        conv, although both write the stream's maps (:attr:`groups` ties them: one
+        decision); otherwise per map."""
+        out: dict[str, dict[tuple[str, int], None]] = {la.path: {} for la in self.layers}
+        if all(la.in_sources or not la.in_maps for la in self.layers):
+            for reader in self.layers:
+                for j, sources in enumerate(reader.in_sources):
+                    for writer, c in sources:
+                        out[writer][(reader.path, j - c)] = None
+            return {path: tuple(sorted(found, key=self._order)) for path, found in out.items()}
         reads = self.reads()
         for layer in self.layers:
-            found: dict[tuple[str, int], None] = {}
             for c, m in enumerate(layer.out_maps):
                 for reader, j in reads.get(m, ()):
-                    found[(reader, j - c)] = None
-            out[layer.path] = tuple(found)
-        return out
+                    out[layer.path][(reader, j - c)] = None
+        return {path: tuple(found) for path, found in out.items()}
+
+    def _order(self, entry: tuple[str, int]) -> tuple[int, int]:
+        return ([la.path for la in self.layers].index(entry[0]), entry[1])
 
     @property
     def groups(self) -> tuple[tuple[str, ...], ...]:
@@ -191,7 +207,9 @@ class ChannelGraph:
                         "in_axis": layer.in_axis, "out_axis": layer.out_axis,
                         "c_in": layer.c_in, "c_out": layer.c_out,
                         "in_maps": list(layer.in_maps), "out_maps": list(layer.out_maps),
-                        "name": layer.name, "groups": layer.groups} for layer in self.layers],
+                        "name": layer.name, "groups": layer.groups,
+                        "in_sources": [[list(p) for p in ps] for ps in layer.in_sources]}
+                       for layer in self.layers],
             "readers": {k: [list(r) for r in v] for k, v in self.readers.items()},
             "groups": [list(g) for g in self.groups],
             "leaves": {k: {"axis": a, "maps": list(m)} for k, (a, m) in self.leaves.items()},
@@ -212,7 +230,9 @@ class ChannelGraph:
         layers = tuple(Layer(path=e["path"], kernel=e["kernel"], in_axis=int(e["in_axis"]),
                              out_axis=int(e["out_axis"]), kind=e["kind"],
                              in_maps=tuple(e["in_maps"]), out_maps=tuple(e["out_maps"]),
-                             name=e.get("name", ""), groups=int(e.get("groups", 1)))
+                             name=e.get("name", ""), groups=int(e.get("groups", 1)),
+                             in_sources=tuple(tuple((str(w), int(c)) for w, c in ps)
+                                              for ps in e.get("in_sources", ())))
                        for e in record["layers"])
         leaves = {k: (int(v["axis"]), tuple(v["maps"])) for k, v in record["leaves"].items()}
         return cls(layers=layers, leaves=leaves, outputs=frozenset(record["outputs"]),

@@ -100,7 +100,8 @@ class _Interpreter:
         self.collections = collections
         self.shapes = shapes
         self.parent: list[int] = []  # union-find over map ids
-        self.producer: list[str] = []  # the layer that made each id
+        self.producer: list[str] = []  # the layer that made each id ("" for a tie)
+        self.tied: dict[int, tuple[int, int]] = {}  # tie id -> the two ids it combines
         self.layers: list[dict[str, Any]] = []
         self.kernel_layer: dict[int, str] = {}
         self.attached: dict[int, tuple[int, dict[int, int]]] = {}  # leaf -> (axis, idx -> id)
@@ -134,13 +135,40 @@ class _Interpreter:
             self.parent[max(ra, rb)] = min(ra, rb)
         return min(ra, rb)
 
+    def tie(self, a: int, b: int) -> int:
+        """The id of a channel that combines channels ``a`` and ``b`` elementwise (a
+        residual add): one decision with both (union), and a fresh id whose
+        :meth:`sources` are theirs, so that who reads WHICH writer stays exact."""
+        if a < 0 or a == b:
+            return b
+        if b < 0:
+            return a
+        (tied,) = self.new_ids(1, "")
+        self.tied[int(tied)] = (a, b)
+        self.union(int(tied), a)
+        self.union(int(tied), b)
+        return int(tied)
+
+    def sources(self, i: int) -> set[int]:
+        """The layer-made ids whose values flow into channel id ``i`` (itself if a layer
+        made it; the writers of a tie)."""
+        out, todo = set(), [int(i)]
+        while todo:
+            j = todo.pop()
+            if j in self.tied:
+                todo += self.tied[j]
+            elif j >= 0:
+                out.add(j)
+        return out
+
     def layers_of(self, values: Sequence[_Value]) -> list[str]:
         names: dict[str, None] = {}
         for v in values:
             if v.ids is not None:
                 for i in v.ids:
                     if i >= 0:
-                        names[self.producer[int(i)]] = None
+                        for j in sorted(self.sources(int(i))):
+                            names[self.producer[j]] = None
             for leaf, _, _ in v.leaves:
                 names[self.leaf_names[leaf]] = None
         return list(names)
@@ -238,7 +266,7 @@ def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
     for v in acts[1:]:
         if len(v.ids) != len(ids):
             raise TraceError("operands carry different channel counts")
-        ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
+        ids = np.array([interp.tie(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
     for v in variables:
         _attach(interp, v, axis, ids, shape)
     if axis is not None and any(interp.collections[leaf] == PARAMS and len(la) == len(shape)
@@ -585,7 +613,7 @@ def _concatenate(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
     for v in acts:
         if v.axis != axis:
             continue
-        ids = np.array([interp.union(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
+        ids = np.array([interp.tie(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
     return [_Value(shape, axis=axis, ids=ids)]
 
 
@@ -737,7 +765,7 @@ def _cond(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
                 continue
             if v.ids is not None:
                 merged = dataclasses.replace(merged, ids=np.array(
-                    [interp.union(int(a), int(b)) for a, b in zip(merged.ids, v.ids,
+                    [interp.tie(int(a), int(b)) for a, b in zip(merged.ids, v.ids,
                                                                   strict=True)]))
         outs.append(merged)
     return outs
@@ -996,10 +1024,16 @@ def _build(interp: _Interpreter, outs: list[_Value], names: list[str],
     for entry in interp.layers:
         out_maps = tuple(canon(i) for i in entry["out_ids"])
         layers.append(entry | {"out_maps": out_maps})
+    made = {int(i): (e["path"], c) for e in interp.layers for c, i in enumerate(e["out_ids"])}
+
+    def sources(i: int) -> tuple[tuple[str, int], ...]:
+        return tuple(sorted(made[j] for j in interp.sources(int(i)))) if i >= 0 else ()
+
     built = [Layer(path=e["path"], kernel=e["kernel"], in_axis=e["in_axis"],
                    out_axis=e["out_axis"], kind=e["kind"],
                    in_maps=tuple(canon(i) for i in e["in_ids"]), out_maps=e["out_maps"],
-                   name=e["name"], groups=e["groups"]) for e in layers]
+                   name=e["name"], groups=e["groups"],
+                   in_sources=tuple(sources(i) for i in e["in_ids"])) for e in layers]
     outputs = frozenset(canon(i) for v in outs if v.ids is not None for i in v.ids if i >= 0)
     leaves = {}
     for leaf, (axis, index) in interp.attached.items():
