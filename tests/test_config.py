@@ -78,11 +78,17 @@ def test_validate_names_every_bad_field_at_once():
     ("optimizer.warmup_steps", 12, "must be a whole number >= 0 and below num_steps"),
     ("optimizer.warmup_steps", -1, "must be a whole number >= 0 and below num_steps"),
     ("data.target", "truth", "must be one of ('target', 'noiseless')"),
+    ("optimizer.warmup_steps", 6, "must be below the cosine's decay steps"),
+    ("data.target", "noiseless", "'noiseless' needs held-out studies"),
     ("data.hot_fraction", 1.5, "must be in [0, 1]"),
     ("data.hot_fraction", float("nan"), "must be in [0, 1]"),
 ])
 def test_the_lever_fields_refuse_senseless_values(field, value, rule):
     c = config_lib.override(config_lib.train_config("tiny"), **{field: value})  # 12 steps
+    if field == "optimizer.warmup_steps" and value == 6:
+        c.optimizer.decay_fraction = 0.5  # the cosine decays over 6 steps: none left
+    if field == "data.target":
+        c.data.val_studies = 0
     with pytest.raises(ValueError, match=re.escape(f"config.{field} {rule}")):
         config_lib.validate(c)
 

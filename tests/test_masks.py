@@ -327,3 +327,19 @@ def test_equal_width_layers_listed_out_of_order_are_warned_about():
         # natural order still says forward, so nothing is said
         restored = {k: params[k] for k in sorted(params)}
         validate_topology(restored, sequential_topology(["a1", "a2", "a3", "a10"]))
+
+
+def test_gradient_reach_through_a_grouped_reader_follows_the_groups():
+    # a -> depthwise dw (2 groups of 1) -> b (the output). Retrained: a's map 0 and dw's
+    # channel 1. dw's channel 0 is frozen, so its gate closes: map 0's only way to the
+    # loss (dw's group 0) is cut, although dw's other output is reached.
+    from tgd_jax.graph import ChannelGraph, Layer
+
+    graph = ChannelGraph((Layer("a", "a/kernel", 2, 3, "conv", (-1,), (0, 1)),
+                          Layer("dw", "dw/kernel", 2, 3, "conv", (0, 1), (2, 3), groups=2),
+                          Layer("b", "b/kernel", 2, 3, "conv", (2, 3), (4,))),
+                         {}, frozenset({4}))
+    channels = {"a": np.array([True, False]), "dw": np.array([False, True]),
+                "b": np.array([False])}
+    reached = masks.gradient_reach(graph, channels)
+    assert reached == {0: False, 1: False, 2: False, 3: True, 4: True}

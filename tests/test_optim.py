@@ -263,3 +263,20 @@ def test_warm_up_rises_linearly_then_the_cosine_ends_where_it_would(warmup, deca
     for bad in (-1, steps, 2.5):
         with pytest.raises(ValueError, match="optimizer.warmup_steps"):
             make_optimizer(num_steps=steps, schedule="cosine", warmup_steps=bad)
+
+
+def test_a_warm_up_that_leaves_the_cosine_no_step_is_refused():
+    with pytest.raises(ValueError, match="leaves no step for the cosine"):
+        learning_rate_schedule(1e-3, "cosine", 1000, warmup_steps=200, decay_fraction=0.1)
+    learning_rate_schedule(1e-3, "constant", 1000, warmup_steps=200, decay_fraction=0.1)
+
+
+def test_the_gate_watch_passes_extra_arguments_through():
+    from tgd_jax.optim import tgd, warn_if_ungated
+
+    inner = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau())
+    tx = warn_if_ungated(tgd(inner, {"w": jnp.array([True, False])}),
+                         {"w": (0, np.array([True, True]))}, lambda: None)
+    params = {"w": jnp.ones(2)}
+    updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params, value=jnp.array(1.0))
+    assert float(updates["w"][1]) == 0.0

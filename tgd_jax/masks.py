@@ -468,11 +468,16 @@ def gradient_reach(graph: ChannelGraph, channels: Mapping[str, Any]) -> dict[int
     """
     decision = map_decisions(graph, channels)
     reads = graph.reads()
-    readers: dict[int, list[Any]] = {}
+    # map -> the output maps of its readers that its value can move: all of a reader's,
+    # or for a grouped conv only those of the groups whose inputs hold the map
+    readers: dict[int, set[int]] = {}
     for layer in graph.layers:
-        for m in set(layer.in_maps):
+        per_in, per_out = layer.c_in // layer.groups, layer.c_out // layer.groups
+        for j, m in enumerate(layer.in_maps):
             if m >= 0:
-                readers.setdefault(m, []).append(layer)
+                g = j // per_in
+                readers.setdefault(m, set()).update(layer.out_maps[g * per_out:
+                                                                   (g + 1) * per_out])
     maps = {m for layer in graph.layers for m in layer.out_maps if m >= 0}
     reached = {m: False for m in maps}
     # A fixed point: a map tied across a residual stream is written before some of its
@@ -485,7 +490,7 @@ def gradient_reach(graph: ChannelGraph, channels: Mapping[str, Any]) -> dict[int
                 continue
             gate_open = bool(decision[m]) or m not in reads or m in graph.outputs
             if gate_open and (m in graph.outputs or any(
-                    reached.get(c, False) for r in readers.get(m, ()) for c in r.out_maps)):
+                    reached.get(c, False) for c in readers.get(m, ()))):
                 reached[m] = changed = True
     return reached
 

@@ -114,7 +114,8 @@ class TGDPlan:
         """Whether the model must carry TGD gates (paper mode)."""
         return bool(self.gates)
 
-    def optimizer(self, inner: optax.GradientTransformation | None = None,
+    def optimizer(self, inner: optax.GradientTransformation | None = None, *,
+                  watch: bool = True,
                   **make_optimizer_kwargs: Any) -> optax.GradientTransformation:
         """The run's optimizer, restricted to the plan.
 
@@ -123,12 +124,20 @@ class TGDPlan:
         **config.optimizer)`` builds :func:`tgd_jax.optim.make_optimizer` with the mask,
         which also keeps the coupled L2 term of frozen kernels out of the clipping norm.
         ``full`` has no mask: the optimizer is unrestricted.
+
+        In paper mode (``watch=True``) the optimizer also says, in one
+        :class:`~tgd_jax.errors.TGDWarning`, when its gradients did not pass the gates
+        (:func:`tgd_jax.optim.warn_if_ungated`): a loop that trains through a plain
+        ``apply`` runs projected TGD. The watch puts a host callback in the step; pass
+        ``watch=False`` in a loop known to apply the gates (the runtime's step does).
         """
         if inner is None:
-            return self._watched(optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs))
-        if make_optimizer_kwargs:
+            tx = optim.make_optimizer(mask=self.mask, **make_optimizer_kwargs)
+        elif make_optimizer_kwargs:
             raise UsageError("pass either an optimizer or make_optimizer's keywords, not both")
-        return self._watched(inner if self.mask is None else optim.tgd(inner, self.mask))
+        else:
+            tx = inner if self.mask is None else optim.tgd(inner, self.mask)
+        return self._watched(tx) if watch else tx
 
     def _watched(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
         """In paper mode: ``tx`` warning (once per call site) when its gradients did not
@@ -146,10 +155,11 @@ class TGDPlan:
         def warn() -> None:
             warnings.warn(
                 "mode='paper', but the gradients reaching the plan's optimizer did not pass "
-                "the gates (a frozen map's filters got a gradient): the training pass runs "
-                "as projected TGD. Call the model through tgd_jax.training_apply(apply, "
-                "plan) (or tgd_jax.gated), or use mode='projected'", TGDWarning,
-                stacklevel=2)
+                "the gates (a frozen map's filters got a gradient, or a NaN): the training "
+                "pass runs as projected TGD. Call the model through "
+                "tgd_jax.training_apply(apply, plan) (or tgd_jax.gated); a model with "
+                "TGDGate modules needs plan.gates in its 'tgd' collection; or use "
+                "mode='projected'", TGDWarning, stacklevel=2)
 
         return optim.warn_if_ungated(tx, gated, warn) if gated and self.mask is not None else tx
 

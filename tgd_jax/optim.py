@@ -120,6 +120,9 @@ def warn_if_ungated(inner: optax.GradientTransformation, gated: Mapping[str, Any
     value there means the training pass ran without the gates (a plain ``apply`` instead
     of :func:`tgd_jax.training_apply`): the run is projected TGD, not the paper's. Then
     ``warn()`` is called on the host (a ``jax.debug.callback``, only on such a step).
+    The watch has a cost: a host callback in the jitted step (slower dispatch; XLA's
+    persistent compilation cache does not store such steps), which is why the plan's
+    optimizer takes ``watch=False`` once a loop is known to apply its gates.
     Which filters are frozen is read from the TGD mask in ``inner``'s state
     (:func:`find_mask`), so a plan swapped in with :func:`replace_mask` is watched as it
     is. The state and the updates are ``inner``'s own, untouched.
@@ -146,7 +149,7 @@ def warn_if_ungated(inner: optax.GradientTransformation, gated: Mapping[str, Any
     """
     from tgd_jax.graph import flat_paths
 
-    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    def update(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         mask = find_mask(state)
         if mask is not None:
             flat, masks = flat_paths(updates), flat_paths(mask, none_leaves=True)
@@ -163,9 +166,9 @@ def warn_if_ungated(inner: optax.GradientTransformation, gated: Mapping[str, Any
             if leaks:
                 jax.lax.cond(jnp.any(jnp.stack(leaks)), lambda: jax.debug.callback(warn),
                              lambda: None)
-        return inner.update(updates, state, params)
+        return inner.update(updates, state, params, **extra)
 
-    return optax.GradientTransformation(inner.init, update)
+    return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
 def tgd(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
@@ -402,9 +405,19 @@ def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, 
       >>> [round(float(warm(c)), 6) for c in (0, 5, 10, 100)]
       [0.0, 0.05, 0.1, 0.0]
     """
+    if not 0 < decay_fraction <= 1:
+        raise UsageError(f"optimizer.decay_fraction must be in (0, 1], got {decay_fraction}")
+    if not 0 <= final_lr_fraction < 1:
+        raise UsageError(f"optimizer.final_lr_fraction must be in [0, 1), got "
+                         f"{final_lr_fraction}")
     if not (isinstance(warmup_steps, int) and 0 <= warmup_steps < max(num_steps, 1)):
         raise UsageError(f"optimizer.warmup_steps must be a whole number in [0, num_steps="
                          f"{num_steps}), got {warmup_steps!r}")
+    if schedule == "cosine" and warmup_steps >= round(decay_fraction * num_steps) > 0:
+        decay = round(decay_fraction * num_steps)
+        raise UsageError(f"optimizer.warmup_steps={warmup_steps} leaves no step for the "
+                         f"cosine, which decays over the first {decay} steps (num_steps x "
+                         "optimizer.decay_fraction)")
     main = _decay_schedule(learning_rate, schedule, num_steps - warmup_steps,
                            round(decay_fraction * num_steps) - warmup_steps, decay_fraction,
                            final_lr_fraction)
@@ -416,11 +429,6 @@ def learning_rate_schedule(learning_rate: float, schedule: str, num_steps: int, 
 
 def _decay_schedule(learning_rate: float, schedule: str, num_steps: int, decay_steps: int,
                     decay_fraction: float, final_lr_fraction: float) -> optax.Schedule:
-    if not 0 < decay_fraction <= 1:
-        raise UsageError(f"optimizer.decay_fraction must be in (0, 1], got {decay_fraction}")
-    if not 0 <= final_lr_fraction < 1:
-        raise UsageError(f"optimizer.final_lr_fraction must be in [0, 1), got "
-                         f"{final_lr_fraction}")
     if schedule == "constant":
         return optax.constant_schedule(learning_rate)
     if schedule == "cosine":

@@ -102,6 +102,7 @@ class _Interpreter:
         self.parent: list[int] = []  # union-find over map ids
         self.producer: list[str] = []  # the layer that made each id ("" for a tie)
         self.tied: dict[int, tuple[int, int]] = {}  # tie id -> the two ids it combines
+        self._sources: dict[int, frozenset[int]] = {}
         self.layers: list[dict[str, Any]] = []
         self.kernel_layer: dict[int, str] = {}
         self.attached: dict[int, tuple[int, dict[int, int]]] = {}  # leaf -> (axis, idx -> id)
@@ -152,14 +153,15 @@ class _Interpreter:
     def sources(self, i: int) -> set[int]:
         """The layer-made ids whose values flow into channel id ``i`` (itself if a layer
         made it; the writers of a tie)."""
-        out, todo = set(), [int(i)]
-        while todo:
-            j = todo.pop()
-            if j in self.tied:
-                todo += self.tied[j]
-            elif j >= 0:
-                out.add(j)
-        return out
+        i = int(i)
+        if i not in self._sources:  # memoised: ids never change once made, and ties of
+            # ties share sources (walking them again would be exponential in the depth)
+            if i in self.tied:
+                a, b = self.tied[i]
+                self._sources[i] = frozenset(self.sources(a) | self.sources(b))
+            else:
+                self._sources[i] = frozenset({i} if i >= 0 else ())
+        return set(self._sources[i])
 
     def layers_of(self, values: Sequence[_Value]) -> list[str]:
         names: dict[str, None] = {}

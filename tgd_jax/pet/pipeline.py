@@ -206,7 +206,8 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
         + (f", {reach['params_reached']:,} of them reached by the gradient through the "
            "paper-mode gates" if reach else ""))
     steps = num_steps_for(config, train_pairs)
-    tx = plan.optimizer(num_steps=steps, **config.optimizer)
+    tx = plan.optimizer(num_steps=steps, watch=False, **config.optimizer)  # the step
+    # applies the plan's gates itself (tested); no host callback in it
     state = step_lib.create_train_state(variables, tx, plan)
     state, summary = trainer.fit(
         config=config, workdir=workdir, model=model, tx=tx, state=state,

@@ -309,6 +309,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(isinstance(c.optimizer.warmup_steps, int) and c.optimizer.warmup_steps >= 0
          and (c.num_steps <= 0 or c.optimizer.warmup_steps < c.num_steps),
          "optimizer.warmup_steps", "must be a whole number >= 0 and below num_steps")
+    need(not (c.optimizer.schedule == "cosine" and c.num_steps > 0
+              and isinstance(c.optimizer.warmup_steps, int)
+              and c.optimizer.warmup_steps > 0 and isinstance(c.optimizer.decay_fraction,
+                                                              int | float)
+              and c.optimizer.warmup_steps >= round(c.optimizer.decay_fraction
+                                                    * c.num_steps)),
+         "optimizer.warmup_steps", "must be below the cosine's decay steps (num_steps x "
+         "optimizer.decay_fraction)")
+    need(c.data.target == "target" or c.data.val_studies > 0
+         or bool(c.get("validation") and c.validation.path), "data.target",
+         "'noiseless' needs held-out studies (data.val_studies > 0), whose loss stays "
+         "against the 600 s image; without them the best checkpoint would be chosen on "
+         "the noiseless training targets")
     one_of("data.target", c.data.target, data_lib.TARGETS)
     need(isinstance(c.data.hot_fraction, int | float) and 0 <= c.data.hot_fraction <= 1,
          "data.hot_fraction", "must be in [0, 1]")
