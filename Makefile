@@ -10,10 +10,14 @@ STAMP   = $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# scico 0.0.7 is a test dependency (tests/test_foreign.py runs its UNet as a user would)
+# installed without its own: it pins jax <= 0.8.1, which ours is past, and its models need
+# only flax; pip cannot express that in pyproject.toml.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps 'scico==0.0.7'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -427,7 +427,8 @@ def test_paper_mode_warns_when_most_retrained_parameters_cannot_move(family, war
     assert "paper_reach" not in projected.summary  # no gates, nothing cut
 
 
-@pytest.mark.parametrize("family", ["residual", "setup-nested", "unet", "separable"])
+@pytest.mark.parametrize("family", ["residual", "setup-nested", "unet", "separable",
+                                    "groupnorm"])
 def test_paper_reach_on_residual_streams_and_skips_is_what_the_gated_pass_reaches(family):
     # Independent truth on the test families with adds and skips: the gated backward pass.
     import warnings

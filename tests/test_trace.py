@@ -158,7 +158,25 @@ class Separable(nn.Module):
         return nn.Conv(3, (1, 1), name="head")(h)
 
 
+class GroupNormed(nn.Module):
+    """GroupNorm (its statistics tie the channels of a group) in a residual stream with
+    two group sizes, and ShuffleNet's channel shuffle between two grouped convs (a
+    reshape into groups, a transpose, a reshape back)."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        stem = nn.Conv(8, (3, 3), name="stem")(x)
+        h = nn.relu(nn.GroupNorm(num_groups=2, name="a_gn")(stem))
+        h = nn.GroupNorm(num_groups=4, name="b_gn")(nn.Conv(8, (3, 3), name="c")(h)) + stem
+        h = nn.Conv(8, (3, 3), feature_group_count=2, name="g1")(nn.relu(h))
+        b, height, width, _ = h.shape
+        h = h.reshape(b, height, width, 2, 4).swapaxes(-1, -2).reshape(b, height, width, 8)
+        h = nn.Conv(6, (3, 3), feature_group_count=2, name="g2")(h)
+        return nn.Conv(3, (1, 1), name="head")(h)
+
+
 LINEN = {
+    "groupnorm": lambda: GroupNormed(),
     "separable": lambda: Separable(),
     "tile": lambda: Tiled(),
     "setup-nested": lambda: Nested(),
@@ -175,7 +193,8 @@ def test_linen_graph_equals_the_measured_wiring(family):
     variables, x = _linen(model)
     graph = trace_topology(model.apply, variables, x, train=False)
     bn_leaves = [(name, 1) for name in graph.leaves
-                 if "_bn" in name or name.startswith(("batch_stats/", "params/bn"))]
+                 if "_bn" in name or "_gn" in name
+                 or name.startswith(("batch_stats/", "params/bn"))]
     reads, outputs, leaf_reads = linen_truth(model, variables, x, bn_leaves)
     agree(graph, reads, outputs)
     exact_readers_agree(graph, reads)
@@ -250,6 +269,27 @@ def test_nnx_graph_equals_the_measured_wiring():
     assert "batch_stats/norms/1/mean" in graph.leaves  # integer keys, NNX variable types
 
 
+class NNXGroupNormed(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+        self.norm = nnx.GroupNorm(8, num_groups=4, rngs=rngs)
+        self.head = nnx.Conv(8, 2, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.norm(self.stem(x))))
+
+
+def test_nnx_groupnorm_ties_each_group():
+    model = NNXGroupNormed(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    graphdef, state = nnx.split(model)
+    graph = trace_topology(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    reads, outputs, _ = nnx_truth(model, x)
+    agree(graph, reads, outputs)
+    exact_readers_agree(graph, reads)
+    assert graph.layer["stem"].out_maps == (0, 0, 1, 1, 2, 2, 3, 3)  # 4 groups of 2
+
+
 def test_lax_graph_equals_the_measured_wiring():
     params, x = _lax_params(), jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
     graph = trace_topology(lax_net, params, x)
@@ -286,10 +326,14 @@ class LayerNormed(nn.Module):
         return _conv(2, name="b")(nn.LayerNorm(name="ln")(_conv(4, name="a")(x)))
 
 
-class GroupNormed(nn.Module):
+class SplitThenConv(nn.Module):
+    """Channels split in groups by a reshape and read by a conv before being merged back:
+    the conv's channel axis is then the group axis, not the channels."""
+
     @nn.compact
     def __call__(self, x):
-        return _conv(2, name="b")(nn.GroupNorm(num_groups=2, name="gn")(_conv(4, name="a")(x)))
+        h = _conv(4, name="a")(x)
+        return _conv(2, name="b")(h.reshape(*h.shape[:-1], 2, 2)[..., 0])
 
 
 class TwiceUsed(nn.Module):
@@ -330,8 +374,7 @@ REFUSED = {
                       "FlattenDense"),
     "attention": (Attention, "attention-style", "dot_general", "Attention"),
     "layernorm": (LayerNormed, "reduction over the channel axis", "reduce_sum", "LayerNormed/ln"),
-    "groupnorm": (GroupNormed, "merges or splits the channel axis", "reshape",
-                  "GroupNormed/gn"),
+    "split-then-sliced": (SplitThenConv, "split in groups", "slice", "SplitThenConv"),
     "kernel-twice": (TwiceUsed, "used by two layers", "conv_general_dilated", "TwiceUsed"),
     "scan": (Scanned, "loop", "scan", "Scanned"),
     "broadcast": (BroadcastGate, "one channel is broadcast to many", "mul", "BroadcastGate"),

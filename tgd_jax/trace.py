@@ -35,6 +35,7 @@ Sub-jaxprs (``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,9 +70,13 @@ class _Value:
 
     ``axis``/``ids``: the channel axis and the map id of each channel on it (``-1``: not
     a layer's output). ``axis=None`` with one id: a single channel whose axis was
-    squeezed away. ``leaves``: for a value computed from variables only, per variable
-    leaf, the leaf axis behind each value axis (None: broadcast) and whether indices
-    along it are the leaf's own (False after a slice or reversal).
+    squeezed away. ``sub``: the channel axis split in two by a reshape (GroupNorm's
+    ``(..., C) -> (..., G, C / G)``): the channels run over ``axis`` (groups) and ``sub``
+    (= ``axis + 1``, within a group), and ``ids`` has shape ``(G, C / G)``; only
+    elementwise ops, reductions, reshapes and transposes accept such a value. ``leaves``: for a
+    value computed from variables only, per variable leaf, the leaf axis behind each
+    value axis (None: broadcast) and whether indices along it are the leaf's own (False
+    after a slice or reversal).
     """
 
     shape: tuple[int, ...]
@@ -79,6 +84,7 @@ class _Value:
     ids: np.ndarray | None = None
     leaves: tuple[tuple[int, tuple[int | None, ...], tuple[bool, ...]], ...] = ()
     opaque: frozenset[int] = frozenset()  # leaves mixed in by ops the tracer cannot follow
+    sub: int | None = None
 
     @property
     def tracked(self) -> bool:
@@ -167,7 +173,7 @@ class _Interpreter:
         names: dict[str, None] = {}
         for v in values:
             if v.ids is not None:
-                for i in v.ids:
+                for i in np.ravel(v.ids):
                     if i >= 0:
                         for j in sorted(self.sources(int(i))):
                             names[self.producer[j]] = None
@@ -202,6 +208,9 @@ class _Interpreter:
                 rule = _unknown
             self.name_stacks.append(str(eqn.source_info.name_stack))
             try:
+                if rule not in _SPLIT_RULES and any(v.sub is not None for v in ins):
+                    raise TraceError("the channel axis is split in groups (by a reshape) "
+                                     "and this op has no rule for split channels")
                 outs = rule(self, eqn, ins)
             except TraceError as error:
                 if str(error).startswith("trace_topology:"):
@@ -252,23 +261,31 @@ def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Val
     acts = [v for v in ins if v.ids is not None]
     variables = [v for v in ins if v.is_variable and v.ids is None]
     for v in acts:  # operands of equal rank broadcast their size-1 axes
-        if v.axis is not None and (len(v.shape) != len(shape) or v.shape[v.axis] != shape[v.axis]):
+        if v.axis is not None and (len(v.shape) != len(shape) or any(
+                v.shape[a] != shape[a] for a in (v.axis, v.sub) if a is not None)):
             if v.tracked:
                 raise TraceError("one channel is broadcast to many channels (not per-channel)")
             acts = [a for a in acts if a is not v]
-    axes = {v.axis for v in acts}
+    axes = {(v.axis, v.sub) for v in acts}
     if len(axes) > 1:
         raise TraceError(f"operands carry channels on different axes {sorted(map(str, axes))}")
     if not acts:  # variables only (or plain values): combine the variable information
         leaves = tuple(leaf for v in variables for leaf in v.leaves)
         opaque = frozenset().union(*(v.opaque for v in variables)) if variables else frozenset()
         return [_Value(shape, leaves=leaves, opaque=opaque)]
-    axis = acts[0].axis
+    axis, sub = acts[0].axis, acts[0].sub
     ids = acts[0].ids.copy()
     for v in acts[1:]:
-        if len(v.ids) != len(ids):
+        if v.ids.shape != ids.shape:
             raise TraceError("operands carry different channel counts")
-        ids = np.array([interp.tie(int(a), int(b)) for a, b in zip(ids, v.ids, strict=True)])
+        ids = np.array([interp.tie(int(a), int(b)) for a, b in zip(
+            ids.ravel(), v.ids.ravel(), strict=True)]).reshape(ids.shape)
+    if sub is not None:  # split channels: only activations and shared constants meet here
+        for v in variables:
+            if any(len(la) == len(shape) and (la[axis] is not None or la[sub] is not None)
+                   for _, la, _ in v.leaves) or v.opaque:
+                raise TraceError("a variable meets channels split in groups")
+        return [_Value(shape, axis=axis, ids=ids, sub=sub)]
     for v in variables:
         _attach(interp, v, axis, ids, shape)
     if axis is not None and any(interp.collections[leaf] == PARAMS and len(la) == len(shape)
@@ -515,7 +532,10 @@ def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
         else:
             opaque.add(leaf)
     out = _Value(shape, leaves=tuple(leaves), opaque=frozenset(opaque))
-    if v.ids is not None:
+    if v.ids is not None and v.axis is not None and (v.sub is not None or (
+            v.tracked and v.axis not in mapping and v.shape[v.axis] > 1)):
+        out.axis, out.sub, out.ids = _regroup(v, shape)
+    elif v.ids is not None:
         if v.axis is None:
             out.ids = v.ids.copy()
         elif v.axis in mapping:
@@ -527,6 +547,35 @@ def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
         else:
             out.ids = None
     return [out]
+
+
+def _regroup(v: _Value, shape: tuple[int, ...]) -> tuple[int, int | None, np.ndarray]:
+    """A reshape that splits or merges the channel axis, when each element keeps one
+    channel: ``(..., C, ...) -> (..., G, C / G, ...)`` (a split: GroupNorm's groups),
+    its inverse, and the channel axis merged with the axes after it (``jnp.repeat`` of
+    per-group values along the channels: position ``c * S + j`` is channel ``c``).
+    Anything else (a flatten that puts other axes before the channels) is refused."""
+    before = int(np.prod(v.shape[:v.axis]))
+    lead = [k for k in range(len(shape) + 1) if int(np.prod(shape[:k])) == before]
+    if v.sub is None:
+        c = v.shape[v.axis]
+        for k in lead:
+            if (k + 1 < len(shape) and shape[k] * shape[k + 1] == c and shape[k] > 1
+                    and shape[k + 1] > 1 and tuple(shape[k + 2:]) == tuple(v.shape[v.axis + 1:])):
+                return k, k + 1, v.ids.reshape(shape[k], shape[k + 1])
+        for k in lead:
+            for end in range(v.axis + 2, len(v.shape) + 1):  # axes axis..end-1 merged
+                rest = int(np.prod(v.shape[v.axis + 1:end]))
+                if (k < len(shape) and shape[k] == c * rest
+                        and tuple(shape[k + 1:]) == tuple(v.shape[end:])):
+                    return k, None, np.repeat(v.ids, rest)
+    else:
+        g, s = v.ids.shape
+        for k in lead:
+            if k < len(shape) and shape[k] == g * s and (
+                    tuple(shape[k + 1:]) == tuple(v.shape[v.sub + 1:])):
+                return k, None, v.ids.reshape(-1)
+    raise TraceError(f"reshape {v.shape} -> {shape} merges or splits the channel axis")
 
 
 def _squeeze(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
@@ -550,7 +599,12 @@ def _transpose(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value
     leaves = tuple((leaf, tuple(la[p] for p in perm), tuple(ex[p] for p in perm))
                    for leaf, la, ex in v.leaves)
     out = _Value(shape, leaves=leaves, opaque=v.opaque)
-    if v.ids is not None:
+    if v.sub is not None:  # split channels: the two axes may swap (a channel shuffle)
+        a, b = perm.index(v.axis), perm.index(v.sub)
+        if abs(a - b) != 1:
+            raise TraceError("a transpose separates the two halves of a split channel axis")
+        out.axis, out.sub, out.ids = min(a, b), max(a, b), (v.ids if a < b else v.ids.T).copy()
+    elif v.ids is not None:
         out.ids = v.ids.copy()
         out.axis = None if v.axis is None else perm.index(v.axis)
     return [out]
@@ -563,6 +617,8 @@ def _reduce(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     if v.ids is not None and v.axis is not None and v.axis in axes and v.tracked:
         raise TraceError("a reduction over the channel axis mixes the channels")
     keep = [i for i in range(len(v.shape)) if i not in axes]
+    if v.sub is not None:
+        return _reduce_split(interp, v, shapes, axes, keep)
     leaves = tuple((leaf, tuple(la[i] for i in keep), tuple(ex[i] for i in keep))
                    for leaf, la, ex in v.leaves)
     outs = []
@@ -573,6 +629,19 @@ def _reduce(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
             out.axis = None if v.axis is None else keep.index(v.axis)
         outs.append(out)
     return outs
+
+
+def _reduce_split(interp: _Interpreter, v: _Value, shapes: list[tuple[int, ...]],
+                  axes: tuple[int, ...], keep: list[int]) -> list[_Value]:
+    """A reduction of channels split in groups (GroupNorm's statistics). Over the
+    within-group axis it mixes the channels of each group: one tie per group, which puts
+    the group's channels in one decision; the groups stay apart."""
+    if v.sub in axes:
+        ids = np.array([functools.reduce(interp.tie, map(int, row), -1) for row in v.ids])
+        axis, sub = keep.index(v.axis), None
+    else:
+        ids, axis, sub = v.ids.copy(), keep.index(v.axis), keep.index(v.sub)
+    return [_Value(shape, axis=axis, ids=ids.copy(), sub=sub) for shape in shapes]
 
 
 def _cumulative(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
@@ -831,6 +900,10 @@ RULES: dict[str, Rule] = {
     "while": _loop,
     "scan": _loop,
 }
+
+
+# Rules that understand channels split in groups (_Value.sub); any other refuses them.
+_SPLIT_RULES = (_elementwise, _reshape, _reduce, _transpose)
 
 
 def register_rule(primitive: str, rule: str | Rule, *, replace: bool = False) -> None:
