@@ -33,8 +33,18 @@ from tgd_jax.masks import (
     layer_scores,
     mask_summary,
 )
-from tgd_jax.methods import METHODS, TGDPlan, plan_finetune, tgd_plan
+from tgd_jax.methods import (
+    METHODS,
+    SELECTORS,
+    Selection,
+    Selector,
+    TGDPlan,
+    plan_finetune,
+    register_selector,
+    tgd_plan,
+)
 from tgd_jax.optim import make_optimizer, replace_mask, retrain_only, tgd
+from tgd_jax.rule import TGDRule
 from tgd_jax.topology import ConvNode, dncnn_topology, sequential_topology, validate_topology
 from tgd_jax.trace import TraceError, register_rule, trace_topology
 
@@ -43,11 +53,15 @@ __version__ = "0.1.0"
 __all__ = [
     "GATE_COLLECTION",
     "METHODS",
+    "SELECTORS",
+    "Selection",
+    "Selector",
     "ChannelGraph",
     "ConvNode",
     "Layer",
     "TGDGate",
     "TGDPlan",
+    "TGDRule",
     "TraceError",
     "dncnn_topology",
     "drop_kernels",
@@ -67,6 +81,7 @@ __all__ = [
     "tgd_plan",
     "trace_topology",
     "register_rule",
+    "register_selector",
     "training_apply",
     "validate_topology",
 ]

@@ -24,7 +24,7 @@ from tgd_jax import masks as masks_lib
 from tgd_jax.errors import UsageError
 from tgd_jax.gate import tgd_gate
 from tgd_jax.graph import ChannelGraph, flat_paths, unflatten_paths
-from tgd_jax.trace import TraceError, _Interpreter, _plain, _Value, leaf_paths
+from tgd_jax.trace import TraceError, analyze, leaf_paths
 
 __all__ = ["gated", "gated_by", "gate_values", "training_apply"]
 
@@ -118,18 +118,9 @@ def gated_by(apply_fn: Callable[..., Any], graph: ChannelGraph) -> Callable[...,
     order = [layer.path for layer in graph.layers]
 
     def wrapped(gates: Any, variables: Any, *args: Any, **kwargs: Any) -> Any:
-        names, collections, leaves = leaf_paths(variables)
-        treedef = jax.tree.structure(variables)
-
-        def fn(flat: list[Any], *inputs: Any) -> Any:
-            return apply_fn(jax.tree.unflatten(treedef, flat), *inputs, **kwargs)
-
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(list(leaves), *args)
-        analysis = _Interpreter(names, collections, [tuple(np.shape(x)) for x in leaves])
-        variable_values = [_Value(tuple(np.shape(x)), leaves=(
-            (i, tuple(range(np.ndim(x))), (True,) * np.ndim(x)),)) for i, x in enumerate(leaves)]
-        analysis.run(closed.jaxpr, [_plain(np.shape(c)) for c in closed.consts],
-                     variable_values + [_plain(np.shape(a)) for a in jax.tree.leaves(args)])
+        _, _, leaves = leaf_paths(variables)
+        analysis = analyze(apply_fn, variables, *args, **kwargs)
+        closed, out_shape = analysis.jaxpr, analysis.out_shape
         flat_gates = flat_paths(gates)
         traced = [entry["path"] for entry in analysis.layers]
         if traced != order or set(flat_gates) != set(order):
@@ -141,16 +132,16 @@ def gated_by(apply_fn: Callable[..., Any], graph: ChannelGraph) -> Callable[...,
         offset = 0
         for entry in analysis.layers:
             for c, i in enumerate(entry["out_ids"]):
-                index.setdefault(analysis.find(int(i)), offset + c)
+                index.setdefault(analysis.root(i), offset + c)
             offset += len(entry["out_ids"])
 
         def mask_of(ids: np.ndarray) -> jax.Array:
-            return values[np.array([index[analysis.find(int(i))] if i >= 0 else offset
+            return values[np.array([index[analysis.root(i)] if i >= 0 else offset
                                     for i in ids])]
 
         flat_out = _evaluate(closed.jaxpr, list(closed.consts),
                              list(leaves) + list(jax.tree.leaves(args)),
-                             analysis.last_nodes, mask_of)
+                             analysis.nodes, mask_of)
         return jax.tree.unflatten(jax.tree.structure(out_shape), flat_out)
 
     return wrapped

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -46,12 +46,13 @@ from tgd_jax.graph import (
     map_with_paths,
     unflatten_paths,
 )
+from tgd_jax.rule import TGDRule
 from tgd_jax.topology import Topology
 
-__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "tgd_plan", "plan_finetune", "check_variables",
-           "reinitialize"]
+__all__ = ["METHODS", "FROZEN_BN", "TGDPlan", "TGDRule", "Selection", "Selector", "SELECTORS",
+           "register_selector", "tgd_plan", "plan_finetune", "check_variables", "reinitialize"]
 
-#: The fine-tuning methods :func:`plan_finetune` makes plans for.
+#: The built-in fine-tuning methods (:data:`SELECTORS` holds them and any registered).
 METHODS = ("tgd", "last_k", "full", "random", "l1", "packnet")
 #: How the BatchNorm channels of a fine-tuning run normalise in training passes (the
 #: ``frozen_bn`` and ``retrained_bn`` options): see :data:`tgd_jax.masks.BN_MODES`.
@@ -169,14 +170,13 @@ class TGDPlan:
                                              for k, v in self.channels.items()}}
 
 
-def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float, *,
-             alpha: float = 1.0, k: int = 5, first: str = "kse", last: str = "frozen",
-             mode: str = "projected", frozen_bn: str = "running", retrained_bn: str = "batch",
-             combine: str = "max", other: str = "frozen", readers: str = "none",
-             batch_stats: Any = None, scores: Mapping[str, Any] | None = None) -> TGDPlan:
+def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float | None = None, *,
+             rule: TGDRule | None = None, batch_stats: Any = None,
+             scores: Mapping[str, Any] | None = None, **options: Any) -> TGDPlan:
     """The TGD rule in one call: KSE scores, channel masks, params mask, gates.
 
-    ``plan_finetune("tgd", ...)``; see there for the arguments.
+    ``plan_finetune("tgd", ...)``: ``rule`` (a :class:`~tgd_jax.rule.TGDRule`), or its
+    fields as keywords (``phi`` may come positionally).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -191,52 +191,170 @@ def tgd_plan(params: Any, topology: Topology | ChannelGraph, phi: float, *,
       >>> plan.summary["params_retrained"] <= plan.summary["params_total"]
       True
     """
-    return plan_finetune("tgd", params, topology, phi=phi, alpha=alpha, k=k, first=first,
-                         last=last, mode=mode, frozen_bn=frozen_bn, retrained_bn=retrained_bn,
-                         combine=combine, other=other, readers=readers,
-                         batch_stats=batch_stats, scores=scores)
+    if phi is not None:
+        if rule is not None:
+            raise UsageError("pass phi inside rule=, not beside it")
+        options["phi"] = phi
+    return plan_finetune("tgd", params, topology, rule=rule, batch_stats=batch_stats,
+                         scores=scores, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What a selector decides from.
+
+    Attributes:
+      params: the pretrained params.
+      graph: the network's channel graph.
+      rule: the plan's :class:`~tgd_jax.rule.TGDRule`.
+      choice: for a selector with ``uses_kse``, TGD's own decision (layer path ->
+        ``(C_out,)`` bool, KSE below ``rule.phi`` with the first/last policies), which
+        ``random`` and ``l1`` redistribute at the same counts; else ``{}``.
+      key: the PRNG key given to the plan (None if none was).
+      last_k: the ``last_k`` selector's layer count.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> seen = []
+      >>> def spy(sel):  # TGD's own choice, recorded, then kept
+      ...     seen.append({path: m.tolist() for path, m in sel.choice.items()})
+      ...     return dict(sel.choice)
+      >>> register_selector("spy", Selector(spy, uses_kse=True))
+      >>> params = {"a": {"kernel": jnp.ones((3, 3, 1, 2))},
+      ...           "b": {"kernel": jnp.ones((3, 3, 2, 1))}}
+      >>> _ = plan_finetune("spy", params, sequential_topology(["a", "b"]), phi=0.5,
+      ...                   last="train")
+      >>> seen  # identical kernels: KSE cannot tell a's maps apart, both score 1 (kept)
+      [{'a': [False, False], 'b': [True]}]
+      >>> del SELECTORS["spy"]
+    """
+
+    params: Any
+    graph: ChannelGraph
+    rule: TGDRule
+    choice: Mapping[str, Any]
+    key: jax.Array | None
+    last_k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A way of choosing what a plan retrains, registered by name in :data:`SELECTORS`.
+
+    Attributes:
+      channels: ``Selection -> {layer path: (C_out,) bool}``, True = retrained; maps tied
+        together must get one value (every built-in selector decides per map).
+      uses_kse: the selector redistributes TGD's KSE decision (it is computed first and
+        passed as ``Selection.choice``); the rule's threshold fields, ``readers`` and
+        paper mode's gates then apply to it.
+      weights: optional ``Selection -> params mask`` that replaces the mask expanded
+        from the channels (PackNet frees single weights, not channels).
+      restricts: False for plain fine-tuning: the plan has no mask.
+      settings: the rule fields (or ``"last_k"``) the summary records for this selector.
+
+    Example:
+      >>> SELECTORS["random"].uses_kse, SELECTORS["full"].restricts
+      (True, False)
+    """
+
+    channels: Callable[[Selection], dict[str, Any]]
+    uses_kse: bool = False
+    weights: Callable[[Selection], Any] | None = None
+    restricts: bool = True
+    settings: tuple[str, ...] = ()
+
+
+def _select_tgd(sel: Selection) -> dict[str, Any]:
+    return dict(sel.choice)
+
+
+def _select_random(sel: Selection) -> dict[str, Any]:
+    if sel.key is None:
+        raise UsageError("method 'random' needs a PRNG key")
+    key = sel.key
+    return _same_counts(sel.graph, sel.choice, lambda i, maps, n: jax.random.permutation(
+        jax.random.fold_in(key, i), n))
+
+
+def _select_l1(sel: Selection) -> dict[str, Any]:
+    l1 = _map_l1(sel.params, sel.graph)
+    return _same_counts(sel.graph, sel.choice, lambda i, maps, n: jnp.argsort(
+        jnp.asarray(l1[list(maps)]), stable=True))
+
+
+def _select_last_k(sel: Selection) -> dict[str, Any]:
+    graph = sel.graph
+    if not 1 <= sel.last_k <= len(graph.layers):
+        raise UsageError(f"last_k={sel.last_k} must be in [1, {len(graph.layers)}] for this "
+                         "network")
+    trainable = {layer.path for layer in graph.layers[-sel.last_k:]}
+    maps = {m for layer in graph.layers if layer.path in trainable for m in layer.out_maps}
+    return {layer.path: jnp.asarray([m in maps for m in layer.out_maps])
+            for layer in graph.layers}
+
+
+def _constant(value: bool) -> Callable[[Selection], dict[str, Any]]:
+    def select(sel: Selection) -> dict[str, Any]:
+        return {layer.path: jnp.full((layer.c_out,), value) for layer in sel.graph.layers}
+    return select
+
+
+_KSE_SETTINGS = ("phi", "alpha", "k", "first", "last", "mode")
+
+#: name -> :class:`Selector`: the fine-tuning methods :func:`plan_finetune` makes plans
+#: for. ``register_selector`` adds one.
+SELECTORS: dict[str, Selector] = {
+    "tgd": Selector(_select_tgd, uses_kse=True, settings=_KSE_SETTINGS),
+    "last_k": Selector(_select_last_k, settings=("last_k",)),
+    "full": Selector(_constant(True), restricts=False),
+    "random": Selector(_select_random, uses_kse=True, settings=_KSE_SETTINGS),
+    "l1": Selector(_select_l1, uses_kse=True, settings=_KSE_SETTINGS),
+    "packnet": Selector(_constant(False), weights=lambda sel: _packnet_mask(
+        sel.params, sel.graph, sel.rule.packnet_fraction), settings=("packnet_fraction",)),
+}
+
+
+def register_selector(name: str, selector: Selector, *, replace: bool = False) -> None:
+    """Makes ``plan_finetune(name, ...)`` (and the commands' ``--config.method=name``)
+    choose with ``selector``. Replacing a built-in needs ``replace=True``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from tgd_jax.topology import sequential_topology
+      >>> def first_half(sel):  # the first half of every layer's channels
+      ...     return {la.path: jnp.arange(la.c_out) < la.c_out // 2 for la in sel.graph.layers}
+      >>> register_selector("first_half", Selector(first_half))
+      >>> params = {"a": {"kernel": jnp.ones((3, 3, 1, 4))},
+      ...           "b": {"kernel": jnp.ones((3, 3, 4, 2))}}
+      >>> plan = plan_finetune("first_half", params, sequential_topology(["a", "b"]))
+      >>> plan.channels["a"].tolist()
+      [True, True, False, False]
+      >>> del SELECTORS["first_half"]
+    """
+    if not isinstance(selector, Selector):
+        raise UsageError(f"selector {name!r} must be a tgd_jax.methods.Selector, got "
+                         f"{type(selector).__name__}")
+    if name in SELECTORS and not replace:
+        raise UsageError(f"a selector named {name!r} exists; pass replace=True to replace it")
+    SELECTORS[name] = selector
 
 
 def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *,
-                  phi: float = 0.3, alpha: float = 1.0, k: int = 5, first: str = "kse",
-                  last: str = "frozen", mode: str = "projected", frozen_bn: str = "running",
-                  retrained_bn: str = "batch", combine: str = "max", other: str = "frozen",
-                  readers: str = "none", batch_stats: Any = None, last_k: int = 3,
-                  key: jax.Array | None = None, packnet_fraction: float = 0.5,
-                  scores: Mapping[str, Any] | None = None) -> TGDPlan:
+                  rule: TGDRule | None = None, batch_stats: Any = None, last_k: int = 3,
+                  key: jax.Array | None = None, scores: Mapping[str, Any] | None = None,
+                  **options: Any) -> TGDPlan:
     """The :class:`TGDPlan` of ``method`` for a network's ``params``.
 
     Args:
-      method: one of :data:`METHODS`.
+      method: a name in :data:`SELECTORS` (built in: :data:`METHODS`).
       params: the pretrained ``params`` (the pytree the optimizer trains: a Linen params
         dict, or an NNX ``State`` of ``nnx.Param``; the masks mirror its type).
       topology: the network's :class:`~tgd_jax.graph.ChannelGraph`
-        (:func:`tgd_jax.trace_topology`), or a hand-written topology.
-      phi: KSE threshold in [0, 1]; maps scoring below it are retrained (``tgd``,
-        ``random``, ``l1``).
-      alpha, k: KSE parameters (:func:`tgd_jax.kse.kse_scores`).
-      first: policy of maps written only by layers that read the model's input:
-        ``"kse"`` (the rule), ``"frozen"`` or ``"train"``.
-      last: policy of maps no layer reads (the last layer's): ``"frozen"`` (the paper) or
-        ``"train"``.
-      mode: ``"projected"`` (the optax mask alone) or ``"paper"`` (also gate the backward
-        pass: a graph with explicit gates, or :func:`tgd_jax.autogate.gated` around the
-        model's apply function).
-      frozen_bn, retrained_bn: how frozen / retrained BatchNorm channels normalise in
-        training passes, one of :data:`FROZEN_BN`. The default, running statistics for
-        frozen channels, trains the network that is evaluated: a frozen channel
-        normalised with batch statistics in training keeps running statistics that no
-        longer match its inputs once the retrained maps change (docs/method.md).
-        ``retrained_bn="running"`` as well puts every BatchNorm in inference mode.
-      combine: how a map read by several layers combines their scores, one of
-        :data:`tgd_jax.masks.COMBINE`.
-      other: policy of parameters that belong to no channel, ``"frozen"`` or ``"train"``
-        (reported in the summary's ``other``).
-      readers: also retrain the input slices of frozen filters that read retrained maps
-        (:data:`tgd_jax.masks.READERS`: ``"none"``, ``"all"`` readers, or ``"last"``: only
-        the last layers'), the path from the new maps into the kept network. Projected
-        mode only: paper-mode gates stop the gradient of the frozen outputs they feed.
-      packnet_fraction: the fraction of each kernel's weights ``packnet`` frees.
+        (:func:`tgd_jax.trace_topology`), or a hand-written topology (converted here).
+      rule: the :class:`~tgd_jax.rule.TGDRule` (threshold, KSE parameters, first/last
+        policies, mode, BatchNorm modes, ...); or leave it out and pass its fields as
+        keywords (``phi=0.4, mode="paper"``), validated the same way.
       batch_stats: the ``batch_stats`` (needed to train a network that has them: the plan
         then says which statistics may change, ``stats_mask``).
       last_k: layers fine-tuned by ``last_k`` (the last in forward order).
@@ -245,9 +363,10 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         k and combine), to try several thresholds without recomputing KSE.
 
     Raises:
-      UsageError: an unknown method, mode, policy or BatchNorm mode; ``phi`` outside
-        [0, 1]; a topology that does not match the params; ``mode="paper"`` with a hand
-        topology that names no gates (it would silently train in projected mode).
+      UsageError: an unknown method or rule field, a bad value (named by
+        :class:`~tgd_jax.rule.TGDRule`), a topology that does not match the params;
+        ``mode="paper"`` with a hand topology that names no gates (it would silently
+        train in projected mode).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -256,81 +375,58 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
       ...           "b": {"kernel": jax.random.normal(jax.random.key(1), (3, 3, 8, 1))}}
       >>> topology = sequential_topology(["a", "b"])
       >>> tgd = plan_finetune("tgd", params, topology, phi=0.5)
-      >>> rnd = plan_finetune("random", params, topology, phi=0.5, key=jax.random.key(2))
+      >>> rnd = plan_finetune("random", params, topology, rule=TGDRule(phi=0.5),
+      ...                     key=jax.random.key(2))
       >>> int(tgd.channels["a"].sum()) == int(rnd.channels["a"].sum())  # same count, other maps
       True
     """
-    if method not in METHODS:
-        raise UsageError(f"unknown fine-tuning method {method!r}; choose one of {METHODS}")
-    masks_lib.check_mode(mode)
-    for name, value in (("frozen_bn", frozen_bn), ("retrained_bn", retrained_bn)):
-        if value not in FROZEN_BN:
-            raise UsageError(f"{name} must be one of {FROZEN_BN}, got {value!r}")
-    for name, value, allowed in (("combine", combine, masks_lib.COMBINE),
-                                 ("other", other, masks_lib.OTHER),
-                                 ("readers", readers, masks_lib.READERS)):
-        if value not in allowed:
-            raise UsageError(f"{name} must be one of {allowed}, got {value!r}")
-    if readers != "none" and mode == "paper" and method in ("tgd", "random", "l1"):
-        raise UsageError("readers needs mode='projected': in paper mode the gates stop the "
-                         "gradient of the frozen maps those input slices feed")
+    selector = SELECTORS.get(method)
+    if selector is None:
+        raise UsageError(f"unknown fine-tuning method {method!r}; choose one of "
+                         f"{tuple(SELECTORS)}")
+    if rule is None:
+        rule = TGDRule.from_options(options)
+    elif options:
+        raise UsageError(f"pass either rule= or its fields {sorted(options)}, not both")
+    elif not isinstance(rule, TGDRule):
+        raise UsageError(f"rule must be a tgd_jax.TGDRule, got {type(rule).__name__}")
     hand = not isinstance(topology, ChannelGraph)
     graph = as_graph(topology, params, batch_stats)
     check_variables(graph, params, batch_stats)
-    settings: dict[str, Any] = {"method": method}
-    gates: dict[str, Any] = {}
-    auto_gates = False
+    mode = rule.mode if selector.uses_kse else "projected"
+    readers = rule.readers if selector.weights is None else "none"
     used_scores: dict[str, Any] = {}
-    if method in ("tgd", "random", "l1"):
-        masks_lib.check_phi(phi)
+    choice: dict[str, Any] = {}
+    if selector.uses_kse:
         if mode == "paper" and hand and not any(node.gates for node in topology):
             raise UsageError("mode='paper' gates the backward pass, but the topology names no "
                              "TGD gates: build the model with TGDGate modules and list them "
                              "in ConvNode.gates, trace it, or use mode='projected'")
         used_scores = dict(scores if scores is not None else masks_lib.layer_scores(
-            params, graph, alpha=alpha, k=k, combine=combine))
-        channels = masks_lib.channel_masks_from_scores(params, graph, used_scores, phi,
-                                                       first=first, last=last)
-        if method == "random":
-            if key is None:
-                raise UsageError("method 'random' needs a PRNG key")
-            channels = _same_counts(graph, channels, lambda i, maps, n: jax.random.permutation(
-                jax.random.fold_in(key, i), n))
-        elif method == "l1":
-            l1 = _map_l1(params, graph)
-            channels = _same_counts(graph, channels, lambda i, maps, n: jnp.argsort(
-                jnp.asarray(l1[list(maps)]), stable=True))
-        if mode == "paper" and (hand or any(n.startswith("tgd/") for n in graph.leaves)):
+            params, graph, alpha=rule.alpha, k=rule.k, combine=rule.combine))
+        choice = masks_lib.channel_masks_from_scores(params, graph, used_scores, rule.phi,
+                                                     first=rule.first, last=rule.last)
+    selection = Selection(params=params, graph=graph, rule=rule, choice=choice, key=key,
+                          last_k=last_k)
+    channels = selector.channels(selection)
+    settings: dict[str, Any] = {"method": method}
+    settings.update({f: (last_k if f == "last_k" else getattr(rule, f))
+                     for f in selector.settings})
+    if selector.uses_kse and not hand:
+        settings.update(combine=rule.combine)
+    gates: dict[str, Any] = {}
+    auto_gates = False
+    if selector.uses_kse and mode == "paper":
+        if hand or any(n.startswith("tgd/") for n in graph.leaves):
             gates = masks_lib.gate_variables(topology if hand else graph, channels, mode)
-        elif mode == "paper":  # no gate modules: tgd_jax.autogate applies these values
+        else:  # no gate modules: tgd_jax.autogate applies these values
             auto_gates = True
             gates = unflatten_paths({path: jnp.asarray(v) for path, v in
                                      masks_lib.layer_gate_values(graph, channels).items()})
-        settings.update(phi=phi, alpha=alpha, k=k, first=first, last=last, mode=mode)
-        if not hand:
-            settings.update(combine=combine)
-    elif method == "last_k":
-        if not 1 <= last_k <= len(graph.layers):
-            raise UsageError(f"last_k={last_k} must be in [1, {len(graph.layers)}] for this "
-                             "network")
-        trainable = {layer.path for layer in graph.layers[-last_k:]}
-        maps = {m for layer in graph.layers if layer.path in trainable for m in layer.out_maps}
-        channels = {layer.path: jnp.asarray([m in maps for m in layer.out_maps])
-                    for layer in graph.layers}
-        settings.update(last_k=last_k)
-    elif method == "packnet":
-        if not 0.0 < packnet_fraction < 1.0:
-            raise UsageError(f"packnet_fraction must be in (0, 1), got {packnet_fraction}")
-        channels = {layer.path: jnp.zeros((layer.c_out,), bool) for layer in graph.layers}
-        settings.update(packnet_fraction=packnet_fraction)
-    else:  # full
-        channels = {layer.path: jnp.ones((layer.c_out,), bool) for layer in graph.layers}
-    full = method == "full"
-    mask = masks_lib.expand_channel_masks(params, graph, channels,
-                                          other="train" if full else other,
-                                          readers="none" if method == "packnet" else readers)
-    if method == "packnet":
-        mask = _packnet_mask(params, graph, packnet_fraction)
+    other = rule.other if selector.restricts else "train"
+    mask = (selector.weights(selection) if selector.weights is not None else
+            masks_lib.expand_channel_masks(params, graph, channels, other=other,
+                                           readers=readers))
     if readers != "none":
         settings.update(readers=readers)
     summary = masks_lib.mask_summary(params, mask, graph, scores=used_scores or None,
@@ -340,23 +436,23 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
                                           masks_lib.gradient_reach(graph, channels))
         summary["paper_reach"] = {"params_retrained": summary["params_retrained"],
                                   "params_reached": reached}
-    summary.update(settings, frozen_bn=frozen_bn, retrained_bn=retrained_bn)
-    if not full and "other" in summary:
-        summary["other"]["policy"] = other
-    running = masks_lib.running_norms(graph, channels, frozen_bn=frozen_bn,
-                                      retrained_bn=retrained_bn)
+    summary.update(settings, frozen_bn=rule.frozen_bn, retrained_bn=rule.retrained_bn)
+    if selector.restricts and "other" in summary:
+        summary["other"]["policy"] = rule.other
+    running = masks_lib.running_norms(graph, channels, frozen_bn=rule.frozen_bn,
+                                      retrained_bn=rule.retrained_bn)
     flags = (unflatten_paths({norm: jnp.asarray(flag) for norm, flag in running.items()})
              if any(flag.any() for flag in running.values()) else {})
     stats_mask = (None if batch_stats is None else
                   masks_lib.statistics_mask(batch_stats, graph, channels, running))
-    _warn_silent_mistakes(method, summary, running, batch_stats, phi)
+    _warn_silent_mistakes(selector, summary, running, batch_stats, rule.phi)
     return TGDPlan(
-        method=method, channels=channels, mask=None if full else mask,
+        method=method, channels=channels, mask=mask if selector.restricts else None,
         gates=gates, frozen_bn=flags, stats_mask=stats_mask, scores=used_scores,
         summary=summary, graph=graph, auto_gates=auto_gates)
 
 
-def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
+def _warn_silent_mistakes(selector: Selector, summary: Mapping[str, Any],
                           running: Mapping[str, Any], batch_stats: Any, phi: float) -> None:
     """One :class:`~tgd_jax.errors.TGDWarning` line per plan that is valid but most likely
     not what was meant, pointing at the caller's line (outside this module)."""
@@ -377,7 +473,7 @@ def _warn_silent_mistakes(method: str, summary: Mapping[str, Any],
             "gates stop it at frozen maps, so a retrained map whose readers' outputs are all "
             "frozen stays as it is); mode='projected' trains them all", TGDWarning,
             stacklevel=level)
-    if method in ("tgd", "random", "l1") and summary.get("params_retrained", 1) == 0:
+    if selector.uses_kse and summary.get("params_retrained", 1) == 0:
         warnings.warn(
             f"phi={phi} retrains nothing: no map scores below it (KSE lies in [0, 1]; "
             "maps read by no layer follow last=, those written from the input first=)",

@@ -44,7 +44,8 @@ import numpy as np
 
 from tgd_jax.graph import PARAMS, ChannelGraph, Layer, key_name
 
-__all__ = ["trace_topology", "TraceError", "RULES", "register_rule", "leaf_paths"]
+__all__ = ["trace_topology", "analyze", "Analysis", "TraceError", "RULES", "register_rule",
+           "leaf_paths"]
 
 
 class TraceError(ValueError):
@@ -1060,6 +1061,60 @@ def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
         raise TraceError(f"trace_topology: mutable={kwargs['mutable']!r} makes the call "
                          "return its updated collections, which would count as network "
                          "outputs; trace the inference call (train=False, no mutable=)")
+    analysis = analyze(apply_fn, variables, *args, **kwargs)
+    return _build(analysis._interp, analysis.outputs, analysis.names, analysis.collections)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """One call's jaxpr read by the rules: what :func:`trace_topology` builds the graph
+    from and what :func:`tgd_jax.autogate.gated` places its gates by (one walk, one
+    source of truth for both).
+
+    Attributes:
+      jaxpr: the call's closed jaxpr, a function of ``(flat variable leaves, *args)``.
+      out_shape: the call's output shapes (``jax.make_jaxpr(..., return_shape=True)``).
+      names, collections: per variable leaf, its path and collection
+        (:func:`leaf_paths`).
+      layers: per layer in the order the call runs them, ``{"path", "kernel", "out_ids",
+        ...}``: the ids of the maps its output channels write.
+      nodes: the walk as a tree, one node per equation of ``jaxpr``: ``{"gate": (axis,
+        ids) or None, "children": [node lists of its sub-jaxprs]}``; ``gate`` marks where
+        a per-channel parameter meets channel ids (a paper-mode gate goes there).
+      outputs: what the walk knows of each output value (internal).
+    """
+
+    jaxpr: Any
+    out_shape: Any
+    names: list[str]
+    collections: list[str]
+    layers: list[dict[str, Any]]
+    nodes: list[dict[str, Any]]
+    outputs: list[_Value]
+    _interp: _Interpreter
+
+    def root(self, map_id: int) -> int:
+        """The representative of ``map_id``'s decision group (the ids tied to it by adds,
+        concatenated reads or GroupNorm share one root)."""
+        return self._interp.find(int(map_id))
+
+
+def analyze(apply_fn: Callable[..., Any], variables: Any, *args: Any,
+            **kwargs: Any) -> Analysis:
+    """Reads ``apply_fn(variables, *args, **kwargs)`` with the rules (:data:`RULES`).
+
+    Raises:
+      TraceError: as :func:`trace_topology`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def apply(params, x):
+      ...     return jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME",
+      ...                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      >>> a = analyze(apply, {"w": jnp.ones((3, 3, 1, 2))}, jnp.ones((1, 4, 4, 1)))
+      >>> [(layer["path"], len(layer["out_ids"])) for layer in a.layers]
+      [('w', 2)]
+    """
     names, collections, leaves = leaf_paths(variables)
     structs = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32))
                for x in leaves]
@@ -1071,7 +1126,7 @@ def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
     def fn(flat: list[Any], *inputs: Any) -> Any:
         return apply_fn(jax.tree.unflatten(treedef, flat), *inputs, **kwargs)
 
-    closed = jax.make_jaxpr(fn)(structs, *args)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(structs, *args)
     interp = _Interpreter(names, collections, [tuple(np.shape(x)) for x in leaves])
     variable_values = [_Value(tuple(np.shape(x)),
                               leaves=((i, tuple(range(np.ndim(x))), (True,) * np.ndim(x)),))
@@ -1079,7 +1134,9 @@ def trace_topology(apply_fn: Callable[..., Any], variables: Any, *args: Any,
     arg_values = [_plain(np.shape(x)) for x in jax.tree.leaves(args)]
     consts = [_plain(np.shape(c)) for c in closed.consts]
     outs = interp.run(closed.jaxpr, consts, variable_values + arg_values)
-    return _build(interp, outs, names, collections)
+    return Analysis(jaxpr=closed, out_shape=out_shape, names=names, collections=collections,
+                    layers=interp.layers, nodes=interp.last_nodes, outputs=outs,
+                    _interp=interp)
 
 
 def _build(interp: _Interpreter, outs: list[_Value], names: list[str],

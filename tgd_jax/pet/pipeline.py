@@ -24,6 +24,7 @@ from tgd_jax.errors import UsageError
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
 from tgd_jax.pet.models import model_from_config, model_graph
+from tgd_jax.rule import TGDRule
 from tgd_jax.train import checkpoints as ckpt_lib
 from tgd_jax.train import config as config_lib
 from tgd_jax.train import data as data_lib
@@ -156,11 +157,8 @@ def _plan(config: ml_collections.ConfigDict, variables: dict[str, Any],
     model = model_from_config(config.model)
     graph = model_graph(model, variables, config.data.patch_size)
     plan = methods_lib.plan_finetune(
-        config.method, variables["params"], graph,
-        phi=t.phi, alpha=t.alpha, k=t.k, first=t.first, last=t.last, mode=t.mode,
-        frozen_bn=t.frozen_bn, retrained_bn=t.retrained_bn, combine=t.combine,
-        other=t.other, readers=t.readers, batch_stats=variables.get("batch_stats"),
-        last_k=config.last_k, packnet_fraction=t.packnet_fraction,
+        config.method, variables["params"], graph, rule=TGDRule(**t),
+        batch_stats=variables.get("batch_stats"), last_k=config.last_k,
         key=jax.random.fold_in(jax.random.key(config.seed), 1))
     if t.reinit_scale > 0 or config.method == "packnet":
         # fresh values for what is retrained (PackNet's freed weights: 0 unless a scale is

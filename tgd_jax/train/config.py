@@ -15,7 +15,8 @@ from typing import Any
 
 import ml_collections
 
-from tgd_jax import masks, methods
+from tgd_jax import methods
+from tgd_jax.rule import TGDRule
 from tgd_jax.train import data as data_lib
 from tgd_jax.train.errors import UsageError
 from tgd_jax.train.step import LOSSES
@@ -331,25 +332,18 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "is decoupled weight decay, which only optimizer.name='adamw' applies")
     if "tgd" in c:
         t = c.tgd
-        one_of("method", c.method, methods.METHODS)
-        need(0.0 <= t.phi <= 1.0, "tgd.phi", "must be in [0, 1] (KSE is normalised)")
-        one_of("tgd.mode", t.mode, masks.MODES)
-        one_of("tgd.first", t.first, ("kse", "frozen", "train"))
-        one_of("tgd.last", t.last, ("frozen", "train"))
-        one_of("tgd.frozen_bn", t.frozen_bn, methods.FROZEN_BN)
-        one_of("tgd.retrained_bn", t.retrained_bn, methods.FROZEN_BN)
-        one_of("tgd.combine", t.combine, masks.COMBINE)
-        one_of("tgd.other", t.other, masks.OTHER)
-        one_of("tgd.readers", t.readers, masks.READERS)
-        need(t.reinit_scale >= 0, "tgd.reinit_scale", "must be >= 0")
-        need(0 < t.packnet_fraction < 1, "tgd.packnet_fraction", "must be in (0, 1)")
+        one_of("method", c.method, tuple(methods.SELECTORS))
+        # the section is a TGDRule's fields: the rule names every bad one
+        for field in sorted(set(t) - set(TGDRule.fields())):
+            problems.append(f"config.tgd.{field} is not a field of tgd_jax.TGDRule "
+                            f"{TGDRule.fields()}")
+        for field, problem in TGDRule.problems(t):
+            need(False, f"tgd.{field}", problem)
         # L2-SP's anchor is the network the optimizer starts from: re-drawn weights would
         # pull toward noise, not toward the pretrained network
         need(not (c.optimizer.l2_sp and (t.reinit_scale > 0 or c.method == "packnet")),
              "optimizer.l2_sp", "pulls toward the starting weights, which re-initialisation "
              "(tgd.reinit_scale > 0, method packnet) replaces; use one or the other")
-        positive("tgd.alpha", t.alpha)
-        positive("tgd.k", t.k)
         positive("last_k", c.last_k)
         need(bool(c.checkpoint), "checkpoint",
              "must name the network to start from (--config.checkpoint=runs/v1net)")
