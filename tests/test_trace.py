@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,7 +177,45 @@ class GroupNormed(nn.Module):
         return nn.Conv(3, (1, 1), name="head")(h)
 
 
+class _ExamplesBlock(nn.Module):
+    """flax examples/imagenet's ResNetBlock: conv-BN-act-conv-BN, a 1 x 1 projection
+    shortcut with its BatchNorm when the shape changes (its stride 2 or its width). The
+    activation is silu, not relu: on inputs this small a relu unit can be dead at every
+    position, and the perturbation truth then has no evidence for its channel."""
+
+    filters: int
+    strides: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False, name="conv1")(x)
+        y = nn.silu(norm(name="bn1")(y))
+        y = norm(name="bn2")(nn.Conv(self.filters, (3, 3), use_bias=False, name="conv2")(y))
+        if x.shape != y.shape:
+            x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="proj")(x)
+            x = norm(name="proj_bn")(x)
+        return nn.silu(x + y)
+
+
+class ExamplesResNet(nn.Module):
+    """flax examples/imagenet's ResNet in small: a strided 7 x 7 stem with BatchNorm and
+    max pooling, two stages (the second strided, so its first block projects), global
+    average pooling and a Dense head."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.Conv(4, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                    name="conv_init")(x)
+        x = nn.silu(nn.BatchNorm(use_running_average=not train, name="bn_init")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = _ExamplesBlock(4, name="block0")(x, train)
+        x = _ExamplesBlock(6, (2, 2), name="block1")(x, train)
+        return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
 LINEN = {
+    "examples-resnet": lambda: ExamplesResNet(),
     "groupnorm": lambda: GroupNormed(),
     "separable": lambda: Separable(),
     "tile": lambda: Tiled(),
@@ -240,6 +280,11 @@ def test_the_families_have_what_they_are_named_for():
     assert [(la.path, la.groups, la.c_in, la.c_out) for la in separable.layers
             if la.groups > 1] == [("dw", 4, 4, 4), ("dw2", 4, 4, 8), ("grouped", 2, 8, 6)]
     assert ChannelGraph.from_json(separable.to_json()) == separable
+    examples = trace_topology(ExamplesResNet().apply, *_linen(ExamplesResNet()), train=False)
+    # the identity shortcut ties block 0 to the stem; the projection starts a new stream
+    assert examples.groups == (("conv_init", "block0/conv2"), ("block1/conv2", "block1/proj"))
+    assert examples.readers["block1/proj"] == (("head", 0),)
+    assert ("block1/proj", 0) in examples.readers["block0/conv2"]
     dense = trace_topology(DenseNetish().apply, *_linen(DenseNetish()))
     assert dense.readers["c0"] == (("c1", 0), ("c2", 0), ("c3", 0))
     assert dense.layer["head"].kind == "dense" and dense.readers["c3"] == (("head", 0),)
