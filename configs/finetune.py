@@ -1,10 +1,6 @@
-"""finetune.py: FT-net (last_k), TGD-net (tgd), full fine-tuning and the random / l1 ablations.
+"""``--config=configs/finetune.py[:preset]`` in a source checkout: the package's own config
+(``tgd_jax/pet/configs/finetune.py``), which installed commands use."""
 
-Select a size with a config string: ``--config=configs/finetune.py:demo`` or ``:tiny``.
-"""
+from tgd_jax.pet.configs.finetune import get_config
 
-from tgd_jax.train.config import finetune_config
-
-
-def get_config(preset: str = ""):
-    return finetune_config(preset)
+__all__ = ["get_config"]

@@ -1,10 +1,6 @@
-"""online.py: noise-2-noise TGD on one study (TGD_N2N-net, TGD^2_N2N-net), phi = 0.4.
+"""``--config=configs/online.py[:preset]`` in a source checkout: the package's own config
+(``tgd_jax/pet/configs/online.py``), which installed commands use."""
 
-Select a size with a config string: ``--config=configs/online.py:demo`` or ``:tiny``.
-"""
+from tgd_jax.pet.configs.online import get_config
 
-from tgd_jax.train.config import online_config
-
-
-def get_config(preset: str = ""):
-    return online_config(preset)
+__all__ = ["get_config"]

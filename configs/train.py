@@ -1,11 +1,6 @@
-"""train.py: the DnCNN from scratch on one reconstruction version (v1-net, v2-net).
+"""``--config=configs/train.py[:preset]`` in a source checkout: the package's own config
+(``tgd_jax/pet/configs/train.py``), which installed commands use."""
 
-Select a size with a config string: ``--config=configs/train.py:demo`` (CPU demo) or
-``:tiny`` (tests); the default is the paper's network and schedule.
-"""
+from tgd_jax.pet.configs.train import get_config
 
-from tgd_jax.train.config import train_config
-
-
-def get_config(preset: str = ""):
-    return train_config(preset)
+__all__ = ["get_config"]

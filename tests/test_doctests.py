@@ -15,12 +15,14 @@ from tgd_jax import (
     masks,
     methods,
     optim,
+    rule,
     threshold,
     topology,
     trace,
 )
 
-CORE = (kse, topology, graph, trace, masks, methods, optim, gate, autogate, threshold)
+CORE = (kse, topology, graph, trace, masks, rule, methods, optim, gate, autogate,
+        threshold)
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 

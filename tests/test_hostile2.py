@@ -560,10 +560,15 @@ def _command(script: str):
         delattr(FLAGS, name)
     spec = importlib.util.spec_from_file_location(f"_cmd_{abs(hash(script))}", ROOT / script)
     module = importlib.util.module_from_spec(spec)
+    # a checkout's script imports its command's module, which defines the flags: import it
+    # afresh, since the flags are removed below
+    package_module = f"tgd_jax.pet.commands.{Path(script).stem}"
+    sys.modules.pop(package_module, None)
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
+        sys.modules.pop(package_module, None)
         FLAGS.unparse_flags()
         for name in (set(FLAGS) - set(before)) | {n for n in clash if n in FLAGS}:
             delattr(FLAGS, name)

@@ -1082,6 +1082,17 @@ class Analysis:
         ids) or None, "children": [node lists of its sub-jaxprs]}``; ``gate`` marks where
         a per-channel parameter meets channel ids (a paper-mode gate goes there).
       outputs: what the walk knows of each output value (internal).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def apply(params, x):  # two convs added: one decision for their maps
+      ...     conv = lambda w: jax.lax.conv_general_dilated(
+      ...         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      ...     return conv(params["a"]) + conv(params["b"])
+      >>> params = {"a": jnp.ones((1, 1, 1, 2)), "b": jnp.ones((1, 1, 1, 2))}
+      >>> a = analyze(apply, params, jnp.ones((1, 2, 2, 1)))
+      >>> [a.root(i) for layer in a.layers for i in layer["out_ids"]]
+      [0, 1, 0, 1]
     """
 
     jaxpr: Any

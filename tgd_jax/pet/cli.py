@@ -32,8 +32,8 @@ def start() -> None:
     parallel.quiet_start()
     parallel.use_compilation_cache()
 
-#: The ``configs/`` folder next to the package (a source checkout).
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+#: The commands' default configs, inside the package (so installed commands have them).
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 def apply_shortcuts(config: ml_collections.ConfigDict, **values: Any) -> None:
     """Copies shortcut flags (``--method`` -> ``config.method``) that were given."""
@@ -74,8 +74,23 @@ def reported(name: str) -> contextlib.AbstractContextManager[None]:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """``app.run(main, flags_parser=cli.parse_flags)``: a bad flag, including an unknown or
-    mistyped ``--config.<field>``, is one line on stderr and exit code 2."""
-    return errors.parse_flags(argv)
+    mistyped ``--config.<field>``, is one line on stderr and exit code 2.
+
+    ``--config=configs/<name>.py[:preset]`` where no such file exists (outside a
+    checkout) loads the package's own config of that name, so the same command line
+    works in a checkout, from an installed package and from any folder."""
+    return errors.parse_flags([_package_config(a) for a in argv])
+
+
+def _package_config(arg: str) -> str:
+    if not arg.startswith("--config="):
+        return arg
+    path, colon, preset = arg[len("--config="):].partition(":")
+    # only configs/<name>: a mistyped path of one's own must not load ours
+    if (not path or Path(path).exists() or Path(path).parent != Path("configs")
+            or not (CONFIGS / Path(path).name).is_file()):
+        return arg
+    return f"--config={CONFIGS / Path(path).name}{colon}{preset}"
 
 
 def join_processes(auto: bool = False) -> bool:

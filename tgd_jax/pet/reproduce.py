@@ -37,10 +37,25 @@ from tgd_jax.pet.models import MODELS
 from tgd_jax.train import workdir as workdir_lib
 from tgd_jax.train.errors import RunError, UsageError
 
-__all__ = ["Preset", "PRESETS", "Job", "System", "plan", "run", "REPO", "at_tiny_scale"]
+__all__ = ["Preset", "PRESETS", "Job", "System", "plan", "run", "at_tiny_scale"]
 
 #: The repository root: the commands live there.
-REPO = Path(__file__).resolve().parents[2]
+
+
+def _module(command: str) -> tuple[str, str]:
+    """How a job runs a command: its module (no repository paths, so an installed package
+    reproduces too)."""
+    return ("-m", f"tgd_jax.pet.commands.{command}")
+
+
+def _canonical(argv: Sequence[str]) -> list[str]:
+    """A job's command line without the interpreter, with a command's module written as
+    the script it was before commands moved into the package (``train.py``), so records
+    of either form name the same job."""
+    args = list(argv[1:])
+    if args[:1] == ["-m"] and len(args) > 1 and args[1].startswith("tgd_jax.pet.commands."):
+        args = [args[1].rsplit(".", 1)[1] + ".py", *args[2:]]
+    return args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +188,9 @@ class System:
 class Job:
     """One command of the reproduction.
 
-    ``name`` is unique and names its log and record; ``argv`` runs from the repository
-    root with the current Python; ``weight`` is its expected cost (for the ETA).
+    ``name`` is unique and names its log and record; ``argv`` runs with the current
+    Python from any folder (commands as modules, paths absolute; ``--config=configs/...``
+    names the package's configs); ``weight`` is its expected cost (for the ETA).
     """
 
     name: str
@@ -249,14 +265,15 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
     for seed in p.seeds:
         for version in ("v1", "v2"):
             name = f"{version}net-s{seed}"
-            jobs.append(Job(name, (python, "train.py", f"--workdir={out / name}", cfg("train"),
-                                   f"--config.data.path={data}/train.h5",
+            jobs.append(Job(name, (python, *_module("train"), f"--workdir={out / name}",
+                                   cfg("train"), f"--config.data.path={data}/train.h5",
                                    f"--config.data.version={version}", f"--config.seed={seed}",
                                    f"--config.eval_every={p.eval_every[0]}",
                                    *arch, *steps(p.train_steps), *p.train_flags),
                             deps=("sim-train",), weight=train_weight,
                             system=System(f"{version}-net", seed)))
-    jobs.append(Job("threshold", (python, "threshold.py", f"--checkpoint={out}/v1net-s{p.seeds[0]}",
+    jobs.append(Job("threshold", (python, *_module("threshold"),
+                                  f"--checkpoint={out}/v1net-s{p.seeds[0]}",
                                   f"--data={data}/train.h5", "--version=v1",
                                   f"--studies={p.threshold_studies}",
                                   f"--out={out}/threshold"),
@@ -271,7 +288,7 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
         first = f"v1net-s{p.seeds[0]}"
         for strength in p.l2sp_strengths:
             jobs.append(Job(f"l2sp-select-{strength:g}", (
-                python, "finetune.py", f"--workdir={select / f'{strength:g}'}",
+                python, *_module("finetune"), f"--workdir={select / f'{strength:g}'}",
                 cfg("finetune"), f"--config.data.path={data}/finetune.h5",
                 f"--checkpoint={out / first}", "--method=full",
                 f"--config.seed={p.seeds[0]}", f"--config.eval_every={p.eval_every[1]}",
@@ -286,7 +303,7 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
         for seed in p.seeds if prefix in KEY_FINETUNES + ("l2sp",) else p.seeds[:1]:
             name = f"{prefix}-s{seed}"
             start = f"v1net-s{seed}"
-            jobs.append(Job(name, (python, "finetune.py", f"--workdir={out / name}",
+            jobs.append(Job(name, (python, *_module("finetune"), f"--workdir={out / name}",
                                    cfg("finetune"), f"--config.data.path={data}/finetune.h5",
                                    f"--checkpoint={out / start}", f"--method={method}",
                                    f"--config.seed={seed}",
@@ -298,7 +315,7 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
     seed = p.seeds[0]
     for name, (label, start_prefix, method) in ONLINES.items():
         start = f"{start_prefix}-s{seed}"
-        jobs.append(Job(name, (python, "online.py", f"--workdir={out / name}", cfg("online"),
+        jobs.append(Job(name, (python, *_module("online"), f"--workdir={out / name}", cfg("online"),
                                f"--config.data.path={data}/online.h5",
                                f"--checkpoint={out / start}", f"--method={method}",
                                f"--config.seed={seed}",
@@ -320,7 +337,7 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
                 continue
             # --overwrite: the folder is this job's own (a killed run's is redone)
             jobs.append(Job(f"eval-s{seed}-{version}", (
-                python, "evaluate.py", f"--test={data}/test.h5",
+                python, *_module("evaluate"), f"--test={data}/test.h5",
                 f"--out={out}/eval/s{seed}-{version}", "--overwrite", f"--version={version}",
                 *(f"--net={j.name}={out / j.name}" for j in nets)),
                 deps=("sim-test", *(j.name for j in nets)),
@@ -370,7 +387,7 @@ def done(out: Path, job: Job) -> bool:
     if not path.exists():
         return False
     record = _read_record(path)
-    if record["argv"][1:] != list(job.argv[1:]):  # the interpreter's path may change
+    if _canonical(record["argv"]) != _canonical(job.argv):  # the interpreter may change
         raise UsageError(
             f"job {job.name!r} in {out} was made by another command:\n  "
             f"{shlex.join(record.get('argv')[1:])}\nnow:\n  {shlex.join(job.argv[1:])}\n"
@@ -432,7 +449,7 @@ def run(jobs: Sequence[Job], out: str | Path, *, workers: int = 1, log: Log = pr
                 handle = open(out / "logs" / f"{job.name}.log", "a")  # noqa: SIM115 (closed below)
                 handle.write(f"$ {shlex.join(job.argv)}\n")
                 handle.flush()
-                proc = subprocess.Popen(job.argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(job.argv, stdout=handle, stderr=subprocess.STDOUT,
                                         env=child_env)
                 running[job.name] = (proc, time.monotonic(), handle)
                 log(f"  start {job.name}")

@@ -10,6 +10,7 @@ properties, writes ``<out>/report.json`` and ``<out>/examples.png``.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -119,5 +120,13 @@ def _main(out: Path) -> None:
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``tgd-sim`` (and ``python -m tgd_jax.sim``)."""
+    main_module = sys.modules["__main__"]
+    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
+        main_module.__doc__ = __doc__
     app.run(main, flags_parser=errors.parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,118 @@
+"""The package as a user gets it from ``pip install``: a wheel built from the checkout's
+files, installed into a fresh environment, run from a folder outside the checkout through
+its console scripts (tiny train -> finetune -> denoise), with nothing of the checkout on
+the path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sh(*argv, cwd, env, timeout=300):
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A venv holding only the wheel; its dependencies come from this environment's
+    site-packages through a .pth file (whose own .pth files, such as the editable install
+    of the checkout, are not processed)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    src = tmp / "src"
+    for name in filter(None, files):  # a copy: building in the checkout writes into it
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes((ROOT / name).read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["JAX_PLATFORMS"] = "cpu"
+    _sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+        "-w", tmp / "dist", src, cwd=tmp, env=env)
+    (wheel,) = (tmp / "dist").glob("tgd_jax-*.whl")
+    venv = tmp / "venv"
+    _sh(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp, env=env)
+    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
+    (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _sh(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q",
+        "--no-deps", "--no-index", wheel, cwd=tmp, env=env)
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    return venv / "bin", outside, env
+
+
+def test_the_wheel_runs_the_commands_outside_the_checkout(installed, toy_data):
+    bin_, here, env = installed
+    where = _sh(bin_ / "python", "-c", "import tgd_jax.pet.configs as c; print(c.__file__)",
+                cwd=here, env=env).stdout.strip()
+    assert where.startswith(str(bin_.parent)) and str(ROOT) not in where, where
+    assert "--workdir" in subprocess.run([bin_ / "tgd-train", "--helpshort"], cwd=here,
+                                         env=env, capture_output=True, text=True).stdout
+    v1 = here / "v1net"
+    _sh(bin_ / "tgd-train", f"--workdir={v1}", "--config=configs/train.py:tiny",
+        f"--config.data.path={toy_data['train']}", cwd=here, env=env)
+    assert json.loads((v1 / "summary.json").read_text())["steps"] == 12
+    tgd = here / "tgdnet"
+    _sh(bin_ / "tgd-finetune", f"--workdir={tgd}", f"--checkpoint={v1}", "--method=tgd",
+        "--phi=0.5", "--config=configs/finetune.py:tiny",
+        f"--config.data.path={toy_data['finetune']}", cwd=here, env=env)
+    assert json.loads((tgd / "mask.json").read_text())["method"] == "tgd"
+    out = here / "dn.h5"
+    _sh(bin_ / "tgd-denoise", f"--checkpoint={tgd}", f"--input={toy_data['test']}",
+        "--study=study_000", "--key=v2/realisations", "--index=0", f"--output={out}",
+        cwd=here, env=env)
+    with h5py.File(out) as f:
+        assert np.isfinite(f["denoised"][()]).all()
+    # the versions a run records are the installed package's
+    versions = json.loads((v1 / "versions.json").read_text())
+    assert "tgd-jax" in json.dumps(versions)
+
+
+def test_a_record_of_the_script_form_names_the_same_job(tmp_path):
+    # runs made before the commands moved into the package resume without a rerun
+    from tgd_jax.pet import reproduce as rp
+
+    job = next(j for j in rp.plan("demo", tmp_path, tiny=True) if j.name.startswith("v1net"))
+    assert job.argv[1:3] == ("-m", "tgd_jax.pet.commands.train")
+    old = [job.argv[0], "train.py", *job.argv[3:]]
+    record = tmp_path / "jobs" / f"{job.name}.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"argv": old}))
+    assert rp.done(tmp_path, job)
+    record.write_text(json.dumps({"argv": [*old, "--config.seed=9"]}))
+    with pytest.raises(ValueError, match="was made by another command"):
+        rp.done(tmp_path, job)
+
+
+def test_config_names_resolve_to_the_package_configs_but_a_path_of_ones_own_does_not():
+    from tgd_jax.pet import cli
+
+    here = Path.cwd()
+    try:
+        os.chdir(ROOT.parent)  # no configs/ folder here
+        assert (cli._package_config("--config=configs/train.py:demo")
+                == f"--config={cli.CONFIGS}/train.py:demo")
+        for kept in ("--config=/nowhere/configs/train.py:demo", "--config=train.py",
+                     "--config=configs/nosuch.py", "--config.tgd.phi=0.3"):
+            assert cli._package_config(kept) == kept
+        os.chdir(ROOT)  # a checkout's own configs/ folder is used as it is
+        assert (cli._package_config("--config=configs/train.py:demo")
+                == "--config=configs/train.py:demo")
+    finally:
+        os.chdir(here)
