@@ -14,6 +14,7 @@ from flax import linen as nn
 from flax import nnx
 
 from tgd_jax import TraceError, trace_topology
+from tgd_jax.errors import UsageError
 from tgd_jax.graph import ChannelGraph, from_topology
 from tgd_jax.pet.models import DnCNN, ResNetDenoiser, UNet
 
@@ -436,6 +437,7 @@ def test_refuses_what_it_cannot_state_exactly(case):
     with pytest.raises(TraceError) as error:
         trace_topology(model.apply, variables, x)
     message = str(error.value)
+    assert isinstance(error.value, UsageError)  # the library's error contract
     assert problem in message and f"primitive '{primitive}'" in message, message
     assert stack in message, message
     assert "\n" not in message

@@ -19,15 +19,19 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from tgd_jax.errors import UsageError
+
 __all__ = ["running_statistics", "BatchNormFlagError"]
 
 
-class BatchNormFlagError(ValueError):
-    """A BatchNorm named in the flags was never called as a ``flax.linen.BatchNorm``.
+class BatchNormFlagError(UsageError):
+    """A BatchNorm named in the flags was never called as a ``flax.linen.BatchNorm`` (a
+    :class:`~tgd_jax.errors.UsageError`, so a ``ValueError`` too).
 
     Example:
-      >>> issubclass(BatchNormFlagError, ValueError)
-      True
+      >>> from tgd_jax.errors import UsageError
+      >>> issubclass(BatchNormFlagError, UsageError), issubclass(BatchNormFlagError, ValueError)
+      (True, True)
     """
 
 

@@ -165,7 +165,10 @@ class ChannelGraph:
         """Layer -> ``((reader, offset), ...)``: every layer whose input a change of this
         layer's output moves, with the input-channel offset at which its channel ``c`` is
         read (``offset + c``). A map read twice by one layer (``concat([x, x])``) gives two
-        entries. Exact per writer when the graph records :attr:`Layer.in_sources` (traced
+        entries. The offsets are the union over the writer's channels: where the wiring
+        is not a shift (a GroupNorm group, a channels-first flatten) a channel is read at
+        only some of them, and :attr:`Layer.in_sources` has the per-position truth.
+        Exact per writer when the graph records :attr:`Layer.in_sources` (traced
         graphs): in a residual stream, a block's conv is not a reader of a later block's
         conv, although both write the stream's maps (:attr:`groups` ties them: one
         decision); otherwise per map."""

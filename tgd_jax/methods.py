@@ -462,8 +462,9 @@ def _warn_silent_mistakes(selector: Selector, summary: Mapping[str, Any],
     if running and batch_stats is None:
         warnings.warn(
             f"the network has {len(running)} BatchNorm layer(s) but the plan was made "
-            "without batch_stats=: its stats_mask is None, so keep_frozen cannot keep the "
-            "frozen channels' running statistics; pass batch_stats=variables['batch_stats']",
+            "without batch_stats=: its stats_mask is None, and keep_frozen(old, new, None) "
+            "keeps every old statistic, so the retrained channels' running statistics never "
+            "update; pass batch_stats=variables['batch_stats']",
             TGDWarning, stacklevel=level)
     reach = summary.get("paper_reach")
     if reach and 2 * reach["params_reached"] < reach["params_retrained"]:

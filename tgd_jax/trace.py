@@ -42,14 +42,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from tgd_jax.errors import UsageError
 from tgd_jax.graph import PARAMS, ChannelGraph, Layer, key_name
 
 __all__ = ["trace_topology", "analyze", "Analysis", "TraceError", "RULES", "register_rule",
            "leaf_paths"]
 
 
-class TraceError(ValueError):
-    """The tracer met a construct whose channel wiring it cannot state exactly.
+class TraceError(UsageError):
+    """The tracer met a construct whose channel wiring it cannot state exactly (a
+    :class:`~tgd_jax.errors.UsageError`, so a ``ValueError`` too).
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -10,11 +10,10 @@ properties, writes ``<out>/report.json`` and ``<out>/examples.png``.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from tgd_jax.sim import generate
 from tgd_jax.train import errors, parallel
@@ -122,10 +121,7 @@ def _main(out: Path) -> None:
 
 def run() -> None:
     """The console script ``tgd-sim`` (and ``python -m tgd_jax.sim``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=errors.parse_flags)
+    errors.run_command(__name__, main)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 from tgd_jax.errors import ConfigError, DataError, RunError, TGDError, UsageError  # noqa: F401
 
 __all__ = ["Interrupted", "exit_code", "one_line", "reported", "interrupts_deferred",
-           "parse_flags", "VERBOSE_ENV", "leave_at_once_on_error"]
+           "parse_flags", "run_command", "VERBOSE_ENV", "leave_at_once_on_error"]
 
 #: Environment variable that makes commands show tracebacks.
 VERBOSE_ENV = "TGD_VERBOSE"
@@ -177,6 +177,22 @@ def reported(name: str, verbose: bool = False) -> Iterator[None]:
             # then, so leave without it and keep the one line.
             _leave(code)
         sys.exit(code)
+
+
+def run_command(module_name: str, main: Callable[[list[str]], None],
+                flags_parser: Callable[[list[str]], list[str]] | None = None) -> None:
+    """``app.run(main)`` for the command defined in ``module_name``, however it was started
+    (``python -m``, a console script, a checkout's wrapper script): ``--help`` and
+    ``--helpshort`` show the command's text and its own flags."""
+    from absl import app, flags
+
+    module = sys.modules[module_name]
+    main_module = sys.modules["__main__"]
+    if not getattr(main_module, "__doc__", None):
+        main_module.__doc__ = module.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module):  # absl lists the key flags
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)  # of sys.argv[0]
+    app.run(main, flags_parser=flags_parser or parse_flags)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -7,10 +7,9 @@ r"""Denoise a 3D volume with any trained checkpoint (HDF5 or NIfTI in, HDF5 or N
 NIfTI needs the optional extra: pip install 'tgd-jax[nifti]'.
 """
 
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from tgd_jax.pet import cli, denoise
 from tgd_jax.train import errors
@@ -55,10 +54,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The console script ``tgd-denoise`` (and ``python -m tgd_jax.pet.commands.denoise``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=cli.parse_flags)
+    errors.run_command(__name__, main, cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ examples.npz (one realisation's slice through each study's lesion, per network),
 examples.png and gain.png (the Gaussian curve and the gain per lesion size) into --out.
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from tgd_jax.pet import cli
 from tgd_jax.pet import evaluate as evaluate_lib
@@ -94,10 +93,7 @@ def parse_nets(items: list[str]) -> dict[str, str]:
 
 def run() -> None:
     """The console script ``tgd-evaluate`` (and ``python -m tgd_jax.pet.commands.evaluate``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=cli.parse_flags)
+    errors.run_command(__name__, main, cli.parse_flags)
 
 
 if __name__ == "__main__":

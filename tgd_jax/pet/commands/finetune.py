@@ -7,13 +7,13 @@ Writes mask.json (the retrained channels, per-layer KSE values, the retrained fr
 and kse_hist.png before training starts.
 """
 
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from tgd_jax.methods import METHODS
 from tgd_jax.pet import cli, pipeline
+from tgd_jax.train import errors
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too
@@ -45,10 +45,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The console script ``tgd-finetune`` (and ``python -m tgd_jax.pet.commands.finetune``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=cli.parse_flags)
+    errors.run_command(__name__, main, cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from tgd_jax.pet import report as report_lib
 from tgd_jax.pet import reproduce as rp
@@ -131,10 +131,7 @@ def machine(gpus: list[str]) -> str:
 
 def run() -> None:
     """The console script ``tgd-reproduce`` (and ``python -m tgd_jax.pet.commands.reproduce``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=errors.parse_flags)
+    errors.run_command(__name__, main)
 
 
 if __name__ == "__main__":

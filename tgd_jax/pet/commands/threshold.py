@@ -10,11 +10,10 @@ The held-out patches come from the LAST --studies studies of --data (for a v1-ne
 with val_studies=1, its held-out study).
 """
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from tgd_jax.pet import cli
 from tgd_jax.pet import premise as premise_lib
@@ -75,10 +74,7 @@ def _threshold(phis: tuple[float, ...], folder: str | Path, log: Callable[[str],
 
 def run() -> None:
     """The console script ``tgd-threshold`` (and ``python -m tgd_jax.pet.commands.threshold``)."""
-    main_module = sys.modules["__main__"]
-    if not getattr(main_module, "__doc__", None):  # absl's --help prints it
-        main_module.__doc__ = __doc__
-    app.run(main, flags_parser=cli.parse_flags)
+    errors.run_command(__name__, main, cli.parse_flags)
 
 
 if __name__ == "__main__":
