@@ -563,12 +563,19 @@ def _command(script: str):
     # a checkout's script imports its command's module, which defines the flags: import it
     # afresh, since the flags are removed below
     package_module = f"tgd_jax.pet.commands.{Path(script).stem}"
-    sys.modules.pop(package_module, None)
+
+    def forget() -> None:  # `from package import name` would also find the attribute
+        sys.modules.pop(package_module, None)
+        package = sys.modules.get("tgd_jax.pet.commands")
+        if package is not None and hasattr(package, Path(script).stem):
+            delattr(package, Path(script).stem)
+
+    forget()
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop(package_module, None)
+        forget()
         FLAGS.unparse_flags()
         for name in (set(FLAGS) - set(before)) | {n for n in clash if n in FLAGS}:
             delattr(FLAGS, name)
