@@ -158,7 +158,7 @@ SLOWEST_FILES = (
     "test_reproduce.py", "test_multiprocess.py", "test_any_convnet.py", "test_no_loss.py",
     "test_sim.py", "test_models_pipeline.py", "test_cli.py", "test_sim_cli.py",
     "test_pipeline.py", "test_premise.py", "test_hostile2.py", "test_readme.py",
-    "test_hostile.py", "test_step.py",
+    "test_foreign.py", "test_hostile.py", "test_wheel.py", "test_step.py",
 )
 
 

@@ -64,7 +64,7 @@ def test_retraining_the_readers_opens_the_path():
     grads = jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x) ** 2))(
         variables["params"])
     assert np.any(np.asarray(grads["conv2"]["kernel"])[..., [0, 3], :] != 0)
-    with pytest.raises(ValueError, match="readers needs mode='projected'"):
+    with pytest.raises(ValueError, match="readers='all' needs mode='projected'"):
         tgd_jax.tgd_plan(variables["params"], graph, 0.05, readers="all", mode="paper")
     last = tgd_jax.tgd_plan(variables["params"], graph, 0.05, readers="last")
     assert not np.any(last.mask["conv2"]["kernel"][0, 0, [0, 3]][:, [0, 2]])

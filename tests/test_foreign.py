@@ -5,6 +5,7 @@ dependencies: it pins jax <= 0.8.1, which ours is past, and its models need only
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import jax
@@ -19,10 +20,18 @@ from test_trace import exact_readers_agree
 import tgd_jax
 from tgd_jax.errors import TGDWarning
 
-with warnings.catch_warnings():  # scico's numpy wrappers warn about names jax dropped
-    warnings.simplefilter("ignore", UserWarning)
-    scico_flax = pytest.importorskip(
-        "scico.flax", reason="make test installs scico 0.0.7 (pip install --no-deps)")
+# scico's import adds logging.Filter("No GPU/TPU found, ...") to jax's backend logger, a
+# filter by logger NAME that drops every record of it; the worker's later tests read that
+# logger, so its filters are put back as they were.
+_BACKEND_LOGGER = logging.getLogger("jax._src.xla_bridge")
+_filters = list(_BACKEND_LOGGER.filters)
+try:
+    with warnings.catch_warnings():  # scico's numpy wrappers warn about names jax dropped
+        warnings.simplefilter("ignore", UserWarning)
+        scico_flax = pytest.importorskip(
+            "scico.flax", reason="make test installs scico 0.0.7 (pip install --no-deps)")
+finally:
+    _BACKEND_LOGGER.filters[:] = _filters
 
 
 def _unet():

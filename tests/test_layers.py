@@ -49,7 +49,7 @@ def test_every_module_belongs_to_a_layer():
     assert layers == {"core", "runtime", "application"}
     core = {p.stem for p in _modules() if _layer(p) == "core"}
     assert core == {"__init__", "autogate", "batchnorm", "errors", "gate", "graph", "kse", "masks",
-                    "methods", "optim", "threshold", "topology", "trace"}
+                    "methods", "optim", "rule", "threshold", "topology", "trace"}
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
