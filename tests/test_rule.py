@@ -43,6 +43,9 @@ def test_every_bad_field_is_named_at_once_and_readers_need_projected():
     assert named == set(BAD) - {"mode", "readers"} | {"readers"}
     assert TGDRule.problems(dict(TGDRule().__dict__)) == []
     assert TGDRule(phi=np.float32(0.5), k=np.int64(3)).k == 3  # numpy scalars are numbers
+    assert TGDRule(phi=jnp.float32(0.5)).phi == 0.5  # and 0-d arrays (a jnp.linspace sweep)
+    with pytest.raises(UsageError, match="TGDRule: phi="):
+        TGDRule(phi=jnp.ones(2))
     with pytest.raises(UsageError, match="readers='all' needs mode='projected'"):
         TGDRule(mode="paper", readers="all")
 

@@ -325,6 +325,36 @@ class NNXGroupNormed(nnx.Module):
         return self.head(nnx.relu(self.norm(self.stem(x))))
 
 
+class SplitInCond(nn.Module):
+    """A cond whose branches return split channels, merged back and read by a conv."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.Conv(6, (3, 3), name="stem")(x)
+        split = jax.lax.cond(x.sum() > 0, lambda h: h.reshape(*h.shape[:-1], 2, 3),
+                             lambda h: 2 * h.reshape(*h.shape[:-1], 2, 3), h)
+        return nn.Conv(2, (1, 1), name="head")(split.reshape(h.shape))
+
+
+class SplitOut(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.Conv(4, (3, 3), name="stem")(x)
+        return nn.Conv(4, (1, 1), name="head")(h).reshape(*h.shape[:-1], 2, 2)
+
+
+def test_split_channels_through_a_cond_and_as_the_output():
+    model = SplitInCond()
+    variables, x = _linen(model)
+    graph = trace_topology(model.apply, variables, x, train=False)
+    reads, outputs, _ = linen_truth(model, variables, x)
+    agree(graph, reads, outputs)
+    exact_readers_agree(graph, reads)
+    out = SplitOut()
+    graph = trace_topology(out.apply, *_linen(out), train=False)  # every head map an output
+    assert graph.outputs == frozenset(graph.layer["head"].out_maps)
+
+
 def test_nnx_groupnorm_ties_each_group():
     model = NNXGroupNormed(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))

@@ -90,7 +90,11 @@ def test_a_record_of_the_script_form_names_the_same_job(tmp_path):
 
     job = next(j for j in rp.plan("demo", tmp_path, tiny=True) if j.name.startswith("v1net"))
     assert job.argv[1:3] == ("-m", "tgd_jax.pet.commands.train")
-    old = [job.argv[0], "train.py", *job.argv[3:]]
+    # the package's own config, whatever folder reproduce runs from
+    config = next(a for a in job.argv if a.startswith("--config="))
+    assert config.startswith(f"--config={ROOT / 'tgd_jax' / 'pet' / 'configs' / 'train.py'}")
+    old = [job.argv[0], "train.py",
+           *(a.replace(config.split(":")[0], "--config=configs/train.py") for a in job.argv[3:])]
     record = tmp_path / "jobs" / f"{job.name}.json"
     record.parent.mkdir()
     record.write_text(json.dumps({"argv": old}))

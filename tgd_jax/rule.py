@@ -83,6 +83,12 @@ class TGDRule:
     gate_cosine: bool = False
 
     def __post_init__(self) -> None:
+        for field in ("phi", "alpha", "packnet_fraction", "reinit_scale"):
+            value = getattr(self, field)  # a 0-d array (jnp.float32(0.5)) as a Python float
+            kind = getattr(getattr(value, "dtype", None), "kind", "")
+            if (not isinstance(value, numbers.Real | bool) and getattr(value, "ndim", None) == 0
+                    and kind and kind in "fiu"):
+                object.__setattr__(self, field, float(value))
         problems = self.problems(dataclasses.asdict(self))
         if problems:
             raise UsageError("TGDRule: " + "; ".join(

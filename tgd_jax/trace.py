@@ -833,14 +833,17 @@ def _cond(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     for values in zip(*results, strict=True):
         merged = values[0]
         for v in values[1:]:
-            if (v.ids is None) != (merged.ids is None) or v.axis != merged.axis:
+            if ((v.ids is None) != (merged.ids is None) or (v.axis, v.sub) != (merged.axis,
+                                                                             merged.sub)
+                    or (v.ids is not None and v.ids.shape != merged.ids.shape)):
                 if v.tracked or merged.tracked:
                     raise TraceError("the branches of a cond return channels differently")
                 continue
-            if v.ids is not None:
+            if v.ids is not None:  # (split channels: ids of shape (G, C / G), tied alike)
                 merged = dataclasses.replace(merged, ids=np.array(
-                    [interp.tie(int(a), int(b)) for a, b in zip(merged.ids, v.ids,
-                                                                  strict=True)]))
+                    [interp.tie(int(a), int(b)) for a, b in zip(
+                        merged.ids.ravel(), v.ids.ravel(), strict=True)]).reshape(
+                            merged.ids.shape))
         outs.append(merged)
     return outs
 
@@ -1179,7 +1182,8 @@ def _build(interp: _Interpreter, outs: list[_Value], names: list[str],
                    in_maps=tuple(canon(i) for i in e["in_ids"]), out_maps=e["out_maps"],
                    name=e["name"], groups=e["groups"],
                    in_sources=tuple(sources(i) for i in e["in_ids"])) for e in layers]
-    outputs = frozenset(canon(i) for v in outs if v.ids is not None for i in v.ids if i >= 0)
+    outputs = frozenset(canon(i) for v in outs if v.ids is not None
+                        for i in np.ravel(v.ids) if i >= 0)  # (split channels too)
     leaves = {}
     for leaf, (axis, index) in interp.attached.items():
         size = interp.shapes[leaf][axis]

@@ -39,7 +39,9 @@ from tgd_jax.train.errors import RunError, UsageError
 
 __all__ = ["Preset", "PRESETS", "Job", "System", "plan", "run", "at_tiny_scale"]
 
-#: The repository root: the commands live there.
+#: The commands' configs, inside the package (tgd_jax/pet/configs; not imported from
+#: ``cli``, whose flags would clash with the reproduce command's own).
+_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def _module(command: str) -> tuple[str, str]:
@@ -55,7 +57,10 @@ def _canonical(argv: Sequence[str]) -> list[str]:
     args = list(argv[1:])
     if args[:1] == ["-m"] and len(args) > 1 and args[1].startswith("tgd_jax.pet.commands."):
         args = [args[1].rsplit(".", 1)[1] + ".py", *args[2:]]
-    return args
+    # the package's config by its absolute path (where the package is installed), as the
+    # checkout-relative path of the records made before
+    prefix = f"--config={_CONFIGS}/"
+    return [f"--config=configs/{a[len(prefix):]}" if a.startswith(prefix) else a for a in args]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +194,8 @@ class Job:
     """One command of the reproduction.
 
     ``name`` is unique and names its log and record; ``argv`` runs with the current
-    Python from any folder (commands as modules, paths absolute; ``--config=configs/...``
-    names the package's configs); ``weight`` is its expected cost (for the ETA).
+    Python from any folder (commands as modules, paths absolute, the package's configs
+    included); ``weight`` is its expected cost (for the ETA).
     """
 
     name: str
@@ -239,8 +244,8 @@ def plan(preset_name: str, out: str | Path, python: str = sys.executable,
     out = Path(out)
     data = out / "data"
 
-    def cfg(command: str) -> str:
-        return f"--config=configs/{command}.py" + (f":{p.config}" if p.config else "")
+    def cfg(command: str) -> str:  # absolute: a configs/ folder of the caller's is not ours
+        return f"--config={_CONFIGS / command}.py" + (f":{p.config}" if p.config else "")
 
     jobs: list[Job] = []
     slices = {role: _flag(flags, "slices") for role, flags in p.roles.items()}
