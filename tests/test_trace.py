@@ -355,6 +355,20 @@ def test_split_channels_through_a_cond_and_as_the_output():
     assert graph.outputs == frozenset(graph.layer["head"].out_maps)
 
 
+def test_a_wide_groupnorm_group_is_one_decision():
+    # 1,024 channels a group: the tie is a balanced tree (a chain would recurse 1,023 deep)
+    class Wide(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.GroupNorm(num_groups=2, name="gn")(nn.Conv(2048, (1, 1), name="a")(x))
+            return nn.Conv(2, (1, 1), name="b")(h)
+
+    x = jnp.zeros((1, 2, 2, 1))
+    variables = jax.eval_shape(Wide().init, jax.random.key(0), x)
+    graph = trace_topology(Wide().apply, variables, x)
+    assert graph.layer["a"].out_maps == (0,) * 1024 + (1,) * 1024
+
+
 def test_nnx_groupnorm_ties_each_group():
     model = NNXGroupNormed(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))

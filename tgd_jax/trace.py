@@ -35,7 +35,6 @@ Sub-jaxprs (``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat`
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -634,13 +633,22 @@ def _reduce(interp: _Interpreter, eqn: Any, ins: list[_Value]) -> list[_Value]:
     return outs
 
 
+def _tie_all(interp: _Interpreter, ids: list[int]) -> int:
+    """One id tying all of ``ids``, built as a balanced tree: :meth:`_Interpreter.sources`
+    recurses once per level, so a chain over a group of hundreds of channels would not do."""
+    while len(ids) > 1:
+        ids = [interp.tie(ids[i], ids[i + 1]) if i + 1 < len(ids) else ids[i]
+               for i in range(0, len(ids), 2)]
+    return ids[0] if ids else -1
+
+
 def _reduce_split(interp: _Interpreter, v: _Value, shapes: list[tuple[int, ...]],
                   axes: tuple[int, ...], keep: list[int]) -> list[_Value]:
     """A reduction of channels split in groups (GroupNorm's statistics). Over the
     within-group axis it mixes the channels of each group: one tie per group, which puts
     the group's channels in one decision; the groups stay apart."""
     if v.sub in axes:
-        ids = np.array([functools.reduce(interp.tie, map(int, row), -1) for row in v.ids])
+        ids = np.array([_tie_all(interp, [int(i) for i in row]) for row in v.ids])
         axis, sub = keep.index(v.axis), None
     else:
         ids, axis, sub = v.ids.copy(), keep.index(v.axis), keep.index(v.sub)
