@@ -128,7 +128,9 @@ def _kse_per_layer(kernels: dict[str, jax.Array], alpha: float, k: int
         return path, np.asarray(kse_lib.kse_scores(kernels[path], alpha=alpha, k=k))
 
     order = sorted(kernels, key=lambda p: -kernels[p].size)
-    workers = min(len(order), os.cpu_count() or 1)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)  # the cores this process may use, not the machine's
+    workers = min(len(order), cores)
     if workers <= 1:
         return dict(map(one, order))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

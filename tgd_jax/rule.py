@@ -156,7 +156,3 @@ class TGDRule:
             raise UsageError(f"unknown TGD option(s) {unknown}; the rule's fields are "
                              f"{cls.fields()}")
         return cls(**options)
-
-    def replace(self, **changes: Any) -> TGDRule:
-        """A copy with ``changes`` (validated again)."""
-        return dataclasses.replace(self, **changes)

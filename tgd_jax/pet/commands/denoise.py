@@ -51,7 +51,6 @@ def main(argv: list[str]) -> None:
                      f"{result['seconds']:.1f} s")
 
 
-
 def run() -> None:
     """The console script ``tgd-denoise`` (and ``python -m tgd_jax.pet.commands.denoise``)."""
     errors.run_command(__name__, main, cli.parse_flags)

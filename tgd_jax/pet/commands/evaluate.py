@@ -90,7 +90,6 @@ def parse_nets(items: list[str]) -> dict[str, str]:
     return networks
 
 
-
 def run() -> None:
     """The console script ``tgd-evaluate`` (and ``python -m tgd_jax.pet.commands.evaluate``)."""
     errors.run_command(__name__, main, cli.parse_flags)

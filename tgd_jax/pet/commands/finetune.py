@@ -42,7 +42,6 @@ def main(argv: list[str]) -> None:
     cli.run("finetune.py", pipeline.finetune, config, _WORKDIR.value)
 
 
-
 def run() -> None:
     """The console script ``tgd-finetune`` (and ``python -m tgd_jax.pet.commands.finetune``)."""
     errors.run_command(__name__, main, cli.parse_flags)

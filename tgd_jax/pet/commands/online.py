@@ -44,7 +44,6 @@ def main(argv: list[str]) -> None:
     cli.run("online.py", pipeline.online, config, _WORKDIR.value)
 
 
-
 def run() -> None:
     """The console script ``tgd-online`` (and ``python -m tgd_jax.pet.commands.online``)."""
     errors.run_command(__name__, main, cli.parse_flags)

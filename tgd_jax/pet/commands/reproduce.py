@@ -128,7 +128,6 @@ def machine(gpus: list[str]) -> str:
     return text + (f", {'; '.join(gpus)}" if gpus else "")
 
 
-
 def run() -> None:
     """The console script ``tgd-reproduce`` (and ``python -m tgd_jax.pet.commands.reproduce``)."""
     errors.run_command(__name__, main)

@@ -71,7 +71,6 @@ def _threshold(phis: tuple[float, ...], folder: str | Path, log: Callable[[str],
             combine=_COMBINE.value, log=log)
 
 
-
 def run() -> None:
     """The console script ``tgd-threshold`` (and ``python -m tgd_jax.pet.commands.threshold``)."""
     errors.run_command(__name__, main, cli.parse_flags)

@@ -29,7 +29,6 @@ def main(argv: list[str]) -> None:
     cli.run("train.py", pipeline.train, _CONFIG.value, _WORKDIR.value)
 
 
-
 def run() -> None:
     """The console script ``tgd-train`` (and ``python -m tgd_jax.pet.commands.train``)."""
     errors.run_command(__name__, main, cli.parse_flags)
