@@ -330,6 +330,17 @@ def test_a_batchnorm_plan_without_its_statistics_is_warned_about():
     assert plan.stats_mask is not None
 
 
+def test_a_hand_topology_plan_without_its_statistics_is_warned_about(tiny_dncnn):
+    """The hand topology names its BatchNorms, so it is warned about as a traced graph is
+    (the conversion records Flax's statistics by name without batch_stats=)."""
+    from tgd_jax.errors import TGDWarning
+
+    model, variables = tiny_dncnn
+    with pytest.warns(TGDWarning, match=r"3 BatchNorm layer\(s\) .* pass batch_stats="):
+        plan = tgd_jax.tgd_plan(variables["params"], model.topology(), 0.5)
+    assert plan.stats_mask is None and set(plan.frozen_bn) == {"bn2", "bn3", "bn4"}
+
+
 def test_a_threshold_that_retrains_nothing_is_warned_about():
     from tgd_jax.errors import TGDWarning
 

@@ -30,7 +30,8 @@ def test_vjp_is_the_masked_cotangent():
 @pytest.fixture(scope="module")
 def setup(tiny_dncnn):
     model, variables = tiny_dncnn
-    result = tgd_plan(variables["params"], model.topology(), 0.5, mode="paper")
+    result = tgd_plan(variables["params"], model.topology(), 0.5, mode="paper",
+                      batch_stats=variables["batch_stats"])
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
     y = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
     return model, variables, result, x, y

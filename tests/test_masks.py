@@ -21,6 +21,11 @@ from tgd_jax.topology import (
     validate_topology,
 )
 
+# These tests plan masks and gates only; the warning about a BatchNorm plan made without
+# batch_stats= has its own tests (test_any_convnet.py).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:the network has .* BatchNorm layer:tgd_jax.errors.TGDWarning")
+
 
 @pytest.fixture(scope="module")
 def other():
@@ -346,3 +351,46 @@ def test_gradient_reach_through_a_grouped_reader_follows_the_groups():
                 "b": np.array([False])}
     reached = masks.gradient_reach(graph, channels)
     assert reached == {0: False, 1: False, 2: False, 3: True, 4: True}
+
+
+def test_a_hand_topology_converted_from_its_channel_masks_gives_the_graphs_variables(
+        tiny_dncnn):
+    """gate_variables, running_norms and statistics_mask convert a hand-written topology
+    into the one graph type (channel counts from the masks when params are not given): the
+    same trees as from the graph built with params, and gates that are the conv's channel
+    mask (the last conv's open, since no layer reads it)."""
+    from tgd_jax.errors import UsageError
+    from tgd_jax.graph import as_graph, from_topology
+
+    model, variables = tiny_dncnn
+    topology = model.topology()
+    stats = variables["batch_stats"]
+    graph = from_topology(topology, variables["params"], stats)
+    channels = tgd_plan(variables["params"], graph, 0.5, batch_stats=stats).channels
+
+    def same(a, b):
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+    for mode in ("paper", "projected"):
+        hand = masks.gate_variables(topology, channels, mode)
+        same(hand, masks.gate_variables(graph, channels, mode))
+        for node in topology:
+            for gate in node.gates:
+                open_ = mode == "projected" or node.consumer is None
+                expected = np.ones_like(channels[node.conv]) if open_ else channels[node.conv]
+                np.testing.assert_array_equal(get_path(hand, f"{gate}/mask"), expected)
+    for frozen_bn, retrained_bn in (("running", "batch"), ("batch", "running")):
+        hand = masks.running_norms(topology, channels, frozen_bn=frozen_bn,
+                                   retrained_bn=retrained_bn)
+        same(hand, masks.running_norms(graph, channels, frozen_bn=frozen_bn,
+                                       retrained_bn=retrained_bn))
+        assert set(hand) == {node.norm for node in topology if node.norm}
+    running = masks.running_norms(graph, channels)
+    same(masks.statistics_mask(stats, topology, channels, running),
+         masks.statistics_mask(stats, graph, channels, running))
+    with pytest.raises(UsageError, match="needs params"):
+        as_graph(topology)
+    with pytest.raises(UsageError, match=r"no mask for the topology's conv\(s\) \['conv2'\]"):
+        masks.gate_variables(topology, {k: v for k, v in channels.items() if k != "conv2"})

@@ -64,7 +64,8 @@ def test_coupled_l2_under_adam_decays_an_unused_weight_and_adamw_barely_does():
 def test_frozen_elements_get_no_regulariser_update(tiny_dncnn):
     model, variables = tiny_dncnn
     params = variables["params"]
-    mask = tgd_plan(params, model.topology(), 0.5).mask
+    mask = tgd_plan(params, model.topology(), 0.5,
+                    batch_stats=variables["batch_stats"]).mask
     c = config_lib.train_config("tiny")
     c.optimizer.l2 = 1e-2
     tx = optim.tgd(make_optimizer(num_steps=10, **c.optimizer), mask)
@@ -309,7 +310,7 @@ def test_last_layer_policy_reaches_the_plan(tiny_dncnn):
     last = f"conv{len(TINY_FEATURES)}"
     for policy, expected in (("frozen", False), ("train", True)):
         plan = methods.plan_finetune("tgd", variables["params"], model.topology(), phi=0.3,
-                                     last=policy)
+                                     last=policy, batch_stats=variables["batch_stats"])
         assert bool(np.all(np.asarray(plan.channels[last]) == expected))
         assert plan.summary["last"] == policy
 

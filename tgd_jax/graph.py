@@ -289,7 +289,8 @@ def from_topology(topology: Topology, params: Mapping[str, Any],
     Each conv's output channels are maps of their own, read by its ``consumer`` at offset
     0; a conv without a consumer writes maps that reach the output. Its bias, its
     BatchNorm's scale/offset and running statistics, and its gates' masks
-    (``'tgd/<gate>/mask'``) are attached to its channels.
+    (``'tgd/<gate>/mask'``) are attached to its channels. Without ``batch_stats`` a
+    BatchNorm's statistics are Flax's names, ``'batch_stats/<norm>/mean'`` and ``.../var``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -325,9 +326,13 @@ def from_topology(topology: Topology, params: Mapping[str, Any],
             for leaf in ("scale", "bias"):
                 if has_path(params, f"{node.norm}/{leaf}"):
                     leaves[f"{PARAMS}/{node.norm}/{leaf}"] = (0, own)
-            if batch_stats is not None and has_path(batch_stats, node.norm):
-                for leaf in get_path(batch_stats, node.norm):
-                    leaves[f"batch_stats/{node.norm}/{leaf}"] = (0, own)
+            if batch_stats is None:  # named by the topology: Flax BatchNorm's statistics
+                statistics: Any = _BATCHNORM_STATISTICS
+            else:
+                statistics = (get_path(batch_stats, node.norm)
+                              if has_path(batch_stats, node.norm) else ())
+            for leaf in statistics:
+                leaves[f"batch_stats/{node.norm}/{leaf}"] = (0, own)
         for gate in node.gates:
             leaves[f"tgd/{gate}/mask"] = (0, own)
     outputs = frozenset(m for node in topology if node.consumer is None for m in maps[node.conv])
@@ -337,9 +342,23 @@ def from_topology(topology: Topology, params: Mapping[str, Any],
     return ChannelGraph(layers=tuple(layers), leaves=leaves, outputs=outputs, other=other)
 
 
-def as_graph(topology: Topology | ChannelGraph, params: Mapping[str, Any],
-             batch_stats: Mapping[str, Any] | None = None) -> ChannelGraph:
-    """``topology`` itself if it is a graph, else :func:`from_topology`.
+#: The running statistics of a Flax ``BatchNorm`` (``batch_stats/<module>/<name>``).
+_BATCHNORM_STATISTICS = ("mean", "var")
+
+
+def as_graph(topology: Topology | ChannelGraph, params: Mapping[str, Any] | None = None,
+             batch_stats: Mapping[str, Any] | None = None, *,
+             channels: Mapping[str, Any] | None = None) -> ChannelGraph:
+    """The one conversion into the core's graph type: ``topology`` itself if it is a graph,
+    else :func:`from_topology`.
+
+    A hand-written topology's channel counts come from ``params``; without them, from
+    ``channels`` (conv path -> its ``(C_out,)`` channel mask), which is all that gates
+    and BatchNorm modes need (the first conv's input channels are then one unknown map).
+
+    Raises:
+      UsageError: a hand-written topology with neither ``params`` nor ``channels``, or
+        ``channels`` that miss one of its convs.
 
     Example:
       >>> import jax.numpy as jnp
@@ -348,10 +367,34 @@ def as_graph(topology: Topology | ChannelGraph, params: Mapping[str, Any],
       >>> graph = as_graph(sequential_topology(["a"]), params)
       >>> as_graph(graph, params) is graph
       True
+      >>> as_graph(sequential_topology(["a"]), channels={"a": [True, False]}).layers[0].out_maps
+      (0, 1)
     """
     if isinstance(topology, ChannelGraph):
         return topology
+    if params is None:
+        if channels is None:
+            raise UsageError("a hand-written topology needs params (its channel counts) to "
+                             "become a graph")
+        params = _shapes_from_channels(topology, channels)
     return from_topology(topology, params, batch_stats)
+
+
+def _shapes_from_channels(topology: Topology, channels: Mapping[str, Any]) -> dict[str, Any]:
+    """Stand-in params (shapes only) with the channel counts of per-conv channel masks."""
+    missing = [node.conv for node in topology if node.conv not in channels]
+    if missing:
+        raise UsageError(f"channels have no mask for the topology's conv(s) {missing}")
+    count = {node.conv: int(np.size(channels[node.conv])) for node in topology}
+    source = {node.consumer: node.conv for node in topology if node.consumer is not None}
+    flat: dict[str, Any] = {}
+    for node in topology:
+        c_in = count[source[node.conv]] if node.conv in source else 1
+        flat[f"{node.conv}/kernel"] = jax.ShapeDtypeStruct((1, 1, c_in, count[node.conv]),
+                                                           jnp.float32)
+        if node.norm is not None:
+            flat[f"{node.norm}/scale"] = jax.ShapeDtypeStruct((count[node.conv],), jnp.float32)
+    return unflatten_paths(flat)
 
 
 def _leaf_paths(tree: Any, prefix: str = "") -> list[str]:

@@ -403,8 +403,10 @@ def gate_variables(
     In ``"paper"`` mode each gate carries its channels' masks, except gates of maps no
     layer reads (the last layer's): masking their cotangent would stop every gradient, so
     those stay open and the layer is frozen by the optax mask alone. In ``"projected"``
-    mode every gate is open (all ones) and only the optax mask acts. For a graph, the gates
-    are the ``'tgd/<gate>/mask'`` leaves it attached to channels.
+    mode every gate is open (all ones) and only the optax mask acts. The gates are the
+    ``'tgd/<gate>/mask'`` leaves the graph attached to channels (a hand-written
+    topology's :attr:`~tgd_jax.topology.ConvNode.gates`, converted by
+    :func:`~tgd_jax.graph.as_graph`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -417,28 +419,17 @@ def gate_variables(
       [True, True]
     """
     check_mode(mode)
-    if isinstance(topology, ChannelGraph):
-        graph = topology
-        decision = map_decisions(graph, channels)
-        reads = graph.reads()
-        flat: dict[str, Any] = {}
-        for name, (_, maps) in graph.leaves.items():
-            collection, _, path = name.partition("/")
-            if collection != "tgd":
-                continue
-            flat[path] = jnp.asarray([True if mode == "projected" or m < 0 or m not in reads
-                                      or m in graph.outputs else bool(decision[m])
-                                      for m in maps])
-        return unflatten_paths(flat)
-    flat = {}
-    for node in topology:
-        if not node.gates:
+    graph = as_graph(topology, channels=channels)
+    decision = map_decisions(graph, channels)
+    reads = graph.reads()
+    flat: dict[str, Any] = {}
+    for name, (_, maps) in graph.leaves.items():
+        collection, _, path = name.partition("/")
+        if collection != "tgd":
             continue
-        channel = jnp.asarray(channels[node.conv], bool)
-        if mode == "projected" or node.consumer is None:
-            channel = jnp.ones_like(channel)
-        for gate in node.gates:
-            flat[f"{gate}/mask"] = channel
+        flat[path] = jnp.asarray([True if mode == "projected" or m < 0 or m not in reads
+                                  or m in graph.outputs else bool(decision[m])
+                                  for m in maps])
     return unflatten_paths(flat)
 
 
@@ -459,7 +450,7 @@ def layer_gate_values(topology: Graphish, channels: Mapping[str, Any],
       ...                                                  "b": [False]}).items()}
       {'a': [False, True], 'b': [True]}
     """
-    graph = topology if isinstance(topology, ChannelGraph) else as_graph(topology, params)
+    graph = as_graph(topology, params, channels=channels)
     decision = map_decisions(graph, channels)
     reads = graph.reads()
     return {layer.path: np.array([bool(decision[m]) or m not in reads or m in graph.outputs
@@ -598,20 +589,17 @@ def running_norms(topology: Graphish, channels: Mapping[str, Any], *,
       >>> running_norms(topology, {"a": [True, False], "b": [False]})["bn"].tolist()
       [False, True]
     """
-    if isinstance(topology, ChannelGraph):
-        decision = map_decisions(topology, channels)
-        out = {}
-        for name, (_, maps) in topology.leaves.items():
-            collection, _, path = name.partition("/")
-            if collection != "batch_stats":
-                continue
-            module = path.rsplit("/", 1)[0] if "/" in path else ""
-            out[module] = running_channels([decision[m] if m >= 0 else False for m in maps],
-                                           frozen_bn=frozen_bn, retrained_bn=retrained_bn)
-        return out
-    return {node.norm: running_channels(channels[node.conv], frozen_bn=frozen_bn,
-                                        retrained_bn=retrained_bn)
-            for node in topology if node.norm is not None}
+    graph = as_graph(topology, channels=channels)
+    decision = map_decisions(graph, channels)
+    out = {}
+    for name, (_, maps) in graph.leaves.items():
+        collection, _, path = name.partition("/")
+        if collection != "batch_stats":
+            continue
+        module = path.rsplit("/", 1)[0] if "/" in path else ""
+        out[module] = running_channels([decision[m] if m >= 0 else False for m in maps],
+                                       frozen_bn=frozen_bn, retrained_bn=retrained_bn)
+    return out
 
 
 def statistics_mask(batch_stats: Params, topology: Graphish, channels: Mapping[str, Any],
@@ -623,33 +611,29 @@ def statistics_mask(batch_stats: Params, topology: Graphish, channels: Mapping[s
     channels: True for a retrained channel that normalises with batch statistics, False
     for a frozen one and for one that normalises with its running statistics
     (``running``: BatchNorm path -> ``(C,)`` bool, :func:`running_norms`). Statistics of no
-    channel are None (kept). A hand-written topology needs ``params`` to know its channel
-    counts (not for the DnCNN-style call below, where the norms are named).
+    channel are None (kept). A hand-written topology is converted with
+    :func:`~tgd_jax.graph.as_graph` (its channel counts from ``params`` if given, else from
+    ``channels``).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from tgd_jax.topology import sequential_topology
       >>> topology = sequential_topology(["a", "b"], norms={"a": "bn"})
-      >>> params = {"a": {"kernel": jnp.zeros((1, 1, 1, 2))},
-      ...           "b": {"kernel": jnp.zeros((1, 1, 2, 1))}}
       >>> stats = {"bn": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}
       >>> mask = statistics_mask(stats, topology, {"a": jnp.array([True, False]),
-      ...                                          "b": jnp.array([False])}, params=params)
+      ...                                          "b": jnp.array([False])})
       >>> mask["bn"]["var"].tolist()
       [True, False]
     """
-    if not isinstance(topology, ChannelGraph):
-        if params is None:
-            raise UsageError("statistics_mask of a hand-written topology needs params")
-        topology = as_graph(topology, params, batch_stats)
-    decision = map_decisions(topology, channels)
+    graph = as_graph(topology, params, batch_stats, channels=channels)
+    decision = map_decisions(graph, channels)
     keep = {}
-    for name in topology.leaves:
+    for name in graph.leaves:
         collection, _, path = name.partition("/")
         module = path.rsplit("/", 1)[0] if "/" in path else ""
         if collection == "batch_stats" and running is not None and module in running:
             keep[name] = ~np.asarray(running[module], bool)
-    return _mirror(batch_stats, topology, decision, "batch_stats", keep=keep)
+    return _mirror(batch_stats, graph, decision, "batch_stats", keep=keep)
 
 
 def keep_frozen(old: Any, new: Any, mask: Any) -> Any:

@@ -393,12 +393,13 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
     hand = not isinstance(topology, ChannelGraph)
     graph = as_graph(topology, params, batch_stats)
     check_variables(graph, params, batch_stats)
+    gate_leaves = any(name.startswith("tgd/") for name in graph.leaves)  # TGDGate modules
     mode = rule.mode if selector.uses_kse else "projected"
     readers = rule.readers if selector.weights is None else "none"
     used_scores: dict[str, Any] = {}
     choice: dict[str, Any] = {}
     if selector.uses_kse:
-        if mode == "paper" and hand and not any(node.gates for node in topology):
+        if mode == "paper" and hand and not gate_leaves:
             raise UsageError("mode='paper' gates the backward pass, but the topology names no "
                              "TGD gates: build the model with TGDGate modules and list them "
                              "in ConvNode.gates, trace it, or use mode='projected'")
@@ -417,8 +418,8 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
     gates: dict[str, Any] = {}
     auto_gates = False
     if selector.uses_kse and mode == "paper":
-        if hand or any(n.startswith("tgd/") for n in graph.leaves):
-            gates = masks_lib.gate_variables(topology if hand else graph, channels, mode)
+        if gate_leaves:
+            gates = masks_lib.gate_variables(graph, channels, mode)
         else:  # no gate modules: tgd_jax.autogate applies these values
             auto_gates = True
             gates = unflatten_paths({path: jnp.asarray(v) for path, v in
