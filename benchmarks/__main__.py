@@ -24,10 +24,21 @@ import datetime
 from typing import Any
 
 SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch")
-#: (name, width multiplier, global batch) of the step sizes; the first two are the
-#: default (the demo's and the paper's); the large batches keep a GPU busy.
-SIZES = (("demo", 0.25, 16), ("paper", 1.0, 32), ("paper-b256", 1.0, 256),
-         ("paper-b1024", 1.0, 1024))
+
+
+def _sizes() -> tuple[tuple[str, float, int], ...]:
+    """(name, width multiplier, global batch) of the step sizes: the demo and paper config
+    presets (the default two), and the paper's network at batches that keep a GPU busy."""
+    from tgd_jax.pet import config
+
+    demo, paper = config.train_config("demo"), config.train_config("paper")
+    return (("demo", demo.model.width_multiplier, demo.batch_size),
+            ("paper", paper.model.width_multiplier, paper.batch_size),
+            ("paper-b256", paper.model.width_multiplier, 256),
+            ("paper-b1024", paper.model.width_multiplier, 1024))
+
+
+SIZES = _sizes()
 DTYPES = ("float32", "bfloat16")
 
 
@@ -203,7 +214,7 @@ def main() -> None:
         bad = sorted(set(given) - set(known))
         if bad or not given:
             parser.error(f"unknown or no {what}(s) {bad}; choose from {list(known)}")
-    from tgd_jax.train import workdir
+    from tgd_jax.io import workdir
 
     out = workdir.check_writable(args.out)
     result = run(sections, args.rounds, sizes, dtypes)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from benchmarks.__main__ import _sizes
 from benchmarks.timing import time_rounds
+from tgd_jax.pet.models import PAPER_FEATURES, scaled_features
 
-SIZES = (("demo", (16, 16, 32, 32, 32, 64, 64, 3), 16),
-         ("paper", (64, 64, 128, 128, 128, 256, 256, 3), 32))
+SIZES = tuple((name, scaled_features(PAPER_FEATURES, width), batch)
+              for name, width, batch in _sizes()[:2])
 
 
 def conv_xla(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -17,10 +17,10 @@ _COLD = """
 import json, sys, time
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
+from tgd_jax.io import startup
 from tgd_jax import masks
 from tgd_jax.pet.models import DnCNN
-from tgd_jax.train import parallel
-parallel.use_compilation_cache(sys.argv[1])
+startup.use_compilation_cache(sys.argv[1])
 model = DnCNN()
 params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
 t1 = time.perf_counter()

@@ -15,7 +15,7 @@ beside it (or not):
 * ``put-on-thread``: the thread copies batches to the devices as fast as it can (the step
   uses another one);
 * ``get-on-thread``: the thread copies a small replicated array back to the host, likewise;
-* ``prefetch-old``: :class:`tgd_jax.train.data.Prefetcher` samples *and copies* each batch
+* ``prefetch-old``: :class:`tgd_jax.train.prefetch.Prefetcher` samples *and copies* each batch
   on its thread, the step consumes it (how the trainer worked before ``place``);
 * ``prefetch-new``: the thread samples with NumPy only and the main thread copies
   (``Prefetcher(..., place=...)``, what :func:`tgd_jax.train.trainer.fit` does);
@@ -59,7 +59,7 @@ def _trial(mode: str, devices: int, steps: int) -> None:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from tgd_jax.train.data import Prefetcher
+    from tgd_jax.train.prefetch import Prefetcher
 
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     sharded, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(

@@ -27,7 +27,17 @@ import time
 from typing import Any
 
 #: The demo step of the benchmarks (``benchmarks.step``).
-WIDTH, BATCH = 0.25, 16
+
+
+def _demo() -> tuple[float, int]:
+    """The demo config preset's width multiplier and global batch."""
+    from tgd_jax.pet import config  # imports jax, but starts no backend: flags still apply
+
+    c = config.train_config("demo")
+    return c.model.width_multiplier, c.batch_size
+
+
+WIDTH, BATCH = _demo()
 
 
 def _params(width: float) -> int:

@@ -56,8 +56,8 @@ def _grid() -> list[tuple[str, str]]:
 
 
 def run_pretrain(out: Path, data: Path, seeds: list[int]) -> None:
+    from tgd_jax.pet import config as config_lib
     from tgd_jax.pet import pipeline
-    from tgd_jax.train import config as config_lib
 
     for seed in seeds:
         workdir = out / f"v1net-s{seed}"
@@ -71,8 +71,8 @@ def run_pretrain(out: Path, data: Path, seeds: list[int]) -> None:
 
 
 def run_finetune(out: Path, data: Path, seeds: list[int]) -> None:
+    from tgd_jax.pet import config as config_lib
     from tgd_jax.pet import pipeline
-    from tgd_jax.train import config as config_lib
 
     todo = [(s, m, o) for s in seeds for m, o in _grid()]
     t0 = time.perf_counter()

@@ -61,7 +61,7 @@ BASE = {"optimizer.schedule": "cosine", "num_steps": PRETRAIN_STEPS, "eval_every
 
 
 def pretrain_config(recipe: str, seed: int, data: Path):
-    from tgd_jax.train import config as config_lib
+    from tgd_jax.pet import config as config_lib
 
     c = config_lib.train_config("demo")
     c.optimizer.l2 = 0.0
@@ -124,7 +124,7 @@ def _in_grid(recipe: str, method: str, lr: float) -> bool:
 
 
 def finetune_config(recipe: str, method: str, lr: float, seed: int, out: Path, data: Path):
-    from tgd_jax.train import config as config_lib
+    from tgd_jax.pet import config as config_lib
 
     c = config_lib.finetune_config("demo")
     config_lib.override(c, **{

@@ -145,7 +145,7 @@ def figures(out: Path, stats: dict, curves: dict, recipes: list[str]) -> list[st
     import matplotlib.pyplot as plt
 
     from tgd_jax import threshold as threshold_lib
-    from tgd_jax.train import workdir as workdir_lib
+    from tgd_jax.io import workdir as workdir_lib
 
     made = []
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 # Commands started by the tests keep their compiled programs in a throw-away folder per
-# test process, not in the user's ~/.cache (tgd_jax.train.parallel.use_compilation_cache).
+# test process, not in the user's ~/.cache (tgd_jax.io.startup.use_compilation_cache).
 os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-cache-"))
 # ... and use one CPU device each (the commands' default is one per core): the two xdist
 # workers already fill the machine's cores, and tests compare commands with in-process runs,
@@ -122,9 +122,9 @@ def tiny_dncnn():
 
 # --- toy datasets and a pretrained tiny network, shared by the pipeline tests -----------
 
+from tgd_jax.pet import config as config_lib  # noqa: E402
 from tgd_jax.pet import pipeline  # noqa: E402
 from tgd_jax.sim.synthetic import write_toy_datasets  # noqa: E402
-from tgd_jax.train import config as config_lib  # noqa: E402
 
 
 def quiet(message: str) -> None:

@@ -155,7 +155,8 @@ def test_compilation_cache_loads_programs_and_changes_no_bit(toy_data, tmp_path)
 FOUR_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
-    from tgd_jax.train import config as config_lib, parallel, checkpoints
+    from tgd_jax.pet import config as config_lib
+    from tgd_jax.train import parallel, checkpoints
     from tgd_jax.pet import pipeline
     assert jax.device_count() == 4, jax.devices()
     def cfg(**kw):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import quiet, tiny_train_config
 
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import pipeline
-from tgd_jax.train import config as config_lib
 
 COMMANDS = ("train", "finetune", "online")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -23,8 +23,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def test_presets_are_the_defaults_plus_their_data(command, preset):
     default = getattr(config_lib, f"{command}_config")().to_dict()
     sized = getattr(config_lib, f"{command}_config")(preset)
-    expected = {**config_lib.SIZE_PRESETS[preset],
-                **config_lib.COMMAND_PRESETS.get(command, {}).get(preset, {})}
+    fields = config_lib.PRESET_FIELDS[preset]
+    assert set(fields) <= {"all", *COMMANDS}  # a misspelled command would be ignored
+    expected = {**fields.get("all", {}), **fields.get(command, {})}
     for field, value in expected.items():  # the command's own values win over the size's
         node = sized
         for part in field.split("."):

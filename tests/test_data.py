@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+from tgd_jax.pet import data
+from tgd_jax.pet.dataset import DatasetError
 from tgd_jax.sim.synthetic import write_toy_datasets
-from tgd_jax.train import data
-from tgd_jax.train.dataset import DatasetError
 
 
 @pytest.fixture(scope="module")

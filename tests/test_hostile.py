@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 from conftest import quiet, tiny_train_config
 
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.io.errors import UsageError
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import evaluate as evaluate_lib
 from tgd_jax.pet import pipeline
 from tgd_jax.pet.denoise import denoise_volume
 from tgd_jax.pet.models import DnCNN
 from tgd_jax.train import checkpoints
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

@@ -38,15 +38,16 @@ from conftest import quiet, tiny_train_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tgd_jax.io import errors
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.io.errors import RunError, UsageError
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import denoise as denoise_lib
 from tgd_jax.pet import pipeline
+from tgd_jax.pet.dataset import DatasetError, load_study, open_dataset
 from tgd_jax.pet.denoise import denoise_file, denoise_volume, read_volume
 from tgd_jax.pet.models import network_of
-from tgd_jax.train import checkpoints, errors, trainer
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.dataset import DatasetError, load_study, open_dataset
-from tgd_jax.train.errors import RunError, UsageError
+from tgd_jax.train import checkpoints, trainer
 
 nib = pytest.importorskip("nibabel")
 
@@ -856,7 +857,7 @@ def test_second_train_on_a_busy_workdir_is_refused_and_sigterm_stops_cleanly(toy
     assert [r["step"] for r in records if "loss" in r] == list(range(25, 301, 25))
 
 
-_HOLDER = ("import sys, time\nfrom tgd_jax.train import workdir\n"
+_HOLDER = ("import sys, time\nfrom tgd_jax.io import workdir\n"
            "workdir.lock_folder(sys.argv[1], 'holder.py')\nprint('locked', flush=True)\n"
            "time.sleep(300)\n")
 

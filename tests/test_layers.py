@@ -1,4 +1,6 @@
-"""The package's layers: core <- runtime <- application, imports only pointing downwards."""
+"""The package's layers, imports only pointing downwards: the core <- the shared I/O <- the
+training runtime <- the PET application; the simulator beside the runtime, on the I/O and
+the PET dataset schema only."""
 
 from __future__ import annotations
 
@@ -10,14 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from tgd_jax.train import parallel
+from tgd_jax.io import startup
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tgd_jax"
+_PET_BUT_THE_SCHEMA = ("tgd_jax.pet.config", "tgd_jax.pet.data", "tgd_jax.pet.models",
+                       "tgd_jax.pet.pipeline", "tgd_jax.pet.training", "tgd_jax.pet.cli",
+                       "tgd_jax.pet.commands", "tgd_jax.pet.reproduce", "tgd_jax.pet.report",
+                       "tgd_jax.pet.evaluate", "tgd_jax.pet.denoise", "tgd_jax.pet.premise",
+                       "tgd_jax.pet.baseline", "tgd_jax.pet.l2sp", "tgd_jax.pet.configs")
 #: What each layer may not import (module prefixes).
 FORBIDDEN = {
-    "core": ("tgd_jax.train", "tgd_jax.pet", "tgd_jax.sim", "h5py", "orbax", "absl",
-             "ml_collections", "matplotlib"),
+    "core": ("tgd_jax.io", "tgd_jax.train", "tgd_jax.pet", "tgd_jax.sim", "h5py", "orbax",
+             "absl", "ml_collections", "matplotlib"),
+    "io": ("tgd_jax.train", "tgd_jax.pet", "tgd_jax.sim"),
+    # the dataset schema: what the simulator writes and the application reads
+    "schema": ("tgd_jax.train", "tgd_jax.sim") + _PET_BUT_THE_SCHEMA,
     "runtime": ("tgd_jax.pet", "tgd_jax.sim"),
+    "simulator": ("tgd_jax.train",) + _PET_BUT_THE_SCHEMA,
     "application": (),
 }
 
@@ -26,7 +37,9 @@ def _layer(path: Path) -> str:
     parts = path.relative_to(PACKAGE).parts
     if len(parts) == 1:
         return "core"
-    return "runtime" if parts[0] == "train" else "application"
+    if parts == ("pet", "dataset.py"):
+        return "schema"
+    return {"io": "io", "train": "runtime", "sim": "simulator"}.get(parts[0], "application")
 
 
 def _imports(path: Path) -> list[str]:
@@ -46,7 +59,10 @@ def _modules() -> list[Path]:
 
 def test_every_module_belongs_to_a_layer():
     layers = {_layer(p) for p in _modules()}
-    assert layers == {"core", "runtime", "application"}
+    assert layers == set(FORBIDDEN)
+    pet = {p.relative_to(PACKAGE).parts[1].removesuffix(".py") for p in _modules()
+           if _layer(p) == "application"} - {"__init__"}
+    assert {f"tgd_jax.pet.{name}" for name in pet} == set(_PET_BUT_THE_SCHEMA)
     core = {p.stem for p in _modules() if _layer(p) == "core"}
     assert core == {"__init__", "autogate", "batchnorm", "errors", "gate", "graph", "kse", "masks",
                     "methods", "optim", "rule", "threshold", "topology", "trace"}
@@ -80,11 +96,27 @@ def test_importing_the_core_loads_no_runtime_and_no_io_library():
     assert out == "[]"
 
 
+@pytest.mark.parametrize("modules, forbidden", [
+    (("tgd_jax.train.trainer", "tgd_jax.train.checkpoints", "tgd_jax.train.step"),
+     ("tgd_jax.pet", "tgd_jax.sim")),
+    (("tgd_jax.sim.__main__", "tgd_jax.sim.report", "tgd_jax.sim.synthetic"),
+     ("tgd_jax.train",) + _PET_BUT_THE_SCHEMA),
+], ids=["runtime", "simulator"])
+def test_importing_a_layer_loads_nothing_above_it(modules, forbidden):
+    # What a fresh interpreter actually loads, the static check's independent twin.
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            f"print(sorted(m for m in sys.modules for f in {forbidden!r} "
+            f"if m == f or m.startswith(f + '.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_quiet_start_drops_only_the_backend_probe_line():
     logger = logging.getLogger("jax._src.xla_bridge")
-    parallel.quiet_start()
-    parallel.quiet_start()  # idempotent
-    assert sum(isinstance(f, parallel._DropBackendProbe) for f in logger.filters) == 1
+    startup.quiet_start()
+    startup.quiet_start()  # idempotent
+    assert sum(isinstance(f, startup._DropBackendProbe) for f in logger.filters) == 1
 
     def passes(level, message):
         record = logger.makeRecord(logger.name, level, __file__, 1, message, (), None)

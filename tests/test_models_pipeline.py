@@ -14,12 +14,12 @@ from test_any_convnet import check_frozen_and_moved
 
 from tgd_jax import masks
 from tgd_jax.graph import ChannelGraph
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import evaluate as evaluate_lib
 from tgd_jax.pet import pipeline
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.denoise import denoise_file, read_volume
 from tgd_jax.train import checkpoints
-from tgd_jax.train import config as config_lib
 
 
 @pytest.fixture(scope="module", params=["unet", "resnet"])

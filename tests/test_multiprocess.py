@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from conftest import pinned, quiet
 
+from tgd_jax.io.errors import RunError, UsageError
+from tgd_jax.pet import config as config_lib
+from tgd_jax.pet import data as data_lib
 from tgd_jax.pet import evaluate as evaluate_lib
 from tgd_jax.pet import pipeline
 from tgd_jax.train import checkpoints, parallel
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import data as data_lib
-from tgd_jax.train.errors import RunError, UsageError
 from tgd_jax.train.tensorboard import read_events
 
 pytestmark = pytest.mark.slow  # most tests here start processes that join as one run
@@ -200,7 +200,8 @@ def test_the_rows_of_the_processes_make_the_whole_batch(cuts):
 ROWS = textwrap.dedent("""
     import sys
     import numpy as np
-    from tgd_jax.train import data as data_lib, parallel
+    from tgd_jax.pet import data as data_lib
+    from tgd_jax.train import parallel
     address, index, path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     parallel.init_distributed(address, 2, index)
     from jax.experimental import multihost_utils

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import quiet, tiny_train_config
 
+from tgd_jax.io.errors import RunError
 from tgd_jax.pet import pipeline
 from tgd_jax.train import checkpoints
-from tgd_jax.train.errors import RunError
 
 
 def _bytes(tree) -> list[bytes]:
@@ -219,8 +219,8 @@ def test_a_damaged_line_inside_metrics_is_named(toy_data, reference, tmp_path):
 # Studies of different sizes -------------------------------------------------------------
 
 def _mixed_dataset(path: Path, shapes) -> Path:
+    from tgd_jax.pet.dataset import write_dataset
     from tgd_jax.sim.synthetic import toy_study
-    from tgd_jax.train.dataset import write_dataset
 
     rng = np.random.default_rng(0)
     studies = [toy_study(rng, shape, versions=("v1",), levels=(30.0,)) for shape in shapes]
@@ -229,7 +229,7 @@ def _mixed_dataset(path: Path, shapes) -> Path:
 
 
 def test_studies_of_different_sizes_are_each_sampled_within_their_own_extent():
-    from tgd_jax.train import data as data_lib
+    from tgd_jax.pet import data as data_lib
 
     small, large = (4, 20, 24), (6, 40, 36)
     coded = [np.broadcast_to((np.arange(s[1])[:, None] * 1000 + np.arange(s[2]))[None],
@@ -253,7 +253,7 @@ def test_studies_of_different_sizes_are_each_sampled_within_their_own_extent():
 
 
 def test_one_size_draws_the_positions_it_always_drew():
-    from tgd_jax.train import data as data_lib
+    from tgd_jax.pet import data as data_lib
 
     vols = tuple(np.random.default_rng(k).normal(size=(5, 24, 28)).astype(np.float32)
                  for k in range(2))
@@ -277,7 +277,7 @@ def test_a_study_smaller_than_the_patch_is_refused_before_the_workdir(tmp_path, 
     data = _mixed_dataset(tmp_path / "mixed.h5", shapes)
     workdir = tmp_path / "run"
     config = tiny_train_config(data, **{"data.patch_size": 24, "data.val_studies": 0})
-    from tgd_jax.train.dataset import DatasetError
+    from tgd_jax.pet.dataset import DatasetError
 
     with pytest.raises(DatasetError, match="16 x 16 slices are smaller than data.patch_size 24"):
         pipeline.train(config, workdir, log=quiet)
@@ -301,7 +301,7 @@ def test_a_study_smaller_than_the_patch_is_refused_before_the_workdir(tmp_path, 
     ({"data.patch_size": 1000}, "data.patch_size 1000"),
 ])
 def test_a_bad_field_is_refused_before_the_workdir_exists(toy_data, tmp_path, overrides, named):
-    from tgd_jax.train.errors import UsageError
+    from tgd_jax.io.errors import UsageError
 
     workdir = tmp_path / "run"
     with pytest.raises(UsageError, match=named.replace(".", r"\.")):
@@ -310,7 +310,7 @@ def test_a_bad_field_is_refused_before_the_workdir_exists(toy_data, tmp_path, ov
 
 
 def test_a_finetune_refusal_of_the_plan_leaves_nothing(toy_data, pretrained, tmp_path):
-    from tgd_jax.train import config as config_lib
+    from tgd_jax.pet import config as config_lib
 
     config = config_lib.override(config_lib.finetune_config("tiny"), **{
         "data.path": str(toy_data["finetune"]), "checkpoint": str(pretrained),
@@ -338,7 +338,7 @@ def test_an_empty_workdir_flag_is_refused(tmp_path):
 def test_an_internal_valueerror_from_jax_keeps_its_traceback(capsys):
     import jax.numpy as jnp
 
-    from tgd_jax.train import errors
+    from tgd_jax.io import errors
 
     with pytest.raises(SystemExit) as caught, errors.reported("train.py"):
         jnp.concatenate([])  # JAX's own ValueError: a bug, not the user's input
@@ -353,7 +353,7 @@ def test_an_internal_valueerror_from_jax_keeps_its_traceback(capsys):
     ("usage", 2), ("config", 2), ("data", 2), ("run", 1), ("missing", 2), ("disk", 1)])
 def test_the_errors_of_tgd_jax_and_of_the_users_files_are_one_line(capsys, error, code):
     from tgd_jax import errors as core
-    from tgd_jax.train import errors
+    from tgd_jax.io import errors
 
     raised = {"usage": core.UsageError("bad --phi"), "config": core.ConfigError("bad field"),
               "data": core.DataError("bad study"), "run": core.RunError("loss is NaN"),

@@ -16,12 +16,12 @@ import pytest
 from conftest import quiet, tiny_train_config
 from flax import traverse_util
 
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.pet import config as config_lib
+from tgd_jax.pet import data as data_lib
 from tgd_jax.pet import pipeline
+from tgd_jax.pet.dataset import DatasetError
 from tgd_jax.train import checkpoints
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import data as data_lib
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.dataset import DatasetError
 from tgd_jax.train.trainer import NonFiniteLossError
 
 
@@ -310,7 +310,7 @@ def test_a_workdir_without_checkpoints_is_reused_with_a_new_config(toy_data, tmp
 def test_training_touches_the_devices_from_the_main_thread_only(toy_data, tmp_path,
                                                                 monkeypatch):
     # The batches are sampled on a background thread but sharded onto the devices on the
-    # thread that runs the steps (tgd_jax.train.data.Prefetcher).
+    # thread that runs the steps (tgd_jax.train.prefetch.Prefetcher).
     import threading
 
     from tgd_jax.train import parallel

@@ -19,12 +19,12 @@ from tgd_jax.batchnorm import running_statistics
 from tgd_jax.graph import flat_paths
 from tgd_jax.methods import tgd_plan
 from tgd_jax.optim import make_optimizer
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import pipeline
 from tgd_jax.pet import premise as premise_lib
 from tgd_jax.pet.models import DnCNN
 from tgd_jax.topology import ConvNode
 from tgd_jax.train import checkpoints, parallel, step
-from tgd_jax.train import config as config_lib
 
 # --- the regulariser ----------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tgd_jax.io.errors import RunError, UsageError
 from tgd_jax.pet import report
 from tgd_jax.pet import reproduce as rp
-from tgd_jax.train.errors import RunError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 

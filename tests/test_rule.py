@@ -11,8 +11,8 @@ import pytest
 import tgd_jax
 from tgd_jax import SELECTORS, Selector, TGDRule, plan_finetune, register_selector
 from tgd_jax.errors import UsageError
+from tgd_jax.pet import config as config_lib
 from tgd_jax.topology import sequential_topology
-from tgd_jax.train import config as config_lib
 
 BAD = {"phi": 1.5, "alpha": -1.0, "k": 0, "first": "all", "last": "kse", "mode": "gated",
        "combine": "sum", "other": "maybe", "readers": "some", "frozen_bn": "sometimes",

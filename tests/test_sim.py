@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tgd_jax.pet import dataset
 from tgd_jax.sim import acquisition, report
 from tgd_jax.sim.phantom import MU_WATER
 from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matrix
 from tgd_jax.sim.recon import VERSIONS, ReconSettings, osem
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
-from tgd_jax.train import dataset
 
 SMALL = SinogramGeometry(n_bins=48, bin_mm=8.0, n_views=24)
 

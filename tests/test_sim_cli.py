@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tgd_jax.train.dataset import load_study, open_dataset
+from tgd_jax.pet.dataset import load_study, open_dataset
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -12,10 +12,10 @@ import pytest
 from conftest import quiet, tiny_train_config
 
 from tgd_jax import optim
+from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import pipeline
-from tgd_jax.train import config as config_lib
+from tgd_jax.pet.training import learning_rate_at
 from tgd_jax.train.tensorboard import EventWriter, read_events
-from tgd_jax.train.trainer import learning_rate_at
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

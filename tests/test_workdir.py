@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tgd_jax.train import workdir
+from tgd_jax.io import workdir
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@
   pass instead.
 
 Commands report these (and a user's missing file) as one line
-(:func:`tgd_jax.train.errors.reported`); any other exception, a ``ValueError`` from JAX or
+(:func:`tgd_jax.io.errors.reported`); any other exception, a ``ValueError`` from JAX or
 Flax included, keeps its traceback and is reported as a bug.
 """
 

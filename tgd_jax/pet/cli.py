@@ -15,22 +15,23 @@ import jax
 import ml_collections
 from absl import flags, logging
 
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import errors, parallel
-from tgd_jax.train import workdir as workdir_lib
+from tgd_jax.io import errors, startup
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.pet import config as config_lib
+from tgd_jax.train import parallel
 
 __all__ = ["CONFIGS", "run", "apply_shortcuts", "progress", "workdir_flag", "start",
            "quiet_start", "reported", "parse_flags", "join_processes", "main_process",
            "every_process_works"]
 
-quiet_start = parallel.quiet_start
+quiet_start = startup.quiet_start
 
 
 def start() -> None:
     """First line of every command's ``main``: quiet backend probing, and the persistent
     compilation cache (``$TGD_COMPILATION_CACHE``; ``off`` disables it)."""
-    parallel.quiet_start()
-    parallel.use_compilation_cache()
+    startup.quiet_start()
+    startup.use_compilation_cache()
 
 #: The commands' default configs, inside the package (so installed commands have them).
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -68,7 +69,7 @@ _VERBOSE = flags.DEFINE_bool(
 
 def reported(name: str) -> contextlib.AbstractContextManager[None]:
     """One line ``<name>: error: ...`` and exit code 2 (usage) or 1 (failure) for every
-    expected error in the block (:mod:`tgd_jax.train.errors`)."""
+    expected error in the block (:mod:`tgd_jax.io.errors`)."""
     return errors.reported(name, verbose=_VERBOSE.value)
 
 

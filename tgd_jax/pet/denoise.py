@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tgd_jax.io import readers
+from tgd_jax.io.errors import UsageError
+from tgd_jax.io.workdir import atomic_path, check_output_file, output_folder
 from tgd_jax.pet.models import network_of
-from tgd_jax.train import readers
-from tgd_jax.train.errors import UsageError
-from tgd_jax.train.workdir import atomic_path, check_output_file, output_folder
 
 __all__ = ["slice_stacks", "denoise_volume", "denoise_file",
            "read_volume", "write_volume"]
@@ -240,8 +240,8 @@ def write_volume(path: str | Path, volume: np.ndarray, *, affine: Any = None,
                  attrs: Mapping[str, Any] | None = None) -> Path:
     """Writes ``(Z, H, W)`` atomically: NIfTI (by extension) or HDF5 dataset ``denoised``.
 
-    The folder must exist (:func:`~tgd_jax.train.workdir.check_output_file` made it before
-    the run): one that vanished meanwhile is a :class:`~tgd_jax.train.errors.RunError`.
+    The folder must exist (:func:`~tgd_jax.io.workdir.check_output_file` made it before
+    the run): one that vanished meanwhile is a :class:`~tgd_jax.io.errors.RunError`.
     """
     path = Path(path)
     nifti = path.name.endswith((".nii", ".nii.gz"))

@@ -26,12 +26,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tgd_jax.io import readers
+from tgd_jax.io.errors import UsageError
 from tgd_jax.pet import baseline
+from tgd_jax.pet.dataset import DatasetError, open_dataset
 from tgd_jax.pet.denoise import denoise_volume
 from tgd_jax.pet.models import network_of
-from tgd_jax.train import checkpoints, readers
-from tgd_jax.train.dataset import DatasetError, open_dataset
-from tgd_jax.train.errors import UsageError
+from tgd_jax.train import checkpoints
 
 __all__ = ["lesion_bias", "liver_cov", "contrast_recovery", "body_psnr", "body_ssim",
            "SSIM_WINDOW", "OLD_LESION", "lesion_metrics", "evaluate", "table", "lesion_table",
@@ -311,7 +312,7 @@ def figure(examples: Mapping[str, np.ndarray], path: str | Path, *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tgd_jax.train.workdir import save_figure
+    from tgd_jax.io.workdir import save_figure
 
     networks = list(dict.fromkeys(key.rsplit("/", 1)[0] for key in examples))
     studies = list(dict.fromkeys(key.rsplit("/", 1)[1] for key in examples))
@@ -337,7 +338,7 @@ def gain_figure(result: Mapping[str, Any], path: str | Path, *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tgd_jax.train.workdir import save_figure
+    from tgd_jax.io.workdir import save_figure
 
     studies = list(result["gaussian"])
     fig, axes = plt.subplots(len(studies), 2, figsize=(11, 4 * len(studies)), squeeze=False)

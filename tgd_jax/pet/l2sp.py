@@ -27,8 +27,8 @@ from typing import Any
 
 from absl import app, flags
 
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.errors import UsageError
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.io.errors import UsageError
 
 __all__ = ["candidate_losses", "choose_strength", "write_choice"]
 

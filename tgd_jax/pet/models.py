@@ -235,8 +235,8 @@ def network_of(config: Mapping[str, Any], where: str) -> tuple[nn.Module, float]
       CheckpointError: naming the checkpoint ``where``, if the config lacks them or holds
         values of the wrong type.
     """
+    from tgd_jax.io.errors import one_line
     from tgd_jax.train.checkpoints import CheckpointError
-    from tgd_jax.train.errors import one_line
 
     try:
         return model_from_config(config["model"]), float(config["data"]["intensity_scale"])

@@ -1,6 +1,6 @@
 """The three experiments behind ``train.py``, ``finetune.py`` and ``online.py``, as functions.
 
-Each takes a config (see :mod:`tgd_jax.train.config`) and a workdir, writes everything into the
+Each takes a config (see :mod:`tgd_jax.pet.config`) and a workdir, writes everything into the
 workdir (``config.json``, ``versions.json``, ``metrics.jsonl``, checkpoints, ``summary.json``
 and, for fine-tuning, ``mask.json`` BEFORE training starts) and returns the summary. Calling
 one again on the same workdir resumes from the newest checkpoint.
@@ -21,16 +21,17 @@ import numpy as np
 from tgd_jax import methods as methods_lib
 from tgd_jax import optim
 from tgd_jax.errors import UsageError
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.pet import config as config_lib
+from tgd_jax.pet import data as data_lib
 from tgd_jax.pet import premise as premise_lib
+from tgd_jax.pet import training
 from tgd_jax.pet.denoise import denoise_volume, read_volume, write_h5
 from tgd_jax.pet.models import model_from_config, model_graph
 from tgd_jax.rule import TGDRule
 from tgd_jax.train import checkpoints as ckpt_lib
-from tgd_jax.train import config as config_lib
-from tgd_jax.train import data as data_lib
-from tgd_jax.train import parallel, trainer
+from tgd_jax.train import parallel
 from tgd_jax.train import step as step_lib
-from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["train", "finetune", "online", "initial_variables", "num_steps_for"]
 
@@ -103,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     log(f"train: {len(train_ids)} studies ({len(train_pairs.pairs)} pairs), "
         f"{len(val_ids)} validation, {config.data.version}, {steps} steps, "
         f"{_count(variables['params']):,} parameters, {jax.device_count()} device(s)")
-    _, summary = trainer.fit(config=config, workdir=workdir, model=model, tx=tx, state=state,
+    _, summary = training.fit_pairs(config=config, workdir=workdir, model=model, tx=tx, state=state,
                              train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
                              meta={"command": "train"}, mesh=mesh, log=log)
     summary.update(command="train", train_studies=train_ids, val_studies=val_ids)
@@ -118,7 +119,7 @@ def _pretrained(config: ml_collections.ConfigDict, log: Log
 
     The network's shape is the checkpoint's, whatever the config says, and the images must
     be scaled as in pretraining. The third value holds those fields (dotted name -> value,
-    for :func:`tgd_jax.train.config.override`); the variables are checked against the
+    for :func:`tgd_jax.pet.config.override`); the variables are checked against the
     architecture they describe.
     """
     params, batch_stats, source, meta = ckpt_lib.restore(config.checkpoint, config.checkpoint_which)
@@ -207,7 +208,7 @@ def _tgd_run(config: ml_collections.ConfigDict, workdir: Path, command: str,
     tx = plan.optimizer(num_steps=steps, watch=False, **config.optimizer)  # the step
     # applies the plan's gates itself (tested); no host callback in it
     state = step_lib.create_train_state(variables, tx, plan)
-    state, summary = trainer.fit(
+    state, summary = training.fit_pairs(
         config=config, workdir=workdir, model=model, tx=tx, state=state,
         train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
         meta={"command": command, "method": config.method}, mesh=mesh, log=log,

@@ -17,10 +17,10 @@ import numpy as np
 
 from tgd_jax import masks as masks_lib
 from tgd_jax import threshold as threshold_lib
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.pet import data as data_lib
 from tgd_jax.pet.models import model_from_config, model_graph
 from tgd_jax.train import checkpoints as ckpt_lib
-from tgd_jax.train import data as data_lib
-from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["held_out_batch", "threshold_checkpoint", "threshold_figure", "kse_figure"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from tgd_jax.errors import TGDError, UsageError
+from tgd_jax.io import workdir as workdir_lib
 from tgd_jax.pet import reproduce as rp
-from tgd_jax.train import workdir as workdir_lib
 
 __all__ = ["collect", "write", "Stat", "stat", "compare", "PAPER_TABLE1", "RULES"]
 

@@ -33,9 +33,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.io.errors import RunError, UsageError
 from tgd_jax.pet.models import MODELS
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.errors import RunError, UsageError
 
 __all__ = ["Preset", "PRESETS", "Job", "System", "plan", "run", "at_tiny_scale"]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from absl import flags
 
+from tgd_jax.io import errors, startup
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.pet.dataset import ROLES
 from tgd_jax.sim import generate
-from tgd_jax.train import errors, parallel
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.dataset import ROLES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "demo", sorted(generate.PRESETS),
@@ -49,8 +49,8 @@ flags.DEFINE_bool("report", False, "Measure the docs/simulator.md properties of 
 
 
 def main(argv: list[str]) -> None:
-    parallel.quiet_start()
-    parallel.use_compilation_cache()
+    startup.quiet_start()
+    startup.use_compilation_cache()
     with errors.reported("python -m tgd_jax.sim", verbose=FLAGS.verbose):
         if len(argv) > 1:
             raise errors.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -27,9 +27,9 @@ import h5py
 import jax
 
 from tgd_jax.errors import UsageError
+from tgd_jax.pet.dataset import write_dataset
 from tgd_jax.sim.recon import VERSIONS
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
-from tgd_jax.train.dataset import write_dataset
 
 __all__ = ["PAPER_LEVELS", "RoleSpec", "PRESETS", "ROLE_STREAMS", "study_key", "make_study",
            "generate_role",

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tgd_jax.io import workdir
+from tgd_jax.pet.dataset import load_study, open_dataset
 from tgd_jax.sim import acquisition
 from tgd_jax.sim.projector import SinogramGeometry, system_matrix
 from tgd_jax.sim.study import simulation_key
-from tgd_jax.train import workdir
-from tgd_jax.train.dataset import load_study, open_dataset
 
 __all__ = [
     "lag1_autocorrelation",

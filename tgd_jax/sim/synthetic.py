@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tgd_jax.pet.dataset import write_dataset
 from tgd_jax.sim.study import Study
-from tgd_jax.train.dataset import write_dataset
 
 __all__ = ["toy_study", "write_toy_datasets"]
 

@@ -1,20 +1,18 @@
-"""The training runtime: everything between a TGD decision and a trained network.
+"""The training runtime: everything between a TGD plan and a trained network.
 
-Nothing in here knows about PET; it trains any Flax model on any dataset of input/target
-pairs in the documented HDF5 schema:
+Nothing in here knows about PET or any dataset: it trains any Flax model whose batches
+are ``{"inputs", "targets"}`` arrays, with the plan's masks, gates and BatchNorm modes:
 
-* :mod:`~tgd_jax.train.config` - the ml_collections configs of the three commands.
-* :mod:`~tgd_jax.train.dataset` - the HDF5 schema: writer, validating reader.
-* :mod:`~tgd_jax.train.readers` - what every reader of a user-named file checks.
-* :mod:`~tgd_jax.train.data` - pairs, deterministic patch batches, prefetching.
-* :mod:`~tgd_jax.train.parallel` - the device mesh, sharding, jitted data-parallel steps.
 * :mod:`~tgd_jax.train.step` - ``TrainState``, ``train_step``, ``eval_step``.
+* :mod:`~tgd_jax.train.trainer` - :func:`~tgd_jax.train.trainer.fit`, the loop: batches
+  from a function of the step, an evaluator, hooks, checkpoints, resume.
+* :mod:`~tgd_jax.train.parallel` - the device mesh, sharding, jitted data-parallel steps,
+  several processes.
+* :mod:`~tgd_jax.train.prefetch` - batches made ahead on a background thread.
 * :mod:`~tgd_jax.train.metrics` - ``metrics.jsonl``, progress lines, the non-finite check.
+* :mod:`~tgd_jax.train.tensorboard` - TensorBoard event files without TensorFlow.
 * :mod:`~tgd_jax.train.checkpoints` - orbax checkpoints (latest few and best), restore.
-* :mod:`~tgd_jax.train.workdir` - atomic files, ``config.json``/``versions.json``, the
-  lock that keeps a second run out of a folder in use.
-* :mod:`~tgd_jax.train.trainer` - :func:`~tgd_jax.train.trainer.fit`, the loop.
 
-It imports the TGD core (``tgd_jax.*``) and never the PET application (``tgd_jax.pet``,
-``tgd_jax.sim``).
+It imports the TGD core (``tgd_jax.*``) and the shared I/O (:mod:`tgd_jax.io`), never
+the PET application (``tgd_jax.pet``) or the simulator (``tgd_jax.sim``).
 """

@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization, traverse_util
 
+from tgd_jax.io.errors import RunError, UsageError, interrupts_deferred
 from tgd_jax.train import parallel
-from tgd_jax.train.errors import RunError, UsageError, interrupts_deferred
 
 __all__ = ["CheckpointError", "CorruptCheckpointError", "Checkpointer", "Restored", "restore",
            "load", "resolve", "check_tree_match", "peek_metadata"]
@@ -55,7 +55,7 @@ class CheckpointError(UsageError):
 class CorruptCheckpointError(CheckpointError, RunError):
     """A checkpoint's files are damaged (unreadable data or metadata)."""
 
-    #: Read by :func:`tgd_jax.train.errors.reported`: exit without interpreter teardown.
+    #: Read by :func:`tgd_jax.io.errors.reported`: exit without interpreter teardown.
     skip_teardown = True
 
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from tgd_jax.errors import UsageError
-from tgd_jax.train import workdir as workdir_lib
-from tgd_jax.train.errors import RunError
+from tgd_jax.io import workdir as workdir_lib
+from tgd_jax.io.errors import RunError
 from tgd_jax.train.tensorboard import EventWriter
 
 __all__ = ["METRICS_FILE", "NonFiniteLossError", "MetricsLogger", "check_finite",

@@ -11,7 +11,6 @@ of the global batch (:func:`process_rows`, :func:`shard_batch`).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
@@ -24,12 +23,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tgd_jax.train.errors import UsageError
+from tgd_jax.io.errors import UsageError
 
 __all__ = ["DATA_AXIS", "use_cpu_cores", "usable_cores", "cpu_device_count", "make_mesh",
            "batch_sharding",
            "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
-           "replicate", "host_copy", "jit_step", "quiet_start", "init_distributed",
+           "replicate", "host_copy", "jit_step", "init_distributed",
            "free_port", "multi_process", "barrier", "gather_from_processes",
            "broadcast_from_first", "COLLECTIVE_FAILURES", "check_coordinator_port"]
 
@@ -211,16 +210,6 @@ def jit_step(step_fn: Callable[..., Any], mesh: Mesh, *, donate_state: bool = Tr
     )
 
 
-class _DropBackendProbe(logging.Filter):
-    """Drops JAX's INFO line about each platform it probed and did not find ("Unable to
-    initialize backend 'tpu'"): on a machine without a TPU it is not news. Warnings and
-    errors from the same logger (a GPU present but unusable, say) still pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno <= logging.INFO
-                    and record.getMessage().startswith("Unable to initialize backend"))
-
-
 def multi_process() -> bool:
     """Whether this run spans several processes (after :func:`init_distributed`)."""
     return jax.process_count() > 1
@@ -383,44 +372,3 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     # them, and a process that computes nothing itself (evaluate.py's others) would not.
     jax.devices()
     return True
-
-
-def quiet_start() -> None:
-    """Call first in every command's ``main``, before JAX picks its backend."""
-    logger = logging.getLogger("jax._src.xla_bridge")
-    if not any(isinstance(f, _DropBackendProbe) for f in logger.filters):
-        logger.addFilter(_DropBackendProbe())
-
-
-#: Where compiled XLA programs persist across processes, unless ``$TGD_COMPILATION_CACHE``
-#: says otherwise (a folder, or ``off``).
-COMPILATION_CACHE = "~/.cache/tgd_jax/xla"
-COMPILATION_CACHE_ENV = "TGD_COMPILATION_CACHE"
-
-
-def use_compilation_cache(path: str | None = None) -> str | None:
-    """Keeps compiled programs on disk (JAX's persistent compilation cache) and returns the
-    folder, or None when it is off or cannot be written.
-
-    A command compiles the same train, eval and KSE programs every time it starts; with the
-    cache the second process loads them instead (measured: ``benchmarks/RESULTS.md``). The
-    cache key covers the program, the compile options, the jax version and the device, so a
-    hit runs the very same executable: results are bit-identical (tested). Call before the
-    first compilation.
-    """
-    if path is None:
-        path = os.environ.get(COMPILATION_CACHE_ENV, COMPILATION_CACHE)
-    if not path or path.strip().lower() in ("0", "off", "none", "false"):
-        return None
-    folder = os.path.expanduser(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return None
-    jax.config.update("jax_compilation_cache_dir", folder)
-    # Every program, however quick to compile: KSE compiles one per layer shape in ~0.2 s.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder

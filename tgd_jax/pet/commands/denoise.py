@@ -11,8 +11,8 @@ from pathlib import Path
 
 from absl import flags
 
+from tgd_jax.io import errors
 from tgd_jax.pet import cli, denoise
-from tgd_jax.train import errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or checkpoint folder.",
                                   required=True)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
+from tgd_jax.io import errors
+from tgd_jax.io import workdir as workdir_lib
 from tgd_jax.pet import cli
 from tgd_jax.pet import evaluate as evaluate_lib
-from tgd_jax.train import errors
-from tgd_jax.train import workdir as workdir_lib
 
 _TEST = flags.DEFINE_string("test", "runs/demo/data/test.h5", "A 'test' dataset (HDF5).")
 _NETS = flags.DEFINE_multi_string("net", [], "NAME=WORKDIR of a network to evaluate "

@@ -11,9 +11,9 @@ and kse_hist.png before training starts.
 from absl import app, flags
 from ml_collections import config_flags
 
+from tgd_jax.io import errors
 from tgd_jax.methods import METHODS
 from tgd_jax.pet import cli, pipeline
-from tgd_jax.train import errors
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too

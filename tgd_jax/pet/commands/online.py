@@ -12,9 +12,9 @@ denoised.h5 and a comparison figure to online.png.
 from absl import app, flags
 from ml_collections import config_flags
 
+from tgd_jax.io import errors
 from tgd_jax.methods import METHODS
 from tgd_jax.pet import cli, pipeline
-from tgd_jax.train import errors
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from absl import flags
 
+from tgd_jax.io import errors
+from tgd_jax.io import workdir as workdir_lib
 from tgd_jax.pet import report as report_lib
 from tgd_jax.pet import reproduce as rp
 from tgd_jax.pet.models import MODELS
-from tgd_jax.train import errors
-from tgd_jax.train import workdir as workdir_lib
 
 _PRESET = flags.DEFINE_enum("preset", "demo", sorted(rp.PRESETS), "Scale of the reproduction.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default runs/<preset>).")

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from absl import flags
 
+from tgd_jax.io import errors
+from tgd_jax.io import workdir as workdir_lib
 from tgd_jax.pet import cli
 from tgd_jax.pet import premise as premise_lib
-from tgd_jax.train import checkpoints, errors
-from tgd_jax.train import workdir as workdir_lib
+from tgd_jax.train import checkpoints
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir (or checkpoint folder) of "
                                   "the network.", required=True)

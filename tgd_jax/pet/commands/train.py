@@ -11,8 +11,8 @@ Every field of the config can be overridden with --config.<field>=<value>.
 from absl import app, flags
 from ml_collections import config_flags
 
+from tgd_jax.io import errors
 from tgd_jax.pet import cli, pipeline
-from tgd_jax.train import errors
 
 _WORKDIR = cli.workdir_flag()
 flags.adopt_module_key_flags(cli)  # --helpshort lists --workdir too

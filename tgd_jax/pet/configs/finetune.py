@@ -3,7 +3,7 @@
 Select a size with a config string: ``--config=configs/finetune.py:demo`` or ``:tiny``.
 """
 
-from tgd_jax.train.config import finetune_config
+from tgd_jax.pet.config import finetune_config
 
 
 def get_config(preset: str = ""):

@@ -3,7 +3,7 @@
 Select a size with a config string: ``--config=configs/online.py:demo`` or ``:tiny``.
 """
 
-from tgd_jax.train.config import online_config
+from tgd_jax.pet.config import online_config
 
 
 def get_config(preset: str = ""):

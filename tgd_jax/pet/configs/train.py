@@ -4,7 +4,7 @@ Select a size with a config string: ``--config=configs/train.py:demo`` (CPU demo
 ``:tiny`` (tests); the default is the paper's network and schedule.
 """
 
-from tgd_jax.train.config import train_config
+from tgd_jax.pet.config import train_config
 
 
 def get_config(preset: str = ""):

@@ -34,9 +34,9 @@ import h5py
 import numpy as np
 
 from tgd_jax.errors import DataError
-from tgd_jax.train import readers
-from tgd_jax.train.errors import UsageError
-from tgd_jax.train.workdir import atomic_path
+from tgd_jax.io import readers
+from tgd_jax.io.errors import UsageError
+from tgd_jax.io.workdir import atomic_path
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from tgd_jax.train.errors import RunError, UsageError
+from tgd_jax.io.errors import RunError, UsageError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "write_json", "append_jsonl", "versions",
            "save_figure", "prepare_workdir", "config_diff", "check_writable",

@@ -1,7 +1,7 @@
 """What every reader of a user-named file checks, so that each refusal is one line naming
-the file, the key and the problem (a :class:`~tgd_jax.train.errors.UsageError`, exit 2).
+the file, the key and the problem (a :class:`~tgd_jax.io.errors.UsageError`, exit 2).
 
-The readers (:func:`tgd_jax.train.dataset.open_dataset`, :func:`tgd_jax.pet.denoise.read_volume`,
+The readers (:func:`tgd_jax.pet.dataset.open_dataset`, :func:`tgd_jax.pet.denoise.read_volume`,
 ``evaluate.py``) accept as a volume only a non-empty HDF5 array of real numbers: floats, or
 integers (counts, converted to float32, exact up to 2**24). They refuse groups where an
 array is expected (and arrays where a group is), complex, boolean, string, compound,
@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tgd_jax.train.errors import UsageError
+from tgd_jax.io.errors import UsageError
 
 __all__ = ["check_input_file", "open_h5", "h5_get", "check_real_dtype", "check_not_empty",
            "read_array", "to_float32"]

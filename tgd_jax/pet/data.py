@@ -7,18 +7,15 @@ A :class:`PairSet` is a list of 3D volumes plus ``(input, target)`` index pairs 
 * noise-2-noise (``online.py``): half A -> half B and half B -> half A of one study.
 
 :func:`sample_batch` draws a batch as a pure function of ``(seed, step)`` (NumPy's
-``SeedSequence``), so a resumed run sees exactly the batches an uninterrupted one would,
-and :class:`Prefetcher` samples the next batches on a background thread while the
-device computes.
+``SeedSequence``), so a resumed run sees exactly the batches an uninterrupted one would
+(:func:`tgd_jax.train.trainer.fit` samples them ahead on a background thread).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +23,11 @@ import h5py
 import numpy as np
 
 from tgd_jax.errors import UsageError
-from tgd_jax.train import readers
-from tgd_jax.train.dataset import DatasetError, DatasetInfo, level_key, open_dataset
+from tgd_jax.io import readers
+from tgd_jax.pet.dataset import DatasetError, DatasetInfo, level_key, open_dataset
 
 __all__ = ["PairSet", "supervised_pairs", "n2n_pairs", "sample_batch", "steps_per_epoch",
-           "split_studies", "hot_voxels", "Prefetcher", "STREAM_TRAIN", "STREAM_VAL",
+           "split_studies", "hot_voxels", "STREAM_TRAIN", "STREAM_VAL",
            "TARGETS"]
 
 #: Random streams of the patch sampler: training batches, and fixed validation batches.
@@ -276,48 +273,3 @@ def _hot_rows(rng: np.random.Generator, pairs: PairSet, hot: Sequence[np.ndarray
         ys[b] = np.clip(y - offset[b, 0], 0, h - p)
         xs[b] = np.clip(x - offset[b, 1], 0, w - p)
     return zs, ys, xs
-
-
-class Prefetcher:
-    """Iterates ``place(make(step))`` for ``step`` in ``[start, stop)``, ``make`` running
-    ``depth`` steps ahead.
-
-    ``make`` runs on one background thread and must not touch JAX (NumPy sampling only);
-    ``place`` (the host-to-device copy, default: none) runs on the consuming thread, so
-    that only the thread that runs the steps uses the devices. An exception in ``make`` is
-    re-raised in the consumer at the step that failed.
-    """
-
-    def __init__(self, make: Callable[[int], Any], start: int, stop: int, depth: int = 2,
-                 place: Callable[[Any], Any] | None = None):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._count = max(0, stop - start)
-        self._place = place
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True)
-        self._thread.start()
-
-    def _run(self, make: Callable[[int], Any], start: int, stop: int) -> None:
-        for step in range(start, stop):
-            try:
-                item = (step, make(step), None)
-            except BaseException as e:  # hand the error to the consumer
-                item = (step, None, e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set() or item[2] is not None:
-                return
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        for _ in range(self._count):
-            step, value, error = self._queue.get()
-            if error is not None:
-                raise error
-            yield step, (value if self._place is None else self._place(value))
-
-    def close(self) -> None:
-        self._stop.set()

@@ -16,17 +16,15 @@ from typing import Any
 import ml_collections
 
 from tgd_jax import methods
+from tgd_jax.io.errors import UsageError
+from tgd_jax.pet import data as data_lib
+from tgd_jax.pet import models
 from tgd_jax.rule import TGDRule
-from tgd_jax.train import data as data_lib
-from tgd_jax.train.errors import UsageError
 from tgd_jax.train.step import LOSSES
 
 __all__ = ["base_config", "train_config", "finetune_config", "online_config", "PRESETS",
-           "apply_preset", "override", "validate", "SIZE_PRESETS", "COMMAND_PRESETS",
+           "apply_preset", "override", "validate", "PRESET_FIELDS",
            "ADDED_FIELDS"]
-
-#: ``config.model.name`` values (the registry is :data:`tgd_jax.pet.models.MODELS`).
-MODEL_NAMES = ("dncnn", "unet", "resnet")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -89,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 #: Fields added after workdirs were first written, with the value that behaves as the code
 #: did before them: a workdir whose config.json lacks one resumes when it is left at that
-#: value (:func:`tgd_jax.train.workdir.prepare_workdir`). A new field goes here.
+#: value (:func:`tgd_jax.io.workdir.prepare_workdir`). A new field goes here.
 ADDED_FIELDS: dict[str, Any] = {
     "optimizer.decay_fraction": 1.0,
     "optimizer.final_lr_fraction": 0.0,
@@ -113,42 +111,42 @@ def override(c: ml_collections.ConfigDict, **values: object) -> ml_collections.C
     return c
 
 
-#: Size presets, as data: dotted field -> value, applied with :func:`override` on top of a
+#: The config presets (``--config=configs/<command>.py:<preset>``), as data: for each, the
+#: dotted fields every command changes (``"all"``), then each command's own changes (the
+#: demo lengths: see docs/premise/premise.md), applied with :func:`override` on top of the
 #: command's defaults (``paper`` is the defaults themselves).
-SIZE_PRESETS: dict[str, dict[str, Any]] = {
+PRESET_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
-    "demo": {  # a quarter-width DnCNN, sized for a CPU
-        "model.width_multiplier": 0.25, "batch_size": 16, "num_epochs": 0.0,
-        "num_steps": 600, "log_every": 50, "eval_every": 200,
+    "demo": {
+        "all": {  # a quarter-width DnCNN, sized for a CPU
+            "model.width_multiplier": 0.25, "batch_size": 16, "num_epochs": 0.0,
+            "num_steps": 600, "log_every": 50, "eval_every": 200},
+        "train": {"num_steps": 1200, "eval_every": 400, "eval_batches": 16},
+        "finetune": {"num_steps": 300, "eval_every": 50, "eval_batches": 16},
+        "online": {"num_steps": 200, "eval_every": 100},
     },
-    "tiny": {  # a few hundred parameters and a handful of steps, for the test suite
-        "model.features": (8, 8, 8, 3), "model.unet_features": (4, 6, 8),
-        "model.resnet_width": 6, "model.resnet_blocks": 2, "data.patch_size": 16,
-        "batch_size": 4,
-        "num_epochs": 0.0, "num_steps": 12, "log_every": 2, "eval_every": 4,
-        "eval_batches": 1, "data.prefetch": 1,
+    "tiny": {
+        "all": {  # a few hundred parameters and a handful of steps, for the test suite
+            "model.features": (8, 8, 8, 3), "model.unet_features": (4, 6, 8),
+            "model.resnet_width": 6, "model.resnet_blocks": 2, "data.patch_size": 16,
+            "batch_size": 4, "num_epochs": 0.0, "num_steps": 12, "log_every": 2,
+            "eval_every": 4, "eval_batches": 1, "data.prefetch": 1},
     },
 }
-#: The size presets' names (``--config=configs/<command>.py:<preset>``).
-PRESETS = tuple(SIZE_PRESETS)
-
-#: Per-command changes applied after the size preset (the demo lengths: see
-#: docs/premise/premise.md).
-COMMAND_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "train": {"demo": {"num_steps": 1200, "eval_every": 400, "eval_batches": 16}},
-    "finetune": {"demo": {"num_steps": 300, "eval_every": 50, "eval_batches": 16}},
-    "online": {"demo": {"num_steps": 200, "eval_every": 100}},
-}
+#: The presets' names.
+PRESETS = tuple(PRESET_FIELDS)
 
 
 def apply_preset(c: ml_collections.ConfigDict, preset: str, command: str = ""
                  ) -> ml_collections.ConfigDict:
-    """Applies size preset ``preset`` ("" = ``paper``) and then ``command``'s own changes."""
+    """Applies preset ``preset`` ("" = ``paper``): its fields for every command, then
+    ``command``'s own."""
     preset = preset or "paper"
-    if preset not in SIZE_PRESETS:
+    if preset not in PRESET_FIELDS:
         raise UsageError(f"unknown config preset {preset!r}; have {PRESETS}")
-    override(c, **SIZE_PRESETS[preset])
-    return override(c, **COMMAND_PRESETS.get(command, {}).get(preset, {}))
+    fields = PRESET_FIELDS[preset]
+    override(c, **fields.get("all", {}))
+    return override(c, **fields.get(command, {}))
 
 
 #: The pretraining recipe chosen by experiments/premise.py (docs/premise/premise.md).
@@ -299,7 +297,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "keep_steps", "must be positive step numbers")
     need(c.data.val_studies >= 0, "data.val_studies", "must be >= 0")
     need(c.data.prefetch >= 1, "data.prefetch", "must be >= 1")
-    one_of("model.name", c.model.name, MODEL_NAMES)
+    one_of("model.name", c.model.name, tuple(models.MODELS))
     one_of("loss", c.loss, tuple(LOSSES))
     one_of("optimizer.name", c.optimizer.name, ("adam", "adamw", "sgd"))
     one_of("optimizer.schedule", c.optimizer.schedule, ("constant", "cosine"))
