@@ -10,6 +10,7 @@ import pytest
 from tgd_jax.pet import data
 from tgd_jax.pet.dataset import DatasetError
 from tgd_jax.sim.synthetic import write_toy_datasets
+from tgd_jax.train.prefetch import Prefetcher
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +127,11 @@ def test_prefetcher_keeps_order_runs_ahead_and_reraises():
 
     out = []
     with pytest.raises(RuntimeError, match="bad step 5"):
-        for step, value in data.Prefetcher(make, 2, 9, depth=2):
+        for step, value in Prefetcher(make, 2, 9, depth=2):
             out.append((step, value))
     assert out == [(2, 20), (3, 30), (4, 40)]
     assert made == [2, 3, 4, 5]  # stops producing after the failure
-    assert list(data.Prefetcher(lambda s: s, 0, 3)) == [(0, 0), (1, 1), (2, 2)]
+    assert list(Prefetcher(lambda s: s, 0, 3)) == [(0, 0), (1, 1), (2, 2)]
 
 
 def test_prefetcher_prepares_batches_on_another_thread_before_they_are_asked_for():
@@ -145,7 +146,7 @@ def test_prefetcher_prepares_batches_on_another_thread_before_they_are_asked_for
             ready[step].set()
         return step
 
-    prefetch = data.Prefetcher(make, 0, 4, depth=2)
+    prefetch = Prefetcher(make, 0, 4, depth=2)
     try:
         iterator = iter(prefetch)
         assert next(iterator) == (0, 0)
@@ -169,7 +170,7 @@ def test_prefetcher_places_on_the_consuming_thread_only():
         placed.add(threading.get_ident())
         return value * 10
 
-    assert list(data.Prefetcher(make, 0, 5, depth=2, place=place)) == [
+    assert list(Prefetcher(make, 0, 5, depth=2, place=place)) == [
         (s, 10 * s) for s in range(5)]
     assert placed == {threading.get_ident()}
     assert len(made) == 1 and threading.get_ident() not in made

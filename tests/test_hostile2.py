@@ -43,11 +43,11 @@ from tgd_jax.io import workdir as workdir_lib
 from tgd_jax.io.errors import RunError, UsageError
 from tgd_jax.pet import config as config_lib
 from tgd_jax.pet import denoise as denoise_lib
-from tgd_jax.pet import pipeline
+from tgd_jax.pet import pipeline, training
 from tgd_jax.pet.dataset import DatasetError, load_study, open_dataset
 from tgd_jax.pet.denoise import denoise_file, denoise_volume, read_volume
 from tgd_jax.pet.models import network_of
-from tgd_jax.train import checkpoints, trainer
+from tgd_jax.train import checkpoints
 
 nib = pytest.importorskip("nibabel")
 
@@ -739,7 +739,7 @@ def test_fuzz_command_flags(script, toy_data, pretrained, monkeypatch):
             held.release()
         raise _Reached(**seen)
 
-    monkeypatch.setattr(trainer, "fit", lambda **kw: reached(**kw))
+    monkeypatch.setattr(training, "fit_pairs", lambda **kw: reached(**kw))
     from tgd_jax.pet import premise, reproduce
     from tgd_jax.sim import generate
     monkeypatch.setattr(premise, "threshold_checkpoint",

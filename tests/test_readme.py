@@ -23,13 +23,14 @@ BLOCKS = {
     "own-model-linen-unet": (_blocks(ROOT / "docs" / "own_model.md"), 0),
     "own-model-nnx": (_blocks(ROOT / "docs" / "own_model.md"), 1),
     "own-model-nnx-paper": (_blocks(ROOT / "docs" / "own_model.md"), 1, 2),
+    "own-model-fit": (_blocks(ROOT / "docs" / "own_model.md"), 3),
 }
 
 
 def test_the_pages_have_their_blocks():
     assert len(BLOCKS["readme"][0]) == 1
-    linen, nnx_block, nnx_paper = _blocks(ROOT / "docs" / "own_model.md")
-    assert "UNet" in linen and "nnx.Optimizer" in nnx_block
+    linen, nnx_block, nnx_paper, fit = _blocks(ROOT / "docs" / "own_model.md")
+    assert "UNet" in linen and "nnx.Optimizer" in nnx_block and "trainer.fit" in fit
     assert 'mode="paper"' in nnx_paper and "tgd_jax.gated" in nnx_paper
 
 
@@ -48,6 +49,9 @@ def test_block_runs(name):
     if "plan" in namespace and "value" in namespace:
         assert 0 < namespace["plan"].summary["retrained_fraction"] < 1
         assert np.isfinite(float(namespace["value"]))
+    if "summary" in namespace:  # the runtime's loop ran to its end and validated
+        assert namespace["summary"]["steps"] == 20
+        assert np.isfinite(namespace["summary"]["final_val_loss"])
 
 
 @pytest.mark.parametrize("name", ["readme", "own-model-linen-unet"])
