@@ -74,9 +74,22 @@ premise: $(STAMP)
 
 # Every speed figure (train step vs PyTorch, TGD overhead, KSE, OSEM, device scaling) in one
 # run: runs/bench/bench.{json,md}; benchmarks/RESULTS.md holds a dated copy.
-bench: $(STAMP)
+# The section "train" measures every supported jax: .venv (Python 3.11: jax 0.10) and, where a
+# Python 3.12 is installed (pip then gives a newer jax), .venv312 made from it.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+                         $(shell command -v python3.12 2>/dev/null))
+VENV312    = .venv312
+comma     := ,
+$(VENV312)/.installed: pyproject.toml Makefile
+	test -x $(VENV312)/bin/python || $(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV312)/bin/python -m pip install --quiet -e .
+	touch $@
+
+bench: $(STAMP) $(if $(PYTHON312),$(VENV312)/.installed)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m benchmarks --out=runs/bench
+	$(PY) -m benchmarks --out=runs/bench \
+	    --pythons=$(PY)$(if $(PYTHON312),$(comma)$(VENV312)/bin/python)
 
 # The same benchmark on a GPU: float32 and bfloat16, with batches that fill the card, MFU
 # against the measured matmul peak of each dtype (benchmarks/RESULTS.md, GPU section).
@@ -86,4 +99,4 @@ bench-gpu: $(STAMP)
 	    --sizes=demo,paper,paper-b256,paper-b1024 --dtypes=float32,bfloat16
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache docs/_build docs/_generated
+	rm -rf $(VENV) $(VENV312) runs .pytest_cache docs/_build docs/_generated

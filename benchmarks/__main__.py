@@ -14,7 +14,9 @@ paper widths, with FLOP rates), ``tgd`` (plain / projected / paper step at demo 
 scikit-image), ``scaling`` (the demo step on 1 and 2 devices and on 2 processes, the
 all-reduce alone: ``benchmarks/scaling.py``),
 ``launch`` (a one-step ``train.py``: imports, and the whole run with the persistent
-compilation cache off, filling, and filled).
+compilation cache off, filling, and filled), ``train`` (steps/s of the demo config's
+``train.py``, 600 steps, on 1 and 2 CPU devices, under each interpreter of ``--pythons``:
+one per jax version; ``benchmarks/train_speed.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import argparse
 import datetime
 from typing import Any
 
-SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch")
+SECTIONS = ("peak", "step", "tgd", "kse", "graph", "osem", "scaling", "launch", "train")
 
 
 def _sizes() -> tuple[tuple[str, float, int], ...]:
@@ -43,7 +45,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo", "paper"),
-        dtypes: tuple[str, ...] = ("float32",)) -> dict[str, Any]:
+        dtypes: tuple[str, ...] = ("float32",), pythons: tuple[str, ...] = (),
+        out: str = "runs/bench") -> dict[str, Any]:
     from benchmarks import step
     from benchmarks.timing import machine
     from tgd_jax.pet.models import PAPER_FEATURES, scaled_features
@@ -111,6 +114,14 @@ def run(sections: tuple[str, ...], rounds: int, sizes: tuple[str, ...] = ("demo"
         result["launch"] = launch.measure()
         print("launch: " + ", ".join(f"{k} {v:.1f}" for k, v in result["launch"].items()),
               flush=True)
+    if "train" in sections:
+        import sys
+        from pathlib import Path
+
+        from benchmarks import train_speed
+
+        result["train"] = train_speed.run(list(pythons or (sys.executable,)), [1, 2], ["auto"],
+                                          600, Path(out))
     return result
 
 
@@ -182,6 +193,12 @@ def table(r: dict[str, Any]) -> str:
                 f"without the compilation cache, {la['cache_filling_s']:.1f} s filling it and "
                 f"**{la['cache_hit_s']:.1f} s** with it filled; the imports alone take "
                 f"{la['imports_s']:.1f} s.", ""]
+    if "train" in r:
+        from benchmarks import train_speed
+
+        out += ["Steps/s of the demo config's `train.py` (600 steps, fresh processes, the "
+                "median of its progress records after the first):", "",
+                train_speed.markdown(r["train"]), ""]
     if "scaling" in r:
         from benchmarks import scaling
 
@@ -203,6 +220,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="demo,paper",
                         help=f"step sizes, from {[s[0] for s in SIZES]}")
     parser.add_argument("--dtypes", default="float32", help=f"step dtypes, from {DTYPES}")
+    parser.add_argument("--pythons", default="", help="section train: comma-separated "
+                        "interpreters with tgd_jax installed, one per jax version (default: "
+                        "this one)")
     args = parser.parse_args()
     sections = tuple(s for s in args.sections.split(",") if s)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -217,7 +237,8 @@ def main() -> None:
     from tgd_jax.io import workdir
 
     out = workdir.check_writable(args.out)
-    result = run(sections, args.rounds, sizes, dtypes)
+    result = run(sections, args.rounds, sizes, dtypes,
+                 tuple(p for p in args.pythons.split(",") if p), str(out))
     workdir.write_json(out / "bench.json", result)
     text = table(result)
     workdir.atomic_write_bytes(out / "bench.md", (text + "\n").encode())

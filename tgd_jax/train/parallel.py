@@ -28,7 +28,7 @@ from tgd_jax.io.errors import UsageError
 __all__ = ["DATA_AXIS", "use_cpu_cores", "usable_cores", "cpu_device_count", "make_mesh",
            "batch_sharding",
            "replicated", "check_batch_size", "local_batch_size", "process_rows", "shard_batch",
-           "replicate", "host_copy", "jit_step", "init_distributed",
+           "replicate", "host_copy", "jit_step", "one_step_in_flight", "init_distributed",
            "free_port", "multi_process", "barrier", "gather_from_processes",
            "broadcast_from_first", "COLLECTIVE_FAILURES", "check_coordinator_port"]
 
@@ -208,6 +208,36 @@ def jit_step(step_fn: Callable[..., Any], mesh: Mesh, *, donate_state: bool = Tr
         out_shardings=replicated(mesh),
         donate_argnums=(0,) if donate_state else (),
     )
+
+
+#: Overrides :func:`one_step_in_flight`: ``1`` waits for each step, ``0`` never does.
+ONE_STEP_ENV = "TGD_ONE_STEP_IN_FLIGHT"
+
+
+def one_step_in_flight(mesh: Mesh) -> bool:
+    """Whether the training loop waits for each step before dispatching the next.
+
+    jaxlib 0.10's in-process CPU all-reduce can deadlock (XLA aborts after its termination
+    timeout) when several multi-device programs are in flight at once; with one at a time
+    it did not (``python -m benchmarks.rendezvous``: 5 of 6 idle trials with up to 50 steps
+    in flight, 0 of 3 with one; none with jaxlib 0.12). So on a CPU mesh of several devices
+    with jaxlib older than 0.12 the loop keeps one step in flight; elsewhere the steps
+    queue up as JAX dispatches them (waiting there cost jax 0.12 steps/s:
+    benchmarks/RESULTS.md). ``$TGD_ONE_STEP_IN_FLIGHT`` (``1`` or ``0``) overrides.
+    """
+    forced = os.environ.get(ONE_STEP_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise UsageError(f"${ONE_STEP_ENV}={forced!r}: use 1 (wait for each step) or 0")
+        return forced == "1"
+    cpu_mesh = mesh.devices.size > 1 and all(d.platform == "cpu" for d in mesh.devices.flat)
+    return cpu_mesh and _jaxlib_version() < (0, 12)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    import jaxlib
+
+    return tuple(int(p) for p in re.findall(r"\d+", jaxlib.__version__)[:2])
 
 
 def multi_process() -> bool:

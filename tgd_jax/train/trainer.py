@@ -275,12 +275,7 @@ def _loop(run: _Run, state: step_lib.TrainState, start: int, train_fn: Callable[
     kept_steps = frozenset(int(s) for s in cadence.keep_steps)
     pending: list[Any] = []
     done = start
-    # jaxlib 0.10's in-process CPU all-reduce can deadlock (XLA aborts after its
-    # termination timeout) when several multi-device programs are in flight at once;
-    # with one at a time it did not (benchmarks/rendezvous.py, docs/scaling.md). The wait
-    # costs a dispatch per step, nothing next to a step.
-    one_in_flight = run.mesh.devices.size > 1 and all(
-        d.platform == "cpu" for d in run.mesh.devices.flat)
+    one_in_flight = parallel.one_step_in_flight(run.mesh)  # jaxlib 0.10's CPU all-reduce
     prefetch = Prefetcher(batches, start, num_steps, depth=cadence.prefetch,
                           place=functools.partial(parallel.shard_batch, mesh=run.mesh))
     try:
