@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -131,10 +134,30 @@ def quiet(message: str) -> None:
     del message
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder built by ``build(folder)`` once per test session. Under pytest-xdist the
+    workers share it: the first to ask builds it under a file lock in the session's common
+    temporary folder, the others wait and reuse it (it was built once per worker). Tests
+    only read it."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # /tmp/pytest-of-<user>/pytest-<n>: this session's workers'
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """train/finetune/test/online HDF5 files of (5, 32, 32) toy studies."""
-    return write_toy_datasets(tmp_path_factory.mktemp("toy_data"))
+    folder = shared_once(tmp_path_factory, "toy_data", write_toy_datasets)
+    return {role: folder / f"{role}.h5" for role in ("train", "finetune", "test", "online")}
 
 
 def tiny_train_config(path, **overrides):
@@ -144,10 +167,10 @@ def tiny_train_config(path, **overrides):
 
 @pytest.fixture(scope="session")
 def pretrained(toy_data, tmp_path_factory):
-    """Workdir of a tiny DnCNN trained 12 steps on toy v1 images."""
-    workdir = tmp_path_factory.mktemp("pretrained")
-    pipeline.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
-    return workdir
+    """Workdir of a tiny DnCNN trained 12 steps on toy v1 images (shared by the workers:
+    read it, or copy it to train in it)."""
+    return shared_once(tmp_path_factory, "pretrained", lambda workdir: pipeline.train(
+        tiny_train_config(toy_data["train"]), workdir, log=quiet))
 
 
 #: Files from the heaviest down, by their measured CPU (docs/suite.md): under ``make test``

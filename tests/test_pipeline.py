@@ -162,17 +162,19 @@ def test_workdir_holds_config_versions_metrics_summary(pretrained):
     assert json.loads((pretrained / "config.json").read_text())["command"] == "train"
 
 
-def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained):
-    before = _final(pretrained)[0]
-    summary = pipeline.train(tiny_train_config(toy_data["train"]), pretrained, log=quiet)
+def test_rerunning_a_finished_run_changes_nothing(toy_data, pretrained, tmp_path):
+    workdir = shutil.copytree(pretrained, tmp_path / "run")  # the shared one stays read-only
+    before = _final(workdir)[0]
+    summary = pipeline.train(tiny_train_config(toy_data["train"]), workdir, log=quiet)
     assert summary["resumed_from"] == 12
-    after = _final(pretrained)[0]
+    after = _final(workdir)[0]
     assert all(before[k].tobytes() == after[k].tobytes() for k in before)
 
 
-def test_a_different_config_on_the_same_workdir_is_refused(toy_data, pretrained):
+def test_a_different_config_on_the_same_workdir_is_refused(toy_data, pretrained, tmp_path):
+    workdir = shutil.copytree(pretrained, tmp_path / "run")
     with pytest.raises(ValueError, match=r"different config \(config.batch_size: 4 -> 8\)"):
-        pipeline.train(tiny_train_config(toy_data["train"], batch_size=8), pretrained, log=quiet)
+        pipeline.train(tiny_train_config(toy_data["train"], batch_size=8), workdir, log=quiet)
 
 
 def test_a_run_written_before_a_config_field_existed_still_resumes(toy_data, pretrained,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -34,8 +35,10 @@ def test_the_pages_have_their_blocks():
     assert 'mode="paper"' in nnx_paper and "tgd_jax.gated" in nnx_paper
 
 
+@functools.cache
 def _run(name: str) -> dict:
-    """Runs a page's block (after the blocks it continues, if any) in one namespace."""
+    """Runs a page's block (after the blocks it continues, if any) in one namespace, once:
+    the tests below read what it left (a block takes 5-18 s)."""
     blocks, *indices = BLOCKS[name]
     namespace: dict = {}
     for index in indices:
