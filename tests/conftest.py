@@ -19,6 +19,7 @@ os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-
 # workers already fill the machine's cores, and tests compare commands with in-process runs,
 # which have one device. tests/test_multiprocess.py runs a command with the default.
 os.environ["TGD_CPU_DEVICES"] = "1"  # also over a user's export
+os.environ.pop("TGD_ONE_STEP_IN_FLIGHT", None)  # the trainer's default, whatever is exported
 
 # Threefry's XLA:CPU compile takes ~1.5 s per distinct shape on the CI machine, which would
 # dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the

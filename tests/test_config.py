@@ -130,3 +130,16 @@ def test_finetune_adopts_the_checkpoints_architecture_in_a_copy(toy_data, pretra
     source = json.loads((pretrained / "config.json").read_text())["config"]
     assert ran["model"] == source["model"]  # what actually ran is on disk
     assert ran["data"]["intensity_scale"] == source["data"]["intensity_scale"]
+
+
+def test_kept_steps_past_the_runs_end_are_ignored_as_before():
+    """A run whose length comes from num_epochs may end before some of keep_steps: the
+    loop's cadence drops them (the generic Cadence refuses them when given directly)."""
+    from tgd_jax.errors import UsageError
+    from tgd_jax.pet import training
+    from tgd_jax.train import trainer
+
+    c = config_lib.override(config_lib.train_config("tiny"), keep_steps=(4, 100))
+    assert training.cadence(c, 12).keep_steps == (4,)
+    with pytest.raises(UsageError, match=r"keep_steps \[100\] lie outside 1..12"):
+        trainer.Cadence(num_steps=12, eval_every=4, keep_steps=(4, 100))

@@ -394,3 +394,15 @@ def test_a_hand_topology_converted_from_its_channel_masks_gives_the_graphs_varia
         as_graph(topology)
     with pytest.raises(UsageError, match=r"no mask for the topology's conv\(s\) \['conv2'\]"):
         masks.gate_variables(topology, {k: v for k, v in channels.items() if k != "conv2"})
+
+
+def test_two_convs_feeding_one_consumer_are_refused_in_a_hand_topology():
+    """A hand-written topology is a chain: an add of two producers would let one of them
+    look unread (its gates open, its KSE never measured)."""
+    from tgd_jax.errors import UsageError
+
+    params = {n: {"kernel": jnp.zeros((1, 1, c_in, c_out))}
+              for n, c_in, c_out in (("a", 1, 2), ("b", 1, 2), ("c", 2, 1))}
+    topology = (ConvNode("a", consumer="c"), ConvNode("b", consumer="c"), ConvNode("c"))
+    with pytest.raises(UsageError, match="'a' and 'b' both name 'c' as their consumer"):
+        validate_topology(params, topology)

@@ -348,14 +348,15 @@ print("WAITS", len(waits), jax.device_count())
 
 def test_a_cpu_mesh_of_several_devices_runs_one_step_at_a_time(toy_data, tmp_path):
     # jaxlib 0.10's in-process CPU all-reduce can deadlock with several multi-device steps
-    # in flight (benchmarks/rendezvous.py): the trainer waits for each step's metrics.
+    # in flight (benchmarks/rendezvous.py): the trainer waits for each step's metrics
+    # (below jaxlib 0.12 by default, tests/test_parallel.py; forced here, on any version).
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TGD_ONE_STEP_IN_FLIGHT": "1",
            "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     out = subprocess.run([sys.executable, "-c", WAITS_SCRIPT, "2",
                           str(toy_data["train"]), str(tmp_path / "run")],

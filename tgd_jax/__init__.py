@@ -15,7 +15,10 @@ The package has three layers, and imports only point downwards:
   * :mod:`tgd_jax.autogate` - the paper's gates without model edits.
   * :mod:`tgd_jax.threshold` - the paper's threshold study, for any network.
 
-* the **training runtime**, :mod:`tgd_jax.train` (data, steps, loop, checkpoints);
+* what every command shares, :mod:`tgd_jax.io` (workdir files, checked readers, the
+  command-line error contract);
+* the **training runtime**, :mod:`tgd_jax.train` (steps, the loop, checkpoints; any
+  model, any data);
 * the **PET application**, :mod:`tgd_jax.pet` (DnCNN, experiments, evaluation) and the
   simulator :mod:`tgd_jax.sim`.
 

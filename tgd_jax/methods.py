@@ -356,7 +356,9 @@ def plan_finetune(method: str, params: Any, topology: Topology | ChannelGraph, *
         policies, mode, BatchNorm modes, ...); or leave it out and pass its fields as
         keywords (``phi=0.4, mode="paper"``), validated the same way.
       batch_stats: the ``batch_stats`` (needed to train a network that has them: the plan
-        then says which statistics may change, ``stats_mask``).
+        then says which statistics may change, ``stats_mask``). Without them a graph's
+        BatchNorms still get their modes (``frozen_bn``; a hand topology's ``norm`` is
+        taken as a Flax BatchNorm, statistics ``mean`` and ``var``), with a warning.
       last_k: layers fine-tuned by ``last_k`` (the last in forward order).
       key: PRNG key for ``random`` (required there).
       scores: precomputed :func:`tgd_jax.masks.layer_scores` of ``params`` (same alpha,

@@ -204,6 +204,14 @@ def validate_topology(params: Mapping[str, Any], topology: Topology,
     names = [node.conv for node in topology]
     if len(set(names)) != len(names):
         raise UsageError(f"conv names must be unique, got {names}")
+    fed: dict[str, str] = {}
+    for node in topology:
+        if node.consumer is not None and fed.setdefault(node.consumer, node.conv) != node.conv:
+            raise UsageError(
+                f"'{fed[node.consumer]}' and '{node.conv}' both name '{node.consumer}' as "
+                "their consumer: a hand-written topology is a chain (one producer per "
+                "conv); for adds and concatenations trace the model "
+                "(tgd_jax.trace_topology)")
     counts: dict[str, int] = {}
     for node in topology:
         c_out = counts[node.conv] = int(_kernel(params, node.conv).shape[-1])

@@ -104,9 +104,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, log: Log = 
     log(f"train: {len(train_ids)} studies ({len(train_pairs.pairs)} pairs), "
         f"{len(val_ids)} validation, {config.data.version}, {steps} steps, "
         f"{_count(variables['params']):,} parameters, {jax.device_count()} device(s)")
-    _, summary = training.fit_pairs(config=config, workdir=workdir, model=model, tx=tx, state=state,
-                             train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
-                             meta={"command": "train"}, mesh=mesh, log=log)
+    _, summary = training.fit_pairs(
+        config=config, workdir=workdir, model=model, tx=tx, state=state,
+        train_pairs=train_pairs, val_pairs=val_pairs, num_steps=steps,
+        meta={"command": "train"}, mesh=mesh, log=log)
     summary.update(command="train", train_studies=train_ids, val_studies=val_ids)
     if _main():
         workdir_lib.write_json(workdir / "summary.json", summary)

@@ -60,7 +60,8 @@ def cadence(config: ml_collections.ConfigDict, num_steps: int) -> trainer.Cadenc
     return trainer.Cadence(
         num_steps=num_steps, eval_every=int(config.eval_every), log_every=int(config.log_every),
         keep_checkpoints=int(config.keep_checkpoints),
-        keep_steps=tuple(int(s) for s in config.get("keep_steps", ())),
+        # steps past the run's end are never reached (a length derived from num_epochs)
+        keep_steps=tuple(int(s) for s in config.get("keep_steps", ()) if int(s) <= num_steps),
         prefetch=int(config.data.prefetch))
 
 

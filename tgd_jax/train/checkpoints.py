@@ -63,7 +63,7 @@ def _manager(directory: Path, keep: int | None, create: bool = True
              ) -> ocp.CheckpointManager:
     # orbax's defaults copy the arrays to the host on the calling thread (its background
     # threads write host buffers only): no second thread touches the devices while the
-    # steps run (see data.Prefetcher). Options that make the copy concurrent would.
+    # steps run (see tgd_jax.train.prefetch). Options that make the copy concurrent would.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     # Handlers given up front (not just item names), so a fresh manager can read a saved
     # checkpoint's array metadata before restoring (architecture check).

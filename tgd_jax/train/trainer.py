@@ -156,6 +156,7 @@ class _Run:
     mesh: jax.sharding.Mesh
     log: Callable[[str], None]
     check: Callable[[], None]  # before each write: the workdir is still ours
+    one_in_flight: bool  # wait for each step (parallel.one_step_in_flight)
     metrics_path: Path | None  # None on the processes that write nothing
 
     @property
@@ -220,9 +221,10 @@ def fit(
     main = jax.process_index() == 0  # on several hosts only the first one writes files
     log = log if main else _silent
     mesh = mesh or parallel.make_mesh()
+    one_in_flight = parallel.one_step_in_flight(mesh)  # jaxlib 0.10's CPU all-reduce
     # Held since prepare_workdir (re-entrant), released when training ends, however it ends.
     lock = workdir_lib.lock_folder(workdir, "fit", log=log) if main else None
-    run = _Run(workdir=workdir, cadence=cadence, mesh=mesh, log=log,
+    run = _Run(workdir=workdir, cadence=cadence, mesh=mesh, log=log, one_in_flight=one_in_flight,
                check=lock.check if lock else _nothing,
                metrics_path=workdir / METRICS_FILE if main else None)
     try:
@@ -275,13 +277,12 @@ def _loop(run: _Run, state: step_lib.TrainState, start: int, train_fn: Callable[
     kept_steps = frozenset(int(s) for s in cadence.keep_steps)
     pending: list[Any] = []
     done = start
-    one_in_flight = parallel.one_step_in_flight(run.mesh)  # jaxlib 0.10's CPU all-reduce
     prefetch = Prefetcher(batches, start, num_steps, depth=cadence.prefetch,
                           place=functools.partial(parallel.shard_batch, mesh=run.mesh))
     try:
         for step, batch in prefetch:
             state, metrics = train_fn(state, batch)
-            if one_in_flight:
+            if run.one_in_flight:
                 jax.block_until_ready(metrics)
             pending.append(metrics)
             done = step + 1
