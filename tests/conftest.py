@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from tgd_jax.io import startup
+
 # Commands started by the tests keep their compiled programs in a throw-away folder per
 # test process, not in the user's ~/.cache (tgd_jax.io.startup.use_compilation_cache).
 os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-cache-"))
@@ -25,6 +27,9 @@ os.environ.pop("TGD_ONE_STEP_IN_FLIGHT", None)  # the trainer's default, whateve
 # dominate a suite of tiny models. The library is PRNG-agnostic (keys are passed in), so the
 # suite uses the fast-compiling "rbg" generator; tests that need threefry set it themselves.
 jax.config.update("jax_default_prng_impl", "rbg")
+# The test processes themselves (both xdist workers) share that cache with the commands:
+# the same tiny networks' programs are compiled once per suite, not once per process.
+startup.use_compilation_cache(os.environ["TGD_COMPILATION_CACHE"])
 
 
 def reference_normalize(x: np.ndarray) -> np.ndarray:
