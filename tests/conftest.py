@@ -15,8 +15,12 @@ import numpy as np
 from tgd_jax.io import startup
 
 # Commands started by the tests keep their compiled programs in a throw-away folder per
-# test process, not in the user's ~/.cache (tgd_jax.io.startup.use_compilation_cache).
-os.environ.setdefault("TGD_COMPILATION_CACHE", tempfile.mkdtemp(prefix="tgd-xla-cache-"))
+# test run, not in the user's ~/.cache (tgd_jax.io.startup.use_compilation_cache); the
+# xdist workers of one run share it (they do not inherit the controller's environment).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("TGD_COMPILATION_CACHE", os.path.join(
+    tempfile.gettempdir(), f"tgd-xla-cache-{_RUN}") if _RUN else
+    tempfile.mkdtemp(prefix="tgd-xla-cache-"))
 # ... and use one CPU device each (the commands' default is one per core): the two xdist
 # workers already fill the machine's cores, and tests compare commands with in-process runs,
 # which have one device. tests/test_multiprocess.py runs a command with the default.
