@@ -9,7 +9,7 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-SOURCE = Path(__file__).resolve().parents[2] / "tgd_jax" / "train" / "config.py"
+SOURCE = Path(__file__).resolve().parents[2] / "tgd_jax" / "pet" / "config.py"
 
 
 def field_comments(path: Path = SOURCE) -> dict[str, str]:
