@@ -338,6 +338,7 @@ import os, sys
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
 import jax
 from conftest import quiet, tiny_train_config
+os.environ["TGD_ONE_STEP_IN_FLIGHT"] = "1"  # after conftest, which drops a user's export
 from tgd_jax.pet import pipeline
 waits, real = [], jax.block_until_ready
 jax.block_until_ready = lambda x: (waits.append(1), real(x))[1]
@@ -356,7 +357,7 @@ def test_a_cpu_mesh_of_several_devices_runs_one_step_at_a_time(toy_data, tmp_pat
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TGD_ONE_STEP_IN_FLIGHT": "1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     out = subprocess.run([sys.executable, "-c", WAITS_SCRIPT, "2",
                           str(toy_data["train"]), str(tmp_path / "run")],
