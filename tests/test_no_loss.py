@@ -422,15 +422,16 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_the_run_resumes(toy_d
     from tgd_jax.train.tensorboard import read_events
 
     root = Path(__file__).resolve().parent.parent
-    # the compilation cache off: JAX writes its entries in place, a limit would cut them
-    env = {**os.environ, "TGD_CPU_DEVICES": "1", "TGD_COMPILATION_CACHE": "off"}
 
     def train(workdir: Path, limit: str = "unlimited") -> subprocess.CompletedProcess:
+        # under the limit, the compilation cache off: JAX writes its entries in place, and a
+        # limit would cut them (the unlimited runs load the session's programs)
+        cache = {"TGD_COMPILATION_CACHE": "off"} if limit != "unlimited" else {}
         return subprocess.run(
             ["bash", "-c", f'ulimit -f {limit}; exec "$0" "$@"', sys.executable,
              str(root / "train.py"), f"--workdir={workdir}", "--config=configs/train.py:tiny",
              f"--config.data.path={toy_data['train']}"], capture_output=True, text=True,
-            cwd=root, env=env, timeout=300)
+            cwd=root, env={**os.environ, "TGD_CPU_DEVICES": "1", **cache}, timeout=300)
 
     run = tmp_path / "run"
     limited = train(run, "20")  # 20 KiB: the TensorBoard image events pass it first
@@ -438,6 +439,8 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_the_run_resumes(toy_d
     lines = limited.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in limited.stderr, limited.stderr[-2000:]
     assert "File too large" in lines[0] and str(run) in lines[0]
+    # a run without the cache records none (tests/test_cli.py checks a run with one)
+    assert json.loads((run / "versions.json").read_text())["compilation_cache"] is None
     resumed = train(run)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     reference = train(tmp_path / "reference")

@@ -1,11 +1,12 @@
 """reproduce.py: the job graph, the scheduler (order, parallelism, failure, resume), the
 report's verdict rules, and the tiny preset end to end with its report checked against the
-files it was written from."""
+files it was written from (and the simulator's command checked on the datasets it made)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from tgd_jax.io.errors import RunError, UsageError
 from tgd_jax.pet import report
 from tgd_jax.pet import reproduce as rp
+from tgd_jax.pet.dataset import load_study, open_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +82,7 @@ def test_a_preset_at_tiny_scale_keeps_its_jobs_and_seeds(tmp_path):
     assert [j.name for j in full] == [j.name for j in tiny]
     assert rp.PRESETS["gpu"].seeds == (0, 1) and rp.PRESETS["gpu"].config == ""  # full width
     argv = {j.name: " ".join(j.argv) for j in tiny}
-    assert "--studies=3" in argv["sim-train"] and "--studies=21" not in argv["sim-train"]
+    assert "--studies=2" in argv["sim-train"] and "--studies=21" not in argv["sim-train"]
     assert "configs/train.py:tiny" in argv["v1net-s1"]
     assert "--studies=21" in " ".join(next(j.argv for j in full if j.name == "sim-train"))
 
@@ -295,6 +297,50 @@ def test_tiny_report_numbers_are_the_evaluation_files(tiny_run):
                           f"{high['headline_bias_pct']:.2f}",
                           gain(high, "headline_gain_pct")]
     assert "## Against the Gaussian post-filter, per lesion size" in text
+
+
+@pytest.mark.slow
+def test_the_simulator_command_made_the_datasets_and_keeps_or_refuses_them(tiny_run, tmp_path):
+    """``python -m tgd_jax.sim`` as the reproduction ran it (its sim-* jobs): the datasets,
+    the report, and the same command again, which keeps the file, or with another spec,
+    which is refused before any work and leaves the file as it was."""
+    out, _ = tiny_run
+    data = out / "data"
+    log = (out / "logs" / "sim-train.log").read_text()
+    assert "[train] study 2/2" in log and "done in" in log
+    # JAX's INFO line about platforms it probed and did not find is not shown (issue 9;
+    # tests/test_sim_cli.py holds the control showing that this JAX prints it otherwise)
+    assert "Unable to initialize backend" not in log
+    train = open_dataset(data / "train.h5")
+    assert train.role == "train" and train.levels_s == (30.0,) and len(train.studies) == 2
+    study = load_study(train.path, "study_000")
+    assert study["v1/inputs/030"].shape == (4, 128, 128)
+    assert {study["attrs"]["bmi_class"], load_study(train.path, "study_001")["attrs"][
+        "bmi_class"]} == {"low", "high"}
+    test = load_study(data / "test.h5", "study_000")
+    assert test["v2/realisations"].shape == (2, 5, 128, 128) and "rois/lesion_0" in test
+
+    checks = json.loads((data / "report.json").read_text())["checks"]
+    assert set(checks) >= {"1_noise_texture_v2_finer", "6_thinning_and_halves_exact",
+                           "7_projector_adjoint_and_chords"}
+    assert checks["6_thinning_and_halves_exact"] and checks["7_projector_adjoint_and_chords"]
+    assert (data / "examples.png").stat().st_size > 10_000
+
+    copy = tmp_path / "data"  # a copy: the rerun test must find the run as it was
+    copy.mkdir()
+    shutil.copy(data / "test.h5", copy)
+    before = (copy / "test.h5").read_bytes()
+    argv = [a for a in json.loads((out / "jobs" / "sim-test.json").read_text())["argv"]
+            if not a.startswith("--out=")] + [f"--out={copy}"]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("it holds this very dataset") == 1 and "study 1/" not in again.stdout
+    other = subprocess.run([*argv, "--slices=4"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "study 1/" not in other.stdout
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "test.h5: exists and holds another dataset" in lines[0]
+    assert "--overwrite" in lines[0]
+    assert (copy / "test.h5").read_bytes() == before
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The package as a user gets it from ``pip install``: a wheel built from the checkout's
 files, installed into a fresh environment, run from a folder outside the checkout through
-its console scripts (tiny train -> finetune -> denoise), with nothing of the checkout on
-the path."""
+its console scripts (tiny train -> finetune -> online -> denoise, HDF5 and NIfTI), with
+nothing of the checkout on the path."""
 
 from __future__ import annotations
 
@@ -64,24 +64,48 @@ def test_the_wheel_runs_the_commands_outside_the_checkout(installed, toy_data):
     assert where.startswith(str(bin_.parent)) and str(ROOT) not in where, where
     assert "--workdir" in subprocess.run([bin_ / "tgd-train", "--helpshort"], cwd=here,
                                          env=env, capture_output=True, text=True).stdout
+    # The commands in a chain, as a user runs them (what each writes and prints).
     v1 = here / "v1net"
-    _sh(bin_ / "tgd-train", f"--workdir={v1}", "--config=configs/train.py:tiny",
-        f"--config.data.path={toy_data['train']}", cwd=here, env=env)
+    out = _sh(bin_ / "tgd-train", f"--workdir={v1}", "--config=configs/train.py:tiny",
+              f"--config.data.path={toy_data['train']}", cwd=here, env=env).stdout
+    assert "step 12/12" in out and "steps/s" in out and "ETA" in out
     assert json.loads((v1 / "summary.json").read_text())["steps"] == 12
     tgd = here / "tgdnet"
     _sh(bin_ / "tgd-finetune", f"--workdir={tgd}", f"--checkpoint={v1}", "--method=tgd",
         "--phi=0.5", "--config=configs/finetune.py:tiny",
         f"--config.data.path={toy_data['finetune']}", cwd=here, env=env)
-    assert json.loads((tgd / "mask.json").read_text())["method"] == "tgd"
-    out = here / "dn.h5"
-    _sh(bin_ / "tgd-denoise", f"--checkpoint={tgd}", f"--input={toy_data['test']}",
-        "--study=study_000", "--key=v2/realisations", "--index=0", f"--output={out}",
+    mask = json.loads((tgd / "mask.json").read_text())
+    assert mask["phi"] == 0.5 and mask["method"] == "tgd"
+    assert (tgd / "kse_hist.png").exists()
+    online = here / "online"
+    _sh(bin_ / "tgd-online", f"--workdir={online}", f"--checkpoint={tgd}",
+        "--config=configs/online.py:tiny", f"--config.data.path={toy_data['online']}",
         cwd=here, env=env)
-    with h5py.File(out) as f:
-        assert np.isfinite(f["denoised"][()]).all()
+    assert json.loads((online / "summary.json").read_text())["steps"] == 12
+    # denoise: HDF5 in/out, one realisation of a 4D key
+    out_h5 = here / "dn.h5"
+    _sh(bin_ / "tgd-denoise", f"--checkpoint={online}", f"--input={toy_data['test']}",
+        "--study=study_000", "--key=v2/realisations", "--index=2", f"--output={out_h5}",
+        cwd=here, env=env)
+    with h5py.File(out_h5) as f:
+        denoised = f["denoised"][()]
+    assert denoised.shape == (5, 32, 32) and np.isfinite(denoised).all()
     # the versions a run records are the installed package's
     versions = json.loads((v1 / "versions.json").read_text())
     assert "tgd-jax" in json.dumps(versions)
+    # NIfTI in/out: the same volume gives the same result (up to the (x, y, z) transpose)
+    nib = pytest.importorskip("nibabel")
+    with h5py.File(toy_data["test"]) as f:
+        volume = f["study_000/v2/realisations"][2]
+    nii = here / "in.nii.gz"
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), affine), nii)
+    _sh(bin_ / "tgd-denoise", f"--checkpoint={online}", f"--input={nii}",
+        f"--output={here / 'out.nii.gz'}", cwd=here, env=env)
+    image = nib.load(here / "out.nii.gz")
+    np.testing.assert_allclose(image.get_fdata().transpose(2, 1, 0), denoised, rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_array_equal(image.affine, affine)
 
 
 def test_a_record_of_the_script_form_names_the_same_job(tmp_path):
