@@ -49,7 +49,7 @@ def test_there_is_always_a_complete_best_while_a_new_one_is_written(tmp_path):
     ckpt = checkpoints.Checkpointer(tmp_path, keep=1)
     ckpt.save(1, state, {}, val_loss=10.0)
     ckpt.wait()
-    seen: list[list[str]] = []
+    seen: list[list[str] | None] = []  # per listing: its complete bests (None: unknown)
     stop = threading.Event()
 
     was_complete: set[str] = set()
@@ -60,17 +60,24 @@ def test_there_is_always_a_complete_best_while_a_new_one_is_written(tmp_path):
                 names = [p.name for p in (tmp_path / "best").iterdir()]
             except OSError:  # listed while renamed: look again
                 continue
-            complete = []
+            complete: list[str] | None = []
             for n in filter(str.isdigit, names):
                 step_dir = tmp_path / "best" / n
                 if _complete(step_dir):
                     was_complete.add(n)
                     complete.append(n)
-                elif not step_dir.exists() and n in was_complete:
-                    # removed since the listing: it was complete then (a step folder is
-                    # complete from its commit file until it is removed), so the listing's
-                    # moment had a complete best; the removal is judged at the next listing
-                    complete.append(n)
+                elif not step_dir.exists():
+                    if n in was_complete:
+                        # removed since the listing: it was complete then (a step folder is
+                        # complete from its commit file until it is removed), so the
+                        # listing's moment had a complete best; the removal is judged at the
+                        # next listing
+                        complete.append(n)
+                    elif not complete:
+                        # written and removed between the listing and this look (a loaded
+                        # machine starves this thread): its state at the listing is unknown
+                        complete = None
+                        break
             seen.append(complete)
 
     watcher = threading.Thread(target=watch)
@@ -82,8 +89,9 @@ def test_there_is_always_a_complete_best_while_a_new_one_is_written(tmp_path):
         stop.set()
         watcher.join()
     ckpt.close()
-    assert len(seen) > 20, len(seen)  # the watcher looked often (fewer on a loaded machine)
-    assert all(seen), "a moment with no complete best/"
+    known = [c for c in seen if c is not None]
+    assert len(known) > 20, (len(known), len(seen))  # it looked often (less often when loaded)
+    assert all(known), "a moment with no complete best/"
     assert [p.name for p in (tmp_path / "best").iterdir()] == ["25"]
 
 
