@@ -192,10 +192,11 @@ def pretrained(toy_data, tmp_path_factory):
 #: order, so the heavy module fixtures start first and the other worker fills the time
 #: beside them with light files instead of one worker finishing a heavy file alone at the end.
 SLOWEST_FILES = (
-    "test_reproduce.py", "test_multiprocess.py", "test_any_convnet.py", "test_no_loss.py",
-    "test_sim.py", "test_models_pipeline.py", "test_cli.py", "test_sim_cli.py",
-    "test_pipeline.py", "test_premise.py", "test_hostile2.py", "test_readme.py",
-    "test_foreign.py", "test_hostile.py", "test_wheel.py", "test_step.py",
+    "test_reproduce.py", "test_multiprocess.py", "test_any_convnet.py",
+    "test_models_pipeline.py", "test_sim.py", "test_no_loss.py", "test_readme.py",
+    "test_cli.py", "test_premise.py", "test_pipeline.py", "test_hostile.py",
+    "test_hostile2.py", "test_kse.py", "test_step.py", "test_trace.py", "test_wheel.py",
+    "test_foreign.py", "test_gate.py", "test_sim_cli.py",
 )
 
 
