@@ -35,6 +35,15 @@ os.environ.pop("TGD_ONE_STEP_IN_FLIGHT", None)  # the trainer's default, whateve
 # the commands then compile the same programs, which the shared cache below holds once.
 os.environ["JAX_DEFAULT_PRNG_IMPL"] = "rbg"
 jax.config.update("jax_default_prng_impl", "rbg")
+# Most of the suite's CPU is XLA compiling thousands of small programs that then run for
+# milliseconds (docs/suite.md). JAX's own switch for that case (LLVM at -O0, no expensive
+# passes) cut the compilation of the tiny networks' training steps by a third; it changes
+# no program's meaning, only how fast it runs, and every comparison of the suite is between
+# programs compiled the same way (the commands inherit it). The simulator's tests, whose
+# programs run for seconds, restore full optimisation (the `optimized_xla` fixture).
+_NO_OPT = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+os.environ[_NO_OPT] = "1"  # also over a user's export
+jax.config.update("jax_disable_most_optimizations", True)
 # The test processes themselves (both xdist workers) share that cache with the commands:
 # the same tiny networks' programs are compiled once per suite, not once per process.
 startup.use_compilation_cache(os.environ["TGD_COMPILATION_CACHE"])
@@ -127,6 +136,19 @@ def frozen_and_retrained(mask, before, after):
         m = np.zeros(b.shape, bool) if m is None else np.broadcast_to(m, b.shape)
         b, a = np.asarray(b), np.asarray(a)
         yield b[~m], a[~m], b[m], a[m]
+
+
+@pytest.fixture(scope="module")
+def optimized_xla():
+    """XLA's full optimisation for a module's programs and the commands it starts: the
+    simulator's projections and reconstructions run for seconds, and unoptimised its tests
+    took 40 % more CPU (docs/suite.md). Programs compiled before stay as they were, which
+    changes their speed, not their results' meaning."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    del os.environ[_NO_OPT]
+    yield
+    os.environ[_NO_OPT] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,9 @@ from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matri
 from tgd_jax.sim.recon import VERSIONS, ReconSettings, osem
 from tgd_jax.sim.study import SimConfig, Study, simulate_study, simulation_key
 
+# Reconstructions and count splitting run for seconds: compiled fully optimised.
+pytestmark = pytest.mark.usefixtures("optimized_xla")
+
 SMALL = SinogramGeometry(n_bins=48, bin_mm=8.0, n_views=24)
 
 

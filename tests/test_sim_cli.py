@@ -11,6 +11,10 @@ import pytest
 
 from tgd_jax.pet.dataset import open_dataset
 
+# The simulator's command, as the tiny reproduction runs it (whose compiled programs the
+# session's cache holds by then): fully optimised.
+pytestmark = pytest.mark.usefixtures("optimized_xla")
+
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tgd_jax.sim", *args], capture_output=True,
