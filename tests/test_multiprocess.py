@@ -444,10 +444,11 @@ def test_only_a_failing_collective_points_at_another_process(tmp_path):
 # --- finetune.py (both modes), online.py, evaluate.py ------------------------------------
 
 
+# Fine-tuning in paper mode (gates in the model, frozen statistics), online learning in the
+# default projected mode: each mode and each command on two processes once.
 @pytest.mark.parametrize("kind, data, more", [
-    ("finetune", "finetune", ["--method=tgd", "--config.tgd.mode=projected"]),
     ("finetune", "finetune", ["--method=tgd", "--config.tgd.mode=paper"]),
-    ("online", "online", ["--method=tgd"]),
+    ("online", "online", ["--method=tgd", "--config.tgd.mode=projected"]),
 ])
 def test_finetune_and_online_on_two_processes(runs, toy_data, tmp_path, kind, data, more):
     workdir = tmp_path / "two"
@@ -458,7 +459,7 @@ def test_finetune_and_online_on_two_processes(runs, toy_data, tmp_path, kind, da
     # the same run in this process, on one device
     config = config_lib.override(getattr(config_lib, f"{kind}_config")("tiny"), **{
         "data.path": str(toy_data[data]), "checkpoint": str(runs["two"]), "method": "tgd",
-        "tgd.mode": more[-1].split("=")[1] if kind == "finetune" else "projected"})
+        "tgd.mode": more[-1].split("=")[1]})
     getattr(pipeline, kind)(config, tmp_path / "one", log=quiet)
     assert (json.loads((workdir / "mask.json").read_text())["channels"]
             == json.loads((tmp_path / "one" / "mask.json").read_text())["channels"])
