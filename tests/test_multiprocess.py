@@ -441,7 +441,7 @@ def test_only_a_failing_collective_points_at_another_process(tmp_path):
         assert "stopped at step 7" in str(got) and "if another process" in str(got)
 
 
-# --- finetune.py (both modes), online.py, evaluate.py ------------------------------------
+# --- finetune.py (paper mode), online.py (projected mode), evaluate.py ----------------------
 
 
 # Fine-tuning in paper mode (gates in the model, frozen statistics), online learning in the
