@@ -7,20 +7,29 @@ import fcntl
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from tgd_jax.io import startup
+from tgd_jax.sim import cache as sim_cache
 
-# Commands started by the tests keep their compiled programs in a throw-away folder per
-# test run, not in the user's ~/.cache (tgd_jax.io.startup.use_compilation_cache); the
-# xdist workers of one run share it (they do not inherit the controller's environment).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-os.environ.setdefault("TGD_COMPILATION_CACHE", os.path.join(
-    tempfile.gettempdir(), f"tgd-xla-cache-{_RUN}") if _RUN else
-    tempfile.mkdtemp(prefix="tgd-xla-cache-"))
+# Commands started by the tests keep their compiled programs (tgd_jax.io.startup) and the
+# simulator its count calibration (tgd_jax.sim.cache) in throw-away folders of this test
+# run, not in the user's ~/.cache. The xdist workers of one run share them: they are named
+# by the run's id, which the controller picks here and hands to the workers
+# (pytest_configure), and removes at the end (pytest_unconfigure).
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+
+
+def _scratch(run: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"tgd-tests-{run}"
+
+
+os.environ.setdefault(startup.COMPILATION_CACHE_ENV, str(_scratch(_RUN) / "xla"))
+os.environ.setdefault(sim_cache.SIM_CACHE_ENV, str(_scratch(_RUN) / "sim"))
 # ... and use one CPU device each (the commands' default is one per core): the two xdist
 # workers already fill the machine's cores, and tests compare commands with in-process runs,
 # which have one device. tests/test_multiprocess.py runs a command with the default.
@@ -220,6 +229,17 @@ SLOWEST_FILES = (
     "test_hostile2.py", "test_kse.py", "test_step.py", "test_trace.py", "test_wheel.py",
     "test_foreign.py", "test_gate.py", "test_sim_cli.py",
 )
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = _RUN  # xdist's --testrunuid: the workers' id is ours
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller, once every worker has ended
+        for run in {_RUN, getattr(config.option, "testrunuid", None) or _RUN}:
+            shutil.rmtree(_scratch(run), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,6 +18,7 @@ import numpy as np
 
 from tgd_jax.errors import UsageError
 from tgd_jax.sim import acquisition
+from tgd_jax.sim.cache import disk_cached
 from tgd_jax.sim.phantom import Grid, Phantom, make_phantom
 from tgd_jax.sim.projector import SinogramGeometry, line_integrals, system_matrix
 from tgd_jax.sim.recon import VERSIONS, ReconSettings, osem
@@ -91,12 +92,18 @@ def sensitivity(config: SimConfig) -> float:
 
 @functools.lru_cache(maxsize=4)
 def _sensitivity(config: SimConfig) -> float:
+    (per_slice,) = _reference_trues(config)
+    return REFERENCE_TRUES / (REFERENCE_SECONDS * float(per_slice))
+
+
+@disk_cached("reference-trues", device=True)
+def _reference_trues(config: SimConfig) -> tuple[np.ndarray]:
+    """Mean expected trues per slice of the reference study at unit sensitivity, per second."""
     reference = make_phantom(simulation_key(0), config.fine_grid, bmi="low", n_lesions=0)
     emission, mu = project_phantom(reference, config)
     unit = acquisition.expected_rates(emission, mu, sensitivity=1.0, geometry=config.geometry,
                                       scanner=config.scanner)
-    per_slice = float(unit.trues.sum((1, 2)).mean())
-    return REFERENCE_TRUES / (REFERENCE_SECONDS * per_slice)
+    return (np.float64(float(unit.trues.sum((1, 2)).mean())),)
 
 
 def reconstruct(counts: Any, seconds: float, expected: acquisition.ExpectedData,
