@@ -30,9 +30,10 @@ from tgd_jax.io import workdir as workdir_lib
 
 __all__ = ["disk_cached", "cache_folder", "SIM_CACHE", "SIM_CACHE_ENV"]
 
-#: Where the simulator keeps its fixed arrays, unless ``$TGD_SIM_CACHE`` says otherwise (a
+#: Where the simulator keeps what it caches, unless ``$TGD_SIM_CACHE`` says otherwise (a
 #: folder, or ``off``).
 SIM_CACHE = "~/.cache/tgd_jax/sim"
+#: The environment variable naming the folder (``off``, ``0`` or empty: no cache).
 SIM_CACHE_ENV = "TGD_SIM_CACHE"
 
 Arrays = tuple[np.ndarray, ...]
