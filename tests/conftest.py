@@ -18,10 +18,12 @@ from tgd_jax.sim import cache as sim_cache
 
 # Commands started by the tests keep their compiled programs (tgd_jax.io.startup) and the
 # simulator its count calibration (tgd_jax.sim.cache) in throw-away folders of this test
-# run, not in the user's ~/.cache. The xdist workers of one run share them: they are named
-# by the run's id, which the controller picks here and hands to the workers
-# (pytest_configure), and removes at the end (pytest_unconfigure).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+# run, not in the user's ~/.cache. The controller names them by an id of its own; its
+# workers share them (they inherit its environment, and their xdist run id is that id too:
+# pytest_configure), and it removes them once they have ended (pytest_unconfigure). A
+# worker, or a pytest started inside one, never removes them.
+_OWNER = not os.environ.get("PYTEST_XDIST_WORKER")
+_RUN = uuid.uuid4().hex if _OWNER else os.environ.get("PYTEST_XDIST_TESTRUNUID", "worker")
 
 
 def _scratch(run: str) -> Path:
@@ -237,9 +239,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    if not hasattr(config, "workerinput"):  # the controller, once every worker has ended
-        for run in {_RUN, getattr(config.option, "testrunuid", None) or _RUN}:
-            shutil.rmtree(_scratch(run), ignore_errors=True)
+    if _OWNER and not hasattr(config, "workerinput"):  # the controller, its workers ended
+        shutil.rmtree(_scratch(_RUN), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

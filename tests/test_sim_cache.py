@@ -48,14 +48,39 @@ def test_a_stored_result_is_the_built_one_and_is_not_rebuilt(folder):
     assert not [p for p in folder.iterdir() if not p.name.endswith(".npz")]  # no temporaries
 
 
+def test_a_change_of_code_or_of_what_xla_computes_with_is_a_new_key(folder, monkeypatch):
+    calls = []
+
+    @cache.disk_cached("test-device", device=True)
+    def fn(n: int):
+        calls.append(n)
+        return (np.arange(n),)
+
+    fn(2)
+    monkeypatch.setattr(cache, "_source_digest", lambda: "an edited simulator")
+    fn(2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    fn(2)
+    monkeypatch.setattr(cache, "_jax_option", lambda name: f"{name}=changed")
+    fn(2)
+    fn(2)  # the same again: read back
+    assert calls == [2, 2, 2, 2] and len(list(folder.glob("test-device-*.npz"))) == 4
+
+
 def test_a_damaged_file_is_rebuilt_and_replaced(folder):
     fn, calls = _counted()
     first = fn(4, 1.0)
     (path,) = folder.glob("test-fn-*.npz")
-    path.write_bytes(path.read_bytes()[:100])  # a write cut short (a full disk, a kill)
-    again = fn(4, 1.0)
-    assert len(calls) == 2 and again[0].tobytes() == first[0].tobytes()
-    assert fn(4, 1.0)[0].tobytes() == first[0].tobytes() and len(calls) == 2  # replaced
+    whole = path.read_bytes()
+    damages = [whole[:100],  # a write cut short (a full disk, a kill)
+               b"\x93NUMPY" + whole[6:],  # not an archive
+               whole.replace(b"a1.npy", b"b1.npy")]  # a member's name
+    for damaged in damages:
+        path.write_bytes(damaged)
+        again = fn(4, 1.0)
+        assert len(again) == 2 and again[0].tobytes() == first[0].tobytes()
+        assert fn(4, 1.0)[1].tobytes() == first[1].tobytes()  # replaced: read back
+    assert len(calls) == 1 + len(damages)
 
 
 @pytest.mark.parametrize("value", ["off", "0", ""])
@@ -93,6 +118,10 @@ def test_the_calibration_is_read_back_and_keyed_by_the_configuration(folder, mon
     study._sensitivity.cache_clear()
     with monkeypatch.context() as patch:  # from disk, or this fails
         patch.setattr(study, "make_phantom", lambda *a, **k: pytest.fail("rebuilt"))
+        assert sensitivity(config) == first
+    with monkeypatch.context() as patch:  # the very float a process without the cache gets
+        patch.setenv(cache.SIM_CACHE_ENV, "off")
+        study._sensitivity.cache_clear()
         assert sensitivity(config) == first
     study._sensitivity.cache_clear()
     other = sensitivity(SimConfig(n_slices=2, recon_n=24, recon_pixel_mm=12.0, geometry=SMALL))

@@ -7,10 +7,12 @@ such a function's NumPy result in ``$TGD_SIM_CACHE`` (default ``~/.cache/tgd_jax
 matrices are not kept: about 100 MB each, rebuilt in about a second.)
 
 A cached result is the very array the function returned (bit for bit), found under a key
-that covers the function, its arguments, the simulator's source code and the versions of
-NumPy and JAX; a function computed with XLA (``device=True``) is also keyed by the backend,
-the device kind and the compile options, whose floating-point results may differ. A file that
-cannot be read is rebuilt and replaced; a folder that cannot be written is skipped.
+that covers the function, its arguments, the simulator's source code as it is on disk at the
+call and the versions of NumPy, JAX and jaxlib; a function computed with XLA
+(``device=True``) is also keyed by what may change its floating-point results: the
+backend, the device kind and platform version, the host CPU's model and instruction sets,
+``$XLA_FLAGS`` and the JAX options that change programs or random draws. A file that cannot be
+read back whole is rebuilt and replaced; a folder that cannot be written is not used.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import zipfile
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import jax
+import jaxlib
 import numpy as np
 
 from tgd_jax.io import workdir as workdir_lib
@@ -53,22 +56,58 @@ def cache_folder() -> Path | None:
     return folder if os.access(folder, os.W_OK | os.X_OK) else None
 
 
-@functools.cache
 def _source_digest() -> str:
-    """The simulator's code: a change to any of its modules is a new key."""
+    """The simulator's code as it is now (not cached: a session may edit and reload it)."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def _key(name: str, args: tuple, device: bool) -> str:
-    parts = [name, repr(args), _source_digest(), np.__version__, jax.__version__]
-    if device:  # XLA's results may differ with the backend, the device and the options
-        parts += [jax.default_backend(), jax.devices()[0].device_kind,
-                  repr(jax.config.read("jax_disable_most_optimizations")),
-                  repr(jax.config.read("jax_enable_x64")), os.environ.get("XLA_FLAGS", "")]
+#: JAX options that change what a program computes (its precision, its random draws).
+_JAX_OPTIONS = ("jax_disable_most_optimizations", "jax_enable_x64",
+                "jax_threefry_partitionable", "jax_default_matmul_precision")
+
+
+def _jax_option(name: str) -> str:
+    try:
+        return repr(jax.config.read(name))
+    except AttributeError:  # some options are read as attributes only
+        return repr(getattr(jax.config, name, None))
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The host CPU's model and instruction sets: XLA:CPU compiles for them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _key(fn: Callable, name: str, args: tuple, device: bool) -> str:
+    parts = [name, fn.__module__, fn.__qualname__, repr(args), _source_digest(),
+             np.__version__, jax.__version__, jaxlib.__version__, platform.machine()]
+    if device:  # what may change XLA's floating-point results
+        first = jax.devices()[0]
+        parts += [jax.default_backend(), first.device_kind, first.client.platform_version,
+                  _host_cpu(), os.environ.get("XLA_FLAGS", ""),
+                  *(_jax_option(option) for option in _JAX_OPTIONS)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _read(path: Path) -> Arrays | None:
+    """The arrays stored at ``path``, or None if it is missing or not whole."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names = sorted(stored.files, key=lambda n: (len(n), n))
+            if not names or names != [f"a{i}" for i in range(len(names))]:
+                return None
+            return tuple(stored[n] for n in names)
+    except Exception:  # noqa: BLE001 - any damage (zip, npy, a member's name) means rebuild
+        return None
 
 
 def disk_cached(name: str, *, device: bool = False) -> Callable[[F], F]:
@@ -82,13 +121,11 @@ def disk_cached(name: str, *, device: bool = False) -> Callable[[F], F]:
         def cached(*args):
             folder = cache_folder()
             if folder is None:
-                return fn(*args)
-            path = folder / f"{name}-{_key(name, args, device)}.npz"
-            try:
-                with np.load(path, allow_pickle=False) as stored:
-                    return tuple(stored[f"a{i}"] for i in range(len(stored.files)))
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                pass  # not there yet, or damaged: rebuilt and replaced below
+                return tuple(np.asarray(a) for a in fn(*args))
+            path = folder / f"{name}-{_key(fn, name, args, device)}.npz"
+            stored = _read(path)
+            if stored is not None:
+                return stored
             arrays = tuple(np.asarray(a) for a in fn(*args))
             try:
                 with workdir_lib.atomic_path(path, suffix=".npz") as tmp:
