@@ -8,7 +8,8 @@ import os
 
 import jax
 
-__all__ = ["quiet_start", "use_compilation_cache", "COMPILATION_CACHE", "COMPILATION_CACHE_ENV"]
+__all__ = ["quiet_start", "use_compilation_cache", "cache_folder", "COMPILATION_CACHE",
+           "COMPILATION_CACHE_ENV"]
 
 
 class _DropBackendProbe(logging.Filter):
@@ -34,6 +35,19 @@ COMPILATION_CACHE = "~/.cache/tgd_jax/xla"
 COMPILATION_CACHE_ENV = "TGD_COMPILATION_CACHE"
 
 
+def cache_folder(setting: str) -> str | None:
+    """The folder a cache setting names (``~`` expanded, created), or None when the setting
+    is off (``off``, ``0``, ``none``, ``false`` or empty) or the folder cannot be written."""
+    if not setting or setting.strip().lower() in ("0", "off", "none", "false"):
+        return None
+    folder = os.path.expanduser(setting)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK | os.X_OK) else None
+
+
 def use_compilation_cache(path: str | None = None) -> str | None:
     """Keeps compiled programs on disk (JAX's persistent compilation cache) and returns the
     folder, or None when it is off or cannot be written.
@@ -46,14 +60,8 @@ def use_compilation_cache(path: str | None = None) -> str | None:
     """
     if path is None:
         path = os.environ.get(COMPILATION_CACHE_ENV, COMPILATION_CACHE)
-    if not path or path.strip().lower() in ("0", "off", "none", "false"):
-        return None
-    folder = os.path.expanduser(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError:
-        return None
-    if not os.access(folder, os.W_OK | os.X_OK):
+    folder = cache_folder(path)
+    if folder is None:
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
     # Every program, however quick to compile: KSE compiles one per layer shape in ~0.2 s.

@@ -29,6 +29,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from tgd_jax.io import startup
 from tgd_jax.io import workdir as workdir_lib
 
 __all__ = ["disk_cached", "cache_folder", "SIM_CACHE", "SIM_CACHE_ENV"]
@@ -45,15 +46,8 @@ F = TypeVar("F", bound=Callable[..., Arrays])
 
 def cache_folder() -> Path | None:
     """The cache folder (created), or None when it is off or cannot be written."""
-    path = os.environ.get(SIM_CACHE_ENV, SIM_CACHE)
-    if not path or path.strip().lower() in ("0", "off", "none", "false"):
-        return None
-    folder = Path(os.path.expanduser(path))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return folder if os.access(folder, os.W_OK | os.X_OK) else None
+    folder = startup.cache_folder(os.environ.get(SIM_CACHE_ENV, SIM_CACHE))
+    return None if folder is None else Path(folder)
 
 
 def _source_digest() -> str:
